@@ -1,0 +1,596 @@
+"""Offline Decision Transformer pretraining on Minari data; writes the checkpoint every finetuning script loads.
+
+Paper: "Online Finetuning Decision Transformers with Pure RL Gradients" (Luo & Zhu), Section 2
+(DT / ODT preliminaries), Section 4.1, Appendix A and Table 5. The objective is ODT's: the NLL of
+dataset actions under a tanh-squashed Gaussian, plus an entropy bonus whose temperature is a dual
+variable pushed toward the target entropy -dim(A).
+
+Example (offline, on the shared data):
+    MINARI_DATASETS_PATH=$(realpath ../shared/datasets) \
+        python pretrain_dt.py --env-id Hopper-v4 --dataset local/hopper/medium-v0
+"""
+
+import math
+import os
+import random
+import socket
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.distributions import Independent, Normal, TanhTransform, TransformedDistribution
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (python, numpy, torch and the env resets)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms"""
+    cuda: bool = True
+    """if toggled, cuda is used when available"""
+    track: bool = False
+    """if toggled, log to Weights and Biases (wandb is imported only then)"""
+    wandb_project_name: str = "grpo-dt"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    capture_video: bool = False
+    """if toggled, record videos of the first evaluation episode to `videos/{run_name}`"""
+
+    env_id: str = "Hopper-v4"
+    """gymnasium id: Hopper/Walker2d/Ant/HalfCheetah-v4/v5, AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4/v5"""
+    dataset: str = "medium"
+    """a paper short name (medium, medium-replay, random, expert, human, cloned, umaze, umaze-diverse) or any Minari id"""
+    dataset_path: Optional[str] = None
+    """a D4RL-format HDF5 file (observations, actions, rewards, terminals, timeouts); overrides the Minari lookup"""
+    random_steps: int = 1_000_000
+    """env steps of the uniform random policy when `--dataset random` has to be generated locally"""
+    checkpoint: Optional[str] = None
+    """where to write the checkpoint; default `checkpoints/{env_id}__{dataset}__s{seed}.pt`"""
+
+    num_updates: int = 5000
+    """gradient updates of pretraining (ODT's hopper setting)"""
+    batch_size: int = 256
+    """trajectory segments per update"""
+    learning_rate: float = 1e-4
+    """peak LAMB learning rate"""
+    weight_decay: float = 1e-4
+    """LAMB weight decay (Table 5)"""
+    warmup_updates: int = 1000
+    """updates of linear learning-rate warm-up"""
+    max_grad_norm: float = 0.5
+    """global gradient-norm clip (Table 5)"""
+    context_len: Optional[int] = None
+    """c_offline, the training context; default per family (Table 6): 20 MuJoCo, 5 Adroit, 5 AntMaze"""
+    embed_dim: int = 512
+    """transformer embedding width (Table 5)"""
+    n_layers: int = 4
+    """transformer blocks (Table 5)"""
+    n_heads: int = 4
+    """attention heads (Table 5)"""
+    dropout: float = 0.1
+    """dropout in pretraining (Table 5); finetuning scripts switch it off"""
+    log_std_min: float = -5.0
+    """lower bound of the pre-tanh log-std"""
+    log_std_max: float = 2.0
+    """upper bound of the pre-tanh log-std"""
+    init_temperature: float = 0.1
+    """initial entropy temperature (ODT)"""
+    temperature_lr: float = 1e-4
+    """Adam learning rate of the log-temperature dual variable (ODT)"""
+    rtg_scale: Optional[float] = None
+    """multiplier on return-to-go tokens; default 1e-3 for MuJoCo and Adroit, 1 for AntMaze"""
+    eval_rtg: Optional[float] = None
+    """target return that conditions evaluation rollouts; default per env (e.g. 3600 Hopper)"""
+    eval_every: int = 1000
+    """evaluate every this many updates (and at the end); 0 evaluates only at the end"""
+    eval_episodes: int = 10
+    """deterministic evaluation episodes, stepped as one batch"""
+    save_every: int = 1000
+    """write the checkpoint every this many updates (and at the end); 0 writes only at the end"""
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, never as a traceback."""
+
+
+# ---------------------------------------------------------------- envs and datasets
+MUJOCO_ENVS = {"Hopper": "hopper", "Walker2d": "walker2d", "Ant": "ant", "HalfCheetah": "halfcheetah"}
+ADROIT_ENVS = {"AdroitHandDoor": "door", "AdroitHandHammer": "hammer", "AdroitHandPen": "pen"}
+SUPPORTED = "MuJoCo Hopper/Walker2d/Ant/HalfCheetah-v4|v5, Adroit AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4|v5"
+# D4RL reference returns (REF_MIN, REF_MAX), used for D4RL HDF5 files and the generated random sets.
+D4RL_REF = {
+    "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3), "halfcheetah": (-280.178953, 12135.0),
+    "ant": (-325.6, 3879.7), "door": (-56.512833, 2880.5693087298737),
+    "hammer": (-274.856578, 12794.134825156867), "pen": (96.262799, 3076.8331017826877), "antmaze": (0.0, 1.0),
+}
+# (eval RTG, online RTG) per env key, in raw reward units (ODT / Table 6).
+TARGET_RETURNS = {"hopper": 3600, "walker2d": 5000, "ant": 6000, "halfcheetah": 6000,
+                  "door": 3000, "hammer": 4000, "pen": 6000, "antmaze": 1}
+SHORT_NAMES = {
+    "mujoco": {"medium": "mujoco/{key}/medium-v0", "expert": "mujoco/{key}/expert-v0",
+               "random": "generated/{key}/random-v0", "medium-replay": None},
+    "adroit": {n: "D4RL/{key}/" + n + "-v2" for n in ("human", "cloned", "expert")},
+    "antmaze": {"umaze": "D4RL/antmaze/umaze-v1", "umaze-diverse": "D4RL/antmaze/umaze-diverse-v1"},
+}
+
+
+def env_family(env_id: str) -> tuple[str, str]:
+    """(family, key) for a supported id, e.g. ("mujoco", "hopper"); a one-line error otherwise."""
+    name, _, version = env_id.rpartition("-")
+    if name in MUJOCO_ENVS and version in ("v4", "v5"):
+        return "mujoco", MUJOCO_ENVS[name]
+    if name in ADROIT_ENVS and version == "v1":
+        return "adroit", ADROIT_ENVS[name]
+    if name == "AntMaze_UMaze" and version in ("v4", "v5"):
+        return "antmaze", "antmaze"
+    raise UserError(f"unknown --env-id {env_id!r}; supported: {SUPPORTED}")
+
+
+def flatten_antmaze_obs(obs: dict) -> np.ndarray:
+    """AntMaze state vector: `observation` (27) then `desired_goal` (2); `achieved_goal` is left out."""
+    return np.concatenate([obs["observation"], obs["desired_goal"]], axis=-1)
+
+
+def make_env(env_id: str, **kwargs) -> gym.Env:
+    family, _ = env_family(env_id)
+    if family != "mujoco":
+        import gymnasium_robotics  # registers Adroit and AntMaze; only needed for them
+
+        gym.register_envs(gymnasium_robotics)
+    env = gym.make(env_id, **kwargs)
+    if family == "antmaze":
+        inner = env.observation_space
+        dim = inner["observation"].shape[0] + inner["desired_goal"].shape[0]
+        space = gym.spaces.Box(-np.inf, np.inf, (dim,), np.float64)
+        env = gym.wrappers.TransformObservation(env, flatten_antmaze_obs, space)
+    return env
+
+
+def default_checkpoint_path(env_id: str, dataset: str, seed: int) -> Path:
+    """The path every finetuning script looks at first: checkpoints/{env_id}__{dataset with / -> -}__s{seed}.pt"""
+    return Path("checkpoints") / f"{env_id}__{dataset.replace('/', '-')}__s{seed}.pt"
+
+
+def remote_reachable(timeout: float = 3.0) -> bool:
+    """Resolve and connect to Minari's remote host in a thread, so an offline machine answers in `timeout` s."""
+    remote = os.getenv("MINARI_REMOTE", "hf://farama-minari")
+    host = "huggingface.co" if remote.startswith("hf://") else "storage.googleapis.com"
+    ok = []
+
+    def connect():
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(ok)
+
+
+def episodes_to_trajectories(episodes, antmaze: bool) -> list[dict]:
+    trajs = []
+    for ep in episodes:
+        obs = flatten_antmaze_obs(ep.observations) if antmaze else ep.observations
+        trajs.append({"observations": np.asarray(obs[:-1], np.float32), "actions": np.asarray(ep.actions, np.float32),
+                      "rewards": np.asarray(ep.rewards, np.float32), "terminals": np.asarray(ep.terminations, bool)})
+    return trajs
+
+
+def load_d4rl_hdf5(path: str) -> list[dict]:
+    import h5py
+
+    if not Path(path).is_file():
+        raise UserError(f"--dataset-path {path!r} is not a file")
+    with h5py.File(path, "r") as f:
+        missing = {"observations", "actions", "rewards", "terminals", "timeouts"} - set(f.keys())
+        if missing:
+            raise UserError(f"{path} is not D4RL format: missing keys {sorted(missing)}")
+        data = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
+    ends = np.flatnonzero(data["terminals"] | data["timeouts"]) + 1
+    if len(ends) == 0 or ends[-1] != len(data["rewards"]):
+        ends = np.append(ends, len(data["rewards"]))  # the file's last, unfinished episode
+    trajs, start = [], 0
+    for end in ends:
+        trajs.append({"observations": data["observations"][start:end].astype(np.float32),
+                      "actions": data["actions"][start:end].astype(np.float32),
+                      "rewards": data["rewards"][start:end].astype(np.float32),
+                      "terminals": data["terminals"][start:end].astype(bool)})
+        start = end
+    return trajs
+
+
+def generate_random_dataset(dataset_id: str, env_id: str, key: str, steps: int, seed: int):
+    """A uniform-random-policy Minari dataset, written with `create_dataset_from_buffers` (no jax needed)."""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    env = make_env(env_id)
+    buffers, obs, _ = [], *env.reset(seed=seed)
+    env.action_space.seed(seed)
+    ep = EpisodeBuffer(observations=obs)
+    for _ in tqdm(range(steps), desc=f"generating {dataset_id}"):
+        action = env.action_space.sample()
+        obs, rew, term, trunc, info = env.step(action)
+        ep = ep.add_step_data({"observation": obs, "action": action, "reward": rew,
+                               "termination": term, "truncation": trunc, "info": {}})
+        if term or trunc:
+            buffers.append(ep)
+            obs, _ = env.reset()
+            ep = EpisodeBuffer(observations=obs)
+    if len(ep) > 0:
+        buffers.append(ep)
+    ref_min, ref_max = D4RL_REF[key]
+    return minari.create_dataset_from_buffers(
+        dataset_id, buffers, env=env_id, algorithm_name="uniform random policy", ref_min_score=ref_min,
+        ref_max_score=ref_max, description=f"{steps} steps of a uniform random policy in {env_id}")
+
+
+def load_dataset(env_id: str, dataset: str, dataset_path: Optional[str], random_steps: int, seed: int):
+    """Resolve `--dataset` / `--dataset-path` to (dataset_id, trajectories, ref_min, ref_max).
+
+    Order: D4RL file if given; else the paper short name or a Minari id, looked up in the local
+    Minari cache, then Minari's remote; an unreachable remote is a clear error within 5 s.
+    """
+    family, key = env_family(env_id)
+    if dataset_path is not None:
+        trajs = load_d4rl_hdf5(dataset_path)
+        ref = D4RL_REF[key]
+        dataset_id = dataset if "/" in dataset else f"d4rl/{Path(dataset_path).stem}"
+    else:
+        import minari
+
+        names = SHORT_NAMES[family]
+        if dataset in names:
+            if names[dataset] is None:
+                raise UserError(f"Minari has no {dataset!r} set for {env_id}; pass the D4RL file with --dataset-path")
+            dataset_id = names[dataset].format(key=key)
+        elif "/" in dataset:
+            dataset_id = dataset
+        else:
+            raise UserError(f"unknown --dataset {dataset!r} for {family}; use one of {sorted(names)} or a Minari id "
+                            "like local/hopper/medium-v0")
+        local = minari.list_local_datasets()
+        if dataset_id not in local:
+            if dataset_id.startswith("generated/"):
+                generate_random_dataset(dataset_id, env_id, key, random_steps, seed)
+            elif remote_reachable():
+                minari.download_dataset(dataset_id)
+            else:
+                root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+                raise UserError(
+                    f"dataset {dataset_id!r} is not in the local Minari cache ({root}) and Minari's remote cannot be "
+                    f"reached; local datasets: {sorted(local) or 'none'}. Set MINARI_DATASETS_PATH to a datasets root, "
+                    "pass a D4RL file with --dataset-path, or use --dataset random to generate one")
+        ds = minari.load_dataset(dataset_id)
+        trajs = episodes_to_trajectories(ds.iterate_episodes(), antmaze=family == "antmaze")
+        md = ds.storage.metadata
+        ref = (md["ref_min_score"], md["ref_max_score"]) if "ref_max_score" in md else D4RL_REF[key]
+    if family == "antmaze":
+        trajs = [t for t in trajs if len(t["rewards"]) > 1]  # the paper drops 1-step trajectories (App. A)
+    return dataset_id, trajs, float(ref[0]), float(ref[1])
+
+
+def normalized_score(ret, ref_min: float, ref_max: float):
+    """D4RL normalized score x100, the formula of `minari.get_normalized_score`."""
+    return 100.0 * (np.asarray(ret) - ref_min) / (ref_max - ref_min)
+
+
+# ---------------------------------------------------------------- model
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block; attention through `scaled_dot_product_attention`."""
+
+    def __init__(self, embed_dim: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(embed_dim), nn.LayerNorm(embed_dim)
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.mlp = nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim),
+                                 nn.Dropout(dropout))
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x, attn_mask):
+        B, L, E = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.n_heads, E // self.n_heads).permute(2, 0, 3, 1, 4)
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+        x = x + self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, L, E)))
+        return x + self.mlp(self.ln2(x))
+
+
+class DecisionTransformer(nn.Module):
+    """Tokens (RTG_t, s_t, a_t) per step, each with its own linear embedding and no positional embedding.
+
+    The output at s_t parameterises a diagonal Gaussian in pre-tanh space; the action is tanh of a
+    sample (squashed Gaussian). Left padding is masked out of attention.
+    """
+
+    def __init__(self, state_dim, act_dim, embed_dim=512, n_layers=4, n_heads=4, dropout=0.1,
+                 log_std_min=-5.0, log_std_max=2.0):
+        super().__init__()
+        self.log_std_min, self.log_std_max = log_std_min, log_std_max
+        self.embed_rtg = nn.Linear(1, embed_dim)
+        self.embed_state = nn.Linear(state_dim, embed_dim)
+        self.embed_action = nn.Linear(act_dim, embed_dim)
+        self.embed_ln = nn.LayerNorm(embed_dim)
+        self.embed_drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList([Block(embed_dim, n_heads, dropout) for _ in range(n_layers)])
+        self.ln_f = nn.LayerNorm(embed_dim)
+        self.mean_head = nn.Linear(embed_dim, act_dim)
+        self.log_std_head = nn.Linear(embed_dim, act_dim)
+
+    def forward(self, rtg, states, actions, pad_mask):
+        """rtg (B,T,1), states (B,T,S), actions (B,T,A), pad_mask (B,T) True where real -> mean, log_std (B,T,A)."""
+        B, T, _ = states.shape
+        tokens = torch.stack([self.embed_rtg(rtg), self.embed_state(states), self.embed_action(actions)], dim=2)
+        x = self.embed_drop(self.embed_ln(tokens.reshape(B, 3 * T, -1)))
+        real = pad_mask.repeat_interleave(3, dim=1)  # (B, 3T)
+        causal = torch.ones(3 * T, 3 * T, dtype=torch.bool, device=x.device).tril()
+        # Keys must be real; every token may see itself so a padded query's row is never empty (no NaN).
+        mask = (causal & real[:, None, :]) | torch.eye(3 * T, dtype=torch.bool, device=x.device)
+        for block in self.blocks:
+            x = block(x, mask[:, None])
+        h = self.ln_f(x).view(B, T, 3, -1)[:, :, 1]  # the state token predicts a_t
+        log_std = torch.tanh(self.log_std_head(h))
+        log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (log_std + 1)
+        return self.mean_head(h), log_std
+
+
+def squashed_gaussian(mean, log_std):
+    """tanh(N(mean, exp(log_std))) with independent action dims: log_prob sums over them."""
+    return Independent(TransformedDistribution(Normal(mean, log_std.exp()), [TanhTransform(cache_size=1)]), 1)
+
+
+# ---------------------------------------------------------------- algorithm pieces
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al., 2019): Adam's step, rescaled per tensor by the trust ratio ||w|| / ||step||."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            (b1, b2), lr = group["betas"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"], state["m"], state["v"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+                state["step"] += 1
+                state["m"].mul_(b1).add_(p.grad, alpha=1 - b1)
+                state["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                m_hat = state["m"] / (1 - b1 ** state["step"])
+                v_hat = state["v"] / (1 - b2 ** state["step"])
+                update = m_hat / (v_hat.sqrt() + group["eps"]) + group["weight_decay"] * p
+                w_norm, u_norm = p.norm(), update.norm()
+                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                p.add_(update * trust, alpha=-lr)
+
+
+def discounted_suffix_sums(rewards: np.ndarray, gamma: float = 1.0) -> np.ndarray:
+    """RTG g_t = sum_{k>=t} gamma^(k-t) r_k."""
+    out, acc = np.zeros_like(rewards, dtype=np.float64), 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        acc = rewards[t] + gamma * acc
+        out[t] = acc
+    return out
+
+
+class SegmentSampler:
+    """Segments of `context_len` steps: trajectories drawn in proportion to length, start uniform, left padding."""
+
+    def __init__(self, trajs, context_len, state_mean, state_std, rtg_scale, rng):
+        self.K, self.rng = context_len, rng
+        self.lengths = np.array([len(t["rewards"]) for t in trajs])
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
+        self.states = ((np.concatenate([t["observations"] for t in trajs]) - state_mean) / state_std).astype(np.float32)
+        self.actions = np.concatenate([t["actions"] for t in trajs]).astype(np.float32)
+        self.rtg = (np.concatenate([discounted_suffix_sums(t["rewards"]) for t in trajs]) * rtg_scale).astype(np.float32)
+
+    def sample(self, batch_size):
+        idx = self.rng.choice(len(self.lengths), size=batch_size, p=self.lengths / self.lengths.sum())
+        start = (self.rng.random(batch_size) * self.lengths[idx]).astype(np.int64)
+        n_real = np.minimum(self.K, self.lengths[idx] - start)
+        pad = self.K - n_real
+        j = np.arange(self.K)[None, :]
+        mask = j >= pad[:, None]
+        src = self.offsets[idx, None] + start[:, None] + np.where(mask, j - pad[:, None], 0)
+        rtg = np.where(mask, self.rtg[src], 0.0)[..., None]
+        states = np.where(mask[..., None], self.states[src], 0.0)
+        actions = np.where(mask[..., None], self.actions[src], 0.0)
+        return rtg, states, actions, mask
+
+
+def dt_loss(model, log_temperature, target_entropy, rtg, states, actions, mask):
+    """ODT's loss: masked NLL of clamped dataset actions minus temperature x entropy, and the dual loss."""
+    mean, log_std = model(rtg, states, actions, mask)
+    dist = squashed_gaussian(mean, log_std)
+    nll = -dist.log_prob(actions.clamp(-1 + 1e-6, 1 - 1e-6))
+    entropy = -dist.log_prob(dist.rsample())  # single-sample estimate: tanh-Gaussian has no closed form
+    m = mask.float()
+    nll, entropy = (nll * m).sum() / m.sum(), (entropy * m).sum() / m.sum()
+    temperature = log_temperature.exp()
+    loss = nll - temperature.detach() * entropy
+    temperature_loss = temperature * (entropy - target_entropy).detach()
+    return loss, temperature_loss, nll, entropy
+
+
+@torch.no_grad()
+def evaluate(model, envs, ckpt_like, n_episodes, seed, device):
+    """Deterministic (tanh(mean)) episodes, all envs stepped in lockstep with one batched forward per step."""
+    model.eval()
+    K, S = ckpt_like["context_len"], len(ckpt_like["state_mean"])
+    mean_t = torch.as_tensor(ckpt_like["state_mean"], device=device)
+    std_t = torch.as_tensor(ckpt_like["state_std"], device=device)
+    n = min(n_episodes, len(envs))
+    A = envs[0].action_space.shape[0]
+    obs = np.stack([envs[i].reset(seed=seed + i)[0] for i in range(n)])
+    states = torch.zeros(n, K, S, device=device)
+    actions = torch.zeros(n, K, A, device=device)
+    rtg = torch.zeros(n, K, 1, device=device)
+    mask = torch.zeros(n, K, dtype=torch.bool, device=device)
+    target = torch.full((n,), ckpt_like["eval_rtg"] * ckpt_like["rtg_scale"], device=device)
+    returns, alive = np.zeros(n), np.ones(n, dtype=bool)
+    while alive.any():
+        # Shift the context one step left and write the newest state and RTG in the last slot.
+        states, actions, rtg, mask = (x.roll(-1, dims=1) for x in (states, actions, rtg, mask))
+        states[:, -1] = (torch.as_tensor(obs, dtype=torch.float32, device=device) - mean_t) / std_t
+        rtg[:, -1, 0], actions[:, -1], mask[:, -1] = target, 0.0, True
+        mean, _ = model(rtg, states, actions, mask)
+        act = torch.tanh(mean[:, -1])
+        actions[:, -1] = act
+        act_np = act.cpu().numpy()
+        for i in np.flatnonzero(alive):
+            o, r, term, trunc, _ = envs[i].step(act_np[i])
+            obs[i], returns[i] = o, returns[i] + r
+            target[i] -= r * ckpt_like["rtg_scale"]
+            alive[i] = not (term or trunc)
+    model.train()
+    return returns
+
+
+def save_checkpoint(path: Path, payload: dict):
+    """Atomic write: a crash mid-save never leaves a truncated checkpoint behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- main
+def main(args: Args):
+    family, key = env_family(args.env_id)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.torch_deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # Data
+    dataset_id, trajs, ref_min, ref_max = load_dataset(args.env_id, args.dataset, args.dataset_path,
+                                                       args.random_steps, args.seed)
+    probe = make_env(args.env_id)
+    state_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
+    data_s, data_a = trajs[0]["observations"].shape[1], trajs[0]["actions"].shape[1]
+    if (data_s, data_a) != (state_dim, act_dim):
+        raise UserError(f"dataset {dataset_id} has obs/action dims ({data_s}, {data_a}) but {args.env_id} has "
+                        f"({state_dim}, {act_dim})")
+    all_obs = np.concatenate([t["observations"] for t in trajs])
+    state_mean, state_std = all_obs.mean(0).astype(np.float32), all_obs.std(0).astype(np.float32) + 1e-6
+    rtg_scale = args.rtg_scale if args.rtg_scale is not None else (1.0 if family == "antmaze" else 1e-3)
+    context_len = args.context_len or {"mujoco": 20, "adroit": 5, "antmaze": 5}[family]
+    eval_rtg = args.eval_rtg if args.eval_rtg is not None else TARGET_RETURNS[key]
+    rng = np.random.default_rng(args.seed)
+    sampler = SegmentSampler(trajs, context_len, state_mean, state_std, rtg_scale, rng)
+    returns = np.array([t["rewards"].sum() for t in trajs])
+    print(f"{dataset_id}: {len(trajs)} trajectories, {sampler.lengths.sum()} steps, mean return {returns.mean():.1f} "
+          f"(normalized {normalized_score(returns.mean(), ref_min, ref_max):.1f})")
+
+    # Model and optimisers
+    model_config = dict(state_dim=state_dim, act_dim=act_dim, embed_dim=args.embed_dim, n_layers=args.n_layers,
+                        n_heads=args.n_heads, dropout=args.dropout, log_std_min=args.log_std_min,
+                        log_std_max=args.log_std_max)
+    model = DecisionTransformer(**model_config).to(device)
+    log_temperature = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
+    target_entropy = -float(act_dim)
+    optimizer = Lamb(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / max(1, args.warmup_updates)))
+    temperature_opt = torch.optim.Adam([log_temperature], lr=args.temperature_lr)
+    ckpt_path = Path(args.checkpoint) if args.checkpoint else default_checkpoint_path(args.env_id, args.dataset, args.seed)
+    meta = dict(context_len=context_len, state_mean=state_mean, state_std=state_std, rtg_scale=rtg_scale,
+                eval_rtg=eval_rtg)
+
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
+                   sync_tensorboard=True, save_code=True)
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    eval_envs = [make_env(args.env_id, render_mode="rgb_array") if (i == 0 and args.capture_video)
+                 else make_env(args.env_id) for i in range(args.eval_episodes)]
+    if args.capture_video:
+        eval_envs[0] = gym.wrappers.RecordVideo(eval_envs[0], f"videos/{run_name}")
+
+    def checkpoint_payload(update, score):
+        return {
+            "format_version": CHECKPOINT_FORMAT_VERSION, "env_id": args.env_id, "dataset_id": dataset_id,
+            "ref_min_score": ref_min, "ref_max_score": ref_max,
+            "model_config": {**model_config, "activation": "silu", "c_offline": context_len},
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "state_mean": torch.as_tensor(state_mean, dtype=torch.float32),
+            "state_std": torch.as_tensor(state_std, dtype=torch.float32),
+            "rtg_scale": rtg_scale, "eval_rtg": float(eval_rtg),
+            "log_temperature": float(log_temperature.detach()), "target_entropy": target_entropy,
+            "num_updates": update, "eval_normalized_score": score, "pretrain_args": asdict(args),
+        }
+
+    # Training loop
+    score, start = float("nan"), time.time()
+    pbar = tqdm(range(1, args.num_updates + 1), desc="pretrain", mininterval=2.0)
+    for update in pbar:
+        batch = (torch.as_tensor(x, device=device) for x in sampler.sample(args.batch_size))
+        loss, temperature_loss, nll, entropy = dt_loss(model, log_temperature, target_entropy, *batch)
+        if not torch.isfinite(loss):
+            raise UserError(f"non-finite loss at update {update}; stopped, last good checkpoint kept at {ckpt_path}")
+        optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        temperature_opt.zero_grad()
+        temperature_loss.backward()
+        temperature_opt.step()
+
+        if update % 100 == 0 or update == args.num_updates:
+            writer.add_scalar("losses/nll", nll.item(), update)
+            writer.add_scalar("losses/loss", loss.item(), update)
+            writer.add_scalar("losses/entropy", entropy.item(), update)
+            writer.add_scalar("losses/temperature", log_temperature.exp().item(), update)
+            writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], update)
+            writer.add_scalar("charts/updates_per_s", update / (time.time() - start), update)
+            pbar.set_postfix(nll=f"{nll.item():.3f}", ent=f"{entropy.item():.2f}")
+        last = update == args.num_updates
+        if last or (args.eval_every and update % args.eval_every == 0):
+            rets = evaluate(model, eval_envs, meta, args.eval_episodes, args.seed + 10_000, device)
+            score = float(normalized_score(rets, ref_min, ref_max).mean())
+            writer.add_scalar("charts/episodic_return", rets.mean(), update)
+            writer.add_scalar("charts/normalized_score", score, update)
+            tqdm.write(f"update {update}: return {rets.mean():.1f} +- {rets.std():.1f}, normalized score {score:.1f}")
+        if last or (args.save_every and update % args.save_every == 0):
+            save_checkpoint(ckpt_path, checkpoint_payload(update, score))
+    writer.close()
+    print(f"checkpoint: {ckpt_path} (normalized score {score:.1f})")
+    return ckpt_path, score
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except UserError as e:
+        sys.exit(f"error: {e}")
