@@ -52,6 +52,8 @@ class Args:
     """the wandb entity (team)"""
     capture_video: bool = False
     """if toggled, record videos of the first evaluation episode to `videos/{run_name}`"""
+    runs_dir: str = "runs"
+    """TensorBoard root; the run logs to `{runs_dir}/{run_name}`"""
 
     env_id: str = "Hopper-v4"
     """gymnasium id: Hopper/Walker2d/Ant/HalfCheetah-v4/v5, AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4/v5"""
@@ -530,7 +532,7 @@ def main(args: Args):
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
                    sync_tensorboard=True, save_code=True)
-    writer = SummaryWriter(f"runs/{run_name}")
+    writer = SummaryWriter(f"{args.runs_dir}/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     eval_envs = [make_env(args.env_id, render_mode="rgb_array") if (i == 0 and args.capture_video)
                  else make_env(args.env_id) for i in range(args.eval_episodes)]
