@@ -222,25 +222,24 @@ def load_d4rl_hdf5(path: str) -> list[dict]:
 
 
 def generate_random_dataset(dataset_id: str, env_id: str, key: str, steps: int, seed: int):
-    """A uniform-random-policy Minari dataset, written with `create_dataset_from_buffers` (no jax needed)."""
+    """A uniform-random-policy Minari dataset, written with `create_dataset_from_buffers`.
+
+    Episodes are built as whole arrays: `EpisodeBuffer.add_step_data` would pull in jax.
+    """
     import minari
     from minari.data_collector import EpisodeBuffer
 
     env = make_env(env_id)
-    buffers, obs, _ = [], *env.reset(seed=seed)
     env.action_space.seed(seed)
-    ep = EpisodeBuffer(observations=obs)
-    for _ in tqdm(range(steps), desc=f"generating {dataset_id}"):
-        action = env.action_space.sample()
-        obs, rew, term, trunc, info = env.step(action)
-        ep = ep.add_step_data({"observation": obs, "action": action, "reward": rew,
-                               "termination": term, "truncation": trunc, "info": {}})
-        if term or trunc:
-            buffers.append(ep)
-            obs, _ = env.reset()
-            ep = EpisodeBuffer(observations=obs)
-    if len(ep) > 0:
-        buffers.append(ep)
+    buffers, obs, rew, term, trunc, acts = [], [env.reset(seed=seed)[0]], [], [], [], []
+    for step in tqdm(range(steps), desc=f"generating {dataset_id}"):
+        acts.append(env.action_space.sample())
+        o, r, te, tr, _ = env.step(acts[-1])
+        obs.append(o), rew.append(float(r)), term.append(bool(te)), trunc.append(bool(tr or step == steps - 1))
+        if te or trunc[-1]:
+            buffers.append(EpisodeBuffer(observations=np.array(obs), actions=np.array(acts), rewards=rew,
+                                         terminations=term, truncations=trunc, infos={}))
+            obs, rew, term, trunc, acts = [env.reset()[0]], [], [], [], []
     ref_min, ref_max = D4RL_REF[key]
     return minari.create_dataset_from_buffers(
         dataset_id, buffers, env=env_id, algorithm_name="uniform random policy", ref_min_score=ref_min,
@@ -588,7 +587,7 @@ def main(args: Args):
             save_checkpoint(ckpt_path, checkpoint_payload(update, score))
     writer.close()
     print(f"checkpoint: {ckpt_path} (normalized score {score:.1f})")
-    return ckpt_path, score
+    return ckpt_path, score, model
 
 
 if __name__ == "__main__":

@@ -1,0 +1,288 @@
+"""pretrain_dt.py: dataset resolution, the squashed Gaussian, the dual temperature, LAMB, padding, determinism,
+and an end-to-end run on the shared hopper data whose checkpoint loads back."""
+
+import math
+import socket
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.distributions import Normal
+
+import pretrain_dt as pt
+from conftest import TINY_MODEL, check_checkpoint_loads
+
+
+@pytest.fixture
+def minari_root(tmp_path, monkeypatch):
+    """An empty Minari datasets root, so tests build their own tiny datasets."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "datasets"))
+    return tmp_path / "datasets"
+
+
+def tiny_minari_dataset(dataset_id, steps=120):
+    return pt.generate_random_dataset(dataset_id, "Hopper-v4", "hopper", steps, seed=0)
+
+
+# ---------------------------------------------------------------- datasets
+def test_short_name_maps_to_minari_id_found_locally(minari_root):
+    tiny_minari_dataset("mujoco/hopper/medium-v0")
+    dataset_id, trajs, ref_min, ref_max = pt.load_dataset("Hopper-v4", "medium", None, 0, 0)
+    assert dataset_id == "mujoco/hopper/medium-v0"
+    assert sum(len(t["rewards"]) for t in trajs) == 120
+    assert (ref_min, ref_max) == pt.D4RL_REF["hopper"]
+    t = trajs[0]
+    assert t["observations"].shape == (len(t["rewards"]), 11) and t["actions"].shape == (len(t["rewards"]), 3)
+
+
+def test_any_minari_id(minari_root):
+    tiny_minari_dataset("mine/hopper/tiny-v0", steps=50)
+    dataset_id, trajs, _, _ = pt.load_dataset("Hopper-v5", "mine/hopper/tiny-v0", None, 0, 0)
+    assert dataset_id == "mine/hopper/tiny-v0" and sum(len(t["rewards"]) for t in trajs) == 50
+
+
+def test_shared_dataset_reference_scores():
+    dataset_id, trajs, ref_min, ref_max = pt.load_dataset("Hopper-v4", "local/hopper/medium-v0", None, 0, 0)
+    assert len(trajs) == 250
+    mean_return = np.mean([t["rewards"].sum() for t in trajs])
+    assert pt.normalized_score(mean_return, ref_min, ref_max) == pytest.approx(40.3, abs=0.05)  # the README's figure
+
+
+def test_d4rl_hdf5_file(tmp_path):
+    n = 30
+    rng = np.random.default_rng(0)
+    terminals, timeouts = np.zeros(n, bool), np.zeros(n, bool)
+    terminals[9], timeouts[19] = True, True  # episodes [0,10) [10,20) and an unfinished [20,30)
+    path = tmp_path / "hopper-medium-v2.hdf5"
+    with h5py.File(path, "w") as f:
+        f["observations"] = rng.normal(size=(n, 11))
+        f["actions"] = rng.uniform(-1, 1, size=(n, 3))
+        f["rewards"] = np.arange(n, dtype=np.float64)
+        f["terminals"], f["timeouts"] = terminals, timeouts
+    dataset_id, trajs, ref_min, ref_max = pt.load_dataset("Hopper-v4", "medium", str(path), 0, 0)
+    assert dataset_id == "d4rl/hopper-medium-v2"
+    assert [len(t["rewards"]) for t in trajs] == [10, 10, 10]
+    assert trajs[0]["terminals"][-1] and not trajs[1]["terminals"].any()
+    np.testing.assert_array_equal(trajs[2]["rewards"], np.arange(20, 30))
+    assert (ref_min, ref_max) == pt.D4RL_REF["hopper"]
+
+
+def test_d4rl_file_missing_keys(tmp_path):
+    path = tmp_path / "bad.hdf5"
+    with h5py.File(path, "w") as f:
+        f["observations"] = np.zeros((3, 11))
+    with pytest.raises(pt.UserError, match="missing keys"):
+        pt.load_dataset("Hopper-v4", "medium", str(path), 0, 0)
+
+
+def test_random_is_generated_as_a_minari_dataset(minari_root):
+    dataset_id, trajs, ref_min, ref_max = pt.load_dataset("Hopper-v4", "random", None, 200, 0)
+    assert dataset_id == "generated/hopper/random-v0"
+    assert sum(len(t["rewards"]) for t in trajs) == 200
+    import minari
+
+    assert "generated/hopper/random-v0" in minari.list_local_datasets()  # loads like any other set
+    assert (ref_min, ref_max) == pt.D4RL_REF["hopper"]
+
+
+@pytest.mark.parametrize("env_id,dataset,match", [
+    ("Hopper-v4", "medium-replay", "--dataset-path"),
+    ("Hopper-v4", "bogus", "expert.*medium.*random"),
+    ("AdroitHandDoor-v1", "medium", "cloned.*expert.*human"),
+    ("Humanoid-v4", "medium", "supported: MuJoCo"),
+])
+def test_bad_input_is_one_clear_error(minari_root, env_id, dataset, match):
+    with pytest.raises(pt.UserError, match=match):
+        pt.load_dataset(env_id, dataset, None, 0, 0)
+
+
+def test_unreachable_remote_fails_within_5s(minari_root, monkeypatch):
+    def black_hole(*args, **kwargs):  # a network where DNS and connects hang
+        time.sleep(30)
+        raise OSError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", black_hole)
+    tiny_minari_dataset("mine/hopper/tiny-v0", steps=20)
+    start = time.time()
+    with pytest.raises(pt.UserError) as err:
+        pt.load_dataset("Hopper-v4", "medium", None, 0, 0)
+    assert time.time() - start < 5
+    assert "mujoco/hopper/medium-v0" in str(err.value) and "mine/hopper/tiny-v0" in str(err.value)
+
+
+def test_dataset_env_dim_mismatch_is_an_error(tmp_path):
+    path = tmp_path / "door.hdf5"
+    with h5py.File(path, "w") as f:
+        f["observations"], f["actions"] = np.zeros((5, 39)), np.zeros((5, 28))
+        f["rewards"], f["terminals"], f["timeouts"] = np.zeros(5), np.zeros(5, bool), np.ones(5, bool)
+    args = pt.Args(env_id="Hopper-v4", dataset_path=str(path), checkpoint=str(tmp_path / "x.pt"),
+                   runs_dir=str(tmp_path / "runs"))
+    with pytest.raises(pt.UserError, match=r"dims \(39, 28\).*\(11, 3\)"):
+        pt.main(args)
+
+
+def test_antmaze_state_is_observation_then_goal():
+    env = pt.make_env("AntMaze_UMaze-v4")
+    obs, _ = env.reset(seed=0)
+    inner = env.unwrapped
+    assert obs.shape == (29,) == env.observation_space.shape
+    np.testing.assert_allclose(obs[-2:], inner.goal)
+
+
+# ---------------------------------------------------------------- model and loss
+def test_tanh_gaussian_log_prob_matches_change_of_variables():
+    """p_Y(y) = d/dy P(tanh X <= y) = d/dy Phi(atanh y): finite differences of the base CDF."""
+    mean, log_std = torch.tensor([[0.3, -0.5]], dtype=torch.float64), torch.tensor([[-0.2, 0.4]], dtype=torch.float64)
+    dist = pt.squashed_gaussian(mean, log_std)
+    base = Normal(mean, log_std.exp())
+    y, h = torch.tensor([[0.7, -0.2]], dtype=torch.float64), 1e-6
+    density = (base.cdf(torch.atanh(y + h)) - base.cdf(torch.atanh(y - h))) / (2 * h)
+    torch.testing.assert_close(dist.log_prob(y), density.log().sum(-1), rtol=1e-6, atol=1e-6)
+
+
+def tiny_model(S=4, A=2, dropout=0.0):
+    torch.manual_seed(0)
+    return pt.DecisionTransformer(S, A, dropout=dropout, **TINY_MODEL)
+
+
+def tiny_batch(B=3, T=5, S=4, A=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, :3], mask[1, :1] = False, False
+    return (torch.randn(B, T, 1, generator=g), torch.randn(B, T, S, generator=g),
+            torch.rand(B, T, A, generator=g) * 2 - 1, mask)
+
+
+@pytest.mark.parametrize("init_temperature,entropy_above_target", [(0.1, True), (0.1, False)])
+def test_temperature_moves_toward_target_entropy(init_temperature, entropy_above_target):
+    model = tiny_model()
+    batch = tiny_batch()
+    with torch.no_grad():
+        _, _, _, entropy = pt.dt_loss(model, torch.tensor(0.0), 0.0, *batch)
+    target = entropy.item() - 5 if entropy_above_target else entropy.item() + 5
+    log_t = torch.tensor(math.log(init_temperature), requires_grad=True)
+    opt = torch.optim.Adam([log_t], lr=1e-2)
+    torch.manual_seed(1)
+    _, temperature_loss, _, _ = pt.dt_loss(model, log_t, target, *batch)
+    opt.zero_grad()
+    temperature_loss.backward()
+    opt.step()
+    moved = log_t.item() - math.log(init_temperature)
+    assert (moved < 0) if entropy_above_target else (moved > 0)  # less bonus when entropy is already high
+
+
+def test_padding_does_not_leak_into_outputs_or_loss():
+    model = tiny_model().eval()
+    rtg, states, actions, mask = tiny_batch()
+    noisy = [x.clone() for x in (rtg, states, actions)]
+    for x in noisy:
+        x[~mask] = torch.randn_like(x[~mask]) * 100
+    m1, s1 = model(rtg, states, actions, mask)
+    m2, s2 = model(*noisy, mask)
+    torch.testing.assert_close(m1[mask], m2[mask])
+    torch.testing.assert_close(s1[mask], s2[mask])
+    assert torch.isfinite(m2).all()  # fully padded rows attend to themselves, so no NaN
+    torch.manual_seed(0)
+    loss1 = pt.dt_loss(model, torch.tensor(-2.0), -2.0, rtg, states, actions, mask)
+    torch.manual_seed(0)
+    loss2 = pt.dt_loss(model, torch.tensor(-2.0), -2.0, *noisy, mask)
+    for a, b in zip(loss1, loss2):
+        torch.testing.assert_close(a, b)
+
+
+def test_model_is_causal():
+    """Changing step t must not change the predictions for steps < t."""
+    model = tiny_model().eval()
+    rtg, states, actions, mask = tiny_batch()
+    states2 = states.clone()
+    states2[:, 3:] += 10.0
+    m1, _ = model(rtg, states, actions, mask)
+    m2, _ = model(rtg, states2, actions, mask)
+    torch.testing.assert_close(m1[:, :3], m2[:, :3])
+    assert not torch.allclose(m1[2, 3:], m2[2, 3:])
+
+
+def test_lamb_first_step_is_trust_ratio_times_weight_norm_and_it_converges():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(20))
+    opt = pt.Lamb([w], lr=0.01, weight_decay=0.0)
+    before = w.detach().clone()
+    (w * torch.randn(20)).sum().backward()
+    opt.step()
+    # Adam's first step is sign(g) per element, so the LAMB step has norm exactly lr * ||w||.
+    assert (w.detach() - before).norm().item() == pytest.approx(0.01 * before.norm().item(), rel=1e-4)
+
+    x, true_w = torch.randn(256, 8), torch.randn(8, 1)
+    y = x @ true_w
+    layer = torch.nn.Linear(8, 1)
+    opt = pt.Lamb(layer.parameters(), lr=0.05, weight_decay=1e-4)
+    first = torch.nn.functional.mse_loss(layer(x), y).item()
+    for _ in range(300):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(layer(x), y)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.01 * first
+
+
+def test_segment_sampler_left_pads_and_matches_rtg():
+    trajs = [{"observations": np.arange(3, dtype=np.float32)[:, None], "actions": np.zeros((3, 1), np.float32),
+              "rewards": np.array([1.0, 2.0, 3.0], np.float32), "terminals": np.zeros(3, bool)}]
+    sampler = pt.SegmentSampler(trajs, 4, np.zeros(1, np.float32), np.ones(1, np.float32), 0.5,
+                                np.random.default_rng(0))
+    rtg, states, _, mask = sampler.sample(64)
+    for r, s, m in zip(rtg[..., 0], states[..., 0], mask):
+        assert m.sum() >= 1 and not m[: 4 - m.sum()].any()  # left padding only
+        start = int(s[m][0])
+        np.testing.assert_allclose(r[m], 0.5 * np.array([6.0, 5.0, 3.0])[start:start + m.sum()])
+
+
+# ---------------------------------------------------------------- end to end
+def tiny_args(tmp_path, **kw):
+    base = dict(env_id="Hopper-v4", dataset="local/hopper/medium-v0", checkpoint=str(tmp_path / "h.pt"),
+                batch_size=16, num_updates=10, eval_every=0, eval_episodes=1, save_every=0, warmup_updates=5,
+                runs_dir=str(tmp_path / "runs"), **TINY_MODEL)
+    return pt.Args(**{**base, **kw})
+
+
+def test_same_seed_same_weights(tmp_path):
+    _, _, m1 = pt.main(tiny_args(tmp_path, checkpoint=str(tmp_path / "a.pt")))
+    _, _, m2 = pt.main(tiny_args(tmp_path, checkpoint=str(tmp_path / "b.pt")))
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+
+
+def test_end_to_end_nll_falls_and_checkpoint_round_trips(tmp_path):
+    path, score, model = pt.main(tiny_args(tmp_path, num_updates=300, batch_size=32, warmup_updates=50,
+                                           learning_rate=1e-3))
+    acc = EventAccumulator(str(next((tmp_path / "runs").iterdir())))
+    acc.Reload()
+    nll = [e.value for e in acc.Scalars("losses/nll")]
+    assert nll[-1] < 0.5 * nll[0]
+    assert math.isfinite(score) and acc.Scalars("charts/normalized_score")
+
+    def load(p):
+        ckpt = torch.load(p, weights_only=False)
+        m = pt.DecisionTransformer(**{k: v for k, v in ckpt["model_config"].items() if k not in ("activation", "c_offline")})
+        m.load_state_dict(ckpt["state_dict"])
+        return m, ckpt
+
+    ckpt = check_checkpoint_loads(load, path)
+    assert ckpt["env_id"] == "Hopper-v4" and ckpt["dataset_id"] == "local/hopper/medium-v0"
+    assert ckpt["model_config"]["c_offline"] == 20 and ckpt["rtg_scale"] == 1e-3
+    assert ckpt["target_entropy"] == -3.0 and ckpt["num_updates"] == 300
+    loaded = load(path)[0].eval()
+    model.eval()
+    batch = tiny_batch(S=11, A=3, T=20)
+    torch.testing.assert_close(loaded(*batch)[0], model(*batch)[0], rtol=0, atol=0)
+
+
+def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path):
+    path, _, _ = pt.main(tiny_args(tmp_path))
+    good = path.read_bytes()
+    with pytest.raises(pt.UserError, match="non-finite loss"):
+        pt.main(tiny_args(tmp_path, learning_rate=float("nan"), num_updates=3))  # NaN weights after one step
+    assert path.read_bytes() == good
