@@ -536,7 +536,10 @@ def main(args: Args):
     eval_envs = [make_env(args.env_id, render_mode="rgb_array") if (i == 0 and args.capture_video)
                  else make_env(args.env_id) for i in range(args.eval_episodes)]
     if args.capture_video:
-        eval_envs[0] = gym.wrappers.RecordVideo(eval_envs[0], f"videos/{run_name}")
+        try:
+            eval_envs[0] = gym.wrappers.RecordVideo(eval_envs[0], f"videos/{run_name}")
+        except gym.error.DependencyNotInstalled as e:
+            raise UserError(f"--capture-video needs moviepy ({e})")
 
     def checkpoint_payload(update, score):
         return {
