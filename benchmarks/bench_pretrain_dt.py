@@ -29,7 +29,7 @@ class Args:
     """Minari id to pretrain on"""
     env_id: str = "Hopper-v4"
     """gymnasium env id"""
-    speed_updates: int = 30
+    speed_updates: int = 5
     """updates timed per configuration for updates/s"""
     learn_updates: int = 5000
     """updates of the CPU-sized learning run (0 skips it)"""
