@@ -1,0 +1,265 @@
+"""Tests of grpo_dt_qguided.py: Q-guided advantages, no state resets, the TD target, and tiny end-to-end runs."""
+
+import copy
+import glob
+
+import gymnasium as gym
+import mujoco
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from conftest import check_checkpoint_loads
+from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import grpo_dt_qguided as qg
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """--torch-threads 1 (several times faster on a busy CPU) is process-wide: give other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_args(ckpt, tmp_path, **overrides):
+    env_id = "AdroitHandDoor-v1" if "door" in str(ckpt) else "Hopper-v4"
+    base = dict(env_id=env_id, dataset="local/hopper/medium-v0", checkpoint=str(ckpt), num_iterations=2, n_batch=8,
+                group_size=4, critic_updates=4, critic_warmup_updates=4, critic_batch_size=32, updates_per_iter=2,
+                eval_episodes=1, max_episode_steps=30, trajs_per_iter=4, reset_points=2,
+                delta_r=0.0, runs_dir=str(tmp_path / "runs"), torch_threads=1)
+    return qg.Args(**{**base, **overrides})
+
+
+def scalars(runs_dir):
+    """{tag: {step: value}} of the single run under runs_dir."""
+    (run,) = glob.glob(f"{runs_dir}/*/")
+    acc = EventAccumulator(run)
+    acc.Reload()
+    return {t: {e.step: e.value for e in acc.Scalars(t)} for t in acc.Tags()["scalars"]}
+
+
+def random_contexts(model, n, c, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    S, A = model.embed_state.in_features, model.embed_action.in_features
+    mask = torch.ones(n, c, dtype=torch.bool)
+    mask[0, : c // 2] = False
+    return torch.randn(n, c, 1, generator=g) * 0.1, torch.randn(n, c, S, generator=g), torch.randn(n, c, A, generator=g), mask
+
+
+def test_checkpoint_loads(hopper_checkpoint):
+    ckpt = check_checkpoint_loads(qg.load_model, hopper_checkpoint)
+    model, _ = qg.load_model(hopper_checkpoint)
+    assert ckpt["model_config"]["dropout"] > 0  # pretrained with dropout, which the loader switches off
+    assert not model.training and all(b.dropout == 0.0 for b in model.blocks)
+
+
+def test_group_advantages_normalised_and_filtered():
+    scores = torch.randn(5, 8, generator=torch.Generator().manual_seed(0)) * 7 + 3
+    adv, keep = qg.group_advantages(scores, 0.0)
+    torch.testing.assert_close(adv.mean(1), torch.zeros(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(adv.std(1, correction=0), torch.ones(5), atol=1e-4, rtol=0)
+    assert keep.all()
+    adv, keep = qg.group_advantages(torch.tensor([[-3.0, -0.5, 0.5, 3.0], [2.0, 2.0, 2.0, 2.0]]), 1.0)
+    assert keep.tolist() == [[True, False, False, True], [False, False, False, False]]
+    assert torch.isfinite(adv).all() and (adv[1] == 0).all()  # a flat group carries no signal, and no NaN
+
+
+class PrefersLargerActions(nn.Module):
+    """A hand-made critic: Q(s, a) = sum(a) (and a pessimistic twin one below it)."""
+
+    def forward(self, states, actions):
+        q = actions.sum(-1) + 0 * states.sum(-1)
+        return q + 1.0, q
+
+
+def test_q_guided_advantages_prefer_what_the_critic_prefers(hopper_checkpoint):
+    model, _ = qg.load_model(hopper_checkpoint)
+    torch.manual_seed(0)
+    ctx = random_contexts(model, 6, 3)
+    actions, log_probs, scores = qg.q_guided_scores(model, PrefersLargerActions(), ctx, group_size=8, reward_scale=0.01)
+    assert actions.shape == (6, 8, 3) and log_probs.shape == (6, 8)
+    torch.testing.assert_close(scores, actions.sum(-1) / 0.01)  # min of the twins, in raw reward units
+    adv, _ = qg.group_advantages(scores, 0.0)
+    larger = actions.sum(-1) > actions.sum(-1).mean(1, keepdim=True)
+    assert (adv[larger] > 0).all() and (adv[~larger] < 0).all()
+    best, worst = actions.sum(-1).argmax(1), actions.sum(-1).argmin(1)
+    assert (adv.argmax(1) == best).all() and (adv.argmin(1) == worst).all()
+
+
+def test_ratio_is_one_before_the_update_and_kl_zero_at_reference(hopper_checkpoint):
+    model, _ = qg.load_model(hopper_checkpoint)
+    ref = copy.deepcopy(model)
+    ctx = random_contexts(model, 4, 5)
+    actions, old_lp, scores = qg.q_guided_scores(model, PrefersLargerActions(), ctx, 4, 1.0)
+    adv, keep = qg.group_advantages(scores, 0.0)
+    rows, cols = keep.nonzero(as_tuple=True)
+    buf = qg.FifoBuffer(64)
+    buf.push(rtg=ctx[0][rows], states=ctx[1][rows], ctx_actions=ctx[2][rows], mask=ctx[3][rows],
+             action=actions[rows, cols], old_log_prob=old_lp[rows, cols], advantage=adv[rows, cols])
+    batch = buf.sample(16, np.random.default_rng(0))
+    terms = qg.policy_objective(model, ref, batch, clip_eps=0.2)
+    torch.testing.assert_close(terms["ratio"], torch.ones(16), atol=1e-5, rtol=0)
+    assert terms["clipfrac"].item() == 0.0 and terms["kl"].item() == pytest.approx(0.0, abs=1e-7)
+    # After a real step the policy has moved: the ratio leaves 1 and the KL becomes positive.
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    terms["pg_loss"].backward()
+    opt.step()
+    after = qg.policy_objective(model, ref, batch, clip_eps=0.2)
+    assert (after["ratio"] - 1).abs().max() > 1e-4 and after["kl"].item() > 0
+
+
+def test_td_target_truncation_bootstraps_termination_cuts(hopper_checkpoint):
+    y = qg.td_target(torch.tensor([1.0, 1.0]), torch.tensor([True, False]), torch.tensor([10.0, 10.0]),
+                     torch.tensor([12.0, 8.0]), gamma=0.9)
+    torch.testing.assert_close(y, torch.tensor([1.0, 1.0 + 0.9 * 8.0]))
+    # The dataset marks only the last step of a terminated episode; a truncated one bootstraps from its final obs.
+    model, _ = qg.load_model(hopper_checkpoint)
+    S, A = 11, 3
+
+    def traj(T, terminated):
+        return {"states": np.random.randn(T + 1, S).astype(np.float32), "rtg": np.arange(T + 1, dtype=np.float32),
+                "actions": np.vstack([np.random.uniform(-1, 1, (T, A)), np.zeros((1, A))]).astype(np.float32),
+                "rewards": np.ones(T, np.float32), "var": np.ones(T), "terminated": terminated}
+
+    trajs = [traj(4, True), traj(3, False)]
+    data = qg.critic_dataset(trajs, model, 2, reward_scale=0.5, reward_shift=0.0, device="cpu")
+    assert data["term"].tolist() == [False, False, False, True, False, False, False]
+    torch.testing.assert_close(data["s2"][-1], torch.as_tensor(trajs[1]["states"][-1]))
+    torch.testing.assert_close(data["r"], torch.full((7,), 0.5))
+    assert data["a2"].shape == (7, A) and data["a2"].abs().max() < 1
+
+
+class NoStateResets(gym.Wrapper):
+    """Fails on a reset while an episode is still running; counts episodes so the check is never vacuous."""
+
+    resets = 0
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.running = False
+
+    def reset(self, **kwargs):
+        assert not self.running, "env.reset() in the middle of an episode"
+        assert not kwargs.get("options"), "reset to a given state"
+        NoStateResets.resets += 1
+        self.running = True
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        assert self.running, "step before reset"
+        out = self.env.step(action)
+        self.running = not (out[2] or out[3])
+        return out
+
+
+@pytest.fixture
+def forbid_state_resets(monkeypatch):
+    """Every way to put a MuJoCo env into a chosen state raises, except the env's own reset()."""
+    inside_reset = []
+    original_reset, original_set_state = MujocoEnv.reset, MujocoEnv.set_state
+
+    def reset(self, *a, **kw):
+        inside_reset.append(True)
+        try:
+            return original_reset(self, *a, **kw)
+        finally:
+            inside_reset.pop()
+
+    def set_state(self, *a, **kw):
+        if not inside_reset:
+            raise AssertionError("set_state outside env.reset()")
+        return original_set_state(self, *a, **kw)
+
+    def forbidden(*a, **kw):
+        raise AssertionError("state copy / restore called")
+
+    monkeypatch.setattr(MujocoEnv, "reset", reset)
+    monkeypatch.setattr(MujocoEnv, "set_state", set_state)
+    for name in ("mj_copyData", "mj_setState"):
+        monkeypatch.setattr(mujoco, name, forbidden)
+    from gymnasium_robotics.envs.adroit_hand.adroit_door import AdroitHandDoorEnv
+
+    monkeypatch.setattr(AdroitHandDoorEnv, "set_env_state", forbidden)
+    make_env = qg.make_env
+    monkeypatch.setattr(qg, "make_env", lambda *a, **kw: NoStateResets(make_env(*a, **kw)))
+    NoStateResets.resets = 0
+
+
+def check_run(logs, iterations, critic_updates, policy_updates):
+    for tag in ("charts/normalized_score", "charts/eval_return", "charts/env_steps", "charts/grad_updates"):
+        assert sorted(logs[tag]) == list(range(iterations + 1)), tag
+    for tag in ("charts/episodic_return", "charts/SPS", "losses/critic_loss", "losses/q_values",
+                "losses/group_score_std", "losses/policy_loss", "losses/ratio_mean", "losses/clipfrac", "losses/kl",
+                "losses/entropy", "losses/kappa"):
+        assert sorted(logs[tag]) == list(range(1, iterations + 1)), tag
+        assert all(np.isfinite(v) for v in logs[tag].values()), tag
+    steps = [logs["charts/env_steps"][i] for i in range(iterations + 1)]
+    assert steps[0] == 0 and all(b > a for a, b in zip(steps, steps[1:]))
+    assert logs["charts/grad_updates"][iterations] == iterations * (critic_updates + policy_updates)
+    assert abs(logs["losses/ratio_mean"][1] - 1) < 0.05 and logs["losses/kappa"][1] == pytest.approx(1e-2, rel=0.05)
+
+
+def test_end_to_end_hopper_never_resets_to_a_state_and_resumes_exactly(hopper_checkpoint, tmp_path,
+                                                                        forbid_state_resets):
+    straight = tiny_args(hopper_checkpoint, tmp_path / "a", save_every=2, save_path=str(tmp_path / "a.pt"))
+    qg.main(straight)
+    logs = scalars(straight.runs_dir)
+    check_run(logs, 2, critic_updates=4, policy_updates=2)
+    assert NoStateResets.resets == 5  # 3 evaluations + 2 training episodes, all after the previous episode ended
+    # 1 iteration, save, resume to 2: the same numbers and weights as the straight run.
+    qg.main(tiny_args(hopper_checkpoint, tmp_path / "b", num_iterations=1, save_every=1,
+                      save_path=str(tmp_path / "b.pt")))
+    qg.main(tiny_args(hopper_checkpoint, tmp_path / "c", resume=str(tmp_path / "b.pt"), save_every=1,
+                      save_path=str(tmp_path / "c.pt")))
+    resumed = scalars(tmp_path / "c" / "runs")
+    for tag in ("charts/normalized_score", "charts/env_steps", "losses/critic_loss", "losses/policy_loss"):
+        assert resumed[tag][2] == logs[tag][2], tag
+    a, c = (torch.load(tmp_path / f"{n}.pt", weights_only=False) for n in "ac")
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(c["state_dict"][k], v, rtol=0, atol=0)
+    assert a["finetune"]["state"] == c["finetune"]["state"]
+
+
+def test_end_to_end_door_never_resets_to_a_state(door_checkpoint, tmp_path, forbid_state_resets):
+    args = tiny_args(door_checkpoint, tmp_path, dataset="local/door/human-v0", full_trajs_per_iter=2,
+                     max_episode_steps=15)
+    qg.main(args)
+    check_run(scalars(args.runs_dir), 2, critic_updates=4, policy_updates=2)
+    assert NoStateResets.resets == 3 + 2 * 2
+
+
+def test_zero_iterations_only_evaluates(hopper_checkpoint, tmp_path):
+    qg.main(tiny_args(hopper_checkpoint, tmp_path, num_iterations=0))
+    logs = scalars(tmp_path / "runs")
+    assert list(logs["charts/normalized_score"]) == [0] and "losses/critic_loss" not in logs
+
+
+def test_table6_defaults_and_bad_input(hopper_checkpoint, door_checkpoint, tmp_path):
+    hop = qg.resolve_defaults(qg.Args(env_id="Hopper-v4"))
+    assert (hop.n_batch, hop.c_online, hop.g_online, hop.clip_eps, hop.delta_r, hop.gamma) == (256, 1, 7200, 0.2, 2.0, 0.99)
+    door = qg.resolve_defaults(qg.Args(env_id="AdroitHandDoor-v1", dataset="cloned"))
+    assert (door.n_batch, door.delta_r, door.full_trajs_per_iter, door.critic_lr) == (512, 0.5, 5, 2e-4)
+    with pytest.raises(qg.UserError, match="supported: MuJoCo"):
+        qg.main(qg.Args(env_id="Pong-v5"))
+    with pytest.raises(qg.UserError, match="group-size >= 2"):
+        qg.main(tiny_args(hopper_checkpoint, tmp_path, group_size=1))
+    with pytest.raises(qg.UserError, match="dims"):
+        qg.main(tiny_args(door_checkpoint, tmp_path, env_id="Hopper-v4"))
+    with pytest.raises(qg.UserError, match="not one written by --save-every"):
+        qg.main(tiny_args(hopper_checkpoint, tmp_path, resume=str(hopper_checkpoint)))
+
+
+def test_missing_checkpoint_is_pretrained_in_a_subprocess(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the pretraining child: one torch thread is faster on a busy CPU
+    extra = (f"--num-updates 2 --batch-size 4 --embed-dim 8 --n-layers 1 --n-heads 1 --warmup-updates 1 "
+             f"--eval-episodes 1 --runs-dir {tmp_path / 'pre'}")
+    args = qg.Args(dataset="local/hopper/medium-v0", num_iterations=0, eval_episodes=1, max_episode_steps=10,
+                   runs_dir=str(tmp_path / "runs"), pretrain_extra_args=extra)
+    qg.main(args)
+    assert (tmp_path / qg.default_checkpoint_path("Hopper-v4", "local/hopper/medium-v0", 1)).is_file()
+    with pytest.raises(qg.UserError, match="pretraining failed"):
+        qg.main(qg.Args(dataset="local/hopper/medium-v0", seed=2, pretrain_extra_args="--no-such-flag"))
