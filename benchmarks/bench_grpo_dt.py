@@ -1,0 +1,133 @@
+"""Benchmarks of grpo_dt.py (print figures; never timed tests).
+
+throughput: env-steps/s of GRPO-DT's grouped sub-trajectory rollouts (exact group resets, one batched policy
+    forward per step) next to the raw `mujoco.mj_step` x frame_skip rate measured in the same run, with the time
+    split into physics / policy / overhead, for 1 (in-process) and 2 worker processes.
+learn: a GRPO-DT run on local/hopper/medium-v0 from a pretrained checkpoint; prints the normalized score per
+    iteration against the pretrained (iteration 0) score.
+
+    MINARI_DATASETS_PATH=/work/shared/datasets python benchmarks/bench_grpo_dt.py throughput --checkpoint CKPT
+    MINARI_DATASETS_PATH=/work/shared/datasets python benchmarks/bench_grpo_dt.py learn --checkpoint CKPT --max-seconds 1200
+"""
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import mujoco
+import numpy as np
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import grpo_dt  # noqa: E402
+
+
+@dataclass
+class Bench:
+    mode: tyro.conf.Positional[Literal["throughput", "learn"]]
+    """what to measure"""
+    checkpoint: str = "benchmarks/grpo_dt_out/hopper_cpu_pretrained.pt"
+    """pretrained Hopper checkpoint (CPU-sized model)"""
+    env_id: str = "Hopper-v4"
+    """env of the checkpoint"""
+    trajs_per_iter: int = 8
+    """throughput/learn: trajectories drawn per iteration (x K=4 x G=8 group members)"""
+    eval_len: int = 100
+    """throughput/learn: L_eval (paper 400 for Hopper; shorter to fit a CPU)"""
+    repeats: int = 2
+    """throughput: group collections timed per worker setting"""
+    raw_steps: int = 20_000
+    """throughput: env-steps of the raw mj_step loop"""
+    max_seconds: float = 1200
+    """learn: wall-clock budget of the run"""
+    eval_episodes: int = 5
+    """learn: deterministic evaluation episodes per iteration"""
+    runs_dir: str = "benchmarks/grpo_dt_out/runs"
+    """learn: TensorBoard root"""
+
+
+def raw_rate(env_id, n):
+    """Env-steps/s of bare mj_step(nstep=frame_skip) on the env's own model and data, zero ctrl."""
+    env = grpo_dt.make_env(env_id)
+    env.reset(seed=0)
+    sim = grpo_dt.sim_of(env)
+    tic = time.perf_counter()
+    for _ in range(n):
+        mujoco.mj_step(sim.model, sim.data, nstep=sim.frame_skip)
+    return n / (time.perf_counter() - tic)
+
+
+def env_step_rate(env_id, n):
+    """Env-steps/s of gymnasium's own env.step with zero actions: the ceiling of any loop that calls it."""
+    env = grpo_dt.make_env(env_id)
+    env.reset(seed=0)
+    action = np.zeros(env.action_space.shape)
+    tic = time.perf_counter()
+    for _ in range(n):
+        if any(env.step(action)[2:4]):
+            env.reset()
+    return n / (time.perf_counter() - tic)
+
+
+def throughput(b: Bench):
+    torch.set_num_threads(1)
+    model, ckpt = grpo_dt.load_model(b.checkpoint)
+    args = grpo_dt.Args(env_id=b.env_id, dataset="medium", trajs_per_iter=b.trajs_per_iter, eval_len=b.eval_len)
+    grpo_dt.apply_presets(args, *grpo_dt.env_family(b.env_id))
+    n_members = args.trajs_per_iter * args.reset_points * args.group_size
+    scale = ckpt["rtg_scale"]
+    norm = lambda o: (torch.as_tensor(o, dtype=torch.float32) - ckpt["state_mean"]) / ckpt["state_std"]  # noqa: E731
+    cfg = ckpt["model_config"]
+    print(f"model: embed {cfg['embed_dim']}, {cfg['n_layers']} layers, {cfg['n_heads']} heads; {n_members} group members, "
+          f"L_traj {args.subtraj_len}, L_eval {args.eval_len}, c_online {args.c_online}")
+    for workers in (0, 2):
+        envs = grpo_dt.EnvPool(b.env_id, n_members, workers) if workers else grpo_dt.Envs(b.env_id, n_members)
+        gen, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
+        out, params = grpo_dt.run_episodes(model, envs, [1, 2], args.g_online, True, 1000, args.c_online, norm, scale,
+                                           gen, record_sim=True)
+        buffer = grpo_dt.store_trajectories(out, params, scale)
+        raw_before = raw_rate(b.env_id, b.raw_steps)
+        steps, wall, timers = 0, 0.0, {}
+        for _ in range(b.repeats):
+            tic = time.perf_counter()
+            _, _, _, out = grpo_dt.collect_groups(model, envs, buffer, args, args.subtraj_len, args.eval_len,
+                                                  args.gamma, args.reset_points, norm, scale, rng, gen, timers)
+            wall += time.perf_counter() - tic
+            steps += int(out["valid"].sum())
+        raw = (raw_before + raw_rate(b.env_id, b.raw_steps)) / 2  # bracket the timed part: the machine is shared
+        ceiling = env_step_rate(b.env_id, b.raw_steps // 2)
+        rate, cores = steps / wall, max(1, workers)
+        physics = steps / raw / cores  # wall seconds the same physics takes at the raw rate, spread over the cores
+        policy = timers["policy"]
+        print(f"workers {workers or 'in-process'}: {rate:,.0f} env-steps/s over {steps} steps; raw mj_step "
+              f"{raw:,.0f}/s per core -> {rate / cores / raw:.2f}x raw per core "
+              f"(time: physics {physics / wall:.0%}, policy {policy / wall:.0%}, "
+              f"overhead {(wall - physics - policy) / wall:.0%}); bare env.step alone: {ceiling / raw:.2f}x raw")
+        envs.close()
+
+
+def learn(b: Bench):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = grpo_dt.Args(env_id=b.env_id, dataset="local/hopper/medium-v0", checkpoint=b.checkpoint, num_iterations=10_000,
+                        max_seconds=b.max_seconds, trajs_per_iter=b.trajs_per_iter, eval_len=b.eval_len,
+                        eval_episodes=b.eval_episodes, runs_dir=b.runs_dir, exp_name="bench_grpo_dt")
+    tic = time.time()
+    grpo_dt.main(args)
+    run = max(Path(b.runs_dir).glob(f"{b.env_id}__bench_grpo_dt__*"), key=lambda p: p.stat().st_mtime)
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    score = {e.step: e.value for e in acc.Scalars("charts/normalized_score")}
+    steps = {e.step: e.value for e in acc.Scalars("charts/env_steps")}
+    print(f"\n{len(score) - 1} iterations in {time.time() - tic:.0f}s; pretrained score {score[0]:.1f}")
+    print("| iteration | env steps | normalized score |\n|---|---|---|")
+    for it in sorted(score):
+        print(f"| {it} | {int(steps.get(it, 0))} | {score[it]:.1f} |")
+
+
+if __name__ == "__main__":
+    bench = tyro.cli(Bench)
+    throughput(bench) if bench.mode == "throughput" else learn(bench)

@@ -1,0 +1,936 @@
+"""GRPO-DT: online finetuning of a pretrained Decision Transformer with pure GRPO gradients.
+
+Paper: "Online Finetuning Decision Transformers with Pure RL Gradients" (Luo & Zhu), Section 3.2,
+Algorithm 1, Eqs. (2)-(3), Appendix B.1 and Tables 5-6. Each iteration rolls out full trajectories
+conditioned on g_online (no hindsight relabeling), picks reset points by softmax of the policy's
+action variance, resets G envs to the exact same simulator state and DT context, rolls out G
+stochastic sub-trajectories of L_traj steps plus L_eval expected-action steps, normalises their
+discounted rewards within the group (Eq. 2) and maximises the clipped sequence-level-ratio objective
+minus beta*KL(pi || pi_ref) plus kappa*entropy (Eq. 3).
+
+Example (offline, on the shared data; pretrains the checkpoint first if it is missing):
+    MINARI_DATASETS_PATH=$(realpath ../shared/datasets) \
+        python grpo_dt.py --env-id Hopper-v4 --dataset local/hopper/medium-v0
+"""
+
+import copy
+import math
+import multiprocessing as mp
+import os
+import random
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import gymnasium as gym
+import mujoco
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.distributions import Independent, Normal, TanhTransform, TransformedDistribution, kl_divergence
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (python, numpy, torch, action noise and env resets)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms"""
+    cuda: bool = True
+    """if toggled, cuda is used when available"""
+    track: bool = False
+    """if toggled, log to Weights and Biases (wandb is imported only then)"""
+    wandb_project_name: str = "grpo-dt"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    capture_video: bool = False
+    """if toggled, record the first evaluation episode of every evaluation to `videos/{run_name}`"""
+    runs_dir: str = "runs"
+    """TensorBoard root; the run logs to `{runs_dir}/{run_name}`"""
+
+    env_id: str = "Hopper-v4"
+    """gymnasium id: Hopper/Walker2d/Ant/HalfCheetah-v4/v5, AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4/v5"""
+    dataset: str = "medium"
+    """pretraining dataset (a paper short name or a Minari id); also picks the Table 6 row: medium(-replay),
+    random, human, cloned, umaze, umaze-diverse. Other names and local/... ids whose last part is not one of
+    those use the family's medium (MuJoCo), human (Adroit) or umaze (AntMaze) row"""
+    dataset_path: Optional[str] = None
+    """a D4RL-format HDF5 file, passed to pretrain_dt.py when the checkpoint has to be made"""
+    checkpoint: Optional[str] = None
+    """pretrained checkpoint; default `checkpoints/{env_id}__{dataset}__s{seed}.pt`, pretrained if missing"""
+    pretrain_extra_args: str = ""
+    """extra pretrain_dt.py flags used when the checkpoint is missing, e.g. "--num-updates 2000 --embed-dim 128\""""
+
+    num_iterations: int = 100
+    """outer iterations of Algorithm 1 (0: only evaluate the checkpoint)"""
+    total_env_steps: int = 0
+    """stop after the iteration at which all env steps taken (full + group rollouts, not evaluation) reach this; 0 = no budget"""
+    max_seconds: float = 0
+    """stop after the iteration at which this much wall-clock time has passed; 0 = no budget"""
+    eval_episodes: int = 10
+    """deterministic tanh(mean) evaluation episodes after every iteration (and at iteration 0), conditioned on the checkpoint's eval RTG"""
+    save_every: int = 0
+    """write the finetuned checkpoint (atomically) every this many iterations and at the end; 0 = never"""
+    save_path: Optional[str] = None
+    """where --save-every writes; default `checkpoints/{env_id}__{dataset}__s{seed}__grpo_dt.pt`"""
+    resume: Optional[str] = None
+    """a checkpoint written by --save-every: continue that run (model, optimiser, kappa, pi_ref, rng, buffers)"""
+    num_workers: int = 0
+    """step the envs in this many worker processes (pipes); 0 steps them in this process"""
+    torch_threads: int = 1
+    """CPU threads of torch; 1 is fastest for batched small-model rollouts on a busy machine (0 = torch's default)"""
+    max_episode_steps: Optional[int] = None
+    """override the env's time limit (tests and quick runs); default the env's own (1000 MuJoCo, 200 door, 700 AntMaze)"""
+
+    # Table 6 (None = the preset of the env family and dataset)
+    n_batch: Optional[int] = None
+    """sub-trajectories per gradient update (Table 6 n_batch: 256 MuJoCo/AntMaze, 512 Adroit)"""
+    c_online: Optional[int] = None
+    """DT context length in finetuning, rollouts and evaluation (Table 6: 1, 5 for hammer and umaze-diverse)"""
+    g_online: Optional[float] = None
+    """initial RTG of the exploration rollouts, raw reward units (Table 6, e.g. 7200 Hopper)"""
+    subtraj_len: Optional[int] = None
+    """L_traj: stochastic steps per sub-trajectory, the part that is optimised (Table 6: 15 MuJoCo, 10, 3 pen)"""
+    eval_len: Optional[int] = None
+    """L_eval: extra expected-action (tanh(mean)) steps that only score a sub-trajectory (Table 6: 400 Ho/Wa, 200, 100, 30)"""
+    gamma: Optional[float] = None
+    """discount of the sub-trajectory reward over L_traj + L_eval steps (Table 6: 0.995 MuJoCo, 0.99 Adroit, 1 AntMaze)"""
+    clip_eps: Optional[float] = None
+    """epsilon of the clipped ratio in Eq. 3 (Table 6: 0.2 or 0.3)"""
+    delta_r: Optional[float] = None
+    """drop group members whose reward is within this of the group mean (Table 6 Delta_r)"""
+    learning_rate: Optional[float] = None
+    """LAMB learning rate of the policy (Table 6: 5e-5 MuJoCo/AntMaze, 3e-5 Adroit)"""
+    kappa_initial: Optional[float] = None
+    """initial entropy dual variable kappa (Table 6)"""
+
+    # Appendix B.1 / Table 5
+    full_trajs_per_iter: Optional[int] = None
+    """full trajectories rolled out per iteration (B.1: 1, 5 for Adroit)"""
+    full_buffer_size: int = 32
+    """FIFO capacity of the full-trajectory buffer (B.1)"""
+    trajs_per_iter: int = 16
+    """full trajectories drawn from the buffer per iteration, in proportion to length (B.1)"""
+    reset_points: int = 4
+    """K: reset points per drawn trajectory (B.1)"""
+    group_size: int = 8
+    """G: sub-trajectories per reset point (B.1)"""
+    subtraj_buffer_size: int = 2048
+    """FIFO capacity of the sub-trajectory buffer (B.1)"""
+    updates_per_iter: int = 8
+    """gradient updates per iteration, each on n_batch sub-trajectories drawn uniformly from the buffer"""
+    kl_coef: float = 1e-3
+    """beta of the KL(pi || pi_ref) penalty (Table 5)"""
+    ref_update_every: int = 4
+    """copy the policy into pi_ref every this many updates (Section 2)"""
+    target_entropy: Optional[float] = None
+    """entropy lower bound rho; default -dim(A) (Table 5)"""
+    kappa_lr: float = 1e-4
+    """Adam learning rate of log kappa (ODT's temperature learning rate)"""
+    weight_decay: float = 1e-4
+    """LAMB weight decay (Table 5)"""
+    max_grad_norm: float = 0.5
+    """global gradient-norm clip (Table 5)"""
+
+    # Ablations (Figs. 1, 2, 4c/d)
+    relabel: bool = False
+    """ablation (Fig. 1): hindsight relabeling; RTG tokens are replaced by achieved returns at training time"""
+    full_trajectory: bool = False
+    """ablation (Fig. 2a): vanilla GRPO on whole episodes from the initial state, undiscounted, no L_eval"""
+    no_consistent_reset: bool = False
+    """ablation (Fig. 2b): each group member starts from its own reset point"""
+    token_level_ratio: bool = False
+    """ablation (Fig. 2c): per-step ratios pi/pi_old, clipped and averaged per step"""
+    geometric_mean_ratio: bool = False
+    """ablation (Fig. 2e): ratio exp(mean log-ratio) over the sub-trajectory (GSPO)"""
+    uniform_reset_sampling: bool = False
+    """ablation (Fig. 2d): reset points uniform over steps instead of softmax of action variance"""
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, never as a traceback."""
+
+
+# ---------------------------------------------------------------- envs (same as pretrain_dt.py)
+MUJOCO_ENVS = {"Hopper": "hopper", "Walker2d": "walker2d", "Ant": "ant", "HalfCheetah": "halfcheetah"}
+ADROIT_ENVS = {"AdroitHandDoor": "door", "AdroitHandHammer": "hammer", "AdroitHandPen": "pen"}
+SUPPORTED = "MuJoCo Hopper/Walker2d/Ant/HalfCheetah-v4|v5, Adroit AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4|v5"
+
+
+def env_family(env_id: str) -> tuple[str, str]:
+    """(family, key) for a supported id, e.g. ("mujoco", "hopper"); a one-line error otherwise."""
+    name, _, version = env_id.rpartition("-")
+    if name in MUJOCO_ENVS and version in ("v4", "v5"):
+        return "mujoco", MUJOCO_ENVS[name]
+    if name in ADROIT_ENVS and version == "v1":
+        return "adroit", ADROIT_ENVS[name]
+    if name == "AntMaze_UMaze" and version in ("v4", "v5"):
+        return "antmaze", "antmaze"
+    raise UserError(f"unknown --env-id {env_id!r}; supported: {SUPPORTED}")
+
+
+def flatten_antmaze_obs(obs: dict) -> np.ndarray:
+    """AntMaze state vector: `observation` (27) then `desired_goal` (2); `achieved_goal` is left out."""
+    return np.concatenate([obs["observation"], obs["desired_goal"]], axis=-1)
+
+
+def make_env(env_id: str, **kwargs) -> gym.Env:
+    family, _ = env_family(env_id)
+    if family != "mujoco":
+        import gymnasium_robotics  # registers Adroit and AntMaze; only needed for them
+
+        gym.register_envs(gymnasium_robotics)
+    env = gym.make(env_id, **kwargs)
+    if family == "antmaze":
+        inner = env.observation_space
+        dim = inner["observation"].shape[0] + inner["desired_goal"].shape[0]
+        space = gym.spaces.Box(-np.inf, np.inf, (dim,), np.float64)
+        env = gym.wrappers.TransformObservation(env, flatten_antmaze_obs, space)
+    return env
+
+
+def default_checkpoint_path(env_id: str, dataset: str, seed: int) -> Path:
+    """The path every finetuning script looks at first: checkpoints/{env_id}__{dataset with / -> -}__s{seed}.pt"""
+    return Path("checkpoints") / f"{env_id}__{dataset.replace('/', '-')}__s{seed}.pt"
+
+
+# Table 6: n_batch, c_online, g_online, L_traj, L_eval, gamma, eps, Delta_r, lr, kappa_initial.
+PRESET_FIELDS = ("n_batch", "c_online", "g_online", "subtraj_len", "eval_len", "gamma", "clip_eps", "delta_r",
+                 "learning_rate", "kappa_initial")
+TABLE6 = {
+    ("hopper", "medium"): (256, 1, 7200, 15, 400, 0.995, 0.2, 2.0, 5e-5, 0.20),
+    ("hopper", "random"): (256, 1, 7200, 15, 400, 0.995, 0.2, 2.0, 5e-5, 0.20),
+    ("walker2d", "medium"): (256, 1, 10000, 15, 400, 0.995, 0.3, 2.0, 5e-5, 0.04),
+    ("walker2d", "random"): (256, 1, 10000, 15, 400, 0.995, 0.3, 2.0, 5e-5, 0.20),
+    ("ant", "medium"): (256, 1, 12000, 15, 200, 0.995, 0.3, 2.0, 5e-5, 0.04),
+    ("ant", "random"): (256, 1, 12000, 15, 200, 0.995, 0.3, 2.0, 5e-5, 0.20),
+    # Not in the paper: HalfCheetah takes the Walker2d-M row with g_online = 2x ODT's eval RTG 6000.
+    ("halfcheetah", "medium"): (256, 1, 12000, 15, 400, 0.995, 0.3, 2.0, 5e-5, 0.04),
+    ("door", "cloned"): (512, 1, 3000, 10, 100, 0.99, 0.3, 0.5, 3e-5, 0.10),
+    ("door", "human"): (512, 1, 3000, 10, 100, 0.99, 0.3, 0.4, 3e-5, 0.04),
+    ("pen", "cloned"): (512, 1, 6000, 3, 30, 0.99, 0.3, 0.0, 3e-5, 0.02),
+    ("pen", "human"): (512, 1, 6000, 3, 30, 0.99, 0.3, 0.0, 3e-5, 0.02),
+    ("hammer", "cloned"): (512, 5, 4000, 10, 100, 0.99, 0.3, 0.0, 3e-5, 0.05),
+    ("hammer", "human"): (512, 5, 4000, 10, 100, 0.99, 0.3, 0.8, 3e-5, 0.05),
+    ("antmaze", "umaze"): (256, 1, 2, 10, 200, 1.0, 0.2, 0.0, 5e-5, 0.05),
+    ("antmaze", "umaze-diverse"): (256, 5, 2, 10, 200, 1.0, 0.2, 0.0, 5e-5, 0.05),
+}
+DEFAULT_ROW = {"mujoco": "medium", "adroit": "human", "antmaze": "umaze"}
+
+
+def apply_presets(args: Args, family: str, key: str) -> str:
+    """Fill every unset Table 6 / B.1 field from the row for (env, dataset); returns the row name."""
+    name = re.sub(r"-v\d+$", "", args.dataset.rsplit("/", 1)[-1])
+    name = {"medium-replay": "medium"}.get(name, name)  # the table's rows are "M/MR"
+    row = name if (key, name) in TABLE6 else DEFAULT_ROW[family]
+    for field, value in zip(PRESET_FIELDS, TABLE6[(key, row)]):
+        if getattr(args, field) is None:
+            setattr(args, field, value)
+    if args.full_trajs_per_iter is None:
+        args.full_trajs_per_iter = 5 if family == "adroit" else 1
+    return row
+
+
+# ---------------------------------------------------------------- exact resets
+STATE_SPEC = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads: qpos, qvel, act, warm start, ctrl, time, ...
+
+
+def sim_of(env):
+    """The MujocoEnv that owns the MjData (AntMaze wraps an inner AntEnv)."""
+    u = env.unwrapped
+    return u.ant_env if hasattr(u, "ant_env") else u
+
+
+def time_limit(env) -> gym.wrappers.TimeLimit:
+    while not isinstance(env, gym.wrappers.TimeLimit):
+        env = env.env
+    return env
+
+
+def episode_params(env, family: str) -> dict:
+    """Per-episode parameters that live outside MjData (door/board position, pen target, maze goal)."""
+    u = env.unwrapped
+    if family == "adroit":  # hammer's `target_pos` is rejected by its own set_env_state (gymnasium-robotics 1.4.2)
+        return {k: v for k, v in u.get_env_state().items() if k != "target_pos"}
+    if family == "antmaze":
+        return {"goal": u.goal.copy()}
+    return {}
+
+
+def reset_to_state(env, family: str, params: dict, prev_state, state, elapsed: int):
+    """Put `env` exactly where a recorded trajectory was before step h.
+
+    Restores the episode parameters through the env's API (Adroit `set_env_state`, AntMaze goal + target
+    site), then MjData and the TimeLimit counter. qpos/qvel are not enough: after `mj_step` derived fields
+    (xpos, contacts) describe the state before the last integration and Ant's reward reads them. So we set
+    the integration state of step h-1 and re-run its frame-skip physics with step h's ctrl, which rebuilds
+    every MjData field bit for bit from a 58-352 double vector (a full MjData copy per step would need a
+    ~10 MB arena each). At h = 0 (`prev_state` None) the env had just been reset: set state + mj_forward.
+    """
+    u, sim = env.unwrapped, sim_of(env)
+    if family == "adroit":
+        u.set_env_state(params)
+    elif family == "antmaze":
+        u.goal = params["goal"].copy()
+        u.update_target_site_pos()
+    m, d = sim.model, sim.data
+    if prev_state is None:
+        mujoco.mj_setState(m, d, state, STATE_SPEC)
+        mujoco.mj_forward(m, d)
+    else:
+        mujoco.mj_setState(m, d, state, STATE_SPEC)
+        ctrl = d.ctrl.copy()
+        mujoco.mj_setState(m, d, prev_state, STATE_SPEC)
+        sim.do_simulation(ctrl, sim.frame_skip)
+    time_limit(env)._elapsed_steps = int(elapsed)
+
+
+class Envs:
+    """A batch of envs advanced in lockstep in this process. Every method takes member indices and returns a
+    tuple of per-member arrays, so `EnvPool` can run slices of it in worker processes unchanged."""
+
+    def __init__(self, env_id: str, n: int, max_episode_steps: Optional[int] = None, video_dir: Optional[str] = None):
+        self.family = env_family(env_id)[0]
+        kw = {"max_episode_steps": max_episode_steps} if max_episode_steps else {}
+        self.envs = [make_env(env_id, **kw) for _ in range(n)]
+        if video_dir:
+            self.envs[0] = gym.wrappers.RecordVideo(make_env(env_id, render_mode="rgb_array", **kw), video_dir)
+        for e in self.envs:
+            e.reset(seed=0)  # gymnasium's OrderEnforcing wants a reset before the first step
+        self.sims, self.limits = [sim_of(e) for e in self.envs], [time_limit(e) for e in self.envs]
+        self.state_size = mujoco.mj_stateSize(self.sims[0].model, STATE_SPEC)
+
+    def reset(self, idx, seeds):
+        obs = np.stack([self.envs[i].reset(seed=int(s))[0] for i, s in zip(idx, seeds)])
+        params = np.empty(len(idx), object)
+        params[:] = [episode_params(self.envs[i], self.family) for i in idx]
+        return obs, params
+
+    def step(self, idx, actions):
+        obs, rew, term, trunc = zip(*(self.envs[i].step(a)[:4] for i, a in zip(idx, actions)))
+        return np.stack(obs), np.array(rew, np.float64), np.array(term), np.array(trunc)
+
+    def get_states(self, idx):
+        out = np.empty((len(idx), self.state_size))
+        for j, i in enumerate(idx):
+            mujoco.mj_getState(self.sims[i].model, self.sims[i].data, out[j], STATE_SPEC)
+        return out, np.array([self.limits[i]._elapsed_steps for i in idx])
+
+    def restore(self, idx, params, prev_states, states, elapsed):
+        for j, i in enumerate(idx):
+            reset_to_state(self.envs[i], self.family, params[j], prev_states[j], states[j], elapsed[j])
+        return self.get_states(idx)
+
+    def close(self):
+        for e in self.envs:
+            e.close()
+
+
+def env_worker(conn, env_id, n, kwargs):
+    envs = Envs(env_id, n, **kwargs)
+    while (msg := conn.recv()) is not None:
+        conn.send(getattr(envs, msg[0])(*msg[1]))
+    envs.close()
+
+
+class EnvPool:
+    """`Envs` split into contiguous slices over worker processes; one pipe round trip per call and worker.
+    (gymnasium's AsyncVectorEnv steps every env each call and autoresets, so it cannot mask finished members or
+    restore a different state per env without a round trip per env.)"""
+
+    def __init__(self, env_id: str, n: int, workers: int, **kwargs):
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        self.bounds = np.linspace(0, n, workers + 1).astype(int)
+        self.conns, self.procs = [], []
+        for w in range(workers):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=env_worker, args=(child, env_id, self.bounds[w + 1] - self.bounds[w], kwargs),
+                               daemon=True)
+            proc.start()
+            self.conns.append(parent), self.procs.append(proc)
+
+    def call(self, method, idx, *args):
+        idx, sent = np.asarray(idx), []
+        for w, conn in enumerate(self.conns):
+            sel = np.flatnonzero((idx >= self.bounds[w]) & (idx < self.bounds[w + 1]))
+            if len(sel):
+                conn.send((method, (idx[sel] - self.bounds[w], *(np.asarray(a)[sel] for a in args))))
+                sent.append((sel, conn))
+        parts = [(sel, conn.recv()) for sel, conn in sent]
+        order = np.concatenate([sel for sel, _ in parts])
+        merged = []
+        for k in range(len(parts[0][1])):
+            cat = np.concatenate([p[k] for _, p in parts])
+            out = np.empty_like(cat)
+            out[order] = cat
+            merged.append(out)
+        return tuple(merged)
+
+    def __getattr__(self, method):
+        return lambda idx, *args: self.call(method, idx, *args)
+
+    def close(self):
+        for conn, proc in zip(self.conns, self.procs):
+            conn.send(None)
+            proc.join(timeout=5)
+
+
+# ---------------------------------------------------------------- model (same as pretrain_dt.py)
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block; attention through `scaled_dot_product_attention`."""
+
+    def __init__(self, embed_dim: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(embed_dim), nn.LayerNorm(embed_dim)
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.mlp = nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim),
+                                 nn.Dropout(dropout))
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x, attn_mask):
+        B, L, E = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.n_heads, E // self.n_heads).permute(2, 0, 3, 1, 4)
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+        x = x + self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, L, E)))
+        return x + self.mlp(self.ln2(x))
+
+
+class DecisionTransformer(nn.Module):
+    """Tokens (RTG_t, s_t, a_t) per step, no positional embedding; the s_t output parameterises a pre-tanh Gaussian."""
+
+    def __init__(self, state_dim, act_dim, embed_dim=512, n_layers=4, n_heads=4, dropout=0.1,
+                 log_std_min=-5.0, log_std_max=2.0):
+        super().__init__()
+        self.log_std_min, self.log_std_max = log_std_min, log_std_max
+        self.embed_rtg = nn.Linear(1, embed_dim)
+        self.embed_state = nn.Linear(state_dim, embed_dim)
+        self.embed_action = nn.Linear(act_dim, embed_dim)
+        self.embed_ln = nn.LayerNorm(embed_dim)
+        self.embed_drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList([Block(embed_dim, n_heads, dropout) for _ in range(n_layers)])
+        self.ln_f = nn.LayerNorm(embed_dim)
+        self.mean_head = nn.Linear(embed_dim, act_dim)
+        self.log_std_head = nn.Linear(embed_dim, act_dim)
+
+    def forward(self, rtg, states, actions, pad_mask):
+        """rtg (B,T,1), states (B,T,S), actions (B,T,A), pad_mask (B,T) True where real -> mean, log_std (B,T,A)."""
+        B, T, _ = states.shape
+        tokens = torch.stack([self.embed_rtg(rtg), self.embed_state(states), self.embed_action(actions)], dim=2)
+        # The last a_T token feeds no output (outputs are read at state tokens, attention is causal): leave it out,
+        # a third of the work at c_online = 1, with outputs identical to pretrain_dt.py's.
+        x = self.embed_drop(self.embed_ln(tokens.reshape(B, 3 * T, -1)))[:, :-1]
+        real = pad_mask.repeat_interleave(3, dim=1)[:, :-1]
+        causal = torch.ones(3 * T - 1, 3 * T - 1, dtype=torch.bool, device=x.device).tril()
+        mask = (causal & real[:, None, :]) | torch.eye(3 * T - 1, dtype=torch.bool, device=x.device)
+        for block in self.blocks:
+            x = block(x, mask[:, None])
+        h = F.pad(self.ln_f(x), (0, 0, 0, 1)).view(B, T, 3, -1)[:, :, 1]
+        log_std = torch.tanh(self.log_std_head(h))
+        log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (log_std + 1)
+        return self.mean_head(h), log_std
+
+
+def squashed_gaussian(mean, log_std):
+    """tanh(N(mean, exp(log_std))) with independent action dims: log_prob sums over them."""
+    return Independent(TransformedDistribution(Normal(mean, log_std.exp()), [TanhTransform(cache_size=1)]), 1)
+
+
+def load_model(path, device="cpu"):
+    """(model with dropout off, checkpoint dict) from a pretrain_dt.py or grpo_dt.py checkpoint."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt.get("format_version") != 1:
+        raise UserError(f"{path} is not a format-1 DT checkpoint")
+    cfg = {k: v for k, v in ckpt["model_config"].items() if k not in ("activation", "c_offline")}
+    model = DecisionTransformer(**{**cfg, "dropout": 0.0}).to(device)  # Table 5: dropout off in finetuning
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt
+
+
+def ensure_checkpoint(args: Args) -> Path:
+    """The pretrained checkpoint's path; runs pretrain_dt.py in a subprocess first if the file is missing."""
+    path = Path(args.checkpoint) if args.checkpoint else default_checkpoint_path(args.env_id, args.dataset, args.seed)
+    if path.exists():
+        return path
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / "pretrain_dt.py"), "--env-id", args.env_id,
+           "--dataset", args.dataset, "--seed", str(args.seed), "--checkpoint", str(path)]
+    cmd += (["--dataset-path", args.dataset_path] if args.dataset_path else []) + shlex.split(args.pretrain_extra_args)
+    print(f"checkpoint {path} not found; pretraining it: {shlex.join(cmd)}", flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise UserError(f"pretraining failed, no checkpoint at {path}: {shlex.join(cmd)}")
+    return path
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al., 2019): Adam's step, rescaled per tensor by the trust ratio ||w|| / ||step||."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            (b1, b2), lr = group["betas"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"], state["m"], state["v"] = 0, torch.zeros_like(p), torch.zeros_like(p)
+                state["step"] += 1
+                state["m"].mul_(b1).add_(p.grad, alpha=1 - b1)
+                state["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                m_hat = state["m"] / (1 - b1 ** state["step"])
+                v_hat = state["v"] / (1 - b2 ** state["step"])
+                update = m_hat / (v_hat.sqrt() + group["eps"]) + group["weight_decay"] * p
+                w_norm, u_norm = p.norm(), update.norm()
+                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                p.add_(update * trust, alpha=-lr)
+
+
+# ---------------------------------------------------------------- algorithm pieces (pure functions)
+def squashed_logprob(mean, log_std, u):
+    """log pi(tanh(u)) summed over action dims, from the pre-tanh sample u (no atanh round trip near +-1)."""
+    base = Normal(mean, log_std.exp()).log_prob(u)
+    return (base - TanhTransform().log_abs_det_jacobian(u, torch.tanh(u))).sum(-1)
+
+
+def masked_mean(x, mask, dim=None):
+    mask = mask.to(x.dtype)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def reset_probs(variances: np.ndarray, uniform: bool = False) -> np.ndarray:
+    """Active sampling (Sec. 3.2): p_h = softmax(sigma_h^2) over a trajectory's steps, sigma_h^2 = mean action variance."""
+    if uniform:
+        return np.full(len(variances), 1.0 / len(variances))
+    z = np.exp(variances - variances.max())
+    return z / z.sum()
+
+
+def sample_reset_points(lengths, variances, rng, n_trajs, K, G, uniform=False, consistent=True, start_only=False):
+    """(trajectory, step) per group member, shape (n_trajs*K, G): trajectories drawn in proportion to length
+    (Alg. 1 line 3), K reset points each (line 5); a consistent group shares its point."""
+    lengths = np.asarray(lengths, np.float64)
+    picks = rng.choice(len(lengths), n_trajs, p=lengths / lengths.sum())
+    trajs, steps = [], []
+    for b in picks:
+        p = reset_probs(variances[b], uniform)
+        h = np.zeros((K, 1), np.int64) if start_only else rng.choice(len(p), (K, 1) if consistent else (K, G), p=p)
+        steps.append(np.broadcast_to(h, (K, G)))
+        trajs.append(np.full((K, G), b))
+    return np.concatenate(trajs), np.concatenate(steps)
+
+
+def discounted_returns(rewards: np.ndarray, valid: np.ndarray, gamma: float) -> np.ndarray:
+    """sum_t gamma^t r_t over the steps a member was alive (it stops at termination)."""
+    return (rewards * valid * gamma ** np.arange(rewards.shape[1])).sum(1)
+
+
+def group_advantages(rewards: np.ndarray, delta_r: float):
+    """Eq. 2 per group (rows), and the keep mask of B.1: drop members within delta_r of the group mean."""
+    mean, std = rewards.mean(1, keepdims=True), rewards.std(1, keepdims=True)
+    adv = (rewards - mean) / (std + 1e-8)
+    return adv, np.abs(rewards - mean) > delta_r
+
+
+def sequence_ratio(logp, logp_old, valid, mode: str = "sequence"):
+    """Eq. 3's pi_theta(tau)/pi_old(tau) = exp(sum_t log-ratio) over the L_traj real steps ("sequence"); ablations:
+    "geometric" exp(mean_t log-ratio) (GSPO) and "token" per-step ratios (B, L). Capped at e^20 to stay finite."""
+    diff = (logp - logp_old) * valid
+    if mode == "token":
+        return diff.clamp(max=20).exp()
+    if mode == "geometric":
+        return (diff.sum(-1) / valid.sum(-1).clamp(min=1)).clamp(max=20).exp()
+    return diff.sum(-1).clamp(max=20).exp()
+
+
+def grpo_loss(ratio, adv, valid, eps):
+    """-min(ratio*A, clip(ratio, 1-eps, 1+eps)*A), batch mean (token ratios: mean over real steps first); clip fraction."""
+    if ratio.dim() == 2:
+        adv = adv[:, None]
+    surr = torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+    clipped = ((ratio - 1).abs() > eps).float()
+    if ratio.dim() == 2:
+        surr, clipped = masked_mean(surr, valid, 1), masked_mean(clipped, valid, 1)
+    return -surr.mean(), clipped.mean()
+
+
+def gaussian_kl(mean, log_std, ref_mean, ref_log_std, valid):
+    """KL(pi || pi_ref) per step, averaged over real steps: tanh is a bijection, so it is the base Gaussians' KL."""
+    p = Independent(Normal(mean, log_std.exp()), 1)
+    q = Independent(Normal(ref_mean, ref_log_std.exp()), 1)
+    return masked_mean(kl_divergence(p, q), valid)
+
+
+def subtraj_windows(x, c: int):
+    """(B, c-1+L, ...) tokens -> (B*L, c, ...): the c_online-token window the policy saw at each of the L steps."""
+    w = x.unfold(1, c, 1)  # (B, L, ..., c)
+    return w.movedim(-1, 2).reshape(-1, c, *x.shape[2:])
+
+
+def subtraj_policy(model, batch, c: int):
+    """mean, log_std (B, L, A) of the policy at every step of a batch of buffered sub-trajectories."""
+    B = batch["adv"].shape[0]
+    mean, log_std = model(*(subtraj_windows(batch[k], c) for k in ("rtg", "states", "actions", "mask")))
+    return mean[:, -1].view(B, -1, mean.shape[-1]), log_std[:, -1].view(B, -1, mean.shape[-1])
+
+
+@torch.inference_mode()
+def rollout(model, envs, idx, state0, rtg0, prefix, n_stochastic, n_deterministic, norm, rtg_scale, gen,
+            record_sim=False, timers=None):
+    """Members `idx` of `envs` in lockstep: one batched forward per step, finished members masked, not stepped.
+
+    state0 (N,S) normalised current state, rtg0 (N,) scaled current RTG, prefix = (rtg, states, actions, mask)
+    of the c_online-1 tokens before it. The first `n_stochastic` steps sample a = tanh(u), u ~ N(mean, std);
+    the rest take tanh(mean). Returns per-step arrays (N, T, ...): the tokens as used (no relabeling), u, logp,
+    mean action variance, reward, valid, and with `record_sim` the MjData state and TimeLimit counter before
+    each step."""
+    device = state0.device
+    N, T = len(idx), n_stochastic + n_deterministic
+    S, A = state0.shape[1], prefix[2].shape[2]
+    win = [torch.cat([x.new_zeros(x.shape[0], 1, *x.shape[2:]), x], 1) for x in prefix]  # the dummy slot is rolled out at t=0
+    s_cur, rtg_cur = state0.clone(), rtg0.clone()
+    out = {k: np.zeros((N, T, *shape), dt) for k, shape, dt in [
+        ("rtg", (), np.float32), ("states", (S,), np.float32), ("actions", (A,), np.float32), ("u", (A,), np.float32),
+        ("logp", (), np.float32), ("var", (), np.float32), ("reward", (), np.float64), ("valid", (), bool)]}
+    if record_sim:
+        out["sim"], out["elapsed"] = np.zeros((N, T, envs.get_states(idx[:1])[0].shape[1])), np.zeros((N, T), np.int64)
+    alive, timers = np.ones(N, bool), timers if timers is not None else {}
+    for t in range(T):
+        tic = time.perf_counter()
+        live = np.flatnonzero(alive)
+        live_t = torch.as_tensor(live, device=device)
+        win = [x.roll(-1, 1) for x in win]
+        win[0][:, -1, 0], win[1][:, -1], win[2][:, -1], win[3][:, -1] = rtg_cur, s_cur, 0.0, True
+        mean, log_std = (x[:, -1] for x in model(*(x[live_t] for x in win)))  # finished members are not forwarded
+        u = mean + log_std.exp() * torch.randn(mean.shape, generator=gen, device=device) if t < n_stochastic else mean
+        a = torch.tanh(u)
+        win[2][live_t, -1] = a
+        step = torch.cat([a, u, squashed_logprob(mean, log_std, u)[:, None], (2 * log_std).exp().mean(-1, keepdim=True),
+                          rtg_cur[live_t, None], s_cur[live_t]], 1).cpu().numpy()
+        for k, part in zip(("actions", "u", "logp", "var", "rtg", "states"), np.split(step, np.cumsum([A, A, 1, 1, 1]), 1)):
+            out[k][live, t] = part.reshape(out[k][live, t].shape)
+        tic2 = time.perf_counter()
+        if record_sim:
+            out["sim"][live, t], out["elapsed"][live, t] = envs.get_states(idx[live])
+        obs, rew, term, trunc = envs.step(idx[live], out["actions"][live, t])
+        tic3 = time.perf_counter()
+        out["reward"][live, t], out["valid"][live, t] = rew, True
+        s_cur[live_t] = norm(obs)
+        rtg_cur[live_t] -= torch.as_tensor(rew * rtg_scale, dtype=torch.float32, device=device)
+        alive[live] = ~(term | trunc)
+        timers["env"] = timers.get("env", 0.0) + tic3 - tic2
+        timers["policy"] = timers.get("policy", 0.0) + time.perf_counter() - tic3 + tic2 - tic
+        if not alive.any():
+            break
+    return out
+
+
+def context_at(traj, h, c, relabel=False):
+    """The c_online-1 tokens before step h of a stored trajectory (left-padded), as (rtg, states, actions, mask)."""
+    lo = max(0, h - c + 1)
+    pad = c - 1 - (h - lo)
+    rtg = traj["hindsight" if relabel else "rtg"][lo:h]
+    padded = lambda x: np.concatenate([np.zeros((pad, *x.shape[1:]), x.dtype), x])  # noqa: E731
+    return padded(rtg[:, None]), padded(traj["states"][lo:h]), padded(traj["actions"][lo:h]), padded(np.ones(h - lo, bool))
+
+
+def run_episodes(model, envs, seeds, rtg, stochastic, T_max, c, norm, scale, gen, record_sim=False, timers=None):
+    """Whole episodes on members 0..n-1 from fresh resets conditioned on raw RTG `rtg`: sampled actions for the
+    exploration rollouts (Alg. 1 line 2), tanh(mean) for evaluation. Returns the rollout arrays and episode params."""
+    n, device = len(seeds), gen.device
+    idx = np.arange(n)
+    obs, params = envs.reset(idx, seeds)
+    s0 = norm(obs)
+    shapes = ((1,), s0.shape[1:], (model.mean_head.out_features,))
+    prefix = [torch.zeros(n, c - 1, *shape, device=device) for shape in shapes]  # nothing before the first step
+    prefix.append(torch.zeros(n, c - 1, dtype=torch.bool, device=device))
+    out = rollout(model, envs, idx, s0, torch.full((n,), rtg * scale, device=device), prefix,
+                  T_max if stochastic else 0, 0 if stochastic else T_max, norm, scale, gen, record_sim, timers)
+    return out, params
+
+
+def store_trajectories(out, params, scale):
+    """Per-episode dicts for the full-trajectory buffer: tokens as used, MjData per step, params, hindsight RTG."""
+    trajs = []
+    for m in range(len(params)):
+        n = int(out["valid"][m].sum())
+        traj = {k: v[m, :n] for k, v in out.items()}
+        hindsight = np.cumsum(traj["reward"][::-1])[::-1] * scale  # read only by --relabel
+        trajs.append({**traj, "params": params[m], "hindsight": hindsight.astype(np.float32)})
+    return trajs
+
+
+def collect_groups(model, envs, full_buffer, args, L, L_eval, gamma, K, norm, scale, rng, gen, timers=None):
+    """Alg. 1 lines 3-8: reset points, exact group resets, G rollouts each, Eq. 2 advantages and the Delta_r filter.
+    Returns the buffer items of the kept members, the (groups, G) rewards, the keep mask and the rollout arrays."""
+    c, G, device = args.c_online, args.group_size, gen.device
+    tr, h = sample_reset_points([len(t["reward"]) for t in full_buffer], [t["var"] for t in full_buffer], rng,
+                                args.trajs_per_iter, K, G, args.uniform_reset_sampling, not args.no_consistent_reset,
+                                start_only=args.full_trajectory)
+    trajs, h = [full_buffer[b] for b in tr.ravel()], h.ravel()
+    members = np.arange(len(h))
+    prev, params = np.empty(len(h), object), np.empty(len(h), object)
+    prev[:] = [t["sim"][j - 1] if j > 0 else None for t, j in zip(trajs, h)]
+    params[:] = [t["params"] for t in trajs]
+    envs.restore(members, params, prev, np.stack([t["sim"][j] for t, j in zip(trajs, h)]),
+                 np.array([t["elapsed"][j] for t, j in zip(trajs, h)]))
+    ctx = [np.stack(x) for x in zip(*(context_at(t, j, c) for t, j in zip(trajs, h)))]
+    state0 = torch.as_tensor(np.stack([t["states"][j] for t, j in zip(trajs, h)]), device=device)
+    rtg0 = torch.as_tensor(np.array([t["rtg"][j] for t, j in zip(trajs, h)]), device=device)
+    out = rollout(model, envs, members, state0, rtg0, [torch.as_tensor(x, device=device) for x in ctx], L, L_eval,
+                  norm, scale, gen, timers=timers)
+    rewards = discounted_returns(out["reward"], out["valid"], gamma).reshape(-1, G)
+    adv, keep = (x.ravel() for x in group_advantages(rewards, args.delta_r))
+    rtg_tokens = out["rtg"][:, :L]
+    if args.relabel:  # ablation: the achieved return-to-go replaces the RTG the actions were sampled under
+        ctx[0] = np.stack([context_at(t, j, c, relabel=True)[0] for t, j in zip(trajs, h)])
+        rtg_tokens = (np.cumsum(out["reward"][:, ::-1], 1)[:, ::-1][:, :L] * scale).astype(np.float32)
+    valid = out["valid"][:, :L]
+    items = {"rtg": np.concatenate([ctx[0], rtg_tokens[..., None]], 1),
+             "states": np.concatenate([ctx[1], out["states"][:, :L]], 1),
+             "actions": np.concatenate([ctx[2], out["actions"][:, :L]], 1), "mask": np.concatenate([ctx[3], valid], 1),
+             "u": out["u"][:, :L], "logp_old": out["logp"][:, :L], "valid": valid, "adv": adv}
+    return {k: v[keep] for k, v in items.items()}, rewards, keep, out
+
+
+def grpo_objective(model, ref_model, batch, c, eps, kl_coef, kappa, ratio_mode="sequence"):
+    """Eq. 3 as a loss to minimise: clipped surrogate + beta KL(pi || pi_ref) - kappa entropy; and the stats."""
+    valid = batch["valid"]
+    mean, log_std = subtraj_policy(model, batch, c)
+    ratio = sequence_ratio(squashed_logprob(mean, log_std, batch["u"]), batch["logp_old"], valid, ratio_mode)
+    pg_loss, clipfrac = grpo_loss(ratio, batch["adv"], valid, eps)
+    with torch.no_grad():
+        ref_mean, ref_log_std = subtraj_policy(ref_model, batch, c)
+    kl = gaussian_kl(mean, log_std, ref_mean, ref_log_std, valid)
+    dist = squashed_gaussian(mean, log_std)  # single-sample entropy: tanh-Gaussian has no closed form
+    entropy = masked_mean(-dist.log_prob(dist.rsample()), valid)
+    stats = dict(policy_loss=pg_loss.item(), kl=kl.item(), entropy=entropy.item(), clipfrac=clipfrac.item(),
+                 kappa=float(kappa), ratio_mean=ratio.mean().item(), ratio_max=ratio.max().item())
+    return pg_loss + kl_coef * kl - kappa * entropy, entropy, stats
+
+
+class SubtrajBuffer:
+    """FIFO of sub-trajectories: the reset context plus L_traj tokens, u, old log-probs, valid steps, advantage."""
+
+    def __init__(self, capacity, device):
+        self.data, self.capacity, self.device, self.ptr, self.size = {}, capacity, device, 0, 0
+
+    def add(self, items: dict):
+        if not self.data:  # storage shaped after the first items
+            self.data = {k: torch.zeros((self.capacity, *v.shape[1:]), dtype=torch.bool if v.dtype == bool
+                                        else torch.float32, device=self.device) for k, v in items.items()}
+        n = min(len(items["adv"]), self.capacity)
+        slots = (self.ptr + np.arange(n)) % self.capacity
+        for k, v in items.items():
+            self.data[k][slots] = torch.as_tensor(v[-n:], dtype=self.data[k].dtype, device=self.data[k].device)
+        self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
+
+    def sample(self, n, rng):
+        i = torch.as_tensor(rng.integers(0, self.size, n), device=self.device)
+        return {k: v[i] for k, v in self.data.items()}
+
+
+def save_checkpoint(path: Path, payload: dict):
+    """Atomic write: a crash mid-save never leaves a truncated checkpoint behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- main
+def main(args: Args):
+    family, key = env_family(args.env_id)
+    row = apply_presets(args, family, key)
+    if args.token_level_ratio and args.geometric_mean_ratio:
+        raise UserError("--token-level-ratio and --geometric-mean-ratio are exclusive; choose one (or neither)")
+    if args.num_workers < 0 or min(args.c_online, args.group_size, args.reset_points, args.subtraj_len) < 1:
+        raise UserError("--num-workers must be >= 0 and --c-online, --group-size, --reset-points, --subtraj-len >= 1")
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.torch_deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+
+    # Start: checkpoint (pretrained here if missing), dims, envs (workers fork before the model exists)
+    probe = make_env(args.env_id, **({"max_episode_steps": args.max_episode_steps} if args.max_episode_steps else {}))
+    S, A, T_max = probe.observation_space.shape[0], probe.action_space.shape[0], probe.spec.max_episode_steps
+    L, L_eval, gamma, K = args.subtraj_len, args.eval_len, args.gamma, args.reset_points
+    if args.full_trajectory:  # vanilla GRPO: whole episodes from the start state, one return per episode
+        L, L_eval, gamma, K = T_max, 0, 1.0, 1
+    n_members = args.trajs_per_iter * K * args.group_size
+    env_kw = dict(max_episode_steps=args.max_episode_steps)
+    n_envs = max(n_members, args.full_trajs_per_iter)
+    envs = EnvPool(args.env_id, n_envs, args.num_workers, **env_kw) if args.num_workers else Envs(args.env_id, n_envs, **env_kw)
+    eval_envs = Envs(args.env_id, max(1, args.eval_episodes), video_dir=f"videos/{run_name}" if args.capture_video else None,
+                     **env_kw)
+    path = Path(args.resume) if args.resume else ensure_checkpoint(args)
+    if args.resume and not path.exists():
+        raise UserError(f"--resume {path} does not exist")
+    model, ckpt = load_model(path, device)
+    cfg = ckpt["model_config"]
+    if (cfg["state_dim"], cfg["act_dim"]) != (S, A):
+        raise UserError(f"checkpoint {path} ({ckpt['env_id']}) has state/action dims ({cfg['state_dim']}, "
+                        f"{cfg['act_dim']}) but {args.env_id} has ({S}, {A})")
+    c, scale = args.c_online, ckpt["rtg_scale"]
+    target_entropy = -float(A) if args.target_entropy is None else args.target_entropy
+    mean_t, std_t = (ckpt[k].to(device) for k in ("state_mean", "state_std"))
+    norm = lambda obs: (torch.as_tensor(obs, dtype=torch.float32, device=device) - mean_t) / std_t  # noqa: E731
+    ref_min, ref_max = ckpt["ref_min_score"], ckpt["ref_max_score"]
+
+    # Optimisers, pi_ref, buffers, rng
+    ref_model = copy.deepcopy(model)
+    log_kappa = torch.tensor(math.log(args.kappa_initial), device=device, requires_grad=True)
+    optimizer = Lamb(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    kappa_opt = torch.optim.Adam([log_kappa], lr=args.kappa_lr)
+    full_buffer = deque(maxlen=args.full_buffer_size)
+    sub_buffer = SubtrajBuffer(args.subtraj_buffer_size, device)
+    rng = np.random.default_rng(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    start_iter, env_steps, grad_updates = 1, 0, 0
+    if args.resume:
+        ft = ckpt["finetune"]
+        optimizer.load_state_dict(ft["optimizer"]), kappa_opt.load_state_dict(ft["kappa_opt"])
+        ref_model.load_state_dict(ft["ref_model"])
+        with torch.no_grad():
+            log_kappa.copy_(torch.tensor(ft["log_kappa"]))
+        full_buffer.extend(ft["full_buffer"])
+        sub_buffer.data, sub_buffer.ptr, sub_buffer.size = ({k: v.to(device) for k, v in ft["sub_buffer"].items()},
+                                                            ft["sub_ptr"], ft["sub_size"])
+        rng.bit_generator.state = ft["rng"]
+        gen.set_state(ft["torch_gen"])
+        start_iter, env_steps, grad_updates = ft["iteration"] + 1, ft["env_steps"], ft["grad_updates"]
+    save_path = Path(args.save_path or f"checkpoints/{args.env_id}__{args.dataset.replace('/', '-')}__s{args.seed}__grpo_dt.pt")
+    ratio_mode = "token" if args.token_level_ratio else "geometric" if args.geometric_mean_ratio else "sequence"
+
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
+                   sync_tensorboard=True, save_code=True)
+    writer = SummaryWriter(f"{args.runs_dir}/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    print(f"{args.env_id}: Table 6 row {key}/{row}; c_online {c}, g_online {args.g_online}, L_traj {L}, L_eval {L_eval}, "
+          f"gamma {gamma}, eps {args.clip_eps}, Delta_r {args.delta_r}, lr {args.learning_rate}, kappa0 {args.kappa_initial}, "
+          f"n_batch {args.n_batch}, {n_members} group members/iteration, device {device}")
+
+    def log_eval(it):
+        rets = np.array([np.nan])
+        if args.eval_episodes:
+            seeds = args.seed + 10_000 + np.arange(args.eval_episodes)
+            rets = run_episodes(model, eval_envs, seeds, ckpt["eval_rtg"], False, T_max, c, norm, scale, gen)[0]["reward"].sum(1)
+        score = float(np.mean(100 * (rets - ref_min) / (ref_max - ref_min)))
+        writer.add_scalar("charts/normalized_score", score, it)
+        writer.add_scalar("charts/eval_return", rets.mean(), it)
+        return score, float(rets.mean())
+
+    score, eval_ret = log_eval(start_iter - 1)
+    tqdm.write(f"iteration {start_iter - 1}: eval return {eval_ret:.1f}, normalized score {score:.1f}")
+    start, iteration, steps0 = time.time(), start_iter - 1, env_steps
+    pbar = tqdm(range(start_iter, args.num_iterations + 1), desc="grpo-dt", mininterval=2.0)
+    for iteration in pbar:
+        t_iter, timers = time.time(), {}
+        # Alg. 1 line 2: full trajectories from g_online, stored with the RTG tokens used and the MjData per step
+        out, params = run_episodes(model, envs, rng.integers(0, 2**31, args.full_trajs_per_iter), args.g_online, True,
+                                   T_max, c, norm, scale, gen, record_sim=True, timers=timers)
+        full_buffer.extend(store_trajectories(out, params, scale))
+        episodic_return = out["reward"].sum(1).mean()
+        env_steps += int(out["valid"].sum())
+
+        # Lines 3-8: reset points by action variance, G sub-trajectories each from the same state and context,
+        # Eq. 2 advantages, Delta_r filter, FIFO push
+        items, rewards, keep, out = collect_groups(model, envs, full_buffer, args, L, L_eval, gamma, K, norm, scale,
+                                                   rng, gen, timers)
+        env_steps += int(out["valid"].sum())
+        sub_buffer.add(items)
+        t_rollout = time.time() - t_iter
+
+        # Line 9: Eq. 3 on n_batch uniform draws from the buffer; kappa is the entropy constraint's dual variable
+        stats = []
+        for _ in range(args.updates_per_iter if sub_buffer.size else 0):
+            kappa = log_kappa.exp()
+            loss, entropy, st = grpo_objective(model, ref_model, sub_buffer.sample(args.n_batch, rng), c, args.clip_eps,
+                                               args.kl_coef, kappa.detach(), ratio_mode)
+            optimizer.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            kappa_loss = kappa * (entropy.detach() - target_entropy)
+            kappa_opt.zero_grad()
+            kappa_loss.backward()
+            kappa_opt.step()
+            grad_updates += 1
+            if grad_updates % args.ref_update_every == 0:
+                ref_model.load_state_dict(model.state_dict())
+            stats.append(st)
+        t_update = time.time() - t_iter - t_rollout
+
+        # Logging, evaluation, checkpoint, budgets
+        score, eval_ret = log_eval(iteration)
+        sps = (env_steps - steps0) / max(time.time() - start, 1e-9)
+        scalars = {"charts/episodic_return": episodic_return, "charts/env_steps": env_steps,
+                   "charts/grad_updates": grad_updates, "charts/SPS": sps, "charts/rollout_seconds": t_rollout,
+                   "charts/update_seconds": t_update, "charts/policy_seconds": timers.get("policy", 0.0),
+                   "charts/env_seconds": timers.get("env", 0.0), "losses/group_reward_std": rewards.std(1).mean(),
+                   "losses/dropped_fraction": 1 - keep.mean()}
+        for k in ("policy_loss", "kl", "entropy", "clipfrac", "kappa", "ratio_mean", "ratio_max"):
+            vals = [st[k] for st in stats] or [np.nan]
+            scalars[f"losses/{k}"] = max(vals) if k == "ratio_max" else float(np.mean(vals))
+        for k, v in scalars.items():
+            writer.add_scalar(k, v, iteration)
+        tqdm.write(f"iteration {iteration}: score {score:.1f} (eval return {eval_ret:.1f}), train return "
+                   f"{episodic_return:.1f}, ratio {scalars['losses/ratio_mean']:.3f}/{scalars['losses/ratio_max']:.2f}, "
+                   f"clip {scalars['losses/clipfrac']:.2f}, kl {scalars['losses/kl']:.4f}, entropy "
+                   f"{scalars['losses/entropy']:.2f}, kappa {scalars['losses/kappa']:.4f}, group std "
+                   f"{scalars['losses/group_reward_std']:.2f}, dropped {1 - keep.mean():.2f}, env steps {env_steps}, "
+                   f"SPS {sps:.0f} (rollout {t_rollout:.1f}s, update {t_update:.1f}s)")
+        pbar.set_postfix(score=f"{score:.1f}", steps=env_steps)
+        done = (args.total_env_steps and env_steps >= args.total_env_steps) or (
+            args.max_seconds and time.time() - start >= args.max_seconds) or iteration == args.num_iterations
+        if args.save_every and (iteration % args.save_every == 0 or done):
+            save_checkpoint(save_path, {
+                **{k: v for k, v in ckpt.items() if k != "finetune"},
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "eval_normalized_score": score, "finetune_args": asdict(args),
+                "finetune": {"iteration": iteration, "env_steps": env_steps, "grad_updates": grad_updates,
+                             "optimizer": optimizer.state_dict(), "kappa_opt": kappa_opt.state_dict(),
+                             "log_kappa": float(log_kappa.detach()), "ref_model": ref_model.state_dict(),
+                             "rng": rng.bit_generator.state, "torch_gen": gen.get_state(),
+                             "full_buffer": list(full_buffer), "sub_ptr": sub_buffer.ptr, "sub_size": sub_buffer.size,
+                             "sub_buffer": {k: v.cpu() for k, v in sub_buffer.data.items()}}})
+        if done:
+            break
+    envs.close()
+    eval_envs.close()
+    writer.close()
+    print(f"final normalized score {score:.1f} after {iteration} iterations, {env_steps} env steps")
+    return score
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,289 @@
+"""Tests of grpo_dt.py: exact resets, group consistency, Eq. 2/3 pieces, active sampling, end to end."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, check_checkpoint_loads
+
+import grpo_dt
+
+TINY = dict(n_batch=8, trajs_per_iter=2, reset_points=2, group_size=2, subtraj_len=3, eval_len=5, updates_per_iter=2,
+            eval_episodes=1, max_episode_steps=40)
+
+
+def tiny_args(env_id, dataset, checkpoint, tmp_path, **kw):
+    return grpo_dt.Args(env_id=env_id, dataset=dataset, checkpoint=str(checkpoint), runs_dir=str(tmp_path / "runs"),
+                        **{"num_iterations": 2, **TINY, **kw})
+
+
+def scalars(runs_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (run,) = list(Path(runs_dir).iterdir())
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+# ---------------------------------------------------------------- exact resets
+@pytest.mark.parametrize("env_id", ["Hopper-v4", "AdroitHandDoor-v1", "AntMaze_UMaze-v4"])
+@pytest.mark.parametrize("at_start", [False, True])
+def test_reset_replay_is_exact(env_id, at_start):
+    """Record a state in member 0, step fixed actions, restore the state into member 1 (another episode), replay."""
+    n, warmup = 25, 6
+    envs = grpo_dt.Envs(env_id, 2, max_episode_steps=warmup + 1 + n)  # the replay ends exactly at the time limit
+    rng = np.random.default_rng(0)
+    A = envs.envs[0].action_space.shape[0]
+    _, params = envs.reset([0, 1], [3, 4])
+    other = grpo_dt.episode_params(envs.envs[1], envs.family)
+    if envs.family != "mujoco":  # the other member really is in a different episode: params must be restored
+        assert any(not np.allclose(params[0][k], other[k]) for k in other if k not in ("qpos", "qvel"))
+    prev = None
+    if not at_start:
+        for _ in range(warmup):
+            envs.step([0], rng.uniform(-1, 1, (1, A)))
+        prev = envs.get_states([0])[0][0]
+        envs.step([0], rng.uniform(-1, 1, (1, A)))
+    state, elapsed = envs.get_states([0])
+    actions = rng.uniform(-1, 1, (n, 1, A))
+    first = [envs.step([0], a) for a in actions]
+    prevs = np.empty(1, object)
+    prevs[0] = prev
+    restored, restored_elapsed = envs.restore([1], params[:1], prevs, state, elapsed)
+    np.testing.assert_array_equal(restored, state)
+    assert restored_elapsed[0] == elapsed[0] == (0 if at_start else warmup + 1)
+    second = [envs.step([1], a) for a in actions]
+    for (o1, r1, te1, tr1), (o2, r2, te2, tr2) in zip(first, second):
+        assert np.abs(o1 - o2).max() <= 1e-9 and np.abs(r1 - r2).max() <= 1e-9
+        assert te1 == te2 and tr1 == tr2
+    if not at_start and not first[-1][2][0]:
+        assert first[-1][3][0] and second[-1][3][0]  # the TimeLimit counter came back with the state
+
+
+# ---------------------------------------------------------------- pipeline pieces on a real checkpoint
+@pytest.fixture(scope="module")
+def hopper_setup(hopper_checkpoint):
+    model, ckpt = grpo_dt.load_model(hopper_checkpoint)
+    args = grpo_dt.Args(env_id="Hopper-v4", dataset="local/hopper/medium-v0", **{**TINY, "group_size": 4}, c_online=3,
+                        delta_r=-1.0)
+    grpo_dt.apply_presets(args, "mujoco", "hopper")
+    envs = grpo_dt.Envs("Hopper-v4", 16, max_episode_steps=40)
+    scale = ckpt["rtg_scale"]
+    norm = lambda o: (torch.as_tensor(o, dtype=torch.float32) - ckpt["state_mean"]) / ckpt["state_std"]  # noqa: E731
+    gen, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
+    out, params = grpo_dt.run_episodes(model, envs, [1, 2], args.g_online, True, 40, 3, norm, scale, gen, record_sim=True)
+    trajs = grpo_dt.store_trajectories(out, params, scale)
+    return dict(model=model, ckpt=ckpt, args=args, envs=envs, norm=norm, scale=scale, gen=gen, rng=rng, trajs=trajs)
+
+
+def test_checkpoint_loads_with_dropout_off(hopper_checkpoint):
+    model, ckpt = grpo_dt.load_model(hopper_checkpoint)
+    assert not model.training and all(b.dropout == 0 for b in model.blocks)
+    check_checkpoint_loads(grpo_dt.load_model, hopper_checkpoint)
+
+
+def test_rollout_rtg_tokens_are_the_ones_used(hopper_setup):
+    s = hopper_setup
+    for t in s["trajs"]:
+        expected = s["args"].g_online * s["scale"] - s["scale"] * np.concatenate([[0.0], np.cumsum(t["reward"])[:-1]])
+        np.testing.assert_allclose(t["rtg"], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_group_members_start_identically_and_replay_the_trajectory(hopper_setup):
+    s = hopper_setup
+    G = s["args"].group_size
+    items, rewards, keep, out = grpo_dt.collect_groups(s["model"], s["envs"], s["trajs"], s["args"], 3, 4, 0.99, 2,
+                                                       s["norm"], s["scale"], s["rng"], s["gen"])
+    assert keep.all() and rewards.shape == (4, G)
+    groups = lambda x: x.reshape(-1, G, *x.shape[1:])  # noqa: E731
+    c = s["args"].c_online
+    for k, n in (("rtg", c), ("states", c), ("mask", c), ("actions", c - 1)):  # reset context + first RTG/state
+        first = groups(items[k][:, :n])
+        assert (first == first[:, :1]).all(), k
+    acts = groups(out["actions"][:, 0])
+    assert (np.abs(acts - acts[:, :1]).max(-1) > 0).sum() > 0  # members then sample different actions
+    # RTG tokens stored for training are exactly the rollout's (no relabeling)
+    np.testing.assert_array_equal(items["rtg"][:, s["args"].c_online - 1:, 0], out["rtg"][:, :3])
+    # Deterministic policy from the same reset points: every member of a group follows the same path
+    _, rewards_det, _, out_det = grpo_dt.collect_groups(s["model"], s["envs"], s["trajs"], s["args"], 0, 6, 0.99, 2,
+                                                        s["norm"], s["scale"], s["rng"], s["gen"])
+    np.testing.assert_array_equal(rewards_det, rewards_det[:, :1].repeat(G, 1))
+    states = groups(out_det["states"])
+    np.testing.assert_array_equal(states, states[:, :1].repeat(G, 1))
+
+
+def test_restored_members_replay_stored_trajectory(hopper_setup):
+    s = hopper_setup
+    t = max(s["trajs"], key=lambda t: len(t["reward"]))
+    h = 2
+    n = len(t["reward"]) - h - 1
+    assert n >= 3
+    prev = np.empty(3, object)
+    prev[:] = [t["sim"][h - 1]] * 3
+    params = np.empty(3, object)
+    params[:] = [t["params"]] * 3
+    s["envs"].restore([4, 5, 6], params, prev, np.stack([t["sim"][h]] * 3), np.array([t["elapsed"][h]] * 3))
+    for j in range(n):
+        obs, rew, _, _ = s["envs"].step([4, 5, 6], np.repeat(t["actions"][h + j][None], 3, 0))
+        np.testing.assert_allclose(rew, t["reward"][h + j], atol=1e-9, rtol=0)
+        np.testing.assert_allclose(s["norm"](obs).numpy(), np.repeat(t["states"][h + j + 1][None], 3, 0), atol=1e-5)
+
+
+def test_sequence_ratio_is_one_before_update_and_kl_zero(hopper_setup):
+    s = hopper_setup
+    items, *_ = grpo_dt.collect_groups(s["model"], s["envs"], s["trajs"], s["args"], 3, 2, 0.99, 2, s["norm"],
+                                       s["scale"], s["rng"], s["gen"])
+    buf = grpo_dt.SubtrajBuffer(64, "cpu")
+    buf.add(items)
+    batch = buf.sample(16, s["rng"])
+    ref = copy.deepcopy(s["model"])
+    _, _, stats = grpo_dt.grpo_objective(s["model"], ref, batch, s["args"].c_online, 0.2, 1e-3, 0.1)
+    assert abs(stats["ratio_mean"] - 1) < 1e-4 and abs(stats["ratio_max"] - 1) < 1e-4 and stats["clipfrac"] == 0
+    assert stats["kl"] == 0.0
+    with torch.no_grad():
+        ref.mean_head.bias.add_(0.3)
+    _, _, stats = grpo_dt.grpo_objective(s["model"], ref, batch, s["args"].c_online, 0.2, 1e-3, 0.1)
+    assert stats["kl"] > 1e-3
+
+
+def test_relabel_replaces_rtg_tokens(hopper_setup):
+    s = hopper_setup
+    args = copy.copy(s["args"])
+    args.relabel = True
+    items, _, _, out = grpo_dt.collect_groups(s["model"], s["envs"], s["trajs"], args, 3, 4, 0.99, 2, s["norm"],
+                                              s["scale"], s["rng"], s["gen"])
+    hindsight = np.cumsum(out["reward"][:, ::-1], 1)[:, ::-1][:, :3] * s["scale"]
+    np.testing.assert_allclose(items["rtg"][:, 2:, 0], hindsight, rtol=1e-5)
+    assert not np.allclose(items["rtg"][:, 2:, 0], out["rtg"][:, :3])
+
+
+# ---------------------------------------------------------------- pure pieces
+def test_sequence_ratio_and_ablations():
+    g = torch.Generator().manual_seed(0)
+    logp, old = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    valid = torch.ones(5, 4)
+    valid[0, 2:] = 0
+    diff = (logp - old) * valid
+    torch.testing.assert_close(grpo_dt.sequence_ratio(logp, old, valid), diff.sum(-1).exp())
+    torch.testing.assert_close(grpo_dt.sequence_ratio(logp, old, valid, "geometric"), (diff.sum(-1) / valid.sum(-1)).exp())
+    torch.testing.assert_close(grpo_dt.sequence_ratio(logp, old, valid, "token"), diff.exp())
+    assert (grpo_dt.sequence_ratio(old, old, valid) == 1).all()
+
+
+def test_clipping_follows_eq3():
+    eps = 0.2
+    ratio = torch.tensor([1.5, 0.5, 0.5, 1.5, 1.1], requires_grad=True)
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0, 2.0])
+    loss, clipfrac = grpo_dt.grpo_loss(ratio, adv, None, eps)
+    loss.backward()
+    # A>0 above 1+eps and A<0 below 1-eps: clipped, no gradient; the pessimistic side keeps the raw ratio
+    per = torch.tensor([1.2 * 1.0, 0.8 * -1.0, 0.5 * 1.0, 1.5 * -1.0, 1.1 * 2.0])
+    torch.testing.assert_close(loss, -per.mean())
+    torch.testing.assert_close(ratio.grad, -torch.tensor([0.0, 0.0, 1.0, -1.0, 2.0]) / 5)
+    assert clipfrac.item() == pytest.approx(0.8)
+
+
+def test_group_advantages_and_delta_r_filter():
+    r = np.random.default_rng(0).normal(size=(6, 8)) * 5 + 3
+    adv, keep = grpo_dt.group_advantages(r, 0.0)
+    np.testing.assert_allclose(adv.mean(1), 0, atol=1e-9)
+    np.testing.assert_allclose(adv.std(1), 1, atol=1e-6)
+    adv, keep = grpo_dt.group_advantages(np.array([[0.0, 1.0, 10.0, 11.0], [2.0, 2.0, 2.0, 2.0]]), 5.0)
+    np.testing.assert_array_equal(keep, [[True, False, False, True], [False] * 4])
+    np.testing.assert_allclose(adv[1], 0)
+    np.testing.assert_allclose(grpo_dt.discounted_returns(np.ones((1, 4)), np.array([[1, 1, 1, 0]]), 0.5), [1.75])
+
+
+def test_active_sampling_is_softmax_of_variances():
+    v = np.array([0.0, 1.0, 2.0, 3.0])
+    np.testing.assert_allclose(grpo_dt.reset_probs(v), torch.softmax(torch.tensor(v), 0).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(grpo_dt.reset_probs(v, uniform=True), 0.25)
+    rng = np.random.default_rng(0)
+    tr, h = grpo_dt.sample_reset_points([4], [v], rng, 1, 40_000, 3)
+    assert (h == h[:, :1]).all() and (tr == 0).all()  # consistent: a group shares its reset point
+    np.testing.assert_allclose(np.bincount(h[:, 0], minlength=4) / len(h), grpo_dt.reset_probs(v), atol=0.01)
+    _, h = grpo_dt.sample_reset_points([4], [v], rng, 1, 1000, 3, consistent=False)
+    assert (h != h[:, :1]).any()
+    tr, _ = grpo_dt.sample_reset_points([1, 3], [np.zeros(1), np.zeros(3)], rng, 20_000, 1, 1)
+    assert tr.mean() == pytest.approx(0.75, abs=0.015)  # trajectories in proportion to length
+
+
+def test_presets_follow_table6():
+    a = grpo_dt.Args(env_id="Hopper-v4", dataset="local/hopper/medium-v0", eval_len=7)
+    assert grpo_dt.apply_presets(a, "mujoco", "hopper") == "medium"
+    assert (a.g_online, a.subtraj_len, a.eval_len, a.gamma, a.clip_eps, a.kappa_initial, a.full_trajs_per_iter) == \
+        (7200, 15, 7, 0.995, 0.2, 0.2, 1)
+    d = grpo_dt.Args(env_id="AdroitHandDoor-v1", dataset="whatever")
+    assert grpo_dt.apply_presets(d, "adroit", "door") == "human"
+    assert (d.n_batch, d.delta_r, d.learning_rate, d.full_trajs_per_iter) == (512, 0.4, 3e-5, 5)
+    u = grpo_dt.Args(env_id="AntMaze_UMaze-v4", dataset="umaze-diverse")
+    grpo_dt.apply_presets(u, "antmaze", "antmaze")
+    assert (u.c_online, u.gamma, u.g_online) == (5, 1.0, 2)
+
+
+# ---------------------------------------------------------------- end to end
+def test_end_to_end_hopper_workers_resume_budget(hopper_checkpoint, tmp_path):
+    ds = "local/hopper/medium-v0"
+    save = tmp_path / "ft.pt"
+    a = tiny_args("Hopper-v4", ds, hopper_checkpoint, tmp_path / "a", save_every=1, save_path=str(save), delta_r=0.0)
+    score_a = grpo_dt.main(a)
+    tags = scalars(tmp_path / "a" / "runs")
+    for tag in ("charts/normalized_score", "charts/eval_return"):
+        assert tags[tag] == [0, 1, 2]
+    for tag in ("charts/episodic_return", "charts/env_steps", "charts/grad_updates", "charts/SPS", "losses/policy_loss",
+                "losses/kl", "losses/entropy", "losses/clipfrac", "losses/kappa", "losses/ratio_mean",
+                "losses/ratio_max", "losses/group_reward_std", "losses/dropped_fraction"):
+        assert tags[tag] == [1, 2], tag
+    ft = torch.load(save, weights_only=False)
+    pre = torch.load(hopper_checkpoint, weights_only=False)
+    assert ft["finetune"]["iteration"] == 2 and ft["finetune"]["grad_updates"] == 4
+    assert any(not torch.equal(ft["state_dict"][k], pre["state_dict"][k]) for k in pre["state_dict"])
+    check_checkpoint_loads(grpo_dt.load_model, save)
+    # Worker processes give the same run as in-process stepping (seeded, exact)
+    b = tiny_args("Hopper-v4", ds, hopper_checkpoint, tmp_path / "b", num_workers=2, save_every=1,
+                  save_path=str(tmp_path / "b.pt"), delta_r=0.0)
+    assert grpo_dt.main(b) == score_a
+    fb = torch.load(tmp_path / "b.pt", weights_only=False)
+    assert fb["finetune"]["env_steps"] == ft["finetune"]["env_steps"]
+    assert all(torch.equal(fb["state_dict"][k], ft["state_dict"][k]) for k in ft["state_dict"])
+    # Resume continues the killed run; a step budget stops after the first iteration
+    grpo_dt.main(tiny_args("Hopper-v4", ds, hopper_checkpoint, tmp_path / "c", resume=str(save), num_iterations=3,
+                           save_every=1, save_path=str(save)))
+    assert torch.load(save, weights_only=False)["finetune"]["iteration"] == 3
+    grpo_dt.main(tiny_args("Hopper-v4", ds, hopper_checkpoint, tmp_path / "d", num_iterations=5, total_env_steps=1))
+    assert scalars(tmp_path / "d" / "runs")["charts/env_steps"] == [1]
+    # --num-iterations 0 only evaluates the checkpoint
+    grpo_dt.main(tiny_args("Hopper-v4", ds, hopper_checkpoint, tmp_path / "e", num_iterations=0))
+    tags = scalars(tmp_path / "e" / "runs")
+    assert tags["charts/normalized_score"] == [0] and "charts/env_steps" not in tags
+
+
+def test_end_to_end_door(door_checkpoint, tmp_path):
+    args = tiny_args("AdroitHandDoor-v1", "local/door/human-v0", door_checkpoint, tmp_path, full_trajs_per_iter=2,
+                     n_batch=4, token_level_ratio=True, delta_r=0.0)
+    score = grpo_dt.main(args)
+    assert np.isfinite(score)
+    assert scalars(tmp_path / "runs")["losses/clipfrac"] == [1, 2]
+
+
+def test_user_errors(door_checkpoint, tmp_path):
+    with pytest.raises(grpo_dt.UserError, match="dims"):
+        grpo_dt.main(tiny_args("Hopper-v4", "medium", door_checkpoint, tmp_path))
+    with pytest.raises(grpo_dt.UserError, match="exclusive"):
+        grpo_dt.main(tiny_args("Hopper-v4", "medium", door_checkpoint, tmp_path, token_level_ratio=True,
+                               geometric_mean_ratio=True))
+    res = subprocess.run([sys.executable, str(ROOT / "grpo_dt.py"), "--env-id", "Foo-v0"], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith("error: unknown --env-id 'Foo-v0'")
+
+
+def test_missing_checkpoint_runs_pretraining(tmp_path):
+    """A missing checkpoint starts pretrain_dt.py; its failure (a bad dataset here) is a one-line error."""
+    args = tiny_args("Hopper-v4", "no-such-dataset", tmp_path / "missing.pt", tmp_path)
+    with pytest.raises(grpo_dt.UserError, match="pretraining failed"):
+        grpo_dt.main(args)
