@@ -1,16 +1,13 @@
 """GRPO-DT: online finetuning of a pretrained Decision Transformer with pure GRPO gradients.
 
-Paper: "Online Finetuning Decision Transformers with Pure RL Gradients" (Luo & Zhu), Section 3.2,
-Algorithm 1, Eqs. (2)-(3), Appendix B.1 and Tables 5-6. Each iteration rolls out full trajectories
-conditioned on g_online (no hindsight relabeling), picks reset points by softmax of the policy's
-action variance, resets G envs to the exact same simulator state and DT context, rolls out G
-stochastic sub-trajectories of L_traj steps plus L_eval expected-action steps, normalises their
-discounted rewards within the group (Eq. 2) and maximises the clipped sequence-level-ratio objective
-minus beta*KL(pi || pi_ref) plus kappa*entropy (Eq. 3).
+"Online Finetuning Decision Transformers with Pure RL Gradients" (Luo & Zhu), Sec. 3.2, Alg. 1, Eqs. 2-3,
+App. B.1, Tables 5-6. Full trajectories conditioned on g_online (no relabeling) give reset points, drawn by
+softmax of action variance; G envs reset to the exact same simulator state and DT context roll out L_traj
+stochastic + L_eval expected-action steps; group-normalised discounted rewards (Eq. 2) drive the clipped
+sequence-ratio objective - beta*KL(pi || pi_ref) + kappa*entropy (Eq. 3).
 
-Example (offline, on the shared data; pretrains the checkpoint first if it is missing):
-    MINARI_DATASETS_PATH=$(realpath ../shared/datasets) \
-        python grpo_dt.py --env-id Hopper-v4 --dataset local/hopper/medium-v0
+Example (pretrains the checkpoint first if it is missing):
+    MINARI_DATASETS_PATH=$(realpath ../shared/datasets) python grpo_dt.py --env-id Hopper-v4 --dataset local/hopper/medium-v0
 """
 
 import copy
@@ -64,9 +61,8 @@ class Args:
     env_id: str = "Hopper-v4"
     """gymnasium id: Hopper/Walker2d/Ant/HalfCheetah-v4/v5, AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4/v5"""
     dataset: str = "medium"
-    """pretraining dataset (a paper short name or a Minari id); also picks the Table 6 row: medium(-replay),
-    random, human, cloned, umaze, umaze-diverse. Other names and local/... ids whose last part is not one of
-    those use the family's medium (MuJoCo), human (Adroit) or umaze (AntMaze) row"""
+    """pretraining dataset (paper short name or Minari id); its last part picks the Table 6 row: medium(-replay), random,
+    human, cloned, umaze, umaze-diverse, else the family's medium (MuJoCo), human (Adroit) or umaze (AntMaze) row"""
     dataset_path: Optional[str] = None
     """a D4RL-format HDF5 file, passed to pretrain_dt.py when the checkpoint has to be made"""
     checkpoint: Optional[str] = None
@@ -182,11 +178,6 @@ def env_family(env_id: str) -> tuple[str, str]:
     raise UserError(f"unknown --env-id {env_id!r}; supported: {SUPPORTED}")
 
 
-def flatten_antmaze_obs(obs: dict) -> np.ndarray:
-    """AntMaze state vector: `observation` (27) then `desired_goal` (2); `achieved_goal` is left out."""
-    return np.concatenate([obs["observation"], obs["desired_goal"]], axis=-1)
-
-
 def make_env(env_id: str, **kwargs) -> gym.Env:
     family, _ = env_family(env_id)
     if family != "mujoco":
@@ -198,13 +189,9 @@ def make_env(env_id: str, **kwargs) -> gym.Env:
         inner = env.observation_space
         dim = inner["observation"].shape[0] + inner["desired_goal"].shape[0]
         space = gym.spaces.Box(-np.inf, np.inf, (dim,), np.float64)
-        env = gym.wrappers.TransformObservation(env, flatten_antmaze_obs, space)
+        flat = lambda obs: np.concatenate([obs["observation"], obs["desired_goal"]], axis=-1)  # noqa: E731 (no achieved_goal)
+        env = gym.wrappers.TransformObservation(env, flat, space)
     return env
-
-
-def default_checkpoint_path(env_id: str, dataset: str, seed: int) -> Path:
-    """The path every finetuning script looks at first: checkpoints/{env_id}__{dataset with / -> -}__s{seed}.pt"""
-    return Path("checkpoints") / f"{env_id}__{dataset.replace('/', '-')}__s{seed}.pt"
 
 
 # Table 6: n_batch, c_online, g_online, L_traj, L_eval, gamma, eps, Delta_r, lr, kappa_initial.
@@ -271,14 +258,12 @@ def episode_params(env, family: str) -> dict:
 
 
 def reset_to_state(env, family: str, params: dict, prev_state, state, elapsed: int):
-    """Put `env` exactly where a recorded trajectory was before step h.
+    """Put `env` exactly where a recorded trajectory was before step h: episode params, MjData, TimeLimit counter.
 
-    Restores the episode parameters through the env's API (Adroit `set_env_state`, AntMaze goal + target
-    site), then MjData and the TimeLimit counter. qpos/qvel are not enough: after `mj_step` derived fields
-    (xpos, contacts) describe the state before the last integration and Ant's reward reads them. So we set
-    the integration state of step h-1 and re-run its frame-skip physics with step h's ctrl, which rebuilds
-    every MjData field bit for bit from a 58-352 double vector (a full MjData copy per step would need a
-    ~10 MB arena each). At h = 0 (`prev_state` None) the env had just been reset: set state + mj_forward.
+    qpos/qvel are not enough: after `mj_step` derived fields (xpos, contacts) describe the state before the last
+    integration and Ant's reward reads them. So we set step h-1's integration state and re-run its frame-skip
+    physics with step h's ctrl: every MjData field comes back bit for bit from a 58-352 double vector (a full
+    MjData copy per step would be a ~10 MB arena). At h = 0 (`prev_state` None) the env was just reset.
     """
     u, sim = env.unwrapped, sim_of(env)
     if family == "adroit":
@@ -287,11 +272,10 @@ def reset_to_state(env, family: str, params: dict, prev_state, state, elapsed: i
         u.goal = params["goal"].copy()
         u.update_target_site_pos()
     m, d = sim.model, sim.data
+    mujoco.mj_setState(m, d, state, STATE_SPEC)
     if prev_state is None:
-        mujoco.mj_setState(m, d, state, STATE_SPEC)
         mujoco.mj_forward(m, d)
     else:
-        mujoco.mj_setState(m, d, state, STATE_SPEC)
         ctrl = d.ctrl.copy()
         mujoco.mj_setState(m, d, prev_state, STATE_SPEC)
         sim.do_simulation(ctrl, sim.frame_skip)
@@ -299,8 +283,7 @@ def reset_to_state(env, family: str, params: dict, prev_state, state, elapsed: i
 
 
 class Envs:
-    """A batch of envs advanced in lockstep in this process. Every method takes member indices and returns a
-    tuple of per-member arrays, so `EnvPool` can run slices of it in worker processes unchanged."""
+    """Envs in this process; methods take member indices, return tuples of per-member arrays (as `EnvPool`'s)."""
 
     def __init__(self, env_id: str, n: int, max_episode_steps: Optional[int] = None, video_dir: Optional[str] = None):
         self.family = env_family(env_id)[0]
@@ -347,9 +330,8 @@ def env_worker(conn, env_id, n, kwargs):
 
 
 class EnvPool:
-    """`Envs` split into contiguous slices over worker processes; one pipe round trip per call and worker.
-    (gymnasium's AsyncVectorEnv steps every env each call and autoresets, so it cannot mask finished members or
-    restore a different state per env without a round trip per env.)"""
+    """`Envs` split into contiguous slices over worker processes; one pipe round trip per call and worker. (Not
+    AsyncVectorEnv: it steps every env and autoresets, so it cannot mask finished members or restore per env.)"""
 
     def __init__(self, env_id: str, n: int, workers: int, **kwargs):
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
@@ -370,14 +352,8 @@ class EnvPool:
                 conn.send((method, (idx[sel] - self.bounds[w], *(np.asarray(a)[sel] for a in args))))
                 sent.append((sel, conn))
         parts = [(sel, conn.recv()) for sel, conn in sent]
-        order = np.concatenate([sel for sel, _ in parts])
-        merged = []
-        for k in range(len(parts[0][1])):
-            cat = np.concatenate([p[k] for _, p in parts])
-            out = np.empty_like(cat)
-            out[order] = cat
-            merged.append(out)
-        return tuple(merged)
+        back = np.argsort(np.concatenate([sel for sel, _ in parts]))  # worker order -> caller order
+        return tuple(np.concatenate([p[k] for _, p in parts])[back] for k in range(len(parts[0][1])))
 
     def __getattr__(self, method):
         return lambda idx, *args: self.call(method, idx, *args)
@@ -446,11 +422,6 @@ class DecisionTransformer(nn.Module):
         return self.mean_head(h), log_std
 
 
-def squashed_gaussian(mean, log_std):
-    """tanh(N(mean, exp(log_std))) with independent action dims: log_prob sums over them."""
-    return Independent(TransformedDistribution(Normal(mean, log_std.exp()), [TanhTransform(cache_size=1)]), 1)
-
-
 def load_model(path, device="cpu"):
     """(model with dropout off, checkpoint dict) from a pretrain_dt.py or grpo_dt.py checkpoint."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -464,7 +435,7 @@ def load_model(path, device="cpu"):
 
 def ensure_checkpoint(args: Args) -> Path:
     """The pretrained checkpoint's path; runs pretrain_dt.py in a subprocess first if the file is missing."""
-    path = Path(args.checkpoint) if args.checkpoint else default_checkpoint_path(args.env_id, args.dataset, args.seed)
+    path = Path(args.checkpoint or f"checkpoints/{args.env_id}__{args.dataset.replace('/', '-')}__s{args.seed}.pt")
     if path.exists():
         return path
     cmd = [sys.executable, str(Path(__file__).resolve().parent / "pretrain_dt.py"), "--env-id", args.env_id,
@@ -495,8 +466,7 @@ class Lamb(torch.optim.Optimizer):
                 state["step"] += 1
                 state["m"].mul_(b1).add_(p.grad, alpha=1 - b1)
                 state["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                m_hat = state["m"] / (1 - b1 ** state["step"])
-                v_hat = state["v"] / (1 - b2 ** state["step"])
+                m_hat, v_hat = state["m"] / (1 - b1 ** state["step"]), state["v"] / (1 - b2 ** state["step"])
                 update = m_hat / (v_hat.sqrt() + group["eps"]) + group["weight_decay"] * p
                 w_norm, u_norm = p.norm(), update.norm()
                 trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
@@ -571,23 +541,13 @@ def grpo_loss(ratio, adv, valid, eps):
     return -surr.mean(), clipped.mean()
 
 
-def gaussian_kl(mean, log_std, ref_mean, ref_log_std, valid):
-    """KL(pi || pi_ref) per step, averaged over real steps: tanh is a bijection, so it is the base Gaussians' KL."""
-    p = Independent(Normal(mean, log_std.exp()), 1)
-    q = Independent(Normal(ref_mean, ref_log_std.exp()), 1)
-    return masked_mean(kl_divergence(p, q), valid)
-
-
-def subtraj_windows(x, c: int):
-    """(B, c-1+L, ...) tokens -> (B*L, c, ...): the c_online-token window the policy saw at each of the L steps."""
-    w = x.unfold(1, c, 1)  # (B, L, ..., c)
-    return w.movedim(-1, 2).reshape(-1, c, *x.shape[2:])
-
-
 def subtraj_policy(model, batch, c: int):
-    """mean, log_std (B, L, A) of the policy at every step of a batch of buffered sub-trajectories."""
+    """mean, log_std (B, L, A) at every step of buffered sub-trajectories, each from the c-token window it saw."""
     B = batch["adv"].shape[0]
-    mean, log_std = model(*(subtraj_windows(batch[k], c) for k in ("rtg", "states", "actions", "mask")))
+    # (B, c-1+L, ...) -> (B*L, c, ...): unfold gives (B, L, ..., c)
+    windows = (batch[k].unfold(1, c, 1).movedim(-1, 2).reshape(-1, c, *batch[k].shape[2:])
+               for k in ("rtg", "states", "actions", "mask"))
+    mean, log_std = model(*windows)
     return mean[:, -1].view(B, -1, mean.shape[-1]), log_std[:, -1].view(B, -1, mean.shape[-1])
 
 
@@ -596,11 +556,9 @@ def rollout(model, envs, idx, state0, rtg0, prefix, n_stochastic, n_deterministi
             record_sim=False, timers=None):
     """Members `idx` of `envs` in lockstep: one batched forward per step, finished members masked, not stepped.
 
-    state0 (N,S) normalised current state, rtg0 (N,) scaled current RTG, prefix = (rtg, states, actions, mask)
-    of the c_online-1 tokens before it. The first `n_stochastic` steps sample a = tanh(u), u ~ N(mean, std);
-    the rest take tanh(mean). Returns per-step arrays (N, T, ...): the tokens as used (no relabeling), u, logp,
-    mean action variance, reward, valid, and with `record_sim` the MjData state and TimeLimit counter before
-    each step."""
+    state0 (N,S) normalised, rtg0 (N,) scaled, prefix = (rtg, states, actions, mask) of the c_online-1 tokens
+    before. `n_stochastic` steps of tanh(u), u ~ N(mean, std), then tanh(mean). Returns (N, T, ...) arrays: tokens
+    as used, u, logp, action variance, reward, valid (+ MjData state, TimeLimit counter with `record_sim`)."""
     device = state0.device
     N, T = len(idx), n_stochastic + n_deterministic
     S, A = state0.shape[1], prefix[2].shape[2]
@@ -652,15 +610,13 @@ def context_at(traj, h, c, relabel=False):
 
 
 def run_episodes(model, envs, seeds, rtg, stochastic, T_max, c, norm, scale, gen, record_sim=False, timers=None):
-    """Whole episodes on members 0..n-1 from fresh resets conditioned on raw RTG `rtg`: sampled actions for the
-    exploration rollouts (Alg. 1 line 2), tanh(mean) for evaluation. Returns the rollout arrays and episode params."""
+    """Episodes on members 0..n-1 from fresh resets at raw RTG `rtg`, sampled (Alg. 1 line 2) or tanh(mean) actions."""
     n, device = len(seeds), gen.device
     idx = np.arange(n)
     obs, params = envs.reset(idx, seeds)
     s0 = norm(obs)
-    shapes = ((1,), s0.shape[1:], (model.mean_head.out_features,))
-    prefix = [torch.zeros(n, c - 1, *shape, device=device) for shape in shapes]  # nothing before the first step
-    prefix.append(torch.zeros(n, c - 1, dtype=torch.bool, device=device))
+    prefix = [torch.zeros(n, c - 1, *shape, device=device) for shape in ((1,), s0.shape[1:], (model.mean_head.out_features,))]
+    prefix.append(torch.zeros(n, c - 1, dtype=torch.bool, device=device))  # nothing before the first step
     out = rollout(model, envs, idx, s0, torch.full((n,), rtg * scale, device=device), prefix,
                   T_max if stochastic else 0, 0 if stochastic else T_max, norm, scale, gen, record_sim, timers)
     return out, params
@@ -678,22 +634,20 @@ def store_trajectories(out, params, scale):
 
 
 def collect_groups(model, envs, full_buffer, args, L, L_eval, gamma, K, norm, scale, rng, gen, timers=None):
-    """Alg. 1 lines 3-8: reset points, exact group resets, G rollouts each, Eq. 2 advantages and the Delta_r filter.
-    Returns the buffer items of the kept members, the (groups, G) rewards, the keep mask and the rollout arrays."""
+    """Alg. 1 lines 3-8 -> (kept members' buffer items, (groups, G) rewards, keep mask, rollout arrays)."""
     c, G, device = args.c_online, args.group_size, gen.device
     tr, h = sample_reset_points([len(t["reward"]) for t in full_buffer], [t["var"] for t in full_buffer], rng,
                                 args.trajs_per_iter, K, G, args.uniform_reset_sampling, not args.no_consistent_reset,
                                 start_only=args.full_trajectory)
     trajs, h = [full_buffer[b] for b in tr.ravel()], h.ravel()
-    members = np.arange(len(h))
+    members, at = np.arange(len(h)), lambda key: [t[key][j] for t, j in zip(trajs, h)]  # noqa: E731
     prev, params = np.empty(len(h), object), np.empty(len(h), object)
     prev[:] = [t["sim"][j - 1] if j > 0 else None for t, j in zip(trajs, h)]
     params[:] = [t["params"] for t in trajs]
-    envs.restore(members, params, prev, np.stack([t["sim"][j] for t, j in zip(trajs, h)]),
-                 np.array([t["elapsed"][j] for t, j in zip(trajs, h)]))
+    envs.restore(members, params, prev, np.stack(at("sim")), np.array(at("elapsed")))
     ctx = [np.stack(x) for x in zip(*(context_at(t, j, c) for t, j in zip(trajs, h)))]
-    state0 = torch.as_tensor(np.stack([t["states"][j] for t, j in zip(trajs, h)]), device=device)
-    rtg0 = torch.as_tensor(np.array([t["rtg"][j] for t, j in zip(trajs, h)]), device=device)
+    state0 = torch.as_tensor(np.stack(at("states")), device=device)
+    rtg0 = torch.as_tensor(np.array(at("rtg")), device=device)
     out = rollout(model, envs, members, state0, rtg0, [torch.as_tensor(x, device=device) for x in ctx], L, L_eval,
                   norm, scale, gen, timers=timers)
     rewards = discounted_returns(out["reward"], out["valid"], gamma).reshape(-1, G)
@@ -718,8 +672,11 @@ def grpo_objective(model, ref_model, batch, c, eps, kl_coef, kappa, ratio_mode="
     pg_loss, clipfrac = grpo_loss(ratio, batch["adv"], valid, eps)
     with torch.no_grad():
         ref_mean, ref_log_std = subtraj_policy(ref_model, batch, c)
-    kl = gaussian_kl(mean, log_std, ref_mean, ref_log_std, valid)
-    dist = squashed_gaussian(mean, log_std)  # single-sample entropy: tanh-Gaussian has no closed form
+    # tanh is a bijection, so KL(pi || pi_ref) is the base Gaussians' KL; per step, averaged over real steps
+    kl = masked_mean(kl_divergence(Independent(Normal(mean, log_std.exp()), 1),
+                                   Independent(Normal(ref_mean, ref_log_std.exp()), 1)), valid)
+    # single-sample entropy (tanh-Gaussian has no closed form); log_prob sums over the action dims
+    dist = Independent(TransformedDistribution(Normal(mean, log_std.exp()), [TanhTransform(cache_size=1)]), 1)
     entropy = masked_mean(-dist.log_prob(dist.rsample()), valid)
     stats = dict(policy_loss=pg_loss.item(), kl=kl.item(), entropy=entropy.item(), clipfrac=clipfrac.item(),
                  kappa=float(kappa), ratio_mean=ratio.mean().item(), ratio_max=ratio.max().item())
@@ -747,14 +704,6 @@ class SubtrajBuffer:
         return {k: v[i] for k, v in self.data.items()}
 
 
-def save_checkpoint(path: Path, payload: dict):
-    """Atomic write: a crash mid-save never leaves a truncated checkpoint behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- main
 def main(args: Args):
     family, key = env_family(args.env_id)
@@ -775,13 +724,13 @@ def main(args: Args):
         torch.set_num_threads(args.torch_threads)
 
     # Start: checkpoint (pretrained here if missing), dims, envs (workers fork before the model exists)
-    probe = make_env(args.env_id, **({"max_episode_steps": args.max_episode_steps} if args.max_episode_steps else {}))
+    env_kw = {"max_episode_steps": args.max_episode_steps} if args.max_episode_steps else {}
+    probe = make_env(args.env_id, **env_kw)
     S, A, T_max = probe.observation_space.shape[0], probe.action_space.shape[0], probe.spec.max_episode_steps
     L, L_eval, gamma, K = args.subtraj_len, args.eval_len, args.gamma, args.reset_points
     if args.full_trajectory:  # vanilla GRPO: whole episodes from the start state, one return per episode
         L, L_eval, gamma, K = T_max, 0, 1.0, 1
     n_members = args.trajs_per_iter * K * args.group_size
-    env_kw = dict(max_episode_steps=args.max_episode_steps)
     n_envs = max(n_members, args.full_trajs_per_iter)
     envs = EnvPool(args.env_id, n_envs, args.num_workers, **env_kw) if args.num_workers else Envs(args.env_id, n_envs, **env_kw)
     eval_envs = Envs(args.env_id, max(1, args.eval_episodes), video_dir=f"videos/{run_name}" if args.capture_video else None,
@@ -909,8 +858,9 @@ def main(args: Args):
         pbar.set_postfix(score=f"{score:.1f}", steps=env_steps)
         done = (args.total_env_steps and env_steps >= args.total_env_steps) or (
             args.max_seconds and time.time() - start >= args.max_seconds) or iteration == args.num_iterations
-        if args.save_every and (iteration % args.save_every == 0 or done):
-            save_checkpoint(save_path, {
+        if args.save_every and (iteration % args.save_every == 0 or done):  # atomic: a crash never truncates it
+            save_path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({
                 **{k: v for k, v in ckpt.items() if k != "finetune"},
                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "eval_normalized_score": score, "finetune_args": asdict(args),
@@ -919,7 +869,8 @@ def main(args: Args):
                              "log_kappa": float(log_kappa.detach()), "ref_model": ref_model.state_dict(),
                              "rng": rng.bit_generator.state, "torch_gen": gen.get_state(),
                              "full_buffer": list(full_buffer), "sub_ptr": sub_buffer.ptr, "sub_size": sub_buffer.size,
-                             "sub_buffer": {k: v.cpu() for k, v in sub_buffer.data.items()}}})
+                             "sub_buffer": {k: v.cpu() for k, v in sub_buffer.data.items()}}}, f"{save_path}.tmp")
+            os.replace(f"{save_path}.tmp", save_path)
         if done:
             break
     envs.close()
