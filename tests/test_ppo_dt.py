@@ -1,0 +1,236 @@
+"""Tests of ppo_dt.py: the algorithm pieces against slow references, rollout bookkeeping, and tiny end-to-end runs."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import check_checkpoint_loads
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import ppo_dt
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared CPU run far faster single-threaded; restored afterwards for other test files."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def scalars(runs_dir: Path) -> dict:
+    """{tag: {step: value}} of the single run under runs_dir."""
+    (run,) = [p for p in runs_dir.iterdir() if p.is_dir()]
+    acc = EventAccumulator(str(run)).Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def tiny_args(ckpt: Path, tmp_path: Path, env_id: str, dataset: str, **kw) -> ppo_dt.Args:
+    tiny = dict(runs_dir=str(tmp_path / "runs"), num_iterations=2, k_ppo=2, n_batch=8, updates_per_iteration=3,
+                eval_episodes=1, max_episode_steps=25, value_hidden=32)
+    return ppo_dt.Args(env_id=env_id, dataset=dataset, checkpoint=str(ckpt), **{**tiny, **kw})
+
+
+def small_rollout(model, ckpt, n=2, context_len=3, max_steps=12, seed=0):
+    envs = [ppo_dt.make_env("Hopper-v4", max_episode_steps=max_steps) for _ in range(n)]
+    return ppo_dt.rollout(model, envs, [seed + i for i in range(n)], 7200.0, ckpt["rtg_scale"], context_len,
+                          ckpt["state_mean"], ckpt["state_std"], deterministic=False, device="cpu")
+
+
+# ---------------------------------------------------------------- start
+def test_checkpoint_loads_with_dropout_off(hopper_checkpoint):
+    ckpt = check_checkpoint_loads(ppo_dt.load_model, hopper_checkpoint)
+    model, _ = ppo_dt.load_model(hopper_checkpoint)
+    assert ckpt["model_config"]["dropout"] > 0  # pretrained with dropout ...
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))  # ... finetuned without
+    assert all(b.dropout == 0 for b in model.blocks)
+
+
+def test_dim_mismatch_is_a_one_line_error(hopper_checkpoint, tmp_path):
+    args = tiny_args(hopper_checkpoint, tmp_path, "Walker2d-v4", "medium")
+    with pytest.raises(ppo_dt.UserError, match=r"dims \(11, 3\).*\(17, 6\)"):
+        ppo_dt.main(args)
+    with pytest.raises(ppo_dt.UserError, match="supported: MuJoCo"):
+        ppo_dt.main(tiny_args(hopper_checkpoint, tmp_path, "Hopper-v9", "medium"))
+
+
+def test_missing_checkpoint_is_pretrained_by_subprocess(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    path = tmp_path / "auto.pt"
+    args = ppo_dt.Args(env_id="Hopper-v4", dataset="local/hopper/medium-v0", checkpoint=str(path),
+                       pretrain_extra_args=f"--num-updates 2 --batch-size 4 --warmup-updates 1 --embed-dim 16 "
+                                           f"--n-layers 1 --n-heads 1 --eval-episodes 1 --runs-dir {tmp_path}")
+    assert ppo_dt.ensure_checkpoint(args) == path
+    _, ckpt = ppo_dt.load_model(path)
+    assert ckpt["num_updates"] == 2 and ckpt["model_config"]["embed_dim"] == 16
+
+
+def test_failed_pretraining_subprocess_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(ppo_dt.sys, "executable", "false")  # a pretraining process that exits 1
+    args = ppo_dt.Args(env_id="Hopper-v4", dataset="local/hopper/medium-v0", checkpoint=str(tmp_path / "x.pt"),
+                       pretrain_extra_args="--num-updates 3")
+    with pytest.raises(ppo_dt.UserError, match="pretraining failed: false .*pretrain_dt.py.*--num-updates 3"):
+        ppo_dt.ensure_checkpoint(args)
+
+
+def test_table7_presets():
+    hop = ppo_dt.table7_preset("Hopper-v4", "local/hopper/medium-v0")
+    assert hop == dict(n_batch=256, c_online=1, g_online=7200, k_ppo=8, lr_policy=5e-5, lr_value=1e-3,
+                       kappa_initial=0.02)
+    assert ppo_dt.table7_preset("Hopper-v4", "random")["kappa_initial"] == 0.04
+    assert ppo_dt.table7_preset("Walker2d-v4", "mujoco/walker2d/random-v0")["kappa_initial"] == 0.20
+    door = ppo_dt.table7_preset("AdroitHandDoor-v1", "local/door/human-v0")
+    assert (door["n_batch"], door["k_ppo"], door["lr_value"], door["kappa_initial"]) == (512, 16, 2e-4, 0.002)
+    assert ppo_dt.table7_preset("AdroitHandHammer-v1", "cloned")["c_online"] == 5
+    assert ppo_dt.table7_preset("AntMaze_UMaze-v4", "umaze-diverse")["c_online"] == 5
+
+
+# ---------------------------------------------------------------- GAE and advantages
+def gae_reference(rewards, values, last_value, terminated, gamma, lam):
+    """Eq. 4 written out as its double sum."""
+    T = len(rewards)
+    v = np.append(values, 0.0 if terminated else last_value)
+    return np.array([sum((gamma * lam) ** l * (rewards[h + l] + gamma * v[h + l + 1] - v[h + l])
+                         for l in range(T - h)) for h in range(T)])
+
+
+@pytest.mark.parametrize("terminated", [False, True])
+def test_gae_matches_slow_reference(terminated):
+    rng = np.random.default_rng(0)
+    for T in (1, 7, 60):
+        r, v, last = rng.normal(size=T), rng.normal(size=T), rng.normal()
+        got = ppo_dt.compute_gae(r, v, last, terminated, 0.99, 0.95)
+        np.testing.assert_allclose(got, gae_reference(r, v, last, terminated, 0.99, 0.95), rtol=1e-5, atol=1e-5)
+
+
+def test_gae_bootstraps_truncation_not_termination():
+    r, v, last, gamma = np.array([1.0, 2.0]), np.array([0.5, 3.0]), 10.0, 0.9
+    truncated = ppo_dt.compute_gae(r, v, last, False, gamma, 1.0)
+    terminated = ppo_dt.compute_gae(r, v, last, True, gamma, 1.0)
+    assert truncated[-1] == pytest.approx(2.0 + gamma * 10.0 - 3.0)  # bootstraps from V(s_T)
+    assert terminated[-1] == pytest.approx(2.0 - 3.0)  # V(s_T) = 0 after a true termination
+    assert truncated[0] - terminated[0] == pytest.approx(gamma * gamma * 10.0)
+
+
+def test_normalized_advantages_zero_mean_unit_std():
+    adv = ppo_dt.normalize_advantages(torch.randn(500) * 37 + 12)
+    assert abs(adv.mean().item()) < 1e-5 and adv.std().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_relabel_rtg_is_the_achieved_suffix_sum():
+    np.testing.assert_allclose(ppo_dt.relabel_rtg(np.array([1.0, 2.0, 3.0]), 0.5), [3.0, 2.5, 1.5])
+
+
+def test_policy_loss_clips_and_has_unit_ratio_when_equal():
+    logp = torch.randn(16)
+    adv = torch.randn(16)
+    loss, approx_kl, clipfrac = ppo_dt.ppo_policy_loss(logp, logp, adv, 0.2)
+    assert loss.item() == pytest.approx(-adv.mean().item(), abs=1e-6) and approx_kl == 0 and clipfrac == 0
+    new = torch.full((4,), 1.0, requires_grad=True)  # ratio e > 1.2 with positive advantage: clipped, no gradient
+    loss, _, clipfrac = ppo_dt.ppo_policy_loss(new, torch.zeros(4), torch.ones(4), 0.2)
+    loss.backward()
+    assert clipfrac == 1 and loss.item() == pytest.approx(-1.2) and new.grad.abs().sum() == 0
+
+
+def test_value_loss_falls_on_a_fixed_batch():
+    torch.manual_seed(0)
+    net = ppo_dt.ValueNet(11, 64, layer_norm=True, scale=100.0)
+    states, targets = torch.randn(64, 11), torch.randn(64) * 80 + 150
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    first = ppo_dt.value_loss(net(states), targets).item()
+    for _ in range(200):
+        loss = ppo_dt.value_loss(net(states), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 * first
+
+
+# ---------------------------------------------------------------- rollout bookkeeping
+def test_rollout_keeps_rollout_rtgs_and_ratio_is_one(hopper_checkpoint):
+    torch.manual_seed(0)
+    model, ckpt = ppo_dt.load_model(hopper_checkpoint)
+    seen = []  # the RTG token at the newest slot of every live member, as the policy saw it
+    hook = model.register_forward_hook(lambda m, inp, out: seen.append(inp[0][:, -1, 0].clone()))
+    trajs = small_rollout(model, ckpt)
+    hook.remove()
+    for j, t in enumerate(trajs):
+        assert len(t["rewards"]) <= 12 and (t["terminated"] or len(t["rewards"]) == 12)  # the cap truncates
+        fed = np.array([s[j].item() for s in seen[: len(t["rewards"])]])
+        np.testing.assert_allclose(t["rtg"], fed, rtol=0, atol=1e-6)
+        expected = 7.2 - ckpt["rtg_scale"] * np.concatenate([[0], np.cumsum(t["rewards"])[:-1]])
+        np.testing.assert_allclose(t["rtg"], expected, atol=1e-5)
+    value_net = ppo_dt.ValueNet(11, 32, False, 1.0)
+    kept = ppo_dt.flatten_buffer(trajs, value_net, 0.99, 0.95, False, ckpt["rtg_scale"], "cpu")
+    np.testing.assert_array_equal(kept["rtg"], np.concatenate([t["rtg"] for t in trajs]))
+    relabeled = ppo_dt.flatten_buffer(trajs, value_net, 0.99, 0.95, True, ckpt["rtg_scale"], "cpu")
+    suffix = np.concatenate([np.cumsum(t["rewards"][::-1])[::-1] * ckpt["rtg_scale"] for t in trajs])
+    np.testing.assert_allclose(relabeled["rtg"], suffix, rtol=1e-5)
+    assert np.abs(relabeled["rtg"] - kept["rtg"]).min() > 1.0  # g_actual is far below g_online = 7200
+
+    # Every token of sampled sub-trajectories, scored under its rollout context, reproduces the rollout log-prob.
+    b = ppo_dt.sample_batch(kept, 16, 4, 3, np.random.default_rng(0), "cpu")
+    assert b["rtg"].shape[1:] == (3, 1) and not b["mask"][:, -1].logical_not().any()
+    mean, log_std = (x[:, -1] for x in model(b["rtg"], b["states"], b["actions"], b["mask"]))
+    new_logp = ppo_dt.squashed_gaussian(mean, log_std).log_prob(b["act"])
+    torch.testing.assert_close(new_logp, b["old_logp"], rtol=1e-4, atol=1e-4)
+    _, approx_kl, clipfrac = ppo_dt.ppo_policy_loss(new_logp, b["old_logp"], b["adv"], 0.2)
+    assert approx_kl.abs() < 1e-6 and clipfrac == 0
+    # The same batch under relabeled RTG tokens no longer matches the rollout log-probs: the paper's failure.
+    rb = ppo_dt.sample_batch(relabeled, 16, 4, 3, np.random.default_rng(0), "cpu")
+    mean, log_std = (x[:, -1] for x in model(rb["rtg"], rb["states"], rb["actions"], rb["mask"]))
+    assert not torch.allclose(ppo_dt.squashed_gaussian(mean, log_std).log_prob(rb["act"]), rb["old_logp"], atol=1e-3)
+
+
+def test_rollouts_reproduce_with_the_seed(hopper_checkpoint):
+    model, ckpt = ppo_dt.load_model(hopper_checkpoint)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        runs.append(small_rollout(model, ckpt, seed=5))
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a["actions"], b["actions"])
+        np.testing.assert_array_equal(a["rewards"], b["rewards"])
+
+
+# ---------------------------------------------------------------- end to end
+def test_end_to_end_hopper_with_save_and_resume(hopper_checkpoint, tmp_path):
+    save = tmp_path / "ft.pt"
+    args = tiny_args(hopper_checkpoint, tmp_path, "Hopper-v4", "local/hopper/medium-v0", save_every=1,
+                     save_path=str(save))
+    score = ppo_dt.main(args)
+    s = scalars(tmp_path / "runs")
+    assert sorted(s["charts/normalized_score"]) == [0, 1, 2] and s["charts/normalized_score"][2] == pytest.approx(score)
+    for tag in ("policy_loss", "value_loss", "explained_variance", "approx_kl", "clipfrac", "entropy", "kappa",
+                "kl_ref"):
+        assert sorted(s[f"losses/{tag}"]) == [1, 2] and np.isfinite(list(s[f"losses/{tag}"].values())).all()
+    assert s["charts/grad_updates"] == {1: 3, 2: 6}
+    assert 0 < s["charts/env_steps"][1] <= 50 and s["charts/env_steps"][2] > s["charts/env_steps"][1]
+    assert s["losses/kappa"][1] != pytest.approx(0.02, abs=1e-9)  # the dual variable moves
+    ckpt = torch.load(save, weights_only=False)
+    assert ckpt["finetune"]["iteration"] == 2 and len(ckpt["finetune"]["buffer"]) == 4  # 2 x K_PPO, buffer 4 x K_PPO
+    ppo_dt.load_model(save)  # the finetuned checkpoint keeps the pretrained format
+
+    resumed = tiny_args(hopper_checkpoint, tmp_path, "Hopper-v4", "local/hopper/medium-v0", num_iterations=3,
+                        resume=str(save), save_every=1, save_path=str(save), runs_dir=str(tmp_path / "runs2"))
+    ppo_dt.main(resumed)
+    ckpt = torch.load(save, weights_only=False)
+    assert ckpt["finetune"]["iteration"] == 3 and ckpt["finetune"]["grad_updates"] == 9
+    assert len(ckpt["finetune"]["buffer"]) == 6
+
+
+def test_end_to_end_door_with_relabel(door_checkpoint, tmp_path):
+    args = tiny_args(door_checkpoint, tmp_path, "AdroitHandDoor-v1", "local/door/human-v0", relabel=True)
+    ppo_dt.main(args)
+    s = scalars(tmp_path / "runs")
+    assert sorted(s["charts/normalized_score"]) == [0, 1, 2]
+    assert s["charts/env_steps"] == {1: 50, 2: 100}  # Door never terminates early: 2 x 25 steps
+    assert np.isfinite(list(s["losses/value_loss"].values())).all()
+
+
+def test_zero_iterations_only_evaluates(hopper_checkpoint, tmp_path):
+    ppo_dt.main(tiny_args(hopper_checkpoint, tmp_path, "Hopper-v4", "local/hopper/medium-v0", num_iterations=0))
+    s = scalars(tmp_path / "runs")
+    assert s["charts/normalized_score"].keys() == {0} and "losses/policy_loss" not in s
