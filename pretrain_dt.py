@@ -359,8 +359,13 @@ class DecisionTransformer(nn.Module):
 
 
 def squashed_gaussian(mean, log_std):
-    """tanh(N(mean, exp(log_std))) with independent action dims: log_prob sums over them."""
-    return Independent(TransformedDistribution(Normal(mean, log_std.exp()), [TanhTransform(cache_size=1)]), 1)
+    """tanh(N(mean, exp(log_std))) with independent action dims: log_prob sums over them.
+
+    No argument validation: it costs time every step, and a NaN must reach the loss's finiteness check.
+    """
+    base = Normal(mean, log_std.exp(), validate_args=False)
+    return Independent(TransformedDistribution(base, [TanhTransform(cache_size=1)], validate_args=False), 1,
+                       validate_args=False)
 
 
 # ---------------------------------------------------------------- algorithm pieces
