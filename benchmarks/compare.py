@@ -1,0 +1,493 @@
+"""Side-by-side comparison: every method on the same env, data and seeds, from ONE shared pretrained checkpoint.
+
+Each run is a separate subprocess of a finetuning script (they share nothing but the checkpoint); its TensorBoard
+log is read back with tensorboard's `EventAccumulator`. Writes `results/<name>/summary.md` (final normalized score
+mean ± std over seeds, env steps, gradient updates, wall time; a failed run is shown as FAILED, never dropped and
+never as zero) and `results/<name>/curves.png` (normalized score vs iteration and vs env steps, seed bands).
+TensorBoard logs and per-run stdout/stderr go to `results/<name>/raw/`, the shared checkpoint (made once per task
+and pretraining flags, reused by every preset) to `checkpoints/compare/`; both are git-ignored.
+
+Presets (CPU scale on local/hopper/medium-v0, plus local/door/human-v0 where the paper shows Door):
+    table1-cpu      all methods on the same budget (Table 1)            hopper, door
+    fig1-relabel    GRPO-DT with and without --relabel (Fig. 1)         hopper, door
+    fig2-ablations  the five GRPO-DT design ablations (Fig. 2a-e)       hopper
+    fig4-lengths    L_traj sweep (--subtraj-len), L_eval sweep (--eval-len) (Fig. 4c, 4d)  hopper
+    fig4b-qguided   reset-based vs Q-guided GRPO-DT (Fig. 4b)           hopper
+
+Examples:
+    python benchmarks/compare.py --preset table1-cpu --seeds 1 --budget-env-steps 5000
+    python benchmarks/compare.py --preset table1-cpu --seeds 2 --budget-seconds 300 --tasks hopper
+    python benchmarks/compare.py --preset fig1-relabel --methods grpo-dt grpo-dt-relabel --dry-run
+    python benchmarks/compare.py --preset table1-cpu --scale paper --seeds 3 --tasks hopper   # GPU machine
+"""
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Args:
+    preset: str = "table1-cpu"
+    """experiment preset: table1-cpu, fig1-relabel, fig2-ablations, fig4-lengths, fig4b-qguided"""
+    scale: Literal["cpu", "paper"] = "cpu"
+    """cpu: small model and per-script size overrides; paper: the scripts' own (paper) sizes, for a GPU machine"""
+    name: Optional[str] = None
+    """results go to `{results_dir}/{name}`; default `{preset}` (`{preset}-paper` at paper scale)"""
+    results_dir: str = "results"
+    """root of the results folders"""
+    seeds: int = 2
+    """seeds 1..N for every method"""
+    methods: Optional[tuple[str, ...]] = None
+    """only these method keys (see --dry-run for a preset's keys), e.g. `--methods dt grpo-dt`"""
+    tasks: Optional[tuple[str, ...]] = None
+    """only these of the preset's tasks: hopper, door"""
+    env_id: Optional[str] = None
+    """run on this env instead of the preset's tasks (with --dataset)"""
+    dataset: Optional[str] = None
+    """dataset for --env-id (a Minari id such as local/hopper/medium-v0)"""
+    budget_env_steps: int = 0
+    """per-run budget in training env steps, passed as --total-env-steps (0 = none)"""
+    budget_seconds: float = 0.0
+    """per-run wall-clock budget, passed as --max-seconds (0 = none)"""
+    num_iterations: Optional[int] = None
+    """iteration cap per run; default 100000 when a budget is set (the budget stops the run), else the script's own"""
+    eval_episodes: Optional[int] = None
+    """evaluation episodes per evaluation; default 5 at cpu scale, the script's own at paper scale"""
+    checkpoint: Optional[str] = None
+    """use this pretrained checkpoint (one task only) instead of running pretrain_dt.py"""
+    checkpoints_dir: str = "checkpoints/compare"
+    """where pretrain_dt.py writes the shared checkpoints; reused by any preset with the same pretraining flags"""
+    threads: Optional[int] = None
+    """OMP/MKL/torch threads per run; default 1 at cpu scale (oversubscribed cores are far slower), else unset"""
+    run_timeout: float = 0.0
+    """kill a run after this many seconds and report it FAILED (0 = never)"""
+    scripts_dir: str = str(ROOT)
+    """folder holding pretrain_dt.py and the finetuning scripts"""
+    dry_run: bool = False
+    """print the commands and exit"""
+    summarize_only: bool = False
+    """run nothing: rebuild summary.md and curves.png from the runs already recorded under `{name}/raw/`"""
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, never as a traceback."""
+
+
+# ---------------------------------------------------------------- methods, tasks and presets
+@dataclass(frozen=True)
+class Method:
+    key: str  # for --methods and file names
+    label: str  # in the table and the legend
+    script: str
+    args: tuple = ()
+    reference: bool = False  # evaluates the checkpoint only (no finetuning, no budget)
+
+
+TASKS = {"hopper": ("Hopper-v4", "local/hopper/medium-v0"), "door": ("AdroitHandDoor-v1", "local/door/human-v0")}
+DT = Method("dt", "pretrained DT (no finetuning)", "grpo_dt.py", ("--num-iterations", "0"), reference=True)
+GRPO = Method("grpo-dt", "GRPO-DT", "grpo_dt.py")
+TABLE1 = [DT, Method("odt", "ODT", "odt_td3.py", ("--algo", "odt")), Method("odt-td3", "ODT+TD3", "odt_td3.py"),
+          Method("ppo-dt", "PPO-DT", "ppo_dt.py"), GRPO, Method("qguided", "Q-guided GRPO-DT", "grpo_dt_qguided.py")]
+ABLATIONS = ("full-trajectory", "no-consistent-reset", "token-level-ratio", "uniform-reset-sampling",
+             "geometric-mean-ratio")  # Fig. 2a-e, each against GRPO-DT with all its components
+# (default L_traj, L_eval; other L_traj; other L_eval) per scale: the paper's Hopper row is 15, 400 (Table 6).
+LENGTHS = {"cpu": (15, 100, (5, 30), (25, 200)), "paper": (15, 400, (5, 50), (50, 200))}
+
+# Sizes for --scale cpu. The finetuning scripts' overrides were set from each script's --help.
+CPU_PRETRAIN = ("--embed-dim", "64", "--n-layers", "2", "--n-heads", "2", "--num-updates", "1500", "--batch-size", "64",
+                "--warmup-updates", "150", "--learning-rate", "1e-3", "--eval-episodes", "5")
+CPU_OVERRIDES: dict[str, tuple] = {
+    # 4 trajectories x 2 reset points x groups of 4 = 32 sub-trajectories of 15 + 100 steps per iteration (paper: 512)
+    "grpo_dt.py": ("--trajs-per-iter", "4", "--reset-points", "2", "--group-size", "4", "--eval-len", "100",
+                   "--n-batch", "32", "--updates-per-iter", "4", "--subtraj-buffer-size", "256"),
+    "grpo_dt_qguided.py": ("--trajs-per-iter", "4", "--reset-points", "4", "--n-batch", "32", "--updates-per-iter", "4",
+                           "--sample-buffer-size", "512", "--critic-updates", "50", "--critic-warmup-updates", "500",
+                           "--critic-batch-size", "128"),
+    "ppo_dt.py": ("--k-ppo", "2", "--n-batch", "32", "--updates-per-iteration", "4"),
+    "odt_td3.py": ("--actor-updates", "20", "--critic-updates", "40", "--critic-pretrain-updates", "500",
+                   "--batch-size", "32", "--warmup-updates", "100"),
+}
+
+
+# The paper's Table 1 (normalized score, 3 seeds, paper-scale models and budgets), shown beside table1-cpu results.
+PAPER_TABLE1 = {"hopper": {"dt": "46.46", "odt": "98.02 ± 0.63", "odt-td3": "101.47 ± 2.29",
+                           "ppo-dt": "105.65 ± 5.43", "grpo-dt": "108.81 ± 0.85"},
+                "door": {"dt": "3.28", "odt": "8.76 ± 3.87", "odt-td3": "79.73 ± 4.37", "ppo-dt": "94.12 ± 3.99",
+                         "grpo-dt": "89.33 ± 10.12"}}
+
+
+def grpo(key: str, label: str, *flags) -> Method:
+    return Method(key, label, "grpo_dt.py", tuple(flags))
+
+
+def preset_runs(preset: str, scale: str) -> tuple[list[str], list[Method]]:
+    """(task names, methods) of a preset; a one-line error naming the valid presets otherwise."""
+    if preset == "table1-cpu":
+        return ["hopper", "door"], TABLE1
+    if preset == "fig1-relabel":
+        return ["hopper", "door"], [DT, GRPO, grpo("grpo-dt-relabel", "GRPO-DT --relabel", "--relabel")]
+    if preset == "fig2-ablations":
+        return ["hopper"], [DT, GRPO] + [grpo(f, f"GRPO-DT --{f}", f"--{f}") for f in ABLATIONS]
+    if preset == "fig4-lengths":
+        lt, le, trajs, evals = LENGTHS[scale]
+        return ["hopper"], [DT, Method("grpo-dt", f"GRPO-DT (L_traj={lt}, L_eval={le})", "grpo_dt.py")] + \
+            [grpo(f"ltraj-{n}", f"L_traj={n}, L_eval={le}", "--subtraj-len", str(n)) for n in trajs] + \
+            [grpo(f"leval-{n}", f"L_traj={lt}, L_eval={n}", "--eval-len", str(n)) for n in evals]
+    if preset == "fig4b-qguided":
+        return ["hopper"], [DT, GRPO, TABLE1[-1]]
+    raise UserError(f"unknown --preset {preset!r}; valid: table1-cpu, fig1-relabel, fig2-ablations, fig4-lengths, "
+                    "fig4b-qguided")
+
+
+def finetune_command(args: Args, m: Method, env_id: str, dataset: str, ckpt: Path, seed: int, runs_dir: Path) -> list:
+    cmd = [sys.executable, str(Path(args.scripts_dir) / m.script), "--env-id", env_id, "--dataset", dataset,
+           "--checkpoint", str(ckpt), "--seed", str(seed), "--exp-name", m.key, "--runs-dir", str(runs_dir)]
+    if args.scale == "cpu":
+        cmd += list(CPU_OVERRIDES.get(m.script, ()))
+    eval_episodes = args.eval_episodes if args.eval_episodes is not None else (5 if args.scale == "cpu" else None)
+    if eval_episodes is not None:
+        cmd += ["--eval-episodes", str(eval_episodes)]
+    if not m.reference:
+        budget = args.budget_env_steps > 0 or args.budget_seconds > 0
+        iters = args.num_iterations if args.num_iterations is not None else (100_000 if budget else None)
+        if iters is not None:
+            cmd += ["--num-iterations", str(iters)]
+        if args.budget_env_steps > 0:
+            cmd += ["--total-env-steps", str(args.budget_env_steps)]
+        if args.budget_seconds > 0:
+            cmd += ["--max-seconds", str(args.budget_seconds)]
+    return cmd + list(m.args)  # the method's own flags last, so they win over the size overrides
+
+
+# ---------------------------------------------------------------- reading and summarising logs
+def read_scalars(log_dir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """All scalars under a TensorBoard run folder: tag -> (steps, values), read by tensorboard's EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    files = sorted(Path(log_dir).rglob("events.out.tfevents.*"))
+    if not files:
+        return {}
+    acc = EventAccumulator(str(files[0].parent), size_guidance={SCALARS: 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["scalars"]:
+        events = acc.Scalars(tag)
+        out[tag] = (np.array([e.step for e in events]), np.array([e.value for e in events], dtype=float))
+    return out
+
+
+@dataclass
+class Run:
+    """One (task, method, seed) subprocess and what it logged."""
+    task: str
+    method: Method
+    seed: int
+    cmd: list = field(default_factory=list)
+    returncode: Optional[int] = None
+    wall_time: float = float("nan")
+    error: str = ""  # why it failed: "exit 1: <last stderr line>"
+    script_sha: str = ""  # sha1 of the script file when the run started (scripts can change between runs)
+    scalars: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and "charts/normalized_score" in self.scalars
+
+    def last(self, tag: str) -> float:
+        if tag not in self.scalars:  # the checkpoint-only evaluation takes no training steps or updates
+            return 0.0 if self.method.reference and tag in ("charts/env_steps", "charts/grad_updates") else float("nan")
+        return float(self.scalars[tag][1][-1])
+
+
+def show(cmd: list) -> str:
+    """A command as a shell line, with `python` and a relative script path (the runs use sys.executable)."""
+    return shlex.join(["python", os.path.relpath(cmd[1]), *cmd[2:]])
+
+
+def last_line(text: str) -> str:
+    """The most telling stderr line: the last one naming an error (tyro's boxes stripped), else the last one."""
+    lines = [ln.strip(" │╭╮╰╯─") for ln in re.split(r"[\r\n]+", text)]
+    lines = [ln for ln in lines if re.search(r"\w", ln)]
+    errors = [ln for ln in lines if re.search(r"(?i)error|exception|unrecognized|invalid|killed", ln)]
+    return (errors or lines or ["(no stderr)"])[-1][:200]
+
+
+def summarize(runs: list[Run]) -> dict:
+    """Per method: final normalized score mean/std over the seeds that finished (np.std, ddof=0) and the failures."""
+    ok, done = [r for r in runs if r.ok], [r for r in runs if r.returncode is not None]
+    mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
+    scores = [r.last("charts/normalized_score") for r in ok]
+    return dict(n=len(runs), n_ok=len(ok), pending=len(runs) - len(done), mean=mean(scores),
+                std=float(np.std(scores)) if ok else None,
+                start=mean([r.scalars["charts/normalized_score"][1][0] for r in ok]),
+                env_steps=mean([r.last("charts/env_steps") for r in ok]),
+                grad_updates=mean([r.last("charts/grad_updates") for r in ok]),
+                wall_time=mean([r.wall_time for r in done]),
+                fails=[f"seed {r.seed}: {r.error or 'no charts/normalized_score logged'}" for r in done if not r.ok])
+
+
+def fmt(x, digits=0) -> str:
+    return "—" if x is None or not np.isfinite(x) else f"{x:,.{digits}f}"
+
+
+def format_summary(title: str, header: list[str], sections: dict[str, dict[str, list[Run]]], paper: dict = None) -> str:
+    """Markdown: a table per task (one row per method, in preset order), then every run's command and status.
+
+    `paper` (task -> method key -> text) adds a last column with the paper's own numbers."""
+    out = [f"# {title}", "", *header, ""]
+    for task, by_method in sections.items():
+        extra = " Paper (Table 1, paper scale) |" if paper else ""
+        out += [f"## {task}", "", "| Method | Final normalized score | Iteration-0 score | Seeds OK | Env steps "
+                "| Grad updates | Wall time (s) | Status |" + extra, "|---" * (9 if paper else 8) + "|"]
+        for runs in by_method.values():
+            s = summarize(runs)
+            score = f"{s['mean']:.2f} ± {s['std']:.2f}" if s["n_ok"] else "FAILED" if s["fails"] else "pending"
+            status = "ok" if not s["fails"] else ("FAILED: " if s["n_ok"] == 0 else "partly FAILED: ") + "; ".join(
+                s["fails"]).replace("|", "/")
+            status += f" ({s['pending']} pending)" if s["pending"] else ""
+            out.append(f"| {runs[0].method.label} | {score} | {fmt(s['start'], 2)} | {s['n_ok']}/{s['n']} | "
+                       f"{fmt(s['env_steps'])} | {fmt(s['grad_updates'])} | {fmt(s['wall_time'], 1)} | {status} |" +
+                       (f" {paper.get(task, {}).get(runs[0].method.key, '—')} |" if paper else ""))
+        out += ["", "<details><summary>runs</summary>", "", "| Method | Seed | Exit | Score | Env steps | Updates "
+                "| Wall (s) | Command |", "|---|---|---|---|---|---|---|---|"]
+        for runs in by_method.values():
+            for r in runs:
+                score = f"{r.last('charts/normalized_score'):.2f}" if r.ok else "FAILED" if r.returncode is not None \
+                    else "pending"
+                out.append(f"| {r.method.label} | {r.seed} | {r.returncode} | {score} | "
+                           f"{fmt(r.last('charts/env_steps'))} | {fmt(r.last('charts/grad_updates'))} | "
+                           f"{fmt(r.wall_time, 1)} | `{show(r.cmd)}` |")
+        out += ["", "</details>", ""]
+    return "\n".join(out)
+
+
+def seed_band(curves: list[tuple[np.ndarray, np.ndarray]], grid: np.ndarray):
+    """Mean and std over seeds on a common x grid, NaN wherever a seed has no data (each seed is interpolated only
+    within its own x range), so the mean never jumps where a shorter seed stops."""
+    ys = np.full((len(curves), len(grid)), np.nan)
+    for i, (x, y) in enumerate(curves):
+        inside = (grid >= x[0]) & (grid <= x[-1])
+        ys[i, inside] = np.interp(grid[inside], x, y)
+    return ys.mean(0), ys.std(0)
+
+
+def score_curves(run: Run) -> tuple[tuple, tuple]:
+    """(iteration, score) and (env steps, score); env steps at each evaluated iteration, interpolated by iteration."""
+    it, score = run.scalars["charts/normalized_score"]
+    steps_it, steps = run.scalars.get("charts/env_steps", (np.zeros(1), np.zeros(1)))
+    if steps_it[0] > 0:  # iteration 0 (the checkpoint) has taken no env steps, logged or not
+        steps_it, steps = np.concatenate([[0], steps_it]), np.concatenate([[0.0], steps])
+    env = np.interp(it, steps_it, steps)
+    order = np.argsort(env, kind="stable")
+    return (it, score), (env[order], score[order])
+
+
+def plot_curves(sections: dict[str, dict[str, list[Run]]], path: Path, title: str):
+    """One row per task: normalized score vs iteration and vs env steps; a line per method, mean ± std band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(sections), 2, figsize=(13, 4.2 * len(sections)), squeeze=False)
+    for row, (task, by_method) in zip(axes, sections.items()):
+        for color, runs in zip(plt.cm.tab10.colors * 3, by_method.values()):
+            ok, m = [r for r in runs if r.ok], runs[0].method
+            failed = sum(r.returncode is not None and not r.ok for r in runs)
+            label = m.label + (f" ({failed}/{len(runs)} FAILED)" if failed else "")
+            if not ok:
+                row[0].plot([], [], color=color, ls=":", label=label)
+                continue
+            for ax, j in zip(row, (0, 1)):
+                curves = [score_curves(r)[j] for r in ok]
+                if m.reference:  # a horizontal reference: the checkpoint's score, mean ± std over seeds
+                    y = np.array([c[1][-1] for c in curves])
+                    ax.axhline(y.mean(), color=color, ls="--", label=label if j == 0 else None)
+                    ax.axhspan(y.mean() - y.std(), y.mean() + y.std(), color=color, alpha=0.12)
+                    continue
+                grid = np.unique(np.concatenate([c[0] for c in curves]))
+                mean, std = seed_band(curves, grid)
+                ax.plot(grid, mean, color=color, label=label if j == 0 else None,
+                        marker="." if len(grid) < 30 else None)
+                ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.2)
+                for x, y in curves:  # each seed, thin: shows where the seeds run past the shortest one
+                    ax.plot(x, y, color=color, lw=0.7, alpha=0.45)
+        ends = [r.last("charts/env_steps") for runs in by_method.values() for r in runs if r.ok]
+        ends = [e for e in ends if e > 0]
+        if ends and max(ends) > 20 * min(ends):  # methods differ by orders of magnitude in env steps per budget
+            row[1].set_xscale("symlog", linthresh=10 ** np.floor(np.log10(min(ends))))
+        for ax, xlabel in zip(row, ("iteration", "env steps")):
+            ax.set(xlabel=xlabel, ylabel="normalized score", title=f"{task}: score vs {xlabel}")
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=8)
+    fig.suptitle(f"{title}  (thick: mean over seeds where all have data; band: ± std; thin: each seed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- running
+def run_process(cmd: list, log_prefix: Path, timeout: float, env: dict) -> tuple[int, float, str]:
+    """Run one subprocess, stdout/stderr to `{log_prefix}.out/.err`; (exit code, wall seconds, last stderr line)."""
+    log_prefix.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(f"{log_prefix}.out", "w") as out, open(f"{log_prefix}.err", "w") as err:
+        try:
+            code = subprocess.run(cmd, stdout=out, stderr=err, timeout=timeout or None, env=env).returncode
+        except subprocess.TimeoutExpired:
+            code = -9
+    wall = time.time() - start
+    tail = last_line(Path(f"{log_prefix}.err").read_text(errors="replace"))
+    return code, wall, (f"killed after --run-timeout {timeout:g} s" if code == -9 and timeout else tail)
+
+
+def main(args: Args) -> Path:
+    tasks, methods = preset_runs(args.preset, args.scale)
+    if args.env_id or args.dataset:
+        if not (args.env_id and args.dataset):
+            raise UserError("--env-id and --dataset go together")
+        TASKS[args.env_id] = (args.env_id, args.dataset)
+        tasks = [args.env_id]
+    if args.tasks:
+        unknown = set(args.tasks) - set(tasks)
+        if unknown:
+            raise UserError(f"unknown --tasks {sorted(unknown)} for preset {args.preset}; valid: {', '.join(tasks)}")
+        tasks = [t for t in tasks if t in args.tasks]
+    if args.methods:
+        unknown = set(args.methods) - {m.key for m in methods}
+        if unknown:
+            raise UserError(f"unknown --methods {sorted(unknown)} for preset {args.preset}; valid: "
+                            f"{', '.join(m.key for m in methods)}")
+        methods = [m for m in methods if m.key in args.methods]
+    if args.seeds < 1:
+        raise UserError("--seeds must be at least 1")
+    if args.checkpoint and len(tasks) != 1:
+        raise UserError(f"--checkpoint is for one task; pick one with --tasks ({', '.join(tasks)})")
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise UserError(f"--checkpoint {args.checkpoint} is not a file")
+    name = args.name or (args.preset if args.scale == "cpu" else f"{args.preset}-paper")
+    out_dir, scripts = Path(args.results_dir) / name, Path(args.scripts_dir)
+    raw = out_dir / "raw"
+    env = {"MINARI_DATASETS_PATH": str((ROOT / ".." / "shared" / "datasets").resolve()), **os.environ}
+    threads = args.threads if args.threads is not None else (1 if args.scale == "cpu" else None)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+
+    plan = []  # (task, checkpoint, pretrain command or None, runs)
+    for task in tasks:
+        env_id, dataset = TASKS[task]
+        flags = ["--env-id", env_id, "--dataset", dataset, "--seed", "1", "--eval-every", "0", "--save-every", "0",
+                 *(CPU_PRETRAIN if args.scale == "cpu" else ())]
+        # Shared by every preset that pretrains with the same flags: the file name carries a hash of them.
+        tag = hashlib.sha1(" ".join(flags).encode()).hexdigest()[:8]
+        ckpt = Path(args.checkpoint or
+                    f"{args.checkpoints_dir}/{env_id}__{dataset.replace('/', '-')}__{args.scale}__{tag}.pt")
+        pre = None if args.checkpoint else [sys.executable, str(scripts / "pretrain_dt.py"), *flags, "--checkpoint",
+                                            str(ckpt), "--runs-dir", str(raw / "runs" / task / "pretrain")]
+        runs = [Run(task, m, seed) for m in methods for seed in range(1, args.seeds + 1)]
+        for r in runs:
+            r.cmd = finetune_command(args, r.method, env_id, dataset, ckpt, r.seed,
+                                     raw / "runs" / task / r.method.key / f"s{r.seed}")
+        plan.append((task, ckpt, pre, runs))
+    if args.dry_run:
+        for task, ckpt, pre, runs in plan:
+            print(f"# {task}: {TASKS[task]}, checkpoint {ckpt}")
+            print(show(pre) if pre else f"# using --checkpoint {ckpt}")
+            for r in runs:
+                print(show(r.cmd))
+        return out_dir
+
+    budget = ", ".join(b for b in (args.budget_env_steps and f"{args.budget_env_steps} env steps",
+                                   args.budget_seconds and f"{args.budget_seconds:g} s") if b)
+    title = f"{name}: {args.preset} at {args.scale} scale"
+    argv = [a for a in sys.argv[1:] if a != "--summarize-only"]
+    header = [f"- command: `python benchmarks/compare.py {shlex.join(argv)}`" if "compare" in sys.argv[0]
+              else f"- args: `{args}`",
+              *(f"- {t}: {TASKS[t][0]} on {TASKS[t][1]}; shared checkpoint `{c}`" +
+                (f", made by `{show(p)}`" if p else "") for t, c, p, _ in plan),
+              f"- seeds: 1..{args.seeds}; budget per run: {budget or 'none (the scripts own iteration counts)'}",
+              "- score: D4RL normalized x100 at the run's last evaluation, by the script's own evaluation; the "
+              "pretrained DT row is `grpo_dt.py --num-iterations 0` (GRPO-DT's evaluation); each run's iteration-0 "
+              "score is its own script's evaluation of the same checkpoint",
+              "- ± is the std over seeds (np.std, ddof=0); env steps and updates: the last logged `charts/env_steps`, "
+              "`charts/grad_updates`, mean over the seeds that finished; wall time: process start to exit"]
+    sections = {task: {m.key: [r for r in runs if r.method is m] for m in methods} for task, _, _, runs in plan}
+    paper = PAPER_TABLE1 if args.preset == "table1-cpu" else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def write_outputs():  # after every run, so an interrupted comparison still leaves its table and curves
+        shas = {}
+        for _, _, _, runs in plan:
+            for r in runs:
+                if r.script_sha:
+                    shas.setdefault(Path(r.cmd[1]).name, set()).add(r.script_sha)
+        versions = "- script versions (sha1 of the file at each run's start): " + "; ".join(
+            f"{k} {', '.join(sorted(v))}" + (" **(changed during the comparison)**" if len(v) > 1 else "")
+            for k, v in sorted(shas.items())) if shas else "- script versions: not recorded"
+        date = f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+        (out_dir / "summary.md").write_text(format_summary(title, header + [versions, date], sections, paper))
+        plot_curves(sections, out_dir / "curves.png", title)
+
+    total, done = sum(len(p[3]) for p in plan), 0
+    for task, ckpt, pre, runs in plan:
+        if args.summarize_only:
+            pass
+        elif pre and ckpt.is_file():
+            print(f"[{task}] reusing checkpoint {ckpt} (delete it to pretrain again)", flush=True)
+        elif pre:
+            print(f"[{task}] pretraining the shared checkpoint: {show(pre)}", flush=True)
+            code, wall, tail = run_process(pre, raw / "logs" / task / "pretrain", 0, env)
+            if code != 0 or not ckpt.is_file():
+                raise UserError(f"pretraining for {task} failed (exit {code}: {tail}); see {raw / 'logs' / task}")
+            print(f"[{task}] checkpoint {ckpt} in {wall:.0f} s", flush=True)
+        for r in runs:
+            log_dir = Path(r.cmd[r.cmd.index("--runs-dir") + 1])
+            record = raw / "logs" / task / f"{r.method.key}__s{r.seed}.json"  # exit code, wall time, error, script
+            if args.summarize_only:
+                if record.is_file():
+                    r.returncode, r.wall_time, r.error, *sha = json.loads(record.read_text())
+                    r.script_sha = sha[0] if sha else ""
+                    r.scalars = read_scalars(log_dir)
+                continue
+            if log_dir.exists():  # a rerun into the same results folder starts clean
+                for f in log_dir.rglob("events.out.tfevents.*"):
+                    f.unlink()
+            script = Path(r.cmd[1])
+            r.script_sha = hashlib.sha1(script.read_bytes()).hexdigest()[:10] if script.is_file() else ""
+            r.returncode, r.wall_time, tail = run_process(r.cmd, raw / "logs" / task / f"{r.method.key}__s{r.seed}",
+                                                          args.run_timeout, env)
+            r.scalars = read_scalars(log_dir)
+            if r.returncode != 0:
+                r.error = f"exit {r.returncode}: {tail}"
+            record.write_text(json.dumps([r.returncode, r.wall_time, r.error, r.script_sha]))
+            done += 1
+            status = (f"score {r.last('charts/normalized_score'):.2f} | env steps {fmt(r.last('charts/env_steps'))} | "
+                      f"updates {fmt(r.last('charts/grad_updates'))}") if r.ok else \
+                f"FAILED ({r.error or 'no charts/normalized_score logged'})"
+            print(f"[{done}/{total}] {task} {r.method.label} seed {r.seed}: {status} | {r.wall_time:.1f} s", flush=True)
+            write_outputs()
+    write_outputs()
+    print(f"wrote {out_dir / 'summary.md'} and {out_dir / 'curves.png'}")
+    return out_dir
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,180 @@
+"""benchmarks/compare.py: the summary table and the plot from synthetic TensorBoard logs, failed runs, bad input."""
+
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import compare  # noqa: E402
+
+# method -> per-seed final scores; every curve rises linearly to its final score over 5 iterations.
+FINAL = {"ODT": [40.0, 50.0], "GRPO-DT": [60.0, 70.0], "PPO-DT": [55.0, 65.0]}
+
+
+def write_log(run_dir: Path, final: float, n_iter: int = 5, steps_per_iter: int = 1000):
+    w = SummaryWriter(str(run_dir / "Hopper-v4__x__1__123"))
+    for it in range(n_iter + 1):
+        w.add_scalar("charts/normalized_score", final * it / n_iter, it)
+        w.add_scalar("charts/env_steps", it * steps_per_iter, it)
+        w.add_scalar("charts/grad_updates", it * 10, it)
+    w.close()
+
+
+def make_runs(tmp_path: Path, failed: dict = None) -> dict:
+    failed = failed or {}
+    sections = {}
+    for label, finals in FINAL.items():
+        m = compare.Method(label.lower(), label, "x.py")
+        runs = []
+        for seed, final in enumerate(finals, 1):
+            r = compare.Run("hopper", m, seed, cmd=["python", "x.py"], returncode=0, wall_time=10.0 * seed)
+            if (label, seed) in failed:
+                r.returncode, r.error = 1, failed[label, seed]
+            else:
+                write_log(tmp_path / label / str(seed), final)
+                r.scalars = compare.read_scalars(tmp_path / label / str(seed))
+            runs.append(r)
+        sections[m.key] = runs
+    return {"hopper": sections}
+
+
+def row(md: str, label: str) -> str:
+    return next(ln for ln in md.splitlines() if ln.startswith(f"| {label} |"))
+
+
+def test_read_scalars(tmp_path):
+    write_log(tmp_path, 50.0)
+    s = compare.read_scalars(tmp_path)
+    steps, values = s["charts/normalized_score"]
+    assert list(steps) == [0, 1, 2, 3, 4, 5] and values[-1] == pytest.approx(50.0)
+    assert s["charts/env_steps"][1][-1] == 5000
+    assert compare.read_scalars(tmp_path / "nothing") == {}
+
+
+def test_summary_and_plot(tmp_path):
+    sections = make_runs(tmp_path)
+    md = compare.format_summary("t", ["- h"], sections)
+    for label, finals in FINAL.items():
+        mean, std = np.mean(finals), np.std(finals)
+        assert f"| {mean:.2f} ± {std:.2f} | 0.00 | 2/2 | 5,000 | 50 | 15.0 | ok |" in row(md, label)
+    assert "65.00 ± 5.00" in row(md, "GRPO-DT")  # the hand-computed value
+    with_paper = compare.format_summary("t", [], sections, {"hopper": {"grpo-dt": "108.81 ± 0.85"}})
+    assert row(with_paper, "GRPO-DT").endswith("| ok | 108.81 ± 0.85 |") and row(with_paper, "ODT").endswith("| — |")
+    png = tmp_path / "curves.png"
+    compare.plot_curves(sections, png, "t")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_failed_runs_are_reported_never_dropped_never_zero(tmp_path):
+    sections = make_runs(tmp_path, failed={("PPO-DT", 1): "exit 1: RuntimeError: boom", ("PPO-DT", 2): "exit 2: x",
+                                           ("ODT", 2): "exit 137: killed"})
+    md = compare.format_summary("t", [], sections)
+    ppo = row(md, "PPO-DT")
+    assert "| FAILED | — | 0/2 |" in ppo and "exit 1: RuntimeError: boom" in ppo and "exit 2: x" in ppo
+    assert "0.00" not in ppo
+    odt = row(md, "ODT")  # partly failed: the mean is over the finished seed only, and the failure is listed
+    assert "| 40.00 ± 0.00 | 0.00 | 1/2 |" in odt and "partly FAILED" in odt and "exit 137: killed" in odt
+    assert "| PPO-DT | 1 | 1 | FAILED |" in md  # the per-run table keeps it too
+    sections["hopper"]["grpo-dt"][1].returncode = None  # not run yet (the table is rewritten after every run)
+    assert "| 60.00 ± 0.00 | 0.00 | 1/2 |" in row(compare.format_summary("t", [], sections), "GRPO-DT")
+    assert "ok (1 pending)" in row(compare.format_summary("t", [], sections), "GRPO-DT")
+    compare.plot_curves(sections, tmp_path / "curves.png", "t")  # a failed method does not break the plot
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_seed_band_interpolates_within_each_seed():
+    grid = np.array([0.0, 1.0, 2.0, 3.0])
+    mean, std = compare.seed_band([(np.array([0.0, 2.0]), np.array([0.0, 2.0])),
+                                   (np.array([0.0, 3.0]), np.array([0.0, 6.0]))], grid)
+    np.testing.assert_allclose(mean, [0.0, 1.5, 3.0, np.nan])  # x=3: only one seed has data, so no mean
+    np.testing.assert_allclose(std, [0.0, 0.5, 1.0, np.nan])
+
+
+def test_score_curves_env_steps_start_at_zero():
+    r = compare.Run("hopper", compare.DT, 1, returncode=0, scalars={
+        "charts/normalized_score": (np.array([0, 1, 2]), np.array([5.0, 6.0, 7.0])),
+        "charts/env_steps": (np.array([1, 2]), np.array([100.0, 250.0]))})  # iteration 0 not logged
+    (it, score), (env, score2) = compare.score_curves(r)
+    np.testing.assert_allclose(env, [0, 100, 250])
+    np.testing.assert_allclose(score2, [5, 6, 7])
+
+
+def test_last_line_finds_the_error():
+    tyro_box = ("╭─ Unrecognized options ──╮\n│ Unrecognized options: --foo, 4 │\n"
+                "│ For full helptext, run x.py --help │\n╰────╯\n")
+    assert compare.last_line(tyro_box) == "Unrecognized options: --foo, 4"
+    assert compare.last_line("Traceback (most recent call last):\n  File x\nValueError: bad\n") == "ValueError: bad"
+    assert compare.last_line("it 1\rit 2\r") == "it 2" and compare.last_line("") == "(no stderr)"
+
+
+def test_bad_input_is_one_line_error(tmp_path):
+    with pytest.raises(compare.UserError, match="unknown --preset 'nope'; valid: table1-cpu, fig1-relabel"):
+        compare.main(compare.Args(preset="nope"))
+    with pytest.raises(compare.UserError, match="unknown --methods.*valid: dt, odt"):
+        compare.main(compare.Args(methods=("sac",), dry_run=True))
+    with pytest.raises(compare.UserError, match="one task"):
+        compare.main(compare.Args(checkpoint=str(tmp_path / "c.pt")))
+
+
+def test_presets_dry_run(capsys):
+    for preset in ("table1-cpu", "fig1-relabel", "fig2-ablations", "fig4-lengths", "fig4b-qguided"):
+        for scale in ("cpu", "paper"):
+            compare.main(compare.Args(preset=preset, scale=scale, seeds=1, budget_env_steps=1000, dry_run=True))
+    out = capsys.readouterr().out
+    assert "--relabel" in out and "--full-trajectory" in out and "--subtraj-len 5" in out and "--eval-len" in out
+    assert "grpo_dt_qguided.py" in out and "--algo odt" in out and "--total-env-steps 1000" in out
+    dt = [ln for ln in out.splitlines() if "--exp-name dt " in ln]  # the pretrained DT only evaluates: no budget
+    assert dt and all(ln.endswith("--num-iterations 0") and "--total-env-steps" not in ln for ln in dt)
+
+
+FAKE_PRETRAIN = """
+import argparse, pathlib
+p = argparse.ArgumentParser(); p.add_argument("--checkpoint"); a, _ = p.parse_known_args()
+pathlib.Path(a.checkpoint).parent.mkdir(parents=True, exist_ok=True); pathlib.Path(a.checkpoint).write_text("ckpt")
+"""
+FAKE_FINETUNE = """
+import argparse, pathlib, sys, time
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
+p = argparse.ArgumentParser()
+for f in ("--checkpoint", "--runs-dir", "--env-id", "--exp-name"): p.add_argument(f)
+for f in ("--seed", "--num-iterations", "--total-env-steps"): p.add_argument(f, type=int, default=0)
+a, _ = p.parse_known_args()
+assert pathlib.Path(a.checkpoint).read_text() == "ckpt"
+w = EventFileWriter(f"{a.runs_dir}/{a.env_id}__{a.exp_name}__{a.seed}__{int(time.time())}")
+for it in range(a.num_iterations + 1):
+    for tag, v in (("charts/normalized_score", 10 * it + a.seed), ("charts/env_steps", 100 * it),
+                   ("charts/grad_updates", 4 * it)):
+        value = Summary.Value(tag=tag, simple_value=v)
+        w.add_event(Event(wall_time=time.time(), step=it, summary=Summary(value=[value])))
+    if a.total_env_steps and 100 * it >= a.total_env_steps:
+        break
+w.close()
+"""
+FAKE_FAILING = "import sys\nsys.stderr.write('loading...\\nValueError: bad shapes\\n')\nsys.exit(3)\n"
+
+
+def test_end_to_end_with_fake_scripts(tmp_path, capsys):
+    for name, src in (("pretrain_dt.py", FAKE_PRETRAIN), ("grpo_dt.py", FAKE_FINETUNE), ("ppo_dt.py", FAKE_FAILING)):
+        (tmp_path / name).write_text(textwrap.dedent(src))
+    args = compare.Args(preset="table1-cpu", tasks=("hopper",), methods=("grpo-dt", "ppo-dt"), seeds=2,
+                        budget_env_steps=300, scripts_dir=str(tmp_path), results_dir=str(tmp_path / "results"),
+                        checkpoints_dir=str(tmp_path / "ckpt"))
+    out_dir = compare.main(args)
+    md = (out_dir / "summary.md").read_text()
+    assert "| GRPO-DT | 31.50 ± 0.50 | 1.50 | 2/2 | 300 | 12 |" in row(md, "GRPO-DT")  # stopped by the env-step budget
+    ppo = row(md, "PPO-DT")
+    assert "| FAILED | — | 0/2 |" in ppo and "exit 3: ValueError: bad shapes" in ppo
+    assert (out_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "- script versions (sha1 of the file at each run's start): grpo_dt.py " in md and "changed" not in md
+    (out_dir / "summary.md").unlink()
+    compare.main(compare.Args(**{**vars(args), "summarize_only": True}))  # rebuilt from the recorded runs alone
+    assert (out_dir / "summary.md").read_text().split("## hopper")[1] == md.split("## hopper")[1]
+    progress = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[") and "/4]" in ln]
+    assert len(progress) == 4 and "[2/4] hopper PPO-DT seed 2: FAILED (exit 3: ValueError: bad shapes)" in progress[1]
