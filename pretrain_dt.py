@@ -80,7 +80,7 @@ class Args:
     max_grad_norm: float = 0.5
     """global gradient-norm clip (Table 5)"""
     context_len: Optional[int] = None
-    """c_offline, the training context; default per family (Table 6): 20 MuJoCo, 5 Adroit, 5 AntMaze"""
+    """c_offline, the training context; default per Table 6: 20 MuJoCo, 5 Adroit, 5 AntMaze umaze, 1 umaze-diverse"""
     embed_dim: int = 512
     """transformer embedding width (Table 5)"""
     n_layers: int = 4
@@ -101,6 +101,9 @@ class Args:
     """multiplier on return-to-go tokens; default 1e-3 for MuJoCo and Adroit, 1 for AntMaze"""
     eval_rtg: Optional[float] = None
     """target return that conditions evaluation rollouts; default per env (e.g. 3600 Hopper)"""
+    eval_context_len: Optional[int] = None
+    """context of evaluation rollouts; default c_online of Table 6 (5 Hammer and umaze-diverse, else 1), the context
+    the finetuning scripts act with, so this score is their iteration-0 score"""
     eval_every: int = 1000
     """evaluate every this many updates (and at the end); 0 evaluates only at the end"""
     eval_episodes: int = 10
@@ -169,6 +172,15 @@ def make_env(env_id: str, **kwargs) -> gym.Env:
 def default_checkpoint_path(env_id: str, dataset: str, seed: int) -> Path:
     """The path every finetuning script looks at first: checkpoints/{env_id}__{dataset with / -> -}__s{seed}.pt"""
     return Path("checkpoints") / f"{env_id}__{dataset.replace('/', '-')}__s{seed}.pt"
+
+
+def default_contexts(family: str, key: str, dataset: str) -> tuple[int, int]:
+    """(c_offline, c_online) of Table 6; the rows differ only for Hammer and AntMaze umaze-diverse."""
+    if family == "antmaze":
+        return (1, 5) if "diverse" in dataset else (5, 1)
+    if family == "adroit":
+        return 5, 5 if key == "hammer" else 1
+    return 20, 1
 
 
 def remote_reachable(timeout: float = 3.0) -> bool:
@@ -497,8 +509,21 @@ def save_checkpoint(path: Path, payload: dict):
 
 
 # ---------------------------------------------------------------- main
+def check_sizes(args: Args):
+    """Every size flag must be positive, and the width must split evenly across heads."""
+    sizes = dict(num_updates=args.num_updates, batch_size=args.batch_size, embed_dim=args.embed_dim,
+                 n_layers=args.n_layers, n_heads=args.n_heads, eval_episodes=args.eval_episodes,
+                 context_len=args.context_len, eval_context_len=args.eval_context_len)
+    bad = [f"--{k.replace('_', '-')} {v}" for k, v in sizes.items() if v is not None and v < 1]
+    if bad:
+        raise UserError(f"sizes must be at least 1: {', '.join(bad)}")
+    if args.embed_dim % args.n_heads:
+        raise UserError(f"--embed-dim {args.embed_dim} is not divisible by --n-heads {args.n_heads}")
+
+
 def main(args: Args):
     family, key = env_family(args.env_id)
+    check_sizes(args)
     fix_malloc_mmap_threshold()
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     random.seed(args.seed)
@@ -521,7 +546,9 @@ def main(args: Args):
     all_obs = np.concatenate([t["observations"] for t in trajs])
     state_mean, state_std = all_obs.mean(0).astype(np.float32), all_obs.std(0).astype(np.float32) + 1e-6
     rtg_scale = args.rtg_scale if args.rtg_scale is not None else (1.0 if family == "antmaze" else 1e-3)
-    context_len = args.context_len or {"mujoco": 20, "adroit": 5, "antmaze": 5}[family]
+    c_offline, c_online = default_contexts(family, key, dataset_id)
+    context_len = args.context_len or c_offline
+    eval_context_len = args.eval_context_len or c_online
     eval_rtg = args.eval_rtg if args.eval_rtg is not None else TARGET_RETURNS[key]
     rng = np.random.default_rng(args.seed)
     sampler = SegmentSampler(trajs, context_len, state_mean, state_std, rtg_scale, rng)
@@ -540,7 +567,7 @@ def main(args: Args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / max(1, args.warmup_updates)))
     temperature_opt = torch.optim.Adam([log_temperature], lr=args.temperature_lr)
     ckpt_path = Path(args.checkpoint) if args.checkpoint else default_checkpoint_path(args.env_id, args.dataset, args.seed)
-    meta = dict(context_len=context_len, state_mean=state_mean, state_std=state_std, rtg_scale=rtg_scale,
+    meta = dict(context_len=eval_context_len, state_mean=state_mean, state_std=state_std, rtg_scale=rtg_scale,
                 eval_rtg=eval_rtg)
 
     if args.track:
@@ -566,7 +593,7 @@ def main(args: Args):
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "state_mean": torch.as_tensor(state_mean, dtype=torch.float32),
             "state_std": torch.as_tensor(state_std, dtype=torch.float32),
-            "rtg_scale": rtg_scale, "eval_rtg": float(eval_rtg),
+            "rtg_scale": rtg_scale, "eval_rtg": float(eval_rtg), "eval_context_len": eval_context_len,
             "log_temperature": float(log_temperature.detach()), "target_entropy": target_entropy,
             "num_updates": update, "eval_normalized_score": score, "pretrain_args": asdict(args),
         }

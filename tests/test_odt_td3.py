@@ -140,7 +140,8 @@ def test_buffer_seeds_best_and_replaces_worst_first():
 
 def test_iteration_zero_reproduces_checkpoint_score(hopper_checkpoint, tmp_path):
     ckpt = torch.load(hopper_checkpoint, weights_only=False)
-    hist = run(hopper_checkpoint, tmp_path, "Hopper-v4", num_iterations=0, max_episode_steps=None, eval_context_len=20)
+    hist = run(hopper_checkpoint, tmp_path, "Hopper-v4", num_iterations=0, max_episode_steps=None,
+               eval_context_len=ckpt["eval_context_len"])
     assert len(hist) == 1 and hist[0]["normalized_score"] == pytest.approx(ckpt["eval_normalized_score"], abs=1e-3)
 
 

@@ -274,10 +274,35 @@ def test_end_to_end_nll_falls_and_checkpoint_round_trips(tmp_path):
     assert ckpt["env_id"] == "Hopper-v4" and ckpt["dataset_id"] == "local/hopper/medium-v0"
     assert ckpt["model_config"]["c_offline"] == 20 and ckpt["rtg_scale"] == 1e-3
     assert ckpt["target_entropy"] == -3.0 and ckpt["num_updates"] == 300
+    # The reported score is measured at c_online = 1, the context the finetuning scripts start from.
+    assert ckpt["eval_context_len"] == 1 and ckpt["eval_normalized_score"] == score
+    meta = dict(context_len=1, state_mean=ckpt["state_mean"].numpy(), state_std=ckpt["state_std"].numpy(),
+                rtg_scale=ckpt["rtg_scale"], eval_rtg=ckpt["eval_rtg"])
+    rets = pt.evaluate(model, [pt.make_env("Hopper-v4")], meta, 1, 1 + 10_000, "cpu")
+    assert pt.normalized_score(rets, ckpt["ref_min_score"], ckpt["ref_max_score"]).mean() == pytest.approx(score)
     loaded = load(path)[0].eval()
     model.eval()
     batch = tiny_batch(S=11, A=3, T=20)
     torch.testing.assert_close(loaded(*batch)[0], model(*batch)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("env_id,dataset,contexts", [
+    ("Hopper-v4", "mujoco/hopper/medium-v0", (20, 1)), ("AdroitHandDoor-v1", "D4RL/door/human-v2", (5, 1)),
+    ("AdroitHandHammer-v1", "D4RL/hammer/cloned-v2", (5, 5)), ("AntMaze_UMaze-v4", "D4RL/antmaze/umaze-v1", (5, 1)),
+    ("AntMaze_UMaze-v4", "D4RL/antmaze/umaze-diverse-v1", (1, 5)),
+])
+def test_context_defaults_follow_table6(env_id, dataset, contexts):
+    assert pt.default_contexts(*pt.env_family(env_id), dataset) == contexts
+
+
+@pytest.mark.parametrize("flags,match", [
+    (dict(n_heads=3), "--embed-dim 32 is not divisible by --n-heads 3"),
+    (dict(batch_size=0, context_len=0), "--batch-size 0, --context-len 0"),
+    (dict(eval_context_len=-1), "--eval-context-len -1"),
+])
+def test_bad_sizes_are_one_clear_error(tmp_path, flags, match):
+    with pytest.raises(pt.UserError, match=match):
+        pt.main(tiny_args(tmp_path, **flags))
 
 
 def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path):
