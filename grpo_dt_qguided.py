@@ -18,6 +18,7 @@ Example (offline, on the shared data):
 """
 
 import copy
+import ctypes
 import os
 import random
 import shlex
@@ -569,8 +570,19 @@ def pretrained_checkpoint(args: Args) -> Path:
     return path
 
 
+def fix_malloc_mmap_threshold():
+    """Stop glibc's RSS creep on CPU: after large frees it raises its mmap threshold, and each update's
+    activations then fragment the heap (measured: 12 updates of the 4x512 DT, 5.2 GB peak; fixed, 2.9 GB)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        except OSError:  # not glibc
+            pass
+
+
 # ---------------------------------------------------------------- main
 def main(args: Args):
+    fix_malloc_mmap_threshold()
     family, key = env_family(args.env_id)
     args = resolve_defaults(args)
     if args.group_size < 2 or min(args.eval_episodes, args.full_trajs_per_iter, args.c_online) < 1:

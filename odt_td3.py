@@ -16,6 +16,7 @@ Example (offline machine, the shared data):
 """
 
 import copy
+import ctypes
 import os
 import random
 import shlex
@@ -499,8 +500,19 @@ def ensure_checkpoint(args: Args) -> Path:
     return path
 
 
+def fix_malloc_mmap_threshold():
+    """Stop glibc's RSS creep on CPU: after large frees it raises its mmap threshold, and each update's
+    activations then fragment the heap (measured: 12 updates of the 4x512 DT, 5.2 GB peak; fixed, 2.9 GB)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        except OSError:  # not glibc
+            pass
+
+
 # ---------------------------------------------------------------- main
 def main(args: Args):
+    fix_malloc_mmap_threshold()
     if args.algo not in ALGOS:
         raise UserError(f"unknown --algo {args.algo!r}; choose one of {', '.join(ALGOS)}")
     family, key = env_family(args.env_id)

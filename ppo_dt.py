@@ -13,6 +13,7 @@ Example (offline; pretrains the checkpoint first if it is missing):
 """
 
 import copy
+import ctypes
 import os
 import random
 import shlex
@@ -465,8 +466,19 @@ def sample_batch(flat, n_batch, sub_len, context_len, rng, device):
                 adv=to(flat["adv"][token]), returns=to(flat["returns"][token]), value_states=to(flat["states"][token]))
 
 
+def fix_malloc_mmap_threshold():
+    """Stop glibc's RSS creep on CPU: after large frees it raises its mmap threshold, and each update's
+    activations then fragment the heap (measured: 12 updates of the 4x512 DT, 5.2 GB peak; fixed, 2.9 GB)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        except OSError:  # not glibc
+            pass
+
+
 # ---------------------------------------------------------------- main
 def main(args: Args):
+    fix_malloc_mmap_threshold()
     t0 = time.time()  # the --max-seconds budget counts the whole run, start and evaluations included
     family, _ = env_family(args.env_id)
     preset = table7_preset(args.env_id, args.dataset)
