@@ -161,12 +161,12 @@ def test_temperature_moves_toward_target_entropy(init_temperature, entropy_above
     model = tiny_model()
     batch = tiny_batch()
     with torch.no_grad():
-        _, _, _, entropy = pt.dt_loss(model, torch.tensor(0.0), 0.0, *batch)
+        _, _, _, entropy, _ = pt.dt_loss(model, torch.tensor(0.0), 0.0, *batch)
     target = entropy.item() - 5 if entropy_above_target else entropy.item() + 5
     log_t = torch.tensor(math.log(init_temperature), requires_grad=True)
     opt = torch.optim.Adam([log_t], lr=1e-2)
     torch.manual_seed(1)
-    _, temperature_loss, _, _ = pt.dt_loss(model, log_t, target, *batch)
+    _, temperature_loss, _, _, _ = pt.dt_loss(model, log_t, target, *batch)
     opt.zero_grad()
     temperature_loss.backward()
     opt.step()
@@ -262,6 +262,8 @@ def test_end_to_end_nll_falls_and_checkpoint_round_trips(tmp_path):
     acc.Reload()
     nll = [e.value for e in acc.Scalars("losses/nll")]
     assert nll[-1] < 0.5 * nll[0]
+    mse = [e.value for e in acc.Scalars("losses/action_mse")]
+    assert mse[-1] < mse[0]
     assert math.isfinite(score) and acc.Scalars("charts/normalized_score")
 
     def load(p):
