@@ -287,3 +287,11 @@ def test_missing_checkpoint_runs_pretraining(tmp_path):
     args = tiny_args("Hopper-v4", "no-such-dataset", tmp_path / "missing.pt", tmp_path)
     with pytest.raises(grpo_dt.UserError, match="pretraining failed"):
         grpo_dt.main(args)
+
+
+def test_iteration_zero_is_the_pretrained_score(hopper_checkpoint, tmp_path):
+    """pretrain_dt.py scores at c_online, so its reported score is where finetuning starts."""
+    ckpt = torch.load(hopper_checkpoint, weights_only=False)
+    score = grpo_dt.main(tiny_args("Hopper-v4", "local/hopper/medium-v0", hopper_checkpoint, tmp_path,
+                                   num_iterations=0, max_episode_steps=None))
+    assert score == pytest.approx(ckpt["eval_normalized_score"], abs=1e-6)

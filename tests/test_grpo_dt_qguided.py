@@ -263,3 +263,10 @@ def test_missing_checkpoint_is_pretrained_in_a_subprocess(tmp_path, monkeypatch)
     assert (tmp_path / qg.default_checkpoint_path("Hopper-v4", "local/hopper/medium-v0", 1)).is_file()
     with pytest.raises(qg.UserError, match="pretraining failed"):
         qg.main(qg.Args(dataset="local/hopper/medium-v0", seed=2, pretrain_extra_args="--no-such-flag"))
+
+
+def test_iteration_zero_is_the_pretrained_score(hopper_checkpoint, tmp_path):
+    """pretrain_dt.py scores at c_online, so its reported score is where finetuning starts."""
+    ckpt = torch.load(hopper_checkpoint, weights_only=False)
+    score = qg.main(tiny_args(hopper_checkpoint, tmp_path, num_iterations=0, max_episode_steps=None))
+    assert score == pytest.approx(ckpt["eval_normalized_score"], abs=1e-6)

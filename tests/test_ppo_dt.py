@@ -234,3 +234,11 @@ def test_zero_iterations_only_evaluates(hopper_checkpoint, tmp_path):
     ppo_dt.main(tiny_args(hopper_checkpoint, tmp_path, "Hopper-v4", "local/hopper/medium-v0", num_iterations=0))
     s = scalars(tmp_path / "runs")
     assert s["charts/normalized_score"].keys() == {0} and "losses/policy_loss" not in s
+
+
+def test_iteration_zero_is_the_pretrained_score(hopper_checkpoint, tmp_path):
+    """pretrain_dt.py scores at c_online, so its reported score is where finetuning starts."""
+    ckpt = torch.load(hopper_checkpoint, weights_only=False)
+    score = ppo_dt.main(tiny_args(hopper_checkpoint, tmp_path, "Hopper-v4", "local/hopper/medium-v0",
+                                  num_iterations=0, max_episode_steps=None))
+    assert score == pytest.approx(ckpt["eval_normalized_score"], abs=1e-6)
