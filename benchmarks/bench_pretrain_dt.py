@@ -54,15 +54,16 @@ class Args:
 def start(flags: list[str], tmp: Path, name: str, env=None):
     cmd = [sys.executable, str(ROOT / "pretrain_dt.py"), "--checkpoint", str(tmp / f"{name}.pt"),
            "--runs-dir", str(tmp / name), "--save-every", "0", *flags]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    # Output goes to a file, not a pipe: a parallel run must never stall on a full pipe nobody reads yet.
+    log = open(tmp / f"{name}.log", "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def finish(proc, tmp: Path, name: str):
     """Wait for a pretrain_dt.py run; return (peak RSS MiB, scalars dict)."""
-    out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
-        sys.exit(f"{name} failed:\n{out[-2000:]}")
+        sys.exit(f"{name} failed:\n{(tmp / f'{name}.log').read_text()[-2000:]}")
     acc = EventAccumulator(str(next((tmp / name).iterdir())))
     acc.Reload()
     scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
