@@ -51,6 +51,17 @@ def test_shared_dataset_reference_scores():
     assert pt.normalized_score(mean_return, ref_min, ref_max) == pytest.approx(40.3, abs=0.05)  # the README's figure
 
 
+def test_normalized_score_is_minaris_times_100():
+    """The checkpoint carries the reference scores so D4RL files score too; for Minari sets it must agree with
+    `minari.get_normalized_score`."""
+    import minari
+
+    _, _, ref_min, ref_max = pt.load_dataset("Hopper-v4", "local/hopper/medium-v0", None, 0, 0)
+    returns = np.array([-20.0, 0.0, 1290.0, 3600.0])
+    expected = 100 * minari.get_normalized_score(minari.load_dataset("local/hopper/medium-v0"), returns)
+    np.testing.assert_allclose(pt.normalized_score(returns, ref_min, ref_max), expected, rtol=1e-12)
+
+
 def test_d4rl_hdf5_file(tmp_path):
     n = 30
     rng = np.random.default_rng(0)
