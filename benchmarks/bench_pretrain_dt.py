@@ -9,7 +9,7 @@ at the default evaluation context (c_online = 1 on Hopper, what the finetuning s
 
     MINARI_DATASETS_PATH=$(realpath ../shared/datasets) python benchmarks/bench_pretrain_dt.py
     python benchmarks/bench_pretrain_dt.py --learn-updates 0   # speed only
-    # the README's 5-minute CPU config, which does not reach the target (37.6):
+    # the README's 3-minute CPU config, which does not reach the target (37.6):
     python benchmarks/bench_pretrain_dt.py --learn-updates 3000 --learn-model="--embed-dim 128 --n-layers 2 \
         --n-heads 1 --batch-size 32 --context-len 10 --learning-rate 1e-3 --warmup-updates 150"
 """
