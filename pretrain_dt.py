@@ -446,8 +446,7 @@ def dt_loss(model, log_temperature, target_entropy, rtg, states, actions, mask):
     """ODT's loss: masked NLL of clamped dataset actions minus temperature x entropy, and the dual loss.
 
     Also returns the squared error of the evaluation action tanh(mean), a diagnostic only: the batch NLL swings
-    with how many boundary actions a batch holds (each exact ±1 adds log(2e-6) = -13 to it), this does not. Small
-    Hopper DTs scored above 40 only once it fell below about 0.045.
+    with how many boundary actions a batch holds (each exact ±1 adds log(2e-6) = -13 to it), this does not.
     """
     mean, log_std = model(rtg, states, actions, mask)
     dist = squashed_gaussian(mean, log_std)
