@@ -284,8 +284,21 @@ class DecisionTransformer(nn.Module):
 
 
 def squashed_gaussian(mean, log_std):
-    """tanh(N(mean, exp(log_std))) with independent action dims: log_prob sums over them."""
-    return Independent(TransformedDistribution(Normal(mean, log_std.exp()), [TanhTransform(cache_size=1)]), 1)
+    """tanh(N(mean, exp(log_std))) with independent action dims: log_prob sums over them.
+
+    No argument validation: it costs time every step, and a NaN must reach the loss's finiteness check.
+    """
+    base = Normal(mean, log_std.exp(), validate_args=False)
+    return Independent(TransformedDistribution(base, [TanhTransform(cache_size=1)], validate_args=False), 1,
+                       validate_args=False)
+
+
+def action_log_prob(mean, log_std, actions, margin: float):
+    """log pi(a) of given actions under the squashed Gaussian, actions clamped to +-(1 - margin) so atanh is finite.
+
+    The one definition of an action's log-prob: pretraining's NLL uses it, and so does every finetuning script that
+    scores actions it did not sample from a known pre-tanh value (with the checkpoint's `action_margin`)."""
+    return squashed_gaussian(mean, log_std).log_prob(actions.clamp(-1 + margin, 1 - margin))
 
 
 class Lamb(torch.optim.Optimizer):
@@ -346,11 +359,10 @@ def load_model(path, device="cpu"):
 EPS_ACTION = 1e-6  # actions are kept inside (-1, 1) so atanh in log_prob stays finite
 
 
-def policy_dist(model, ctx):
-    """The DT's squashed Gaussian for the last context slot, and its base (pre-tanh) Normal."""
+def policy_head(model, ctx):
+    """The DT's pre-tanh mean and log-std for the last context slot."""
     mean, log_std = model(*ctx)
-    mean, log_std = mean[:, -1], log_std[:, -1]
-    return squashed_gaussian(mean, log_std), Normal(mean, log_std.exp())
+    return mean[:, -1], log_std[:, -1]
 
 
 def group_advantages(scores, delta_r):
@@ -361,15 +373,15 @@ def group_advantages(scores, delta_r):
 
 
 @torch.no_grad()
-def q_guided_scores(model, critic, ctx, group_size, reward_scale):
+def q_guided_scores(model, critic, ctx, group_size, reward_scale, action_margin=1e-6):
     """Section 3.3.1: G actions per context from pi_theta(.|s_h, g_h), scored R(a_i) = min(Q1, Q2)(s_h, a_i).
 
     Scores are divided by the critic's reward scale so Delta_r is in raw reward units, as in grpo_dt.py.
     Returns actions (N, G, A), their log-probs under pi_theta (N, G) and the scores (N, G).
     """
-    dist, _ = policy_dist(model, ctx)
-    actions = dist.sample((group_size,)).clamp(-1 + EPS_ACTION, 1 - EPS_ACTION)  # (G, N, A)
-    log_probs = dist.log_prob(actions)
+    mean, log_std = policy_head(model, ctx)
+    actions = squashed_gaussian(mean, log_std).sample((group_size,)).clamp(-1 + EPS_ACTION, 1 - EPS_ACTION)  # (G, N, A)
+    log_probs = action_log_prob(mean, log_std, actions, action_margin)
     states = ctx[1][:, -1].expand(group_size, -1, -1)  # s_h, the newest state of each context
     scores = torch.min(*critic(states, actions)) / reward_scale
     return actions.transpose(0, 1), log_probs.T, scores.T
@@ -388,17 +400,19 @@ def kl_to_ref(base, ref_base):
     return kl_divergence(base, ref_base).sum(-1).mean()
 
 
-def policy_objective(model, ref_model, batch, clip_eps):
+def policy_objective(model, ref_model, batch, clip_eps, action_margin=1e-6):
     """The terms of Eq. 3 on a minibatch of the sample buffer: clipped per-action surrogate, KL to pi_ref, and
     ODT's single-sample entropy estimate (the tanh-Gaussian has no closed form)."""
     ctx = (batch["rtg"], batch["states"], batch["ctx_actions"], batch["mask"])
-    dist, base = policy_dist(model, ctx)
-    pg_loss, ratio, clipfrac = grpo_loss(dist.log_prob(batch["action"]), batch["old_log_prob"], batch["advantage"],
-                                         clip_eps)
+    mean, log_std = policy_head(model, ctx)
+    pg_loss, ratio, clipfrac = grpo_loss(action_log_prob(mean, log_std, batch["action"], action_margin),
+                                         batch["old_log_prob"], batch["advantage"], clip_eps)
     with torch.no_grad():
-        _, ref_base = policy_dist(ref_model, ctx)
+        ref_mean, ref_log_std = policy_head(ref_model, ctx)
+    dist = squashed_gaussian(mean, log_std)
     entropy = -dist.log_prob(dist.rsample()).mean()
-    return dict(pg_loss=pg_loss, ratio=ratio, clipfrac=clipfrac, kl=kl_to_ref(base, ref_base), entropy=entropy)
+    kl = kl_to_ref(Normal(mean, log_std.exp()), Normal(ref_mean, ref_log_std.exp()))
+    return dict(pg_loss=pg_loss, ratio=ratio, clipfrac=clipfrac, kl=kl, entropy=entropy)
 
 
 def td_target(rewards, terminated, next_q1, next_q2, gamma):
@@ -521,7 +535,7 @@ def critic_dataset(buffer, model, c, reward_scale, reward_shift, device, chunk=4
         parts["ctx2"].append(contexts(traj, np.arange(1, T + 1), c))
     ctx2 = [np.concatenate(x) for x in zip(*parts.pop("ctx2"))]
     data = {k: torch.as_tensor(np.concatenate(v), device=device) for k, v in parts.items()}
-    next_actions = [torch.tanh(policy_dist(model, to_tensors([x[i:i + chunk] for x in ctx2], device))[1].mean)
+    next_actions = [torch.tanh(policy_head(model, to_tensors([x[i:i + chunk] for x in ctx2], device))[0])
                     for i in range(0, len(ctx2[0]), chunk)]
     data["a2"] = torch.cat(next_actions)
     return data
@@ -708,7 +722,8 @@ def main(args: Args):
             # Lines 3-8: trajectories by length, K points by action variance, G critic-scored actions each
             ctx = to_tensors(sample_points(traj_buffer, args.trajs_per_iter, args.reset_points,
                                            args.c_online, rng), device)
-            actions, old_log_probs, scores = q_guided_scores(model, critic, ctx, args.group_size, reward_scale)
+            actions, old_log_probs, scores = q_guided_scores(model, critic, ctx, args.group_size, reward_scale,
+                                                             action_margin=ckpt.get("action_margin", 1e-6))
             adv, keep = group_advantages(scores, args.delta_r)
             rows, cols = keep.nonzero(as_tuple=True)
             sample_buffer.push(rtg=ctx[0][rows], states=ctx[1][rows], ctx_actions=ctx[2][rows], mask=ctx[3][rows],
@@ -720,7 +735,8 @@ def main(args: Args):
         # Line 9: Eq. 3 with per-action ratios, - beta KL(pi || pi_ref), + kappa H with kappa a dual variable
         stats = []
         for _ in range(args.updates_per_iter if len(sample_buffer) else 0):
-            terms = policy_objective(model, ref_model, sample_buffer.sample(args.n_batch, rng), args.clip_eps)
+            terms = policy_objective(model, ref_model, sample_buffer.sample(args.n_batch, rng), args.clip_eps,
+                                     action_margin=ckpt.get("action_margin", 1e-6))
             pg_loss, ratio, clipfrac, kl, entropy = (terms[k] for k in ("pg_loss", "ratio", "clipfrac", "kl", "entropy"))
             kappa = log_kappa.exp()
             loss = pg_loss + args.kl_coef * kl - kappa.detach() * entropy

@@ -277,8 +277,21 @@ class DecisionTransformer(nn.Module):
 
 
 def squashed_gaussian(mean, log_std):
-    """tanh(N(mean, exp(log_std))) with independent action dims: log_prob sums over them."""
-    return Independent(TransformedDistribution(Normal(mean, log_std.exp()), [TanhTransform(cache_size=1)]), 1)
+    """tanh(N(mean, exp(log_std))) with independent action dims: log_prob sums over them.
+
+    No argument validation: it costs time every step, and a NaN must reach the loss's finiteness check.
+    """
+    base = Normal(mean, log_std.exp(), validate_args=False)
+    return Independent(TransformedDistribution(base, [TanhTransform(cache_size=1)], validate_args=False), 1,
+                       validate_args=False)
+
+
+def action_log_prob(mean, log_std, actions, margin: float):
+    """log pi(a) of given actions under the squashed Gaussian, actions clamped to +-(1 - margin) so atanh is finite.
+
+    The one definition of an action's log-prob: pretraining's NLL uses it, and so does every finetuning script that
+    scores actions it did not sample from a known pre-tanh value (with the checkpoint's `action_margin`)."""
+    return squashed_gaussian(mean, log_std).log_prob(actions.clamp(-1 + margin, 1 - margin))
 
 
 def load_model(path, device="cpu", dropout: Optional[float] = None):
@@ -425,14 +438,14 @@ def critic_loss(critic, target_critic, target_model, batch, gamma, policy_noise,
     return loss, masked_mean(q1, batch["mask"]).detach()
 
 
-def actor_loss(model, critic, batch, algo, rl_coef, temperature=None):
+def actor_loss(model, critic, batch, algo, rl_coef, temperature=None, action_margin=1e-6):
     """sup_loss + rl_coef * mean(-Q1(s, a_pred)). odt_td3: MSE of tanh(mean); odt: NLL - temperature * entropy
     (single-sample estimate, padding masked). With rl_coef = 0 the critic term is not in the graph at all."""
     mean, log_std = model(batch["rtg"], batch["states"], batch["actions"], batch["mask"])
     mask, info, a_pred = batch["mask"], {}, torch.tanh(mean)
     if algo == "odt":
         dist = squashed_gaussian(mean, log_std)
-        nll = masked_mean(-dist.log_prob(batch["actions"].clamp(-1 + 1e-6, 1 - 1e-6)), mask)
+        nll = masked_mean(-action_log_prob(mean, log_std, batch["actions"], action_margin), mask)
         info["entropy"] = masked_mean(-dist.log_prob(dist.rsample()), mask)
         sup, info["nll"] = nll - temperature.detach() * info["entropy"], nll.detach()
     else:
@@ -627,7 +640,8 @@ def main(args: Args):
                 polyak_update(target_critic, critic, args.tau)
                 grad_updates += 1
             if (i + 1) * n_act // n > i * n_act // n:
-                loss, info = actor_loss(model, critic if td3 else None, batch, args.algo, rl_coef, log_temperature.exp())
+                loss, info = actor_loss(model, critic if td3 else None, batch, args.algo, rl_coef, log_temperature.exp(),
+                                        action_margin=ckpt.get("action_margin", 1e-6))
                 optimizer.zero_grad()
                 loss.backward()
                 nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)

@@ -271,8 +271,21 @@ class DecisionTransformer(nn.Module):
 
 
 def squashed_gaussian(mean, log_std):
-    """tanh(N(mean, exp(log_std))) with independent action dims: log_prob sums over them."""
-    return Independent(TransformedDistribution(Normal(mean, log_std.exp()), [TanhTransform(cache_size=1)]), 1)
+    """tanh(N(mean, exp(log_std))) with independent action dims: log_prob sums over them.
+
+    No argument validation: it costs time every step, and a NaN must reach the loss's finiteness check.
+    """
+    base = Normal(mean, log_std.exp(), validate_args=False)
+    return Independent(TransformedDistribution(base, [TanhTransform(cache_size=1)], validate_args=False), 1,
+                       validate_args=False)
+
+
+def action_log_prob(mean, log_std, actions, margin: float):
+    """log pi(a) of given actions under the squashed Gaussian, actions clamped to +-(1 - margin) so atanh is finite.
+
+    The one definition of an action's log-prob: pretraining's NLL uses it, and so does every finetuning script that
+    scores actions it did not sample from a known pre-tanh value (with the checkpoint's `action_margin`)."""
+    return squashed_gaussian(mean, log_std).log_prob(actions.clamp(-1 + margin, 1 - margin))
 
 
 class Lamb(torch.optim.Optimizer):
@@ -389,7 +402,8 @@ def explained_variance(pred: np.ndarray, target: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def rollout(model, envs, seeds, target_rtg, rtg_scale, context_len, state_mean, state_std, deterministic, device):
+def rollout(model, envs, seeds, target_rtg, rtg_scale, context_len, state_mean, state_std, deterministic, device,
+            action_margin=1e-6):
     """One episode per env, all stepped in lockstep with ONE batched forward per step over the live members.
 
     Returns per-episode dicts of the exact tokens the policy saw: normalised states, RTG tokens (scaled),
@@ -412,7 +426,7 @@ def rollout(model, envs, seeds, target_rtg, rtg_scale, context_len, state_mean, 
         dist = squashed_gaussian(mean, log_std)
         # Clamped so the stored action has a finite atanh: rollout and training log-probs are computed alike.
         act = torch.tanh(mean) if deterministic else dist.sample().clamp(-1 + 1e-6, 1 - 1e-6)
-        logp = dist.log_prob(act) if not deterministic else torch.zeros(len(live), device=device)
+        logp = action_log_prob(mean, log_std, act, action_margin) if not deterministic else torch.zeros(len(live), device=device)
         actions[live, -1] = act
         step_tokens = [x.cpu().numpy() for x in (states[live, -1], rtg[live, -1, 0], act, logp)]
         for j, i in enumerate(live.tolist()):
@@ -550,7 +564,7 @@ def main(args: Args):
     if args.capture_video:
         eval_envs[0] = gym.wrappers.RecordVideo(eval_envs[0], f"videos/{run_name}")
     roll = dict(rtg_scale=rtg_scale, context_len=args.c_online, state_mean=state_mean, state_std=state_std,
-                device=device)
+                device=device, action_margin=ckpt.get("action_margin", 1e-6))
 
     def evaluate(it):
         """Deterministic episodes conditioned on the checkpoint's eval RTG (same seeds every iteration)."""
@@ -601,7 +615,8 @@ def main(args: Args):
             mean, log_std = (x[:, -1] for x in model(b["rtg"], b["states"], b["actions"], b["mask"]))
             dist = squashed_gaussian(mean, log_std)
             adv = normalize_advantages(b["adv"]) if args.norm_adv else b["adv"]
-            pg_loss, approx_kl, clipfrac = ppo_policy_loss(dist.log_prob(b["act"]), b["old_logp"], adv, args.clip_coef)
+            logp = action_log_prob(mean, log_std, b["act"], ckpt.get("action_margin", 1e-6))
+            pg_loss, approx_kl, clipfrac = ppo_policy_loss(logp, b["old_logp"], adv, args.clip_coef)
             entropy = -dist.log_prob(dist.rsample()).mean()  # single-sample estimate: no closed form after tanh
             with torch.no_grad():
                 ref_mean, ref_log_std = (x[:, -1] for x in ref_model(b["rtg"], b["states"], b["actions"], b["mask"]))

@@ -93,6 +93,11 @@ class Args:
     """lower bound of the pre-tanh log-std"""
     log_std_max: float = 2.0
     """upper bound of the pre-tanh log-std"""
+    action_margin: float = 1e-6
+    """dataset actions are clamped to +-(1 - margin) before the likelihood (ODT: 1e-6, which puts an exact +-1 at
+    atanh = +-7.25 in pre-tanh space); recorded in the checkpoint so finetuning log-probs use the same clamp"""
+    action_mse_coef: float = 0.0
+    """weight of the squared error of tanh(mean) against the dataset action, added to the NLL (ODT: 0)"""
     init_temperature: float = 0.1
     """initial entropy temperature (ODT)"""
     temperature_lr: float = 1e-4
@@ -380,6 +385,14 @@ def squashed_gaussian(mean, log_std):
                        validate_args=False)
 
 
+def action_log_prob(mean, log_std, actions, margin: float):
+    """log pi(a) of given actions under the squashed Gaussian, actions clamped to +-(1 - margin) so atanh is finite.
+
+    The one definition of an action's log-prob: pretraining's NLL uses it, and so does every finetuning script that
+    scores actions it did not sample from a known pre-tanh value (with the checkpoint's `action_margin`)."""
+    return squashed_gaussian(mean, log_std).log_prob(actions.clamp(-1 + margin, 1 - margin))
+
+
 # ---------------------------------------------------------------- algorithm pieces
 class Lamb(torch.optim.Optimizer):
     """LAMB (You et al., 2019): Adam's step, rescaled per tensor by the trust ratio ||w|| / ||step||."""
@@ -442,21 +455,22 @@ class SegmentSampler:
         return rtg, states, actions, mask
 
 
-def dt_loss(model, log_temperature, target_entropy, rtg, states, actions, mask):
-    """ODT's loss: masked NLL of clamped dataset actions minus temperature x entropy, and the dual loss.
+def dt_loss(model, log_temperature, target_entropy, rtg, states, actions, mask, margin=1e-6, mse_coef=0.0):
+    """ODT's loss: masked NLL of clamped dataset actions minus temperature x entropy (+ mse_coef x action MSE), and the
+    temperature's dual loss.
 
-    Also returns the squared error of the evaluation action tanh(mean), a diagnostic only: the batch NLL swings
-    with how many boundary actions a batch holds (each exact ±1 adds log(2e-6) = -13 to it), this does not.
+    The action MSE is the squared error of the evaluation action tanh(mean); with mse_coef 0 it is only logged: the
+    batch NLL swings with how many boundary actions a batch holds (each exact +-1 adds log(2e-6) = -13 to it), it does not.
     """
     mean, log_std = model(rtg, states, actions, mask)
+    nll = -action_log_prob(mean, log_std, actions, margin)
     dist = squashed_gaussian(mean, log_std)
-    nll = -dist.log_prob(actions.clamp(-1 + 1e-6, 1 - 1e-6))
     entropy = -dist.log_prob(dist.rsample())  # single-sample estimate: tanh-Gaussian has no closed form
     sq_err = ((torch.tanh(mean) - actions) ** 2).mean(-1)
     m = mask.float()
     nll, entropy, action_mse = ((x * m).sum() / m.sum() for x in (nll, entropy, sq_err))
     temperature = log_temperature.exp()
-    loss = nll - temperature.detach() * entropy
+    loss = nll - temperature.detach() * entropy + mse_coef * action_mse
     temperature_loss = temperature * (entropy - target_entropy).detach()
     return loss, temperature_loss, nll, entropy, action_mse.detach()
 
@@ -524,6 +538,9 @@ def check_sizes(args: Args):
         raise UserError(f"sizes must be at least 1: {', '.join(bad)}")
     if args.embed_dim % args.n_heads:
         raise UserError(f"--embed-dim {args.embed_dim} is not divisible by --n-heads {args.n_heads}")
+    if not 0 < args.action_margin < 1 or args.action_mse_coef < 0:
+        raise UserError(f"--action-margin must be in (0, 1) and --action-mse-coef >= 0 (got {args.action_margin}, "
+                        f"{args.action_mse_coef})")
 
 
 def main(args: Args):
@@ -599,6 +616,7 @@ def main(args: Args):
             "state_mean": torch.as_tensor(state_mean, dtype=torch.float32),
             "state_std": torch.as_tensor(state_std, dtype=torch.float32),
             "rtg_scale": rtg_scale, "eval_rtg": float(eval_rtg), "eval_context_len": eval_context_len,
+            "action_margin": args.action_margin,
             "log_temperature": float(log_temperature.detach()), "target_entropy": target_entropy,
             "num_updates": update, "eval_normalized_score": score, "pretrain_args": asdict(args),
         }
@@ -608,7 +626,8 @@ def main(args: Args):
     pbar = tqdm(range(1, args.num_updates + 1), desc="pretrain", mininterval=2.0)
     for update in pbar:
         batch = (torch.as_tensor(x, device=device) for x in sampler.sample(args.batch_size))
-        loss, temperature_loss, nll, entropy, action_mse = dt_loss(model, log_temperature, target_entropy, *batch)
+        loss, temperature_loss, nll, entropy, action_mse = dt_loss(model, log_temperature, target_entropy, *batch,
+                                                                   margin=args.action_margin, mse_coef=args.action_mse_coef)
         if not torch.isfinite(loss):
             raise UserError(f"non-finite loss at update {update}; stopped, last good checkpoint kept at {ckpt_path}")
         optimizer.zero_grad()

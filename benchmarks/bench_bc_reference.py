@@ -28,7 +28,9 @@ class Args:
     dataset: str = "local/hopper/medium-v0"
     """Minari id"""
     seeds: int = 3
-    """runs, seeds 1..seeds"""
+    """runs, seeds first_seed..first_seed+seeds-1"""
+    first_seed: int = 1
+    """the first run's seed"""
     updates: int = 10_000
     """Adam updates per run"""
     batch_size: int = 256
@@ -62,7 +64,7 @@ def main(args: Args):
     meta = dict(context_len=1, state_mean=mean, state_std=std, rtg_scale=1e-3, eval_rtg=0.0)
     envs = [pt.make_env(args.env_id) for _ in range(args.eval_episodes)]
     scores = {}
-    for seed in range(1, args.seeds + 1):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         torch.manual_seed(seed)
         policy = MarkovPolicy(states.shape[1], actions.shape[1])
         opt = torch.optim.Adam(policy.parameters(), lr=3e-4)

@@ -324,3 +324,67 @@ def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(pt.UserError, match="non-finite loss"):
         pt.main(tiny_args(tmp_path, learning_rate=float("nan"), num_updates=3))  # NaN weights after one step
     assert path.read_bytes() == good
+
+
+# ---------------------------------------------------------------- actions on the bounds
+def test_action_mse_coef_adds_the_evaluation_action_error_to_the_loss():
+    model = tiny_model()
+    rtg, states, actions, mask = tiny_batch()
+    torch.manual_seed(0)
+    plain = pt.dt_loss(model, torch.tensor(-2.0), -2.0, rtg, states, actions, mask)
+    torch.manual_seed(0)
+    with_mse = pt.dt_loss(model, torch.tensor(-2.0), -2.0, rtg, states, actions, mask, mse_coef=2.0)
+    mean, _ = model(rtg, states, actions, mask)
+    mse = (((torch.tanh(mean) - actions) ** 2).mean(-1) * mask).sum() / mask.sum()
+    torch.testing.assert_close(with_mse[0] - plain[0], 2.0 * mse)
+    torch.testing.assert_close(with_mse[4], mse.detach())
+
+
+def test_action_margin_moves_bound_targets_only():
+    """The margin decides where an exact +-1 action sits in pre-tanh space; interior actions are untouched."""
+    model = tiny_model()
+    rtg, states, actions, mask = tiny_batch()
+    nll = {m: pt.dt_loss(model, torch.tensor(-2.0), -2.0, rtg, states, actions, mask, margin=m)[2] for m in (1e-6, 1e-2)}
+    torch.testing.assert_close(nll[1e-6], nll[1e-2])  # no action within 1e-2 of a bound
+    actions = actions.clone()
+    actions[..., 0] = 1.0
+    nll = {m: pt.dt_loss(model, torch.tensor(-2.0), -2.0, rtg, states, actions, mask, margin=m)[2] for m in (1e-6, 1e-2)}
+    assert not torch.isclose(nll[1e-6], nll[1e-2])
+
+
+@pytest.mark.parametrize("flags,match", [(dict(action_margin=0.0), "--action-margin"),
+                                         (dict(action_margin=1.0), "--action-margin"),
+                                         (dict(action_mse_coef=-1.0), "--action-mse-coef")])
+def test_bad_action_flags_are_one_clear_error(tmp_path, flags, match):
+    with pytest.raises(pt.UserError, match=match):
+        pt.main(tiny_args(tmp_path, **flags))
+
+
+def test_bound_heavy_data_does_not_saturate_interior_actions(tmp_path):
+    """A dataset where a third of the states' actions sit exactly on +1 (the rest interior at 0.2): after a short
+    pretraining with the default objective, the evaluation action tanh(mean) at interior states is not driven to the
+    bound, and the checkpoint records the margin it was trained with."""
+    rng = np.random.default_rng(0)
+    n = 3000
+    obs = rng.normal(size=(n, 11))
+    on_bound = obs[:, 0] > 0.43  # about a third of the states
+    actions = np.where(on_bound[:, None], 1.0, 0.2).repeat(3, 1) * np.ones((n, 3))
+    timeouts = np.zeros(n, bool)
+    timeouts[99::100] = True
+    path = tmp_path / "hopper-bounds-v2.hdf5"
+    with h5py.File(path, "w") as f:
+        f["observations"], f["actions"], f["rewards"] = obs, actions.astype(np.float32), np.ones(n)
+        f["terminals"], f["timeouts"] = np.zeros(n, bool), timeouts
+    ckpt_path, _, model = pt.main(tiny_args(tmp_path, dataset_path=str(path), num_updates=300, context_len=1,
+                                            learning_rate=3e-3, warmup_updates=20, batch_size=64))
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    assert ckpt["action_margin"] == pt.Args.action_margin
+    model.eval()
+    interior = torch.as_tensor(((obs[~on_bound][:200] - ckpt["state_mean"].numpy()) / ckpt["state_std"].numpy()),
+                               dtype=torch.float32)[:, None]
+    with torch.no_grad():
+        mean, _ = model(torch.ones(len(interior), 1, 1) * 0.1, interior, torch.zeros(len(interior), 1, 3),
+                        torch.ones(len(interior), 1, dtype=torch.bool))
+    action = torch.tanh(mean[:, -1])
+    assert (action.abs() < 0.9).float().mean() > 0.9, action.abs().mean()
+    assert (action - 0.2).abs().mean() < 0.25

@@ -1,0 +1,112 @@
+"""Is the pretrained DT ever worse than behaviour cloning? The README's CPU-sized DT next to an MLP BC, per dataset.
+
+For each dataset and seed this runs `pretrain_dt.py` (the README's CPU config plus `--dt-flags`) and
+`bench_bc_reference.py` (a 2x256 MLP, MSE) as subprocesses, `--parallel` at a time with one torch thread each, and
+prints per dataset: the DT's final score and the mean of its last 3 evaluations per seed, the same for the MLP, and
+the means over seeds. Target (issue "pretrain_dt.py never worse than behaviour cloning"): the DT's mean over seeds is
+at least the MLP's on every dataset and no DT seed's last-3 mean falls below 5. Prints figures; it is not a test.
+
+The generated datasets come from `benchmarks/make_datasets.py`, which also makes the writable root this needs:
+    MINARI_DATASETS_PATH=$(realpath ../shared/datasets) python benchmarks/make_datasets.py
+    MINARI_DATASETS_PATH=$(realpath data/minari) python benchmarks/bench_dt_vs_bc.py
+    python benchmarks/bench_dt_vs_bc.py --dt-flags="--action-margin 1e-6 --action-mse-coef 0"   # ODT's recipe
+"""
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_CONFIG = ("--embed-dim 128 --n-layers 2 --n-heads 1 --batch-size 32 --context-len 10 --learning-rate 1e-3 "
+              "--warmup-updates 150 --num-updates 3000")
+
+
+@dataclass
+class Args:
+    datasets: tuple[str, ...] = ("Hopper-v4:local/hopper/medium-v0", "AdroitHandDoor-v1:local/door/human-v0",
+                                 "Hopper-v4:generated/hopper/noisy-v0", "Hopper-v4:generated/hopper/random-v0")
+    """env_id:dataset pairs"""
+    seeds: int = 3
+    """seeds 1..seeds of each"""
+    dt_flags: str = ""
+    """extra pretrain_dt.py flags after the README's CPU config (e.g. the ODT recipe, to compare)"""
+    eval_every: int = 1000
+    """updates between the DT's evaluations (3000 updates: 3 evaluations)"""
+    eval_episodes: int = 20
+    """evaluation episodes of both, per point"""
+    bc_updates: int = 10_000
+    """Adam updates of the MLP"""
+    parallel: int = 2
+    """runs at a time"""
+    out_dir: str = str(ROOT / "benchmarks" / "pretrain_out" / "dt_vs_bc")
+    """where each run's log goes"""
+    skip_bc: bool = False
+    """reuse the BC logs already in --out-dir (the MLP does not depend on --dt-flags)"""
+
+
+def jobs(args: Args, out: Path):
+    for pair in args.datasets:
+        env_id, dataset = pair.split(":", 1)
+        tag = dataset.replace("/", "-")
+        for seed in range(1, args.seeds + 1):
+            dt = [sys.executable, str(ROOT / "pretrain_dt.py"), "--env-id", env_id, "--dataset", dataset, "--seed",
+                  str(seed), *shlex.split(CPU_CONFIG), *shlex.split(args.dt_flags), "--eval-every", str(args.eval_every),
+                  "--eval-episodes", str(args.eval_episodes), "--save-every", "0",
+                  "--checkpoint", str(out / f"dt_{tag}_s{seed}.pt"), "--runs-dir", str(out / "runs")]
+            yield out / f"dt_{tag}_s{seed}.log", dt
+            bc = [sys.executable, str(ROOT / "benchmarks" / "bench_bc_reference.py"), "--env-id", env_id, "--dataset",
+                  dataset, "--first-seed", str(seed), "--seeds", "1", "--updates", str(args.bc_updates),
+                  "--eval-episodes", str(args.eval_episodes)]
+            if not (args.skip_bc and (out / f"bc_{tag}_s{seed}.log").exists()):
+                yield out / f"bc_{tag}_s{seed}.log", bc
+
+
+def dt_scores(log: Path) -> list[float]:
+    return [float(x) for x in re.findall(r"^update \d+: .*normalized score (-?[\d.]+)", log.read_text(), re.M)]
+
+
+def bc_scores(log: Path) -> list[float]:
+    line = re.search(r"^seed \d+: (.*)$", log.read_text(), re.M)
+    return [float(x) for x in re.findall(r"\d+: (-?[\d.]+)", line.group(1))] if line else []
+
+
+def main(args: Args):
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    pending, running = list(jobs(args, out)), {}
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            log, cmd = pending.pop(0)
+            proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+            running[proc.pid] = log
+        pid, status = os.wait()  # whichever run ends first frees its slot
+        if status != 0:
+            sys.exit(f"error: {running[pid].name} failed, see {running[pid]}")
+        del running[pid]
+
+    print(f"DT: the README's CPU config {CPU_CONFIG} {args.dt_flags}".rstrip())
+    print(f"{'dataset':<30} {'':>4} {'final per seed':>22} {'last-3 per seed':>22} {'final':>6} {'last-3':>6}")
+    for pair in args.datasets:
+        tag = pair.split(":", 1)[1].replace("/", "-")
+        rows = {}
+        for who, parse in (("DT", dt_scores), ("MLP", bc_scores)):
+            runs = [parse(out / f"{who.lower().replace('mlp', 'bc')}_{tag}_s{s}.log") for s in range(1, args.seeds + 1)]
+            final, last3 = np.array([r[-1] for r in runs]), np.array([np.mean(r[-3:]) for r in runs])
+            rows[who] = last3.mean()
+            print(f"{pair.split(':', 1)[1]:<30} {who:>4} {' '.join(f'{x:6.1f}' for x in final):>22} "
+                  f"{' '.join(f'{x:6.1f}' for x in last3):>22} {final.mean():6.1f} {last3.mean():6.1f}"
+                  + (f"  (min seed {last3.min():.1f})" if who == "DT" else ""))
+        verdict = "DT >= MLP" if rows["DT"] >= rows["MLP"] else "DT < MLP"
+        print(f"{'':<30} {verdict} on the last-3 mean over seeds ({rows['DT']:.1f} vs {rows['MLP']:.1f})")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
