@@ -423,6 +423,24 @@ class DecisionTransformer(nn.Module):
         return self.mean_head(h), log_std
 
 
+def squashed_gaussian(mean, log_std):
+    """tanh(N(mean, exp(log_std))) with independent action dims: log_prob sums over them.
+
+    No argument validation: it costs time every step, and a NaN must reach the loss's finiteness check.
+    """
+    base = Normal(mean, log_std.exp(), validate_args=False)
+    return Independent(TransformedDistribution(base, [TanhTransform(cache_size=1)], validate_args=False), 1,
+                       validate_args=False)
+
+
+def action_log_prob(mean, log_std, actions, margin: float):
+    """log pi(a) of given actions under the squashed Gaussian, actions clamped to +-(1 - margin) so atanh is finite.
+
+    The one definition of an action's log-prob: pretraining's NLL uses it, and so does every finetuning script that
+    scores actions it did not sample from a known pre-tanh value (with the checkpoint's `action_margin`)."""
+    return squashed_gaussian(mean, log_std).log_prob(actions.clamp(-1 + margin, 1 - margin))
+
+
 def load_model(path, device="cpu"):
     """(model with dropout off, checkpoint dict) from a pretrain_dt.py or grpo_dt.py checkpoint."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -532,14 +550,22 @@ def sequence_ratio(logp, logp_old, valid, mode: str = "sequence"):
 
 
 def grpo_loss(ratio, adv, valid, eps):
-    """-min(ratio*A, clip(ratio, 1-eps, 1+eps)*A), batch mean (token ratios: mean over real steps first); clip fraction."""
+    """-min(ratio*A, clip(ratio, 1-eps, 1+eps)*A), batch mean (token ratios: mean over real steps first); and per
+    sub-trajectory, the fraction of its ratio(s) outside [1-eps, 1+eps]."""
     if ratio.dim() == 2:
         adv = adv[:, None]
     surr = torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
     clipped = ((ratio - 1).abs() > eps).float()
     if ratio.dim() == 2:
         surr, clipped = masked_mean(surr, valid, 1), masked_mean(clipped, valid, 1)
-    return -surr.mean(), clipped.mean()
+    return -surr.mean(), clipped
+
+
+def clip_breakdown(clipped, born, adv, iteration: int) -> dict:
+    """Clip fraction split by sample age (pushed this iteration vs earlier) and by the sign of the advantage."""
+    fresh, positive = born == iteration, adv > 0
+    split = {"fresh": fresh, "stale": ~fresh, "adv_pos": positive, "adv_neg": ~positive}
+    return {f"clipfrac_{k}": clipped[m].mean().item() if m.any() else float("nan") for k, m in split.items()}
 
 
 def subtraj_policy(model, batch, c: int):
@@ -559,7 +585,8 @@ def rollout(model, envs, idx, state0, rtg0, prefix, n_stochastic, n_deterministi
 
     state0 (N,S) normalised, rtg0 (N,) scaled, prefix = (rtg, states, actions, mask) of the c_online-1 tokens
     before. `n_stochastic` steps of tanh(u), u ~ N(mean, std), then tanh(mean). Returns (N, T, ...) arrays: tokens
-    as used, u, logp, action variance, reward, valid (+ MjData state, TimeLimit counter with `record_sim`)."""
+    as used, u, logp, action variance, mean sigma and |mean| (pre-tanh), reward, valid (+ MjData state, TimeLimit
+    counter with `record_sim`)."""
     device = state0.device
     N, T = len(idx), n_stochastic + n_deterministic
     S, A = state0.shape[1], prefix[2].shape[2]
@@ -567,7 +594,8 @@ def rollout(model, envs, idx, state0, rtg0, prefix, n_stochastic, n_deterministi
     s_cur, rtg_cur = state0.clone(), rtg0.clone()
     out = {k: np.zeros((N, T, *shape), dt) for k, shape, dt in [
         ("rtg", (), np.float32), ("states", (S,), np.float32), ("actions", (A,), np.float32), ("u", (A,), np.float32),
-        ("logp", (), np.float32), ("var", (), np.float32), ("reward", (), np.float64), ("valid", (), bool)]}
+        ("logp", (), np.float32), ("var", (), np.float32), ("sigma", (), np.float32), ("mu_abs", (), np.float32),
+        ("reward", (), np.float64), ("valid", (), bool)]}
     if record_sim:
         out["sim"], out["elapsed"] = np.zeros((N, T, envs.get_states(idx[:1])[0].shape[1])), np.zeros((N, T), np.int64)
     alive, timers = np.ones(N, bool), timers if timers is not None else {}
@@ -581,9 +609,13 @@ def rollout(model, envs, idx, state0, rtg0, prefix, n_stochastic, n_deterministi
         u = mean + log_std.exp() * torch.randn(mean.shape, generator=gen, device=device) if t < n_stochastic else mean
         a = torch.tanh(u)
         win[2][live_t, -1] = a
-        step = torch.cat([a, u, squashed_logprob(mean, log_std, u)[:, None], (2 * log_std).exp().mean(-1, keepdim=True),
-                          rtg_cur[live_t, None], s_cur[live_t]], 1).cpu().numpy()
-        for k, part in zip(("actions", "u", "logp", "var", "rtg", "states"), np.split(step, np.cumsum([A, A, 1, 1, 1]), 1)):
+        # One device-to-host copy per step: the per-step fields packed side by side, then split by their widths.
+        fields = {"actions": a, "u": u, "logp": squashed_logprob(mean, log_std, u)[:, None],
+                  "var": (2 * log_std).exp().mean(-1, keepdim=True), "sigma": log_std.exp().mean(-1, keepdim=True),
+                  "mu_abs": mean.abs().mean(-1, keepdim=True), "rtg": rtg_cur[live_t, None], "states": s_cur[live_t]}
+        packed = torch.cat(list(fields.values()), 1).cpu().numpy()
+        widths = np.cumsum([x.shape[1] for x in fields.values()])[:-1]
+        for k, part in zip(fields, np.split(packed, widths, 1)):
             out[k][live, t] = part.reshape(out[k][live, t].shape)
         tic2 = time.perf_counter()
         if record_sim:
@@ -658,6 +690,7 @@ def collect_groups(model, envs, full_buffer, args, L, L_eval, gamma, K, norm, sc
         ctx[0] = np.stack([context_at(t, j, c, relabel=True)[0] for t, j in zip(trajs, h)])
         rtg_tokens = (np.cumsum(out["reward"][:, ::-1], 1)[:, ::-1][:, :L] * scale).astype(np.float32)
     valid = out["valid"][:, :L]
+    out["reset_step"] = h  # diagnostics: where in their episodes the groups start
     items = {"rtg": np.concatenate([ctx[0], rtg_tokens[..., None]], 1),
              "states": np.concatenate([ctx[1], out["states"][:, :L]], 1),
              "actions": np.concatenate([ctx[2], out["actions"][:, :L]], 1), "mask": np.concatenate([ctx[3], valid], 1),
@@ -665,12 +698,13 @@ def collect_groups(model, envs, full_buffer, args, L, L_eval, gamma, K, norm, sc
     return {k: v[keep] for k, v in items.items()}, rewards, keep, out
 
 
-def grpo_objective(model, ref_model, batch, c, eps, kl_coef, kappa, ratio_mode="sequence"):
-    """Eq. 3 as a loss to minimise: clipped surrogate + beta KL(pi || pi_ref) - kappa entropy; and the stats."""
+def grpo_objective(model, ref_model, batch, c, eps, kl_coef, kappa, ratio_mode="sequence", iteration=None):
+    """Eq. 3 as a loss to minimise: clipped surrogate + beta KL(pi || pi_ref) - kappa entropy; and the stats (with
+    `iteration`, also the clip fraction by sample age and advantage sign)."""
     valid = batch["valid"]
     mean, log_std = subtraj_policy(model, batch, c)
     ratio = sequence_ratio(squashed_logprob(mean, log_std, batch["u"]), batch["logp_old"], valid, ratio_mode)
-    pg_loss, clipfrac = grpo_loss(ratio, batch["adv"], valid, eps)
+    pg_loss, clipped = grpo_loss(ratio, batch["adv"], valid, eps)
     with torch.no_grad():
         ref_mean, ref_log_std = subtraj_policy(ref_model, batch, c)
     # tanh is a bijection, so KL(pi || pi_ref) is the base Gaussians' KL; per step, averaged over real steps
@@ -679,16 +713,22 @@ def grpo_objective(model, ref_model, batch, c, eps, kl_coef, kappa, ratio_mode="
     # single-sample entropy (tanh-Gaussian has no closed form); log_prob sums over the action dims
     dist = Independent(TransformedDistribution(Normal(mean, log_std.exp()), [TanhTransform(cache_size=1)]), 1)
     entropy = masked_mean(-dist.log_prob(dist.rsample()), valid)
-    stats = dict(policy_loss=pg_loss.item(), kl=kl.item(), entropy=entropy.item(), clipfrac=clipfrac.item(),
+    stats = dict(policy_loss=pg_loss.item(), kl=kl.item(), entropy=entropy.item(), clipfrac=clipped.mean().item(),
                  kappa=float(kappa), ratio_mean=ratio.mean().item(), ratio_max=ratio.max().item())
+    if iteration is not None:
+        stats.update(clip_breakdown(clipped, batch["born"], batch["adv"], iteration))
     return pg_loss + kl_coef * kl - kappa * entropy, entropy, stats
 
 
 class SubtrajBuffer:
-    """FIFO of sub-trajectories: the reset context plus L_traj tokens, u, old log-probs, valid steps, advantage."""
+    """FIFO of sub-trajectories: the reset context plus L_traj tokens, u, old log-probs, valid steps, advantage.
+
+    It also counts how often each item is drawn; `retired_draws` holds the counts of the items the last `add` evicted
+    (how stale the data the policy learns from gets)."""
 
     def __init__(self, capacity, device):
         self.data, self.capacity, self.device, self.ptr, self.size = {}, capacity, device, 0, 0
+        self.draws, self.retired_draws = np.zeros(capacity, np.int64), np.zeros(0, np.int64)
 
     def add(self, items: dict):
         if not self.data:  # storage shaped after the first items
@@ -696,12 +736,16 @@ class SubtrajBuffer:
                                         else torch.float32, device=self.device) for k, v in items.items()}
         n = min(len(items["adv"]), self.capacity)
         slots = (self.ptr + np.arange(n)) % self.capacity
+        self.retired_draws = self.draws[slots[slots < self.size]].copy()
+        self.draws[slots] = 0
         for k, v in items.items():
             self.data[k][slots] = torch.as_tensor(v[-n:], dtype=self.data[k].dtype, device=self.data[k].device)
         self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
 
     def sample(self, n, rng):
-        i = torch.as_tensor(rng.integers(0, self.size, n), device=self.device)
+        idx = rng.integers(0, self.size, n)
+        np.add.at(self.draws, idx, 1)
+        i = torch.as_tensor(idx, device=self.device)
         return {k: v[i] for k, v in self.data.items()}
 
 
@@ -780,6 +824,7 @@ def main(args: Args):
         full_buffer.extend(ft["full_buffer"])
         sub_buffer.data, sub_buffer.ptr, sub_buffer.size = ({k: v.to(device) for k, v in ft["sub_buffer"].items()},
                                                             ft["sub_ptr"], ft["sub_size"])
+        sub_buffer.draws = ft["sub_draws"]
         rng.bit_generator.state = ft["rng"]
         gen.set_state(ft["torch_gen"])
         start_iter, env_steps, grad_updates = ft["iteration"] + 1, ft["env_steps"], ft["grad_updates"]
@@ -798,17 +843,23 @@ def main(args: Args):
           f"n_batch {args.n_batch}, {n_members} group members/iteration, device {device}")
 
     def log_eval(it):
-        rets = np.array([np.nan])
+        rets, lengths = np.array([np.nan]), np.array([np.nan])
         if args.eval_episodes:
             seeds = args.seed + 10_000 + np.arange(args.eval_episodes)
-            rets = run_episodes(model, eval_envs, seeds, ckpt["eval_rtg"], False, T_max, c, norm, scale, gen)[0]["reward"].sum(1)
-        score = float(np.mean(100 * (rets - ref_min) / (ref_max - ref_min)))
+            ev = run_episodes(model, eval_envs, seeds, ckpt["eval_rtg"], False, T_max, c, norm, scale, gen)[0]
+            rets, lengths = ev["reward"].sum(1), ev["valid"].sum(1)
+        scores = 100 * (rets - ref_min) / (ref_max - ref_min)
+        score, score_se = float(scores.mean()), float(scores.std() / np.sqrt(len(scores)))
         writer.add_scalar("charts/normalized_score", score, it)
+        writer.add_scalar("charts/normalized_score_se", score_se, it)
         writer.add_scalar("charts/eval_return", rets.mean(), it)
-        return score, float(rets.mean())
+        writer.add_scalar("charts/eval_length", lengths.mean(), it)
+        writer.add_scalar("charts/eval_reward_per_step", rets.sum() / max(lengths.sum(), 1), it)
+        return score, float(rets.mean()), score_se, float(lengths.mean())
 
-    score, eval_ret = log_eval(start_iter - 1)
-    tqdm.write(f"iteration {start_iter - 1}: eval return {eval_ret:.1f}, normalized score {score:.1f}")
+    score, eval_ret, score_se, eval_len = log_eval(start_iter - 1)
+    tqdm.write(f"iteration {start_iter - 1}: eval return {eval_ret:.1f}, normalized score {score:.1f} +- {score_se:.1f} "
+               f"(s.e.), eval length {eval_len:.0f}")
     start, iteration, steps0 = time.time(), start_iter - 1, env_steps
     pbar = tqdm(range(start_iter, args.num_iterations + 1), desc="grpo-dt", mininterval=2.0)
     for iteration in pbar:
@@ -817,7 +868,9 @@ def main(args: Args):
         out, params = run_episodes(model, envs, rng.integers(0, 2**31, args.full_trajs_per_iter), args.g_online, True,
                                    T_max, c, norm, scale, gen, record_sim=True, timers=timers)
         full_buffer.extend(store_trajectories(out, params, scale))
-        episodic_return = out["reward"].sum(1).mean()
+        episodic_return, episodic_length = out["reward"].sum(1).mean(), out["valid"].sum(1).mean()
+        live = out["valid"]
+        head = {"rollout_sigma": out["sigma"][live].mean(), "rollout_mu_abs": out["mu_abs"][live].mean()}
         env_steps += int(out["valid"].sum())
 
         # Lines 3-8: reset points by action variance, G sub-trajectories each from the same state and context,
@@ -825,7 +878,7 @@ def main(args: Args):
         items, rewards, keep, out = collect_groups(model, envs, full_buffer, args, L, L_eval, gamma, K, norm, scale,
                                                    rng, gen, timers)
         env_steps += int(out["valid"].sum())
-        sub_buffer.add(items)
+        sub_buffer.add({**items, "born": np.full(len(items["adv"]), iteration, np.float32)})
         t_rollout = time.time() - t_iter
 
         # Line 9: Eq. 3 on n_batch uniform draws from the buffer; kappa is the entropy constraint's dual variable
@@ -833,7 +886,7 @@ def main(args: Args):
         for _ in range(args.updates_per_iter if sub_buffer.size else 0):
             kappa = log_kappa.exp()
             loss, entropy, st = grpo_objective(model, ref_model, sub_buffer.sample(args.n_batch, rng), c, args.clip_eps,
-                                               args.kl_coef, kappa.detach(), ratio_mode)
+                                               args.kl_coef, kappa.detach(), ratio_mode, iteration)
             optimizer.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -849,20 +902,29 @@ def main(args: Args):
         t_update = time.time() - t_iter - t_rollout
 
         # Logging, evaluation, checkpoint, budgets
-        score, eval_ret = log_eval(iteration)
+        score, eval_ret, score_se, eval_len = log_eval(iteration)
         sps = (env_steps - steps0) / max(time.time() - start, 1e-9)
         scalars = {"charts/episodic_return": episodic_return, "charts/env_steps": env_steps,
                    "charts/grad_updates": grad_updates, "charts/SPS": sps, "charts/rollout_seconds": t_rollout,
                    "charts/update_seconds": t_update, "charts/policy_seconds": timers.get("policy", 0.0),
                    "charts/env_seconds": timers.get("env", 0.0), "losses/group_reward_std": rewards.std(1).mean(),
-                   "losses/dropped_fraction": 1 - keep.mean()}
-        for k in ("policy_loss", "kl", "entropy", "clipfrac", "kappa", "ratio_mean", "ratio_max"):
+                   "losses/dropped_fraction": 1 - keep.mean(), "charts/episodic_length": episodic_length,
+                   "charts/reset_step_mean": out["reset_step"].mean(), "charts/reset_step_max": out["reset_step"].max(),
+                   "charts/rollout_sigma": head["rollout_sigma"], "charts/rollout_mu_abs": head["rollout_mu_abs"],
+                   "charts/draws_per_subtraj": sub_buffer.retired_draws.mean() if len(sub_buffer.retired_draws) else np.nan}
+        for k in ("policy_loss", "kl", "entropy", "clipfrac", "kappa", "ratio_mean", "ratio_max", "clipfrac_fresh",
+                  "clipfrac_stale", "clipfrac_adv_pos", "clipfrac_adv_neg"):
             vals = [st[k] for st in stats] or [np.nan]
-            scalars[f"losses/{k}"] = max(vals) if k == "ratio_max" else float(np.mean(vals))
+            scalars[f"losses/{k}"] = max(vals) if k == "ratio_max" else float(np.nanmean(vals))
         for k, v in scalars.items():
             writer.add_scalar(k, v, iteration)
-        tqdm.write(f"iteration {iteration}: score {score:.1f} (eval return {eval_ret:.1f}), train return "
-                   f"{episodic_return:.1f}, ratio {scalars['losses/ratio_mean']:.3f}/{scalars['losses/ratio_max']:.2f}, "
+        tqdm.write(f"iteration {iteration}: score {score:.1f} +- {score_se:.1f} (eval return {eval_ret:.1f}, length "
+                   f"{eval_len:.0f}, {eval_ret / max(eval_len, 1):.2f}/step), train return {episodic_return:.1f} (length "
+                   f"{episodic_length:.0f}), reset step {out['reset_step'].mean():.0f}/{out['reset_step'].max()}, sigma "
+                   f"{head['rollout_sigma']:.2f}, |mu| {head['rollout_mu_abs']:.2f}, clip fresh/stale "
+                   f"{scalars['losses/clipfrac_fresh']:.2f}/{scalars['losses/clipfrac_stale']:.2f}, clip A+/A- "
+                   f"{scalars['losses/clipfrac_adv_pos']:.2f}/{scalars['losses/clipfrac_adv_neg']:.2f}, draws "
+                   f"{scalars['charts/draws_per_subtraj']:.1f}, ratio {scalars['losses/ratio_mean']:.3f}/{scalars['losses/ratio_max']:.2f}, "
                    f"clip {scalars['losses/clipfrac']:.2f}, kl {scalars['losses/kl']:.4f}, entropy "
                    f"{scalars['losses/entropy']:.2f}, kappa {scalars['losses/kappa']:.4f}, group std "
                    f"{scalars['losses/group_reward_std']:.2f}, dropped {1 - keep.mean():.2f}, env steps {env_steps}, "
@@ -880,7 +942,7 @@ def main(args: Args):
                              "optimizer": optimizer.state_dict(), "kappa_opt": kappa_opt.state_dict(),
                              "log_kappa": float(log_kappa.detach()), "ref_model": ref_model.state_dict(),
                              "rng": rng.bit_generator.state, "torch_gen": gen.get_state(),
-                             "full_buffer": list(full_buffer), "sub_ptr": sub_buffer.ptr, "sub_size": sub_buffer.size,
+                             "full_buffer": list(full_buffer), "sub_ptr": sub_buffer.ptr, "sub_size": sub_buffer.size, "sub_draws": sub_buffer.draws,
                              "sub_buffer": {k: v.cpu() for k, v in sub_buffer.data.items()}}}, f"{save_path}.tmp")
             os.replace(f"{save_path}.tmp", save_path)
         if done:
