@@ -472,7 +472,8 @@ def rollout(model, envs, seeds, meta, target_return, context_len, act_fn, device
     actions, rtg = torch.zeros(n, K, A, device=device), torch.zeros(n, K, 1, device=device)
     mask = torch.zeros(n, K, dtype=torch.bool, device=device)
     target = torch.full((n,), target_return * scale, device=device)
-    trajs = [dict(observations=[o], actions=[], rewards=[], terminated=False) for o in obs]
+    # copies: `obs` is overwritten in place every step, so a row view would end up holding the last observation
+    trajs = [dict(observations=[o.copy()], actions=[], rewards=[], terminated=False) for o in obs]
     alive = np.ones(n, dtype=bool)
     while alive.any():
         states, actions, rtg, mask = (x.roll(-1, dims=1) for x in (states, actions, rtg, mask))

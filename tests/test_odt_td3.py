@@ -200,3 +200,17 @@ def test_d4rl_file_keeps_the_final_observation(tmp_path):
     trajs = M.load_offline_trajectories({"env_id": "Hopper-v4", "pretrain_args": {"dataset_path": str(tmp_path / "d.hdf5")}})
     assert [len(t["rewards"]) for t in trajs] == [2, 3] and [t["terminated"] for t in trajs] == [True, False]
     assert trajs[1]["observations"][:, 0].tolist() == [2, 3, 4, 104]  # a timeout bootstraps from next_observations
+
+
+def test_rollout_keeps_each_trajectorys_first_observation(hopper_checkpoint):
+    """The first stored observation is the reset observation, not a view of the per-env buffer that later steps
+    overwrite (which made every online trajectory's first observation equal its last)."""
+    model, ckpt = M.load_model(hopper_checkpoint)
+    meta = dict(rtg_scale=ckpt["rtg_scale"], state_mean=ckpt["state_mean"], state_std=ckpt["state_std"])
+    envs = [M.make_env("Hopper-v4", max_episode_steps=15) for _ in range(2)]
+    trajs = M.rollout(model, envs, [3, 4], meta, 3600.0, 2, lambda mean, log_std: torch.tanh(mean), "cpu")
+    for traj, seed in zip(trajs, (3, 4)):
+        first = M.make_env("Hopper-v4").reset(seed=seed)[0].astype(np.float32)
+        np.testing.assert_array_equal(traj["observations"][0], first)
+        assert len(traj["observations"]) == len(traj["actions"]) + 1
+        assert not np.array_equal(traj["observations"][0], traj["observations"][-1])
