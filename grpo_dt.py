@@ -24,7 +24,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import gymnasium as gym
 import mujoco
@@ -155,6 +155,9 @@ class Args:
     """ablation (Fig. 2e): ratio exp(mean log-ratio) over the sub-trajectory (GSPO)"""
     uniform_reset_sampling: bool = False
     """ablation (Fig. 2d): reset points uniform over steps instead of softmax of action variance"""
+    full_rollout_actions: Literal["sampled", "mean"] = "sampled"
+    """actions of the full trajectories that supply reset points (Alg. 1 line 2): sampled (the paper) or tanh(mean),
+    whose episodes reach the steady gait that noisy sampled ones fall before (an experiment of issue #12)"""
 
 
 class UserError(Exception):
@@ -824,7 +827,8 @@ def main(args: Args):
         full_buffer.extend(ft["full_buffer"])
         sub_buffer.data, sub_buffer.ptr, sub_buffer.size = ({k: v.to(device) for k, v in ft["sub_buffer"].items()},
                                                             ft["sub_ptr"], ft["sub_size"])
-        sub_buffer.draws = ft["sub_draws"]
+        # draw counts are a diagnostic; a run saved before they were kept restarts them at zero
+        sub_buffer.draws = ft.get("sub_draws", np.zeros(args.subtraj_buffer_size, np.int64))
         rng.bit_generator.state = ft["rng"]
         gen.set_state(ft["torch_gen"])
         start_iter, env_steps, grad_updates = ft["iteration"] + 1, ft["env_steps"], ft["grad_updates"]
@@ -865,8 +869,9 @@ def main(args: Args):
     for iteration in pbar:
         t_iter, timers = time.time(), {}
         # Alg. 1 line 2: full trajectories from g_online, stored with the RTG tokens used and the MjData per step
-        out, params = run_episodes(model, envs, rng.integers(0, 2**31, args.full_trajs_per_iter), args.g_online, True,
-                                   T_max, c, norm, scale, gen, record_sim=True, timers=timers)
+        out, params = run_episodes(model, envs, rng.integers(0, 2**31, args.full_trajs_per_iter), args.g_online,
+                                   args.full_rollout_actions == "sampled", T_max, c, norm, scale, gen, record_sim=True,
+                                   timers=timers)
         full_buffer.extend(store_trajectories(out, params, scale))
         episodic_return, episodic_length = out["reward"].sum(1).mean(), out["valid"].sum(1).mean()
         live = out["valid"]

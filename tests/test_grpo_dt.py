@@ -293,8 +293,13 @@ def test_end_to_end_hopper_workers_resume_budget(hopper_checkpoint, tmp_path):
         assert tags[tag] == [0, 1, 2]
     for tag in ("charts/episodic_return", "charts/env_steps", "charts/grad_updates", "charts/SPS", "losses/policy_loss",
                 "losses/kl", "losses/entropy", "losses/clipfrac", "losses/kappa", "losses/ratio_mean",
-                "losses/ratio_max", "losses/group_reward_std", "losses/dropped_fraction"):
+                "losses/ratio_max", "losses/group_reward_std", "losses/dropped_fraction", "charts/episodic_length",
+                "charts/reset_step_mean", "charts/reset_step_max", "charts/rollout_sigma", "charts/rollout_mu_abs",
+                "charts/draws_per_subtraj", "losses/clipfrac_fresh", "losses/clipfrac_stale", "losses/clipfrac_adv_pos",
+                "losses/clipfrac_adv_neg"):
         assert tags[tag] == [1, 2], tag
+    for tag in ("charts/normalized_score_se", "charts/eval_length", "charts/eval_reward_per_step"):
+        assert tags[tag] == [0, 1, 2], tag
     ft = torch.load(save, weights_only=False)
     pre = torch.load(hopper_checkpoint, weights_only=False)
     assert ft["finetune"]["iteration"] == 2 and ft["finetune"]["grad_updates"] == 4
@@ -317,6 +322,24 @@ def test_end_to_end_hopper_workers_resume_budget(hopper_checkpoint, tmp_path):
     grpo_dt.main(tiny_args("Hopper-v4", ds, hopper_checkpoint, tmp_path / "e", num_iterations=0))
     tags = scalars(tmp_path / "e" / "runs")
     assert tags["charts/normalized_score"] == [0] and "charts/env_steps" not in tags
+
+
+def test_full_rollout_actions_flag_picks_sampled_or_mean_actions(hopper_checkpoint, tmp_path, monkeypatch):
+    """--full-rollout-actions mean rolls the reset-point trajectories out with tanh(mean); the paper's are sampled."""
+    calls = {}
+    real = grpo_dt.run_episodes
+
+    def spy(model, envs, seeds, rtg, stochastic, *rest, record_sim=False, **kw):
+        if record_sim:  # the full trajectories (evaluation does not record the simulator)
+            calls.setdefault("stochastic", []).append(stochastic)
+        return real(model, envs, seeds, rtg, stochastic, *rest, record_sim=record_sim, **kw)
+
+    monkeypatch.setattr(grpo_dt, "run_episodes", spy)
+    for mode, expected in (("sampled", True), ("mean", False)):
+        calls.clear()
+        grpo_dt.main(tiny_args("Hopper-v4", "local/hopper/medium-v0", hopper_checkpoint, tmp_path / mode,
+                               num_iterations=1, full_rollout_actions=mode))
+        assert calls["stochastic"] == [expected]
 
 
 def test_end_to_end_door(door_checkpoint, tmp_path):
