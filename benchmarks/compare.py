@@ -5,7 +5,9 @@ log is read back with tensorboard's `EventAccumulator`. Writes `results/<name>/s
 mean ± std over seeds, env steps, gradient updates, wall time; a failed run is shown as FAILED, never dropped and
 never as zero) and `results/<name>/curves.png` (normalized score vs iteration and vs env steps, seed bands).
 TensorBoard logs and per-run stdout/stderr go to `results/<name>/raw/`, the shared checkpoint (made once per task
-and pretraining flags, reused by every preset) to `checkpoints/compare/`; both are git-ignored.
+and pretraining flags, reused by every preset) to `checkpoints/compare/`; both are git-ignored. IQL (iql.py) is the
+one method that takes no checkpoint: it pretrains itself on the same env and data for as many updates as the shared
+DT, logs against env steps (so it is drawn on the env-step panel only) and gets the env-step budget as --online-steps.
 
 Presets (CPU scale on local/hopper/medium-v0, plus local/door/human-v0 where the paper shows Door):
     table1-cpu      all methods on the same budget (Table 1)            hopper, door
@@ -96,12 +98,15 @@ class Method:
     script: str
     args: tuple = ()
     reference: bool = False  # evaluates the checkpoint only (no finetuning, no budget)
+    uses_checkpoint: bool = True  # False: pretrains itself on the same env and data (IQL), gets no --checkpoint
+    steps_are_env_steps: bool = False  # its scalars are logged against env steps, not iterations (IQL)
 
 
 TASKS = {"hopper": ("Hopper-v4", "local/hopper/medium-v0"), "door": ("AdroitHandDoor-v1", "local/door/human-v0")}
 DT = Method("dt", "pretrained DT (no finetuning)", "grpo_dt.py", ("--num-iterations", "0"), reference=True)
 GRPO = Method("grpo-dt", "GRPO-DT", "grpo_dt.py")
-TABLE1 = [DT, Method("odt", "ODT", "odt_td3.py", ("--algo", "odt")), Method("odt-td3", "ODT+TD3", "odt_td3.py"),
+IQL = Method("iql", "IQL", "iql.py", uses_checkpoint=False, steps_are_env_steps=True)
+TABLE1 = [DT, IQL, Method("odt", "ODT", "odt_td3.py", ("--algo", "odt")), Method("odt-td3", "ODT+TD3", "odt_td3.py"),
           Method("ppo-dt", "PPO-DT", "ppo_dt.py"), GRPO, Method("qguided", "Q-guided GRPO-DT", "grpo_dt_qguided.py")]
 ABLATIONS = ("full-trajectory", "no-consistent-reset", "token-level-ratio", "uniform-reset-sampling",
              "geometric-mean-ratio")  # Fig. 2a-e, each against GRPO-DT with all its components
@@ -121,14 +126,18 @@ CPU_OVERRIDES: dict[str, tuple] = {
     "ppo_dt.py": ("--k-ppo", "2", "--n-batch", "32", "--updates-per-iteration", "4"),
     "odt_td3.py": ("--actor-updates", "20", "--critic-updates", "40", "--critic-pretrain-updates", "500",
                    "--batch-size", "32", "--warmup-updates", "100"),
+    # IQL pretrains as many updates as the shared DT (App. B.1); it evaluates every 1000 env steps for the curves
+    "iql.py": ("--offline-updates", CPU_PRETRAIN[CPU_PRETRAIN.index("--num-updates") + 1], "--eval-every", "1000"),
 }
+# iql.py's online length when only a wall-clock budget is given (--max-seconds then stops it).
+IQL_UNBOUNDED_STEPS = 10_000_000
 
 
 # The paper's Table 1 (normalized score, 3 seeds, paper-scale models and budgets), shown beside table1-cpu results.
-PAPER_TABLE1 = {"hopper": {"dt": "46.46", "odt": "98.02 ± 0.63", "odt-td3": "101.47 ± 2.29",
+PAPER_TABLE1 = {"hopper": {"dt": "46.46", "iql": "74.19 ± 20.25", "odt": "98.02 ± 0.63", "odt-td3": "101.47 ± 2.29",
                            "ppo-dt": "105.65 ± 5.43", "grpo-dt": "108.81 ± 0.85"},
-                "door": {"dt": "3.28", "odt": "8.76 ± 3.87", "odt-td3": "79.73 ± 4.37", "ppo-dt": "94.12 ± 3.99",
-                         "grpo-dt": "89.33 ± 10.12"}}
+                "door": {"dt": "3.28", "iql": "11.27 ± 0.44", "odt": "8.76 ± 3.87", "odt-td3": "79.73 ± 4.37",
+                         "ppo-dt": "94.12 ± 3.99", "grpo-dt": "89.33 ± 10.12"}}
 
 
 def grpo(key: str, label: str, *flags) -> Method:
@@ -156,7 +165,8 @@ def preset_runs(preset: str, scale: str) -> tuple[list[str], list[Method]]:
 
 def finetune_command(args: Args, m: Method, env_id: str, dataset: str, ckpt: Path, seed: int, runs_dir: Path) -> list:
     cmd = [sys.executable, str(Path(args.scripts_dir) / m.script), "--env-id", env_id, "--dataset", dataset,
-           "--checkpoint", str(ckpt), "--seed", str(seed), "--exp-name", m.key, "--runs-dir", str(runs_dir)]
+           *(("--checkpoint", str(ckpt)) if m.uses_checkpoint else ()), "--seed", str(seed), "--exp-name", m.key,
+           "--runs-dir", str(runs_dir)]
     if args.scale == "cpu":
         cmd += list(CPU_OVERRIDES.get(m.script, ()))
     eval_episodes = args.eval_episodes if args.eval_episodes is not None else (5 if args.scale == "cpu" else None)
@@ -165,7 +175,10 @@ def finetune_command(args: Args, m: Method, env_id: str, dataset: str, ckpt: Pat
     if not m.reference:
         budget = args.budget_env_steps > 0 or args.budget_seconds > 0
         iters = args.num_iterations if args.num_iterations is not None else (100_000 if budget else None)
-        if iters is not None:
+        if m.steps_are_env_steps:  # no iterations: the online length is in env steps (--num-iterations is ignored)
+            if budget:
+                cmd += ["--online-steps", str(args.budget_env_steps or IQL_UNBOUNDED_STEPS)]
+        elif iters is not None:
             cmd += ["--num-iterations", str(iters)]
         if args.budget_env_steps > 0:
             cmd += ["--total-env-steps", str(args.budget_env_steps)]
@@ -287,8 +300,11 @@ def seed_band(curves: list[tuple[np.ndarray, np.ndarray]], grid: np.ndarray):
 
 
 def score_curves(run: Run) -> tuple[tuple, tuple]:
-    """(iteration, score) and (env steps, score); env steps at each evaluated iteration, interpolated by iteration."""
+    """(iteration, score) and (env steps, score); env steps at each evaluated iteration, interpolated by iteration.
+    A method logged against env steps has no iteration curve: (None, (env steps, score))."""
     it, score = run.scalars["charts/normalized_score"]
+    if run.method.steps_are_env_steps:
+        return None, (it, score)
     steps_it, steps = run.scalars.get("charts/env_steps", (np.zeros(1), np.zeros(1)))
     if steps_it[0] > 0:  # iteration 0 (the checkpoint) has taken no env steps, logged or not
         steps_it, steps = np.concatenate([[0], steps_it]), np.concatenate([[0.0], steps])
@@ -313,7 +329,9 @@ def plot_curves(sections: dict[str, dict[str, list[Run]]], path: Path, title: st
             if not ok:
                 row[0].plot([], [], color=color, ls=":", label=label)
                 continue
-            for ax, j in zip(row, (0, 1)):
+            if m.steps_are_env_steps:  # no iterations: drawn on the env-step panel only, named in the legend
+                row[0].plot([], [], color=color, label=label + " (env-step panel only)")
+            for ax, j in zip(row, (1,) if m.steps_are_env_steps else (0, 1)):
                 curves = [score_curves(r)[j] for r in ok]
                 if m.reference:  # a horizontal reference: the checkpoint's score, mean ± std over seeds
                     y = np.array([c[1][-1] for c in curves])
@@ -322,7 +340,7 @@ def plot_curves(sections: dict[str, dict[str, list[Run]]], path: Path, title: st
                     continue
                 grid = np.unique(np.concatenate([c[0] for c in curves]))
                 mean, std = seed_band(curves, grid)
-                ax.plot(grid, mean, color=color, label=label if j == 0 else None,
+                ax.plot(grid, mean, color=color, label=label if j == 0 and not m.steps_are_env_steps else None,
                         marker="." if len(grid) < 30 else None)
                 ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.2)
                 for x, y in curves:  # each seed, thin: shows where the seeds run past the shortest one
@@ -397,8 +415,10 @@ def main(args: Args) -> Path:
         tag = hashlib.sha1(" ".join(flags).encode()).hexdigest()[:8]
         ckpt = Path(args.checkpoint or
                     f"{args.checkpoints_dir}/{env_id}__{dataset.replace('/', '-')}__{args.scale}__{tag}.pt")
-        pre = None if args.checkpoint else [sys.executable, str(scripts / "pretrain_dt.py"), *flags, "--checkpoint",
-                                            str(ckpt), "--runs-dir", str(raw / "runs" / task / "pretrain")]
+        needed = any(m.uses_checkpoint for m in methods)  # IQL alone needs no DT
+        pre = None if args.checkpoint or not needed else [sys.executable, str(scripts / "pretrain_dt.py"), *flags,
+                                                          "--checkpoint", str(ckpt), "--runs-dir",
+                                                          str(raw / "runs" / task / "pretrain")]
         runs = [Run(task, m, seed) for m in methods for seed in range(1, args.seeds + 1)]
         for r in runs:
             r.cmd = finetune_command(args, r.method, env_id, dataset, ckpt, r.seed,
@@ -407,7 +427,7 @@ def main(args: Args) -> Path:
     if args.dry_run:
         for task, ckpt, pre, runs in plan:
             print(f"# {task}: {TASKS[task]}, checkpoint {ckpt}")
-            print(show(pre) if pre else f"# using --checkpoint {ckpt}")
+            print(show(pre) if pre else f"# using --checkpoint {ckpt}" if args.checkpoint else "# no DT checkpoint needed")
             for r in runs:
                 print(show(r.cmd))
         return out_dir
@@ -423,7 +443,8 @@ def main(args: Args) -> Path:
               f"- seeds: 1..{args.seeds}; budget per run: {budget or 'none (the scripts own iteration counts)'}",
               "- score: D4RL normalized x100 at the run's last evaluation, by the script's own evaluation; the "
               "pretrained DT row is `grpo_dt.py --num-iterations 0` (GRPO-DT's evaluation); each run's iteration-0 "
-              "score is its own script's evaluation of the same checkpoint",
+              "score is its own script's evaluation of the same checkpoint; IQL uses no checkpoint: it pretrains "
+              "itself on the same data for as many updates as the DT, and its iteration 0 is the score after that",
               "- ± is the std over seeds (np.std, ddof=0); env steps and updates: the last logged `charts/env_steps`, "
               "`charts/grad_updates`, mean over the seeds that finished; wall time: process start to exit"]
     sections = {task: {m.key: [r for r in runs if r.method is m] for m in methods} for task, _, _, runs in plan}

@@ -115,7 +115,7 @@ def test_last_line_finds_the_error():
 def test_bad_input_is_one_line_error(tmp_path):
     with pytest.raises(compare.UserError, match="unknown --preset 'nope'; valid: table1-cpu, fig1-relabel"):
         compare.main(compare.Args(preset="nope"))
-    with pytest.raises(compare.UserError, match="unknown --methods.*valid: dt, odt"):
+    with pytest.raises(compare.UserError, match="unknown --methods.*valid: dt, iql, odt"):
         compare.main(compare.Args(methods=("sac",), dry_run=True))
     with pytest.raises(compare.UserError, match="one task"):
         compare.main(compare.Args(checkpoint=str(tmp_path / "c.pt")))
@@ -130,6 +130,38 @@ def test_presets_dry_run(capsys):
     assert "grpo_dt_qguided.py" in out and "--algo odt" in out and "--total-env-steps 1000" in out
     dt = [ln for ln in out.splitlines() if "--exp-name dt " in ln]  # the pretrained DT only evaluates: no budget
     assert dt and all(ln.endswith("--num-iterations 0") and "--total-env-steps" not in ln for ln in dt)
+    # IQL takes no checkpoint and no iterations: the env-step budget is its online length; at cpu scale it pretrains
+    # as many updates as the shared cpu DT (1500), at paper scale its own default (the paper's 5000).
+    iql = [ln for ln in out.splitlines() if ln.startswith("python iql.py")]
+    assert len(iql) == 4 and all("--checkpoint" not in ln and "--num-iterations" not in ln for ln in iql)
+    assert all("--online-steps 1000 --total-env-steps 1000" in ln for ln in iql)
+    assert sum("--offline-updates 1500" in ln for ln in iql) == 2 and sum("--eval-episodes 5" in ln for ln in iql) == 2
+
+
+def test_iql_gets_the_same_seeds_budget_and_eval_episodes(capsys):
+    compare.main(compare.Args(preset="table1-cpu", seeds=2, budget_seconds=60, eval_episodes=7, tasks=("door",),
+                              methods=("iql", "odt"), dry_run=True))
+    lines = capsys.readouterr().out.splitlines()
+    iql, odt = ([ln for ln in lines if f"--exp-name {m} " in ln] for m in ("iql", "odt"))
+    for a, b in zip(iql, odt):
+        for flag in ("--env-id AdroitHandDoor-v1", "--dataset local/door/human-v0", "--max-seconds 60",
+                     "--eval-episodes 7"):
+            assert flag in a and flag in b
+    assert [ln.split("--seed ")[1][0] for ln in iql] == ["1", "2"]
+    assert all("--online-steps 10000000" in ln for ln in iql)  # the wall-clock budget stops it
+    only_iql = compare.main(compare.Args(preset="table1-cpu", seeds=1, tasks=("door",), methods=("iql",), dry_run=True))
+    assert only_iql and "# no DT checkpoint needed" in capsys.readouterr().out
+
+
+def test_env_step_methods_plot_on_the_env_step_panel_only(tmp_path):
+    r = compare.Run("hopper", compare.IQL, 1, returncode=0, scalars={
+        "charts/normalized_score": (np.array([0, 1000, 2000]), np.array([30.0, 40.0, 50.0]))})
+    it_curve, (env, score) = compare.score_curves(r)
+    assert it_curve is None and env.tolist() == [0, 1000, 2000] and score.tolist() == [30.0, 40.0, 50.0]
+    sections = make_runs(tmp_path)
+    sections["hopper"]["iql"] = [r]
+    compare.plot_curves(sections, tmp_path / "curves.png", "t")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
 
 
 FAKE_PRETRAIN = """
@@ -157,18 +189,39 @@ for it in range(a.num_iterations + 1):
         break
 w.close()
 """
+FAKE_IQL = """
+import argparse, sys, time
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
+assert "--checkpoint" not in sys.argv and "--num-iterations" not in sys.argv
+p = argparse.ArgumentParser()
+for f in ("--runs-dir", "--env-id", "--exp-name"): p.add_argument(f)
+for f in ("--seed", "--online-steps", "--total-env-steps", "--offline-updates"): p.add_argument(f, type=int, default=0)
+a, _ = p.parse_known_args()
+w = EventFileWriter(f"{a.runs_dir}/{a.env_id}__{a.exp_name}__{a.seed}__{int(time.time())}")
+for step in range(0, a.online_steps + 1, 100):  # logged against env steps
+    for tag, v in (("charts/normalized_score", 20 + step / 10 + a.seed), ("charts/env_steps", step),
+                   ("charts/grad_updates", a.offline_updates + step)):
+        value = Summary.Value(tag=tag, simple_value=v)
+        w.add_event(Event(wall_time=time.time(), step=step, summary=Summary(value=[value])))
+w.close()
+"""
 FAKE_FAILING = "import sys\nsys.stderr.write('loading...\\nValueError: bad shapes\\n')\nsys.exit(3)\n"
 
 
 def test_end_to_end_with_fake_scripts(tmp_path, capsys):
-    for name, src in (("pretrain_dt.py", FAKE_PRETRAIN), ("grpo_dt.py", FAKE_FINETUNE), ("ppo_dt.py", FAKE_FAILING)):
+    for name, src in (("pretrain_dt.py", FAKE_PRETRAIN), ("grpo_dt.py", FAKE_FINETUNE), ("ppo_dt.py", FAKE_FAILING),
+                      ("iql.py", FAKE_IQL)):
         (tmp_path / name).write_text(textwrap.dedent(src))
-    args = compare.Args(preset="table1-cpu", tasks=("hopper",), methods=("grpo-dt", "ppo-dt"), seeds=2,
+    args = compare.Args(preset="table1-cpu", tasks=("hopper",), methods=("grpo-dt", "ppo-dt", "iql"), seeds=2,
                         budget_env_steps=300, scripts_dir=str(tmp_path), results_dir=str(tmp_path / "results"),
                         checkpoints_dir=str(tmp_path / "ckpt"))
     out_dir = compare.main(args)
     md = (out_dir / "summary.md").read_text()
     assert "| GRPO-DT | 31.50 ± 0.50 | 1.50 | 2/2 | 300 | 12 |" in row(md, "GRPO-DT")  # stopped by the env-step budget
+    # IQL: 300 online env steps after 1500 offline updates; its iteration 0 is its score after pretraining.
+    assert "| IQL | 51.50 ± 0.50 | 21.50 | 2/2 | 300 | 1,800 |" in row(md, "IQL") and "| 74.19 ± 20.25 |" in row(md, "IQL")
     ppo = row(md, "PPO-DT")
     assert "| FAILED | — | 0/2 |" in ppo and "exit 3: ValueError: bad shapes" in ppo
     assert (out_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -176,5 +229,5 @@ def test_end_to_end_with_fake_scripts(tmp_path, capsys):
     (out_dir / "summary.md").unlink()
     compare.main(compare.Args(**{**vars(args), "summarize_only": True}))  # rebuilt from the recorded runs alone
     assert (out_dir / "summary.md").read_text().split("## hopper")[1] == md.split("## hopper")[1]
-    progress = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[") and "/4]" in ln]
-    assert len(progress) == 4 and "[2/4] hopper PPO-DT seed 2: FAILED (exit 3: ValueError: bad shapes)" in progress[1]
+    progress = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[") and "/6]" in ln]
+    assert len(progress) == 6 and "[4/6] hopper PPO-DT seed 2: FAILED (exit 3: ValueError: bad shapes)" in progress[3]

@@ -1,0 +1,232 @@
+"""iql.py: the expectile loss, the advantage weights, TD targets at truncation vs termination, the offline + online
+replay, offline transitions, exact resume, non-finite losses, bad input, and end-to-end runs on the shared data."""
+
+import inspect
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import iql as M
+import pretrain_dt
+
+TINY = dict(hidden_dim=16, batch_size=16, offline_updates=30, eval_episodes=1, max_episode_steps=15, eval_every=20)
+HOPPER = dict(env_id="Hopper-v4", dataset="local/hopper/medium-v0")
+DOOR = dict(env_id="AdroitHandDoor-v1", dataset="local/door/human-v0")
+
+
+def run(tmp_path, **kw):
+    return M.main(M.Args(runs_dir=str(tmp_path / "runs"), **{**HOPPER, **TINY, **kw}))
+
+
+def scalars(run_dir) -> dict:
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+# ---------------------------------------------------------------- losses
+def test_expectile_loss_is_its_definition_and_pulls_v_up():
+    diff = torch.tensor([-2.0, -0.5, 0.0, 0.5, 3.0])
+    expected = np.mean([(0.3 if d < 0 else 0.7) * d**2 for d in diff.tolist()])
+    assert M.expectile_loss(diff, 0.7).item() == pytest.approx(expected)
+    # diff = Q - V: an underestimating V (diff > 0) costs 0.7, an overestimating one 0.3.
+    assert M.expectile_loss(torch.tensor([1.0]), 0.7).item() == pytest.approx(0.7)
+    assert M.expectile_loss(torch.tensor([-1.0]), 0.7).item() == pytest.approx(0.3)
+    # So the best constant V over samples of Q is their 0.7-expectile, above their mean: the fixed point
+    # v = sum(w q) / sum(w), w = 0.7 where q > v and 0.3 below, where the loss's gradient vanishes.
+    q, v = torch.tensor([0.0, 1.0, 2.0, 10.0]), torch.tensor(0.0)
+    for _ in range(50):
+        w = torch.where(q > v, 0.7, 0.3)
+        v = (w * q).sum() / w.sum()
+    v.requires_grad_(True)
+    M.expectile_loss(q - v, 0.7).backward()
+    assert v.item() > q.mean().item() + 1 and abs(v.grad.item()) < 1e-6
+    for other in (v.item() - 0.1, v.item() + 0.1, q.mean().item()):
+        assert M.expectile_loss(q - other, 0.7) > M.expectile_loss(q - v.detach(), 0.7)
+    assert M.expectile_loss(q - 0.5, 0.5).item() == pytest.approx(0.5 * ((q - 0.5) ** 2).mean().item())
+
+
+def test_advantage_weights_are_exp_beta_adv_clipped_at_100():
+    adv = torch.tensor([-1.0, 0.0, 0.5, 1.0, 50.0])
+    w = M.advantage_weights(adv, beta=3.0)
+    torch.testing.assert_close(w[:3], torch.exp(3.0 * adv[:3]))
+    assert w[3].item() == pytest.approx(np.exp(3.0)) and w[4].item() == 100.0 == M.MAX_WEIGHT
+    # The actor loss is that weight times the data action's NLL, and sends no gradient into the advantage.
+    log_prob, adv = torch.tensor([-1.0, -2.0], requires_grad=True), torch.tensor([0.0, 10.0], requires_grad=True)
+    loss = M.actor_loss(log_prob, adv, beta=3.0)
+    assert loss.item() == pytest.approx((1.0 * 1.0 + 100.0 * 2.0) / 2)
+    loss.backward()
+    assert adv.grad is None and log_prob.grad.tolist() == [-0.5, -50.0]
+
+
+def test_td_target_truncation_bootstraps_termination_cuts():
+    rewards, next_v = torch.tensor([1.0, 1.0, 2.0]), torch.tensor([10.0, 10.0, 4.0])
+    terminals = torch.tensor([False, True, False])  # step 0: time-limit end (not terminal); step 1: the robot fell
+    torch.testing.assert_close(M.td_target(rewards, terminals, next_v, 0.9), torch.tensor([10.0, 1.0, 5.6]))
+    q1, q2 = torch.tensor([10.0, 1.0, 5.6]), torch.tensor([11.0, 1.0, 5.6])
+    assert M.q_loss(q1, q2, M.td_target(rewards, terminals, next_v, 0.9)).item() == pytest.approx(1 / 3)
+
+
+def test_online_time_limit_ends_are_stored_as_not_terminal(tmp_path):
+    out = run(tmp_path, online_steps=24, eval_every=24, offline_updates=5, max_episode_steps=8)
+    online = torch.load(out["state_path"], weights_only=False)["buffer"]["online"]
+    assert out["episode"] == 3  # three 8-step episodes, each ended by the time limit (too short to fall)...
+    assert not online["terminals"].any()  # ...and none stored as a termination, so their TD targets bootstrap
+    # Within an episode, s' of one transition is s of the next; across the reset it is not.
+    np.testing.assert_array_equal(online["next_observations"][:7], online["observations"][1:8])
+    assert not np.array_equal(online["next_observations"][7], online["observations"][8])
+
+
+def test_offline_transitions_from_a_d4rl_file(tmp_path):
+    n = 9
+    terminals, timeouts = np.zeros(n, bool), np.zeros(n, bool)
+    terminals[2], timeouts[5] = True, True  # episodes [0, 3) ends by a fall, [3, 6) by the time limit, [6, 9) cut
+    path = tmp_path / "hopper-tiny.hdf5"
+    with h5py.File(path, "w") as f:
+        f["observations"] = np.arange(n, dtype=np.float64)[:, None].repeat(11, 1)
+        f["actions"] = np.zeros((n, 3))
+        f["rewards"] = np.arange(n, dtype=np.float64)
+        f["terminals"], f["timeouts"] = terminals, timeouts
+    t = M.load_transitions("d4rl/x", str(path), "mujoco")
+    # The timeout's and the file's last s' are unknown, so those rows go; the fall keeps its row, as terminal.
+    assert t["rewards"].tolist() == [0, 1, 2, 3, 4, 6, 7]
+    assert t["terminals"].tolist() == [False, False, True, False, False, False, False]
+    np.testing.assert_array_equal(t["next_observations"][:, 0], [1, 2, 3, 4, 5, 7, 8])
+
+
+def test_minari_transitions_keep_every_step_with_its_next_observation():
+    _, trajs, _, _ = M.load_dataset(**HOPPER, dataset_path=None, random_steps=0, seed=0)
+    t = M.load_transitions(HOPPER["dataset"], None, "mujoco")
+    assert len(t["rewards"]) == sum(len(x["rewards"]) for x in trajs) == 89_673
+    np.testing.assert_array_equal(t["observations"][: len(trajs[0]["rewards"])], trajs[0]["observations"])
+    np.testing.assert_array_equal(t["next_observations"][:10], t["observations"][1:11])
+    assert t["terminals"].sum() == sum(x["terminals"].sum() for x in trajs) == 249
+
+
+# ---------------------------------------------------------------- replay, presets, seeds
+def test_buffer_mixes_offline_and_online_and_keeps_offline_data():
+    offline = dict(observations=np.zeros((50, 2), np.float32), rewards=np.zeros(50, np.float32))
+    buf = M.ReplayBuffer({k: v.copy() for k, v in offline.items()}, capacity=50 + 8)
+    rng = np.random.default_rng(0)
+    for i in range(1, 21):  # 20 online transitions into 8 online slots: FIFO keeps the last 8
+        buf.add(observations=np.full(2, i), rewards=float(i))
+    batch = buf.sample(4000, rng)["rewards"]
+    assert (batch == 0).any() and (batch > 0).any()  # both sources in one batch
+    assert set(batch[batch > 0].tolist()) == set(range(13, 21))  # the oldest online ones were replaced
+    assert np.mean(batch > 0) == pytest.approx(8 / 58, abs=0.02)  # uniform over the 58 transitions
+    for k, v in offline.items():  # the offline part is never overwritten
+        np.testing.assert_array_equal(buf.offline[k], v)
+    restored = M.ReplayBuffer({k: v.copy() for k, v in offline.items()}, capacity=58)
+    restored.load_state_dict(buf.state_dict())
+    np.testing.assert_array_equal(restored.sample(100, np.random.default_rng(1))["rewards"],
+                                  buf.sample(100, np.random.default_rng(1))["rewards"])
+
+
+def test_family_presets_and_reward_transform():
+    door = M.with_family_defaults(M.Args(), "adroit")
+    assert (door.expectile, door.beta, door.actor_dropout, door.normalize_reward) == (0.8, 3.0, 0.1, False)
+    ant = M.with_family_defaults(M.Args(), "antmaze")
+    assert (ant.expectile, ant.beta, ant.normalize_reward) == (0.9, 10.0, True)
+    assert M.with_family_defaults(M.Args(expectile=0.6), "mujoco").expectile == 0.6  # a flag wins over the preset
+    returns = np.array([100.0, 600.0, 300.0])
+    assert M.reward_transform("mujoco", returns, True) == (2.0, 0.0)  # 1000 / (600 - 100)
+    assert M.reward_transform("antmaze", returns, True) == (1.0, -1.0)
+    assert M.reward_transform("adroit", returns, False) == (1.0, 0.0)
+
+
+def test_eval_seeds_differ_across_run_seeds():
+    assert M.eval_seeds(1, 3).tolist() == [100_000, 100_001, 100_002]
+    assert not set(M.eval_seeds(1, 50)) & set(M.eval_seeds(2, 50))
+    assert len({M.train_episode_seed(s, e) for s in (1, 2) for e in range(100)} | set(M.eval_seeds(1, 10))) == 210
+
+
+def test_shared_code_is_a_verbatim_copy_of_pretrain_dt():
+    for name in ("UserError", "env_family", "flatten_antmaze_obs", "make_env", "remote_reachable",
+                 "episodes_to_trajectories", "load_d4rl_hdf5", "generate_random_dataset", "load_dataset",
+                 "normalized_score", "fix_malloc_mmap_threshold", "save_checkpoint"):
+        assert inspect.getsource(getattr(M, name)) == inspect.getsource(getattr(pretrain_dt, name)), name
+    for name in ("MUJOCO_ENVS", "ADROIT_ENVS", "SUPPORTED", "D4RL_REF", "SHORT_NAMES"):
+        assert getattr(M, name) == getattr(pretrain_dt, name), name
+
+
+# ---------------------------------------------------------------- runs
+def test_resume_is_exact(tmp_path):
+    straight = run(tmp_path / "a", online_steps=40)
+    # The same run stopped at 23 env steps (mid-episode: episodes are 15 steps), then resumed in a new main().
+    first = run(tmp_path / "b", online_steps=40, total_env_steps=23)
+    assert first["env_steps"] == 23 and first["episode_actions"]
+    resumed = M.main(M.Args(resume=str(first["state_path"]), online_steps=40, eval_every=20, eval_episodes=1))
+    assert resumed["env_steps"] == straight["env_steps"] == 40 and resumed["run_dir"] == first["run_dir"]
+    assert resumed["score"] == straight["score"]
+    for (k, a), b in zip(straight["agent"].state_dict().items(), resumed["agent"].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    sa, sb = (torch.load(r["state_path"], weights_only=False) for r in (straight, resumed))
+    for k, v in sa["buffer"]["online"].items():
+        np.testing.assert_array_equal(v, sb["buffer"]["online"][k])
+    assert sa["numpy_rng"] == sb["numpy_rng"] and torch.equal(sa["torch_rng"], sb["torch_rng"])
+    assert sa["optimizers"]["actor"]["state"][0]["step"] == sb["optimizers"]["actor"]["state"][0]["step"]
+
+
+def test_budgets_stop_the_online_phase(tmp_path):
+    assert run(tmp_path, online_steps=40, max_seconds=1e-9)["env_steps"] == 1  # counted from the online start
+    assert run(tmp_path, online_steps=40, total_env_steps=7)["env_steps"] == 7
+    assert run(tmp_path, online_steps=0)["env_steps"] == 0  # offline IQL only
+
+
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_state(tmp_path, monkeypatch):
+    real, calls = M.q_loss, []
+
+    def poisoned(*a):  # a NaN Q loss at the 26th online update, after the state saved at env step 20
+        calls.append(1)
+        return real(*a) * (float("nan") if len(calls) == TINY["offline_updates"] + 26 else 1.0)
+
+    monkeypatch.setattr(M, "q_loss", poisoned)
+    with pytest.raises(M.UserError) as err:
+        run(tmp_path, online_steps=40)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("non-finite qf_loss at losses step 26") and "last good state kept" in msg
+    state = torch.load(next((tmp_path / "runs").glob("*/state.pt")), weights_only=False)
+    assert state["counters"]["env_steps"] == 20
+    assert all(torch.isfinite(v).all() for v in state["agent"].values())
+
+
+@pytest.mark.parametrize("task", [HOPPER, DOOR], ids=["hopper", "door"])
+def test_end_to_end(tmp_path, task):
+    out = M.main(M.Args(**task, hidden_dim=32, batch_size=32, offline_updates=300, online_steps=100, eval_every=50,
+                        eval_episodes=2, max_episode_steps=40, runs_dir=str(tmp_path), save_model=True))
+    assert np.isfinite(out["score"]) and out["grad_updates"] == 400
+    s = scalars(out["run_dir"])
+    for tag in ("charts/normalized_score", "charts/episodic_return", "charts/eval_return", "charts/env_steps",
+                "charts/SPS", "charts/grad_updates", "losses/qf_loss", "losses/vf_loss", "losses/actor_loss",
+                "losses/adv_mean", "losses/q_mean", "offline/qf_loss"):
+        assert tag in s, tag
+    assert sorted(s["charts/normalized_score"]) == [0, 50, 100]  # iteration 0 (after pretraining), then env steps
+    assert s["charts/grad_updates"][100] == 400 and all(np.isfinite(v) for v in s["losses/qf_loss"].values())
+    actor = torch.load(out["run_dir"] / "actor.pt", weights_only=False)
+    assert actor["args"]["actor_dropout"] == (0.1 if task is DOOR else 0.0)
+
+
+def test_bad_sizes_are_one_line_errors(tmp_path):
+    with pytest.raises(M.UserError, match=r"--batch-size 0 \(min 1\), --eval-episodes 0 \(min 1\)"):
+        run(tmp_path, batch_size=0, eval_episodes=0)
+    with pytest.raises(M.UserError, match="--buffer-size 100 leaves no room"):
+        run(tmp_path, buffer_size=100, online_steps=10)
+    with pytest.raises(M.UserError, match="is not a file"):
+        M.main(M.Args(resume=str(tmp_path / "nope.pt")))
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--env-id", "Humanoid-v4"], "error: unknown --env-id 'Humanoid-v4'; supported: MuJoCo"),
+    (["--env-id", "Hopper-v4", "--dataset", "bogus"], "error: unknown --dataset 'bogus' for mujoco; use one of"),
+])
+def test_bad_input_is_one_line_error(flags, match):
+    proc = subprocess.run([sys.executable, str(ROOT / "iql.py"), *flags], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(match) and "Traceback" not in proc.stderr
