@@ -19,6 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import tyro
@@ -37,18 +38,23 @@ class Args:
     """seeds 1..seeds of each"""
     dt_flags: str = ""
     """extra pretrain_dt.py flags after the README's CPU config (e.g. the ODT recipe, to compare)"""
-    eval_every: int = 1000
-    """updates between the DT's evaluations (3000 updates: 3 evaluations)"""
+    config_name: str = "default"
+    """names the DT logs (`dt_{config_name}_{dataset}_s{seed}.log`), so several --dt-flags share one --out-dir"""
+    bc: Literal["run", "none"] = "run"
+    """run: run the MLP where its log is missing or unfinished; none: only read the logs already there (another
+    invocation runs them)"""
+    report_only: bool = False
+    """run nothing; print the table from the logs in --out-dir"""
+    eval_every: int = 500
+    """updates between the DT's evaluations (3000 updates: the last 3 are at 2000, 2500 and 3000)"""
     eval_episodes: int = 20
     """evaluation episodes of both, per point"""
     bc_updates: int = 10_000
     """Adam updates of the MLP"""
     parallel: int = 2
     """runs at a time"""
-    out_dir: str = str(ROOT / "benchmarks" / "pretrain_out" / "dt_vs_bc")
+    out_dir: str = "benchmarks/pretrain_out/dt_vs_bc"
     """where each run's log goes"""
-    skip_bc: bool = False
-    """reuse the BC logs already in --out-dir (the MLP does not depend on --dt-flags)"""
 
 
 def jobs(args: Args, out: Path):
@@ -59,21 +65,26 @@ def jobs(args: Args, out: Path):
             dt = [sys.executable, str(ROOT / "pretrain_dt.py"), "--env-id", env_id, "--dataset", dataset, "--seed",
                   str(seed), *shlex.split(CPU_CONFIG), *shlex.split(args.dt_flags), "--eval-every", str(args.eval_every),
                   "--eval-episodes", str(args.eval_episodes), "--save-every", "0",
-                  "--checkpoint", str(out / f"dt_{tag}_s{seed}.pt"), "--runs-dir", str(out / "runs")]
-            yield out / f"dt_{tag}_s{seed}.log", dt
+                  "--checkpoint", str(out / f"dt_{args.config_name}_{tag}_s{seed}.pt"), "--runs-dir", str(out / "runs" / args.config_name / f"{tag}_s{seed}")]
+            if not dt_scores(out / f"dt_{args.config_name}_{tag}_s{seed}.log", finished=True):
+                yield out / f"dt_{args.config_name}_{tag}_s{seed}.log", dt
             bc = [sys.executable, str(ROOT / "benchmarks" / "bench_bc_reference.py"), "--env-id", env_id, "--dataset",
                   dataset, "--first-seed", str(seed), "--seeds", "1", "--updates", str(args.bc_updates),
                   "--eval-episodes", str(args.eval_episodes)]
-            if not (args.skip_bc and (out / f"bc_{tag}_s{seed}.log").exists()):
+            if args.bc == "run" and not bc_scores(out / f"bc_{tag}_s{seed}.log"):
                 yield out / f"bc_{tag}_s{seed}.log", bc
 
 
-def dt_scores(log: Path) -> list[float]:
-    return [float(x) for x in re.findall(r"^update \d+: .*normalized score (-?[\d.]+)", log.read_text(), re.M)]
+def dt_scores(log: Path, finished: bool = False) -> list[float]:
+    """The evaluations in a pretrain_dt.py log; with `finished`, none unless the run wrote its checkpoint line."""
+    text = log.read_text() if log.exists() else ""
+    if finished and "\ncheckpoint: " not in text:
+        return []
+    return [float(x) for x in re.findall(r"^update \d+: .*normalized score (-?[\d.]+)", text, re.M)]
 
 
 def bc_scores(log: Path) -> list[float]:
-    line = re.search(r"^seed \d+: (.*)$", log.read_text(), re.M)
+    line = re.search(r"^seed \d+: (.*)$", log.read_text(), re.M) if log.exists() else None
     return [float(x) for x in re.findall(r"\d+: (-?[\d.]+)", line.group(1))] if line else []
 
 
@@ -81,7 +92,7 @@ def main(args: Args):
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    pending, running = list(jobs(args, out)), {}
+    pending, running = [] if args.report_only else list(jobs(args, out)), {}
     while pending or running:
         while pending and len(running) < args.parallel:
             log, cmd = pending.pop(0)
@@ -97,8 +108,12 @@ def main(args: Args):
     for pair in args.datasets:
         tag = pair.split(":", 1)[1].replace("/", "-")
         rows = {}
-        for who, parse in (("DT", dt_scores), ("MLP", bc_scores)):
-            runs = [parse(out / f"{who.lower().replace('mlp', 'bc')}_{tag}_s{s}.log") for s in range(1, args.seeds + 1)]
+        for who, prefix, parse in (("DT", f"dt_{args.config_name}", dt_scores), ("MLP", "bc", bc_scores)):
+            runs = [parse(out / f"{prefix}_{tag}_s{s}.log") for s in range(1, args.seeds + 1)]
+            if not all(runs):
+                print(f"{pair.split(':', 1)[1]:<30} {who:>4} missing runs in {out}")
+                rows[who] = float("nan")
+                continue
             final, last3 = np.array([r[-1] for r in runs]), np.array([np.mean(r[-3:]) for r in runs])
             rows[who] = last3.mean()
             print(f"{pair.split(':', 1)[1]:<30} {who:>4} {' '.join(f'{x:6.1f}' for x in final):>22} "
