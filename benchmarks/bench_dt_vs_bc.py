@@ -108,8 +108,9 @@ def main(args: Args):
     for pair in args.datasets:
         tag = pair.split(":", 1)[1].replace("/", "-")
         rows = {}
-        for who, prefix, parse in (("DT", f"dt_{args.config_name}", dt_scores), ("MLP", "bc", bc_scores)):
-            runs = [parse(out / f"{prefix}_{tag}_s{s}.log") for s in range(1, args.seeds + 1)]
+        for who, prefix in (("DT", f"dt_{args.config_name}"), ("MLP", "bc")):
+            logs = [out / f"{prefix}_{tag}_s{s}.log" for s in range(1, args.seeds + 1)]
+            runs = [dt_scores(log, finished=True) if who == "DT" else bc_scores(log) for log in logs]
             if not all(runs):
                 print(f"{pair.split(':', 1)[1]:<30} {who:>4} missing runs in {out}")
                 rows[who] = float("nan")
@@ -119,6 +120,8 @@ def main(args: Args):
             print(f"{pair.split(':', 1)[1]:<30} {who:>4} {' '.join(f'{x:6.1f}' for x in final):>22} "
                   f"{' '.join(f'{x:6.1f}' for x in last3):>22} {final.mean():6.1f} {last3.mean():6.1f}"
                   + (f"  (min seed {last3.min():.1f})" if who == "DT" else ""))
+        if np.isnan([rows["DT"], rows["MLP"]]).any():
+            continue
         verdict = "DT >= MLP" if rows["DT"] >= rows["MLP"] else "DT < MLP"
         print(f"{'':<30} {verdict} on the last-3 mean over seeds ({rows['DT']:.1f} vs {rows['MLP']:.1f})")
 
