@@ -89,6 +89,9 @@ def bc_scores(log: Path) -> list[float]:
 
 
 def main(args: Args):
+    bad = [p for p in args.datasets if ":" not in p]
+    if bad:
+        sys.exit(f"error: --datasets takes ENV_ID:DATASET pairs (e.g. Hopper-v4:local/hopper/medium-v0); got {bad}")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -60,6 +60,9 @@ def main(args: Args):
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    bad = [a for a in args.arm if "=" not in a]
+    if bad:
+        sys.exit(f"error: --arm takes NAME=FLAGS (e.g. 'updates-2=--updates-per-iter 2'); got {bad}")
     arms = dict(a.split("=", 1) for a in args.arm)
     runs = []
     for arm, flags in arms.items():

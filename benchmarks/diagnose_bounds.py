@@ -37,6 +37,8 @@ class Args:
 
 
 def load(path):
+    if not Path(path).is_file():
+        sys.exit(f"error: --checkpoint {path} is not a file")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     cfg = {k: v for k, v in ckpt["model_config"].items() if k not in ("activation", "c_offline")}
     model = pt.DecisionTransformer(**{**cfg, "dropout": 0.0})

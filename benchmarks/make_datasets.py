@@ -136,6 +136,8 @@ def main(args: Args):
     import minari
 
     shared = Path(os.environ.get("MINARI_DATASETS_PATH", ROOT.parent / "shared" / "datasets")).resolve()
+    if args.teacher and not Path(args.teacher).is_file():
+        sys.exit(f"error: --teacher {args.teacher} is not a file")
     root = Path(args.root).resolve()
     if root == shared:
         sys.exit(f"error: --root {root} is the shared (read-only) root; pass another folder")
