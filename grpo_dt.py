@@ -1,10 +1,10 @@
 """GRPO-DT: online finetuning of a pretrained Decision Transformer with pure GRPO gradients.
 
-"Online Finetuning Decision Transformers with Pure RL Gradients" (Luo & Zhu), Sec. 3.2, Alg. 1, Eqs. 2-3,
-App. B.1, Tables 5-6. Full trajectories conditioned on g_online (no relabeling) give reset points, drawn by
-softmax of action variance; G envs reset to the exact same simulator state and DT context roll out L_traj
-stochastic + L_eval expected-action steps; group-normalised discounted rewards (Eq. 2) drive the clipped
-sequence-ratio objective - beta*KL(pi || pi_ref) + kappa*entropy (Eq. 3).
+"Online Finetuning Decision Transformers with Pure RL Gradients" (Luo & Zhu), Sec. 3.2, Alg. 1, Eqs. 2-3, App. B.1,
+Tables 5-6. Full trajectories conditioned on g_online (no relabeling) give reset points, drawn by softmax of action
+variance; G envs reset to the exact same simulator state and DT context roll out L_traj stochastic + L_eval
+expected-action steps; group-normalised discounted rewards (Eq. 2) drive the clipped sequence-ratio objective
+- beta*KL(pi || pi_ref) + kappa*entropy (Eq. 3).
 
 Example (pretrains the checkpoint first if it is missing):
     MINARI_DATASETS_PATH=$(realpath ../shared/datasets) python grpo_dt.py --env-id Hopper-v4 --dataset local/hopper/medium-v0
@@ -12,6 +12,7 @@ Example (pretrains the checkpoint first if it is missing):
 
 import copy
 import ctypes
+import functools
 import math
 import multiprocessing as mp
 import os
@@ -38,12 +39,14 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 
+# ---------------------------------------------------------------- arguments
 @dataclass
 class Args:
+    # ---- shared: args-header (identical in every script; tests/test_shared_blocks.py) ----
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
-    """seed of the experiment (python, numpy, torch, action noise and env resets)"""
+    """seed of the experiment (python, numpy, torch, env resets and action sampling)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms"""
     cuda: bool = True
@@ -58,33 +61,35 @@ class Args:
     """if toggled, record the first evaluation episode of every evaluation to `videos/{run_name}`"""
     runs_dir: str = "runs"
     """TensorBoard root; the run logs to `{runs_dir}/{run_name}`"""
-
     env_id: str = "Hopper-v4"
     """gymnasium id: Hopper/Walker2d/Ant/HalfCheetah-v4/v5, AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4/v5"""
     dataset: str = "medium"
-    """pretraining dataset (paper short name or Minari id); its last part picks the Table 6 row: medium(-replay), random,
-    human, cloned, umaze, umaze-diverse, else the family's medium (MuJoCo), human (Adroit) or umaze (AntMaze) row"""
+    """a paper short name (medium, medium-replay, random, expert, human, cloned, umaze, umaze-diverse) or a Minari id"""
     dataset_path: Optional[str] = None
-    """a D4RL-format HDF5 file, passed to pretrain_dt.py when the checkpoint has to be made"""
+    """a D4RL-format HDF5 file (observations, actions, rewards, terminals, timeouts); overrides the Minari lookup"""
+    # ---- end shared: args-header ----
     checkpoint: Optional[str] = None
-    """pretrained checkpoint; default `checkpoints/{env_id}__{dataset}__s{seed}.pt`, pretrained if missing"""
+    """pretrained checkpoint; default `checkpoints/{env_id}__{dataset}__s{seed}.pt` (`__cpu` for --model-size cpu)"""
+    model_size: Literal["paper", "cpu"] = "paper"
+    """size of the DT that pretrain_dt.py makes when the checkpoint is missing"""
     pretrain_extra_args: str = ""
-    """extra pretrain_dt.py flags used when the checkpoint is missing, e.g. "--num-updates 2000 --embed-dim 128\""""
-
+    """extra pretrain_dt.py flags used when the checkpoint is missing, e.g. "--num-updates 2000\""""
     num_iterations: int = 100
     """outer iterations of Algorithm 1 (0: only evaluate the checkpoint)"""
     total_env_steps: int = 0
-    """stop after the iteration at which all env steps taken (full + group rollouts, not evaluation) reach this; 0 = no budget"""
+    """stop after the iteration at which env steps (full + group rollouts, not evaluation) reach this; 0 = no budget"""
     max_seconds: float = 0
     """stop after the iteration at which this much wall-clock time has passed; 0 = no budget"""
     eval_episodes: int = 10
-    """deterministic tanh(mean) evaluation episodes after every iteration (and at iteration 0), conditioned on the checkpoint's eval RTG"""
-    save_every: int = 0
-    """write the finetuned checkpoint (atomically) every this many iterations and at the end; 0 = never"""
+    """deterministic tanh(mean) evaluation episodes after every iteration (and at iteration 0), at the eval RTG"""
+    save_every: int = 5
+    """write the run state (atomically) every this many iterations and at the end; 0 = never"""
     save_path: Optional[str] = None
-    """where --save-every writes; default `checkpoints/{env_id}__{dataset}__s{seed}__grpo_dt.pt`"""
+    """where the run state goes; default `{runs_dir}/{run_name}/state.pt`"""
     resume: Optional[str] = None
-    """a checkpoint written by --save-every: continue that run (model, optimiser, kappa, pi_ref, rng, buffers)"""
+    """a run state written by --save-every: continue that run bit-exactly (model, optimisers, kappa, buffers, rngs)"""
+    save_model: bool = False
+    """at the end, also write the finetuned DT as a checkpoint to `{runs_dir}/{run_name}/{exp_name}.pt`"""
     num_workers: int = 0
     """step the envs in this many worker processes (pipes); 0 steps them in this process"""
     torch_threads: int = 1
@@ -92,7 +97,7 @@ class Args:
     max_episode_steps: Optional[int] = None
     """override the env's time limit (tests and quick runs); default the env's own (1000 MuJoCo, 200 door, 700 AntMaze)"""
 
-    # Table 6 (None = the preset of the env family and dataset)
+    # Table 6 (None = the preset of the env family and dataset, see `apply_presets`)
     n_batch: Optional[int] = None
     """sub-trajectories per gradient update (Table 6 n_batch: 256 MuJoCo/AntMaze, 512 Adroit)"""
     c_online: Optional[int] = None
@@ -102,10 +107,10 @@ class Args:
     subtraj_len: Optional[int] = None
     """L_traj: stochastic steps per sub-trajectory, the part that is optimised (Table 6: 15 MuJoCo, 10, 3 pen)"""
     eval_len: Optional[int] = None
-    """L_eval: extra expected-action (tanh(mean)) steps that only score a sub-trajectory (Table 6: 400 Ho/Wa, 200, 100, 30)"""
+    """L_eval: extra tanh(mean) steps that only score a sub-trajectory (Table 6: 400 Hopper/Walker2d, 200, 100, 30)"""
     gamma: Optional[float] = None
     """discount of the sub-trajectory reward over L_traj + L_eval steps (Table 6: 0.995 MuJoCo, 0.99 Adroit, 1 AntMaze)"""
-    clip_eps: Optional[float] = None
+    clip_coef: Optional[float] = None
     """epsilon of the clipped ratio in Eq. 3 (Table 6: 0.2 or 0.3)"""
     delta_r: Optional[float] = None
     """drop group members whose reward is within this of the group mean (Table 6 Delta_r)"""
@@ -142,65 +147,24 @@ class Args:
     max_grad_norm: float = 0.5
     """global gradient-norm clip (Table 5)"""
 
-    # Ablations (Figs. 1, 2, 4c/d)
+    # Ablations (Figs. 1, 2, 4c/d); the defaults are the paper's method
     relabel: bool = False
     """ablation (Fig. 1): hindsight relabeling; RTG tokens are replaced by achieved returns at training time"""
     full_trajectory: bool = False
     """ablation (Fig. 2a): vanilla GRPO on whole episodes from the initial state, undiscounted, no L_eval"""
-    no_consistent_reset: bool = False
-    """ablation (Fig. 2b): each group member starts from its own reset point"""
-    token_level_ratio: bool = False
-    """ablation (Fig. 2c): per-step ratios pi/pi_old, clipped and averaged per step"""
-    geometric_mean_ratio: bool = False
-    """ablation (Fig. 2e): ratio exp(mean log-ratio) over the sub-trajectory (GSPO)"""
-    uniform_reset_sampling: bool = False
-    """ablation (Fig. 2d): reset points uniform over steps instead of softmax of action variance"""
+    consistent_reset: bool = True
+    """the members of a group share their reset point; --no-consistent-reset is the ablation of Fig. 2b"""
+    ratio: Literal["sequence", "token", "geometric"] = "sequence"
+    """Eq. 3's ratio: of whole sub-trajectories; ablations: per-step ratios (Fig. 2c), exp(mean log-ratio) (GSPO, Fig. 2e)"""
+    reset_sampling: Literal["variance", "uniform"] = "variance"
+    """reset points by softmax of action variance; uniform over steps is the ablation of Fig. 2d"""
     full_rollout_actions: Literal["sampled", "mean"] = "sampled"
     """actions of the full trajectories that supply reset points (Alg. 1 line 2): sampled (the paper) or tanh(mean),
     whose episodes reach the steady gait that noisy sampled ones fall before (an experiment of issue #12)"""
 
 
-class UserError(Exception):
-    """Bad input: printed as one line, never as a traceback."""
-
-
-# ---------------------------------------------------------------- envs (same as pretrain_dt.py)
-MUJOCO_ENVS = {"Hopper": "hopper", "Walker2d": "walker2d", "Ant": "ant", "HalfCheetah": "halfcheetah"}
-ADROIT_ENVS = {"AdroitHandDoor": "door", "AdroitHandHammer": "hammer", "AdroitHandPen": "pen"}
-SUPPORTED = "MuJoCo Hopper/Walker2d/Ant/HalfCheetah-v4|v5, Adroit AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4|v5"
-
-
-def env_family(env_id: str) -> tuple[str, str]:
-    """(family, key) for a supported id, e.g. ("mujoco", "hopper"); a one-line error otherwise."""
-    name, _, version = env_id.rpartition("-")
-    if name in MUJOCO_ENVS and version in ("v4", "v5"):
-        return "mujoco", MUJOCO_ENVS[name]
-    if name in ADROIT_ENVS and version == "v1":
-        return "adroit", ADROIT_ENVS[name]
-    if name == "AntMaze_UMaze" and version in ("v4", "v5"):
-        return "antmaze", "antmaze"
-    raise UserError(f"unknown --env-id {env_id!r}; supported: {SUPPORTED}")
-
-
-def make_env(env_id: str, **kwargs) -> gym.Env:
-    family, _ = env_family(env_id)
-    if family != "mujoco":
-        import gymnasium_robotics  # registers Adroit and AntMaze; only needed for them
-
-        gym.register_envs(gymnasium_robotics)
-    env = gym.make(env_id, **kwargs)
-    if family == "antmaze":
-        inner = env.observation_space
-        dim = inner["observation"].shape[0] + inner["desired_goal"].shape[0]
-        space = gym.spaces.Box(-np.inf, np.inf, (dim,), np.float64)
-        flat = lambda obs: np.concatenate([obs["observation"], obs["desired_goal"]], axis=-1)  # noqa: E731 (no achieved_goal)
-        env = gym.wrappers.TransformObservation(env, flat, space)
-    return env
-
-
 # Table 6: n_batch, c_online, g_online, L_traj, L_eval, gamma, eps, Delta_r, lr, kappa_initial.
-PRESET_FIELDS = ("n_batch", "c_online", "g_online", "subtraj_len", "eval_len", "gamma", "clip_eps", "delta_r",
-                 "learning_rate", "kappa_initial")
+PRESET_FIELDS = "n_batch c_online g_online subtraj_len eval_len gamma clip_coef delta_r learning_rate kappa_initial".split()
 TABLE6 = {
     ("hopper", "medium"): (256, 1, 7200, 15, 400, 0.995, 0.2, 2.0, 5e-5, 0.20),
     ("hopper", "random"): (256, 1, 7200, 15, 400, 0.995, 0.2, 2.0, 5e-5, 0.20),
@@ -223,7 +187,8 @@ DEFAULT_ROW = {"mujoco": "medium", "adroit": "human", "antmaze": "umaze"}
 
 
 def apply_presets(args: Args, family: str, key: str) -> str:
-    """Fill every unset Table 6 / B.1 field from the row for (env, dataset); returns the row name."""
+    """Fill every unset Table 6 / B.1 field from the row for (env, dataset); returns the row name. The dataset's last
+    part picks the row (medium-replay -> medium), else the family's medium, human or umaze row."""
     name = re.sub(r"-v\d+$", "", args.dataset.rsplit("/", 1)[-1])
     name = {"medium-replay": "medium"}.get(name, name)  # the table's rows are "M/MR"
     row = name if (key, name) in TABLE6 else DEFAULT_ROW[family]
@@ -235,7 +200,63 @@ def apply_presets(args: Args, family: str, key: str) -> str:
     return row
 
 
-# ---------------------------------------------------------------- exact resets
+# ---------------------------------------------------------------- envs and exact resets
+# ---- shared: envs (identical in every script; tests/test_shared_blocks.py) ----
+class UserError(Exception):
+    """Bad input: printed as one line, never as a traceback."""
+
+
+MUJOCO_ENVS = {"Hopper": "hopper", "Walker2d": "walker2d", "Ant": "ant", "HalfCheetah": "halfcheetah"}
+ADROIT_ENVS = {"AdroitHandDoor": "door", "AdroitHandHammer": "hammer", "AdroitHandPen": "pen"}
+SUPPORTED = "MuJoCo Hopper/Walker2d/Ant/HalfCheetah-v4|v5, Adroit AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4|v5"
+
+
+def env_family(env_id: str) -> tuple[str, str]:
+    """(family, key) for a supported id, e.g. ("mujoco", "hopper"); a one-line error otherwise."""
+    name, _, version = env_id.rpartition("-")
+    if name in MUJOCO_ENVS and version in ("v4", "v5"):
+        return "mujoco", MUJOCO_ENVS[name]
+    if name in ADROIT_ENVS and version == "v1":
+        return "adroit", ADROIT_ENVS[name]
+    if name == "AntMaze_UMaze" and version in ("v4", "v5"):
+        return "antmaze", "antmaze"
+    raise UserError(f"unknown --env-id {env_id!r}; supported: {SUPPORTED}")
+
+
+def flatten_antmaze_obs(obs: dict) -> np.ndarray:
+    """AntMaze state vector: `observation` (27) then `desired_goal` (2); `achieved_goal` is left out."""
+    return np.concatenate([obs["observation"], obs["desired_goal"]], axis=-1)
+
+
+def make_env(env_id: str, **kwargs) -> gym.Env:
+    """`gym.make`, registering gymnasium-robotics for Adroit and AntMaze, with AntMaze's dict observation flattened."""
+    family, _ = env_family(env_id)
+    if family != "mujoco":
+        import gymnasium_robotics  # registers Adroit and AntMaze; only needed for them
+
+        gym.register_envs(gymnasium_robotics)
+    env = gym.make(env_id, **kwargs)
+    if family == "antmaze":
+        inner = env.observation_space
+        dim = inner["observation"].shape[0] + inner["desired_goal"].shape[0]
+        space = gym.spaces.Box(-np.inf, np.inf, (dim,), np.float64)
+        env = gym.wrappers.TransformObservation(env, flatten_antmaze_obs, space)
+    return env
+
+
+def fix_malloc_mmap_threshold():
+    """Stop glibc's RSS creep on CPU: after large frees it raises its mmap threshold, and each update's
+    activations then fragment the heap (the 4x512 DT grew to 14 GB in 22 updates; fixed, it stays at 1.2 GB)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        except OSError:  # not glibc
+            pass
+
+
+# ---- end shared: envs ----
+
+
 STATE_SPEC = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads: qpos, qvel, act, warm start, ctrl, time, ...
 
 
@@ -256,9 +277,7 @@ def episode_params(env, family: str) -> dict:
     u = env.unwrapped
     if family == "adroit":  # hammer's `target_pos` is rejected by its own set_env_state (gymnasium-robotics 1.4.2)
         return {k: v for k, v in u.get_env_state().items() if k != "target_pos"}
-    if family == "antmaze":
-        return {"goal": u.goal.copy()}
-    return {}
+    return {"goal": u.goal.copy()} if family == "antmaze" else {}
 
 
 def reset_to_state(env, family: str, params: dict, prev_state, state, elapsed: int):
@@ -275,19 +294,18 @@ def reset_to_state(env, family: str, params: dict, prev_state, state, elapsed: i
     elif family == "antmaze":
         u.goal = params["goal"].copy()
         u.update_target_site_pos()
-    m, d = sim.model, sim.data
-    mujoco.mj_setState(m, d, state, STATE_SPEC)
+    mujoco.mj_setState(sim.model, sim.data, state, STATE_SPEC)
     if prev_state is None:
-        mujoco.mj_forward(m, d)
+        mujoco.mj_forward(sim.model, sim.data)
     else:
-        ctrl = d.ctrl.copy()
-        mujoco.mj_setState(m, d, prev_state, STATE_SPEC)
+        ctrl = sim.data.ctrl.copy()
+        mujoco.mj_setState(sim.model, sim.data, prev_state, STATE_SPEC)
         sim.do_simulation(ctrl, sim.frame_skip)
     time_limit(env)._elapsed_steps = int(elapsed)
 
 
 class Envs:
-    """Envs in this process; methods take member indices, return tuples of per-member arrays (as `EnvPool`'s)."""
+    """Envs in this process; methods take member indices and return tuples of per-member arrays."""
 
     def __init__(self, env_id: str, n: int, max_episode_steps: Optional[int] = None, video_dir: Optional[str] = None):
         self.family = env_family(env_id)[0]
@@ -297,8 +315,7 @@ class Envs:
             self.envs[0] = gym.wrappers.RecordVideo(make_env(env_id, render_mode="rgb_array", **kw), video_dir)
         for e in self.envs:
             e.reset(seed=0)  # gymnasium's OrderEnforcing wants a reset before the first step
-        self.sims, self.limits = [sim_of(e) for e in self.envs], [time_limit(e) for e in self.envs]
-        self.state_size = mujoco.mj_stateSize(self.sims[0].model, STATE_SPEC)
+        self.state_size = mujoco.mj_stateSize(sim_of(self.envs[0]).model, STATE_SPEC)
 
     def reset(self, idx, seeds):
         obs = np.stack([self.envs[i].reset(seed=int(s))[0] for i, s in zip(idx, seeds)])
@@ -313,8 +330,8 @@ class Envs:
     def get_states(self, idx):
         out = np.empty((len(idx), self.state_size))
         for j, i in enumerate(idx):
-            mujoco.mj_getState(self.sims[i].model, self.sims[i].data, out[j], STATE_SPEC)
-        return out, np.array([self.limits[i]._elapsed_steps for i in idx])
+            mujoco.mj_getState(sim_of(self.envs[i]).model, sim_of(self.envs[i]).data, out[j], STATE_SPEC)
+        return out, np.array([time_limit(self.envs[i])._elapsed_steps for i in idx])
 
     def restore(self, idx, params, prev_states, states, elapsed):
         for j, i in enumerate(idx):
@@ -334,41 +351,51 @@ def env_worker(conn, env_id, n, kwargs):
 
 
 class EnvPool:
-    """`Envs` split into contiguous slices over worker processes; one pipe round trip per call and worker. (Not
-    AsyncVectorEnv: it steps every env and autoresets, so it cannot mask finished members or restore per env.)"""
+    """`Envs` in this process (workers=0) or in contiguous slices over worker processes, one pipe round trip per call and
+    worker; `seconds` adds up the time spent in env calls. (Not AsyncVectorEnv: it steps every env and autoresets, so
+    it cannot mask finished members or restore per env.)"""
 
-    def __init__(self, env_id: str, n: int, workers: int, **kwargs):
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    def __init__(self, env_id: str, n: int, workers: int = 0, **kwargs):
+        self.local, self.seconds, self.conns, self.procs = None if workers else Envs(env_id, n, **kwargs), 0.0, [], []
         self.bounds = np.linspace(0, n, workers + 1).astype(int)
-        self.conns, self.procs = [], []
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         for w in range(workers):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=env_worker, args=(child, env_id, self.bounds[w + 1] - self.bounds[w], kwargs),
-                               daemon=True)
-            proc.start()
-            self.conns.append(parent), self.procs.append(proc)
+            size = self.bounds[w + 1] - self.bounds[w]
+            self.procs.append(ctx.Process(target=env_worker, args=(child, env_id, size, kwargs), daemon=True))
+            self.procs[-1].start()
+            self.conns.append(parent)
 
     def call(self, method, idx, *args):
-        idx, sent = np.asarray(idx), []
+        tic, idx, sent, parts = time.perf_counter(), np.asarray(idx), [], []
+        if self.local:
+            parts.append((np.arange(len(idx)), getattr(self.local, method)(idx, *args)))
         for w, conn in enumerate(self.conns):
             sel = np.flatnonzero((idx >= self.bounds[w]) & (idx < self.bounds[w + 1]))
             if len(sel):
                 conn.send((method, (idx[sel] - self.bounds[w], *(np.asarray(a)[sel] for a in args))))
                 sent.append((sel, conn))
-        parts = [(sel, conn.recv()) for sel, conn in sent]
+        parts += [(sel, conn.recv()) for sel, conn in sent]
         back = np.argsort(np.concatenate([sel for sel, _ in parts]))  # worker order -> caller order
+        self.seconds += time.perf_counter() - tic
         return tuple(np.concatenate([p[k] for _, p in parts])[back] for k in range(len(parts[0][1])))
 
     def __getattr__(self, method):
-        return lambda idx, *args: self.call(method, idx, *args)
+        return functools.partial(self.call, method)
 
     def close(self):
         for conn, proc in zip(self.conns, self.procs):
             conn.send(None)
             proc.join(timeout=5)
+        if self.local:
+            self.local.close()
 
 
-# ---------------------------------------------------------------- model (same as pretrain_dt.py)
+# ---------------------------------------------------------------- model
+# ---- shared: model (identical in every DT script; tests/test_shared_blocks.py) ----
+CHECKPOINT_FORMAT_VERSION = 1
+
+
 class Block(nn.Module):
     """Pre-LayerNorm transformer block; attention through `scaled_dot_product_attention`."""
 
@@ -378,8 +405,9 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(embed_dim), nn.LayerNorm(embed_dim)
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
         self.proj = nn.Linear(embed_dim, embed_dim)
-        self.mlp = nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim),
-                                 nn.Dropout(dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim), nn.Dropout(dropout)
+        )
         self.resid_drop = nn.Dropout(dropout)
 
     def forward(self, x, attn_mask):
@@ -392,10 +420,15 @@ class Block(nn.Module):
 
 
 class DecisionTransformer(nn.Module):
-    """Tokens (RTG_t, s_t, a_t) per step, no positional embedding; the s_t output parameterises a pre-tanh Gaussian."""
+    """Tokens (RTG_t, s_t, a_t) per step, each with its own linear embedding and no positional embedding (ODT).
 
-    def __init__(self, state_dim, act_dim, embed_dim=512, n_layers=4, n_heads=4, dropout=0.1,
-                 log_std_min=-5.0, log_std_max=2.0):
+    The output at s_t parameterises a diagonal Gaussian in pre-tanh space; the action is tanh of a
+    sample (squashed Gaussian). Left padding is masked out of attention.
+    """
+
+    def __init__(
+        self, state_dim, act_dim, embed_dim=512, n_layers=4, n_heads=4, dropout=0.1, log_std_min=-5.0, log_std_max=2.0
+    ):
         super().__init__()
         self.log_std_min, self.log_std_max = log_std_min, log_std_max
         self.embed_rtg = nn.Linear(1, embed_dim)
@@ -412,15 +445,14 @@ class DecisionTransformer(nn.Module):
         """rtg (B,T,1), states (B,T,S), actions (B,T,A), pad_mask (B,T) True where real -> mean, log_std (B,T,A)."""
         B, T, _ = states.shape
         tokens = torch.stack([self.embed_rtg(rtg), self.embed_state(states), self.embed_action(actions)], dim=2)
-        # The last a_T token feeds no output (outputs are read at state tokens, attention is causal): leave it out,
-        # a third of the work at c_online = 1, with outputs identical to pretrain_dt.py's.
-        x = self.embed_drop(self.embed_ln(tokens.reshape(B, 3 * T, -1)))[:, :-1]
-        real = pad_mask.repeat_interleave(3, dim=1)[:, :-1]
-        causal = torch.ones(3 * T - 1, 3 * T - 1, dtype=torch.bool, device=x.device).tril()
-        mask = (causal & real[:, None, :]) | torch.eye(3 * T - 1, dtype=torch.bool, device=x.device)
+        x = self.embed_drop(self.embed_ln(tokens.reshape(B, 3 * T, -1)))
+        real = pad_mask.repeat_interleave(3, dim=1)  # (B, 3T)
+        causal = torch.ones(3 * T, 3 * T, dtype=torch.bool, device=x.device).tril()
+        # Keys must be real; every token may see itself so a padded query's row is never empty (no NaN).
+        mask = (causal & real[:, None, :]) | torch.eye(3 * T, dtype=torch.bool, device=x.device)
         for block in self.blocks:
             x = block(x, mask[:, None])
-        h = F.pad(self.ln_f(x), (0, 0, 0, 1)).view(B, T, 3, -1)[:, :, 1]
+        h = self.ln_f(x).view(B, T, 3, -1)[:, :, 1]  # the state token predicts a_t
         log_std = torch.tanh(self.log_std_head(h))
         log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (log_std + 1)
         return self.mean_head(h), log_std
@@ -432,8 +464,9 @@ def squashed_gaussian(mean, log_std):
     No argument validation: it costs time every step, and a NaN must reach the loss's finiteness check.
     """
     base = Normal(mean, log_std.exp(), validate_args=False)
-    return Independent(TransformedDistribution(base, [TanhTransform(cache_size=1)], validate_args=False), 1,
-                       validate_args=False)
+    return Independent(
+        TransformedDistribution(base, [TanhTransform(cache_size=1)], validate_args=False), 1, validate_args=False
+    )
 
 
 def action_log_prob(mean, log_std, actions, margin: float):
@@ -442,31 +475,6 @@ def action_log_prob(mean, log_std, actions, margin: float):
     The one definition of an action's log-prob: pretraining's NLL uses it, and so does every finetuning script that
     scores actions it did not sample from a known pre-tanh value (with the checkpoint's `action_margin`)."""
     return squashed_gaussian(mean, log_std).log_prob(actions.clamp(-1 + margin, 1 - margin))
-
-
-def load_model(path, device="cpu"):
-    """(model with dropout off, checkpoint dict) from a pretrain_dt.py or grpo_dt.py checkpoint."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if ckpt.get("format_version") != 1:
-        raise UserError(f"{path} is not a format-1 DT checkpoint")
-    cfg = {k: v for k, v in ckpt["model_config"].items() if k not in ("activation", "c_offline")}
-    model = DecisionTransformer(**{**cfg, "dropout": 0.0}).to(device)  # Table 5: dropout off in finetuning
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), ckpt
-
-
-def ensure_checkpoint(args: Args) -> Path:
-    """The pretrained checkpoint's path; runs pretrain_dt.py in a subprocess first if the file is missing."""
-    path = Path(args.checkpoint or f"checkpoints/{args.env_id}__{args.dataset.replace('/', '-')}__s{args.seed}.pt")
-    if path.exists():
-        return path
-    cmd = [sys.executable, str(Path(__file__).resolve().parent / "pretrain_dt.py"), "--env-id", args.env_id,
-           "--dataset", args.dataset, "--seed", str(args.seed), "--checkpoint", str(path)]
-    cmd += (["--dataset-path", args.dataset_path] if args.dataset_path else []) + shlex.split(args.pretrain_extra_args)
-    print(f"checkpoint {path} not found; pretraining it: {shlex.join(cmd)}", flush=True)
-    if subprocess.run(cmd).returncode != 0:
-        raise UserError(f"pretraining failed, no checkpoint at {path}: {shlex.join(cmd)}")
-    return path
 
 
 class Lamb(torch.optim.Optimizer):
@@ -488,17 +496,123 @@ class Lamb(torch.optim.Optimizer):
                 state["step"] += 1
                 state["m"].mul_(b1).add_(p.grad, alpha=1 - b1)
                 state["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                m_hat, v_hat = state["m"] / (1 - b1 ** state["step"]), state["v"] / (1 - b2 ** state["step"])
+                m_hat = state["m"] / (1 - b1 ** state["step"])
+                v_hat = state["v"] / (1 - b2 ** state["step"])
                 update = m_hat / (v_hat.sqrt() + group["eps"]) + group["weight_decay"] * p
                 w_norm, u_norm = p.norm(), update.norm()
                 trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
                 p.add_(update * trust, alpha=-lr)
 
 
-# ---------------------------------------------------------------- algorithm pieces (pure functions)
+# ---- end shared: model ----
+
+
+# ---- shared: checkpoint (identical in every DT script; tests/test_shared_blocks.py) ----
+MODEL_SIZES = {
+    # Table 5's DT with ODT's pretraining schedule (meant for a GPU)
+    "paper": dict(
+        embed_dim=512,
+        n_layers=4,
+        n_heads=4,
+        batch_size=256,
+        context_len=None,
+        learning_rate=1e-4,
+        warmup_updates=1000,
+        num_updates=5000,
+    ),
+    # the README's CPU config: a 128x2 DT that pretrains in ~10 minutes on one core
+    "cpu": dict(
+        embed_dim=128,
+        n_layers=2,
+        n_heads=1,
+        batch_size=32,
+        context_len=10,
+        learning_rate=1e-3,
+        warmup_updates=150,
+        num_updates=3000,
+    ),
+}
+
+
+def default_checkpoint_path(env_id: str, dataset: str, seed: int, model_size: str = "paper") -> Path:
+    """Where pretrain_dt.py writes and every finetuning script looks first:
+    checkpoints/{env_id}__{dataset with / -> -}__s{seed}.pt, with `__cpu` before `.pt` for --model-size cpu."""
+    suffix = "" if model_size == "paper" else f"__{model_size}"
+    return Path("checkpoints") / f"{env_id}__{dataset.replace('/', '-')}__s{seed}{suffix}.pt"
+
+
+# ---- end shared: checkpoint ----
+
+
+# ---- shared: load-checkpoint (identical in every finetuning DT script; tests/test_shared_blocks.py) ----
+
+
+def load_model(path, device="cpu", dropout: float = 0.0):
+    """(DT, checkpoint dict) from a pretrain_dt.py or finetuned checkpoint; dropout is off in finetuning (Table 5)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise UserError(f"{path} is not a format-{CHECKPOINT_FORMAT_VERSION} pretrain_dt.py checkpoint")
+    config = {k: v for k, v in ckpt["model_config"].items() if k not in ("activation", "c_offline")}
+    model = DecisionTransformer(**{**config, "dropout": dropout})
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device), ckpt
+
+
+def ensure_checkpoint(args) -> Path:
+    """The pretrained checkpoint's path; runs pretrain_dt.py in a subprocess first if the file is missing."""
+    path = Path(args.checkpoint or default_checkpoint_path(args.env_id, args.dataset, args.seed, args.model_size))
+    if path.exists():
+        return path
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve().parent / "pretrain_dt.py"),
+        "--env-id",
+        args.env_id,
+        "--dataset",
+        args.dataset,
+        "--seed",
+        str(args.seed),
+        "--model-size",
+        args.model_size,
+        "--checkpoint",
+        str(path),
+    ]
+    cmd += (["--dataset-path", args.dataset_path] if args.dataset_path else []) + shlex.split(args.pretrain_extra_args)
+    print(f"checkpoint {path} not found; pretraining it: {shlex.join(cmd)}", flush=True)
+    if subprocess.run(cmd).returncode != 0 or not path.exists():
+        raise UserError(f"pretraining failed, no checkpoint at {path}: {shlex.join(cmd)}")
+    return path
+
+
+# ---- end shared: load-checkpoint ----
+
+
+@dataclass
+class Actor:
+    """What a rollout needs besides the envs: the DT, its state normalisation and RTG scale, c_online, the time limit
+    and the torch generator of action noise."""
+
+    model: nn.Module
+    state_mean: torch.Tensor
+    state_std: torch.Tensor
+    rtg_scale: float
+    c: int
+    max_steps: int
+    gen: torch.Generator
+
+    def norm(self, obs) -> torch.Tensor:
+        return (torch.as_tensor(obs, dtype=torch.float32, device=self.gen.device) - self.state_mean) / self.state_std
+
+
+# ---------------------------------------------------------------- algorithm pieces
+class NonFinite(Exception):
+    """A NaN/inf action or loss; main turns it into a one-line UserError and keeps the last good run state."""
+
+
 def squashed_logprob(mean, log_std, u):
-    """log pi(tanh(u)) summed over action dims, from the pre-tanh sample u (no atanh round trip near +-1)."""
-    base = Normal(mean, log_std.exp()).log_prob(u)
+    """log pi(tanh(u)) summed over action dims, from the pre-tanh sample u (no atanh round trip near +-1); unvalidated
+    like `squashed_gaussian`, so a NaN reaches the non-finite guard."""
+    base = Normal(mean, log_std.exp(), validate_args=False).log_prob(u)
     return (base - TanhTransform().log_abs_det_jacobian(u, torch.tanh(u))).sum(-1)
 
 
@@ -519,10 +633,9 @@ def sample_reset_points(lengths, variances, rng, n_trajs, K, G, uniform=False, c
     """(trajectory, step) per group member, shape (n_trajs*K, G): trajectories drawn in proportion to length
     (Alg. 1 line 3), K reset points each (line 5); a consistent group shares its point."""
     lengths = np.asarray(lengths, np.float64)
-    picks = rng.choice(len(lengths), n_trajs, p=lengths / lengths.sum())
     trajs, steps = [], []
-    for b in picks:
-        p = reset_probs(variances[b], uniform)
+    for b in rng.choice(len(lengths), n_trajs, p=lengths / lengths.sum()):
+        p = reset_probs(variances[b], uniform=uniform)
         h = np.zeros((K, 1), np.int64) if start_only else rng.choice(len(p), (K, 1) if consistent else (K, G), p=p)
         steps.append(np.broadcast_to(h, (K, G)))
         trajs.append(np.full((K, G), b))
@@ -537,8 +650,7 @@ def discounted_returns(rewards: np.ndarray, valid: np.ndarray, gamma: float) -> 
 def group_advantages(rewards: np.ndarray, delta_r: float):
     """Eq. 2 per group (rows), and the keep mask of B.1: drop members within delta_r of the group mean."""
     mean, std = rewards.mean(1, keepdims=True), rewards.std(1, keepdims=True)
-    adv = (rewards - mean) / (std + 1e-8)
-    return adv, np.abs(rewards - mean) > delta_r
+    return (rewards - mean) / (std + 1e-8), np.abs(rewards - mean) > delta_r
 
 
 def sequence_ratio(logp, logp_old, valid, mode: str = "sequence"):
@@ -555,8 +667,7 @@ def sequence_ratio(logp, logp_old, valid, mode: str = "sequence"):
 def grpo_loss(ratio, adv, valid, eps):
     """-min(ratio*A, clip(ratio, 1-eps, 1+eps)*A), batch mean (token ratios: mean over real steps first); and per
     sub-trajectory, the fraction of its ratio(s) outside [1-eps, 1+eps]."""
-    if ratio.dim() == 2:
-        adv = adv[:, None]
+    adv = adv[:, None] if ratio.dim() == 2 else adv
     surr = torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
     clipped = ((ratio - 1).abs() > eps).float()
     if ratio.dim() == 2:
@@ -575,152 +686,141 @@ def subtraj_policy(model, batch, c: int):
     """mean, log_std (B, L, A) at every step of buffered sub-trajectories, each from the c-token window it saw."""
     B = batch["adv"].shape[0]
     # (B, c-1+L, ...) -> (B*L, c, ...): unfold gives (B, L, ..., c)
-    windows = (batch[k].unfold(1, c, 1).movedim(-1, 2).reshape(-1, c, *batch[k].shape[2:])
-               for k in ("rtg", "states", "actions", "mask"))
-    mean, log_std = model(*windows)
+    keys = ("rtg", "states", "actions", "mask")
+    mean, log_std = model(*(batch[k].unfold(1, c, 1).movedim(-1, 2).reshape(-1, c, *batch[k].shape[2:]) for k in keys))
     return mean[:, -1].view(B, -1, mean.shape[-1]), log_std[:, -1].view(B, -1, mean.shape[-1])
 
 
 @torch.inference_mode()
-def rollout(model, envs, idx, state0, rtg0, prefix, n_stochastic, n_deterministic, norm, rtg_scale, gen,
-            record_sim=False, timers=None):
+def rollout(actor: Actor, envs, idx, state0, rtg0, prefix, n_stochastic, n_deterministic, record_sim=False):
     """Members `idx` of `envs` in lockstep: one batched forward per step, finished members masked, not stepped.
 
-    state0 (N,S) normalised, rtg0 (N,) scaled, prefix = (rtg, states, actions, mask) of the c_online-1 tokens
-    before. `n_stochastic` steps of tanh(u), u ~ N(mean, std), then tanh(mean). Returns (N, T, ...) arrays: tokens
-    as used, u, logp, action variance, mean sigma and |mean| (pre-tanh), reward, valid (+ MjData state, TimeLimit
-    counter with `record_sim`)."""
-    device = state0.device
-    N, T = len(idx), n_stochastic + n_deterministic
-    S, A = state0.shape[1], prefix[2].shape[2]
-    win = [torch.cat([x.new_zeros(x.shape[0], 1, *x.shape[2:]), x], 1) for x in prefix]  # the dummy slot is rolled out at t=0
-    s_cur, rtg_cur = state0.clone(), rtg0.clone()
-    out = {k: np.zeros((N, T, *shape), dt) for k, shape, dt in [
-        ("rtg", (), np.float32), ("states", (S,), np.float32), ("actions", (A,), np.float32), ("u", (A,), np.float32),
-        ("logp", (), np.float32), ("var", (), np.float32), ("sigma", (), np.float32), ("mu_abs", (), np.float32),
-        ("reward", (), np.float64), ("valid", (), bool)]}
+    state0 (N,S) normalised, rtg0 (N,) scaled, prefix = (rtg, states, actions, mask) of the c_online-1 tokens before.
+    `n_stochastic` steps of tanh(u), u ~ N(mean, std), then tanh(mean). Returns (N, T, ...) arrays: tokens as used, u,
+    logp, action variance, mean sigma and |mean| (pre-tanh), reward, valid (+ MjData state, TimeLimit counter with
+    `record_sim`)."""
+    N, T, device = len(idx), n_stochastic + n_deterministic, state0.device
+    win = [torch.cat([x.new_zeros(x.shape[0], 1, *x.shape[2:]), x], 1) for x in prefix]  # a slot for the current step
+    s_cur, rtg_cur, alive, out = state0.clone(), rtg0.clone(), np.ones(N, bool), {}
+    host = {"reward": np.zeros((N, T)), "valid": np.zeros((N, T), bool)}
     if record_sim:
-        out["sim"], out["elapsed"] = np.zeros((N, T, envs.get_states(idx[:1])[0].shape[1])), np.zeros((N, T), np.int64)
-    alive, timers = np.ones(N, bool), timers if timers is not None else {}
+        host.update(sim=np.zeros((N, T, envs.get_states(idx[:1])[0].shape[1])), elapsed=np.zeros((N, T), np.int64))
     for t in range(T):
-        tic = time.perf_counter()
         live = np.flatnonzero(alive)
         live_t = torch.as_tensor(live, device=device)
         win = [x.roll(-1, 1) for x in win]
         win[0][:, -1, 0], win[1][:, -1], win[2][:, -1], win[3][:, -1] = rtg_cur, s_cur, 0.0, True
-        mean, log_std = (x[:, -1] for x in model(*(x[live_t] for x in win)))  # finished members are not forwarded
-        u = mean + log_std.exp() * torch.randn(mean.shape, generator=gen, device=device) if t < n_stochastic else mean
+        mean, log_std = (x[:, -1] for x in actor.model(*(x[live_t] for x in win)))  # finished members are not forwarded
+        u = mean + log_std.exp() * torch.randn(mean.shape, generator=actor.gen, device=device) if t < n_stochastic else mean
         a = torch.tanh(u)
         win[2][live_t, -1] = a
-        # One device-to-host copy per step: the per-step fields packed side by side, then split by their widths.
-        fields = {"actions": a, "u": u, "logp": squashed_logprob(mean, log_std, u)[:, None],
-                  "var": (2 * log_std).exp().mean(-1, keepdim=True), "sigma": log_std.exp().mean(-1, keepdim=True),
-                  "mu_abs": mean.abs().mean(-1, keepdim=True), "rtg": rtg_cur[live_t, None], "states": s_cur[live_t]}
-        packed = torch.cat(list(fields.values()), 1).cpu().numpy()
-        widths = np.cumsum([x.shape[1] for x in fields.values()])[:-1]
-        for k, part in zip(fields, np.split(packed, widths, 1)):
-            out[k][live, t] = part.reshape(out[k][live, t].shape)
-        tic2 = time.perf_counter()
+        step = {"rtg": rtg_cur[live_t], "states": s_cur[live_t], "actions": a, "u": u}
+        step.update(logp=squashed_logprob(mean, log_std, u), var=(2 * log_std).exp().mean(-1), sigma=log_std.exp().mean(-1))
+        step["mu_abs"] = mean.abs().mean(-1)
+        if t == 0:  # recorded on the device, copied to the host once at the end
+            out = {k: v.new_zeros((N, T, *v.shape[1:])) for k, v in step.items()}
+        for k, v in step.items():
+            out[k][live_t, t] = v
+        actions = a.cpu().numpy()
+        if not np.isfinite(actions).all():
+            raise NonFinite("action")
         if record_sim:
-            out["sim"][live, t], out["elapsed"][live, t] = envs.get_states(idx[live])
-        obs, rew, term, trunc = envs.step(idx[live], out["actions"][live, t])
-        tic3 = time.perf_counter()
-        out["reward"][live, t], out["valid"][live, t] = rew, True
-        s_cur[live_t] = norm(obs)
-        rtg_cur[live_t] -= torch.as_tensor(rew * rtg_scale, dtype=torch.float32, device=device)
+            host["sim"][live, t], host["elapsed"][live, t] = envs.get_states(idx[live])
+        obs, rew, term, trunc = envs.step(idx[live], actions)
+        host["reward"][live, t], host["valid"][live, t] = rew, True
+        s_cur[live_t] = actor.norm(obs)
+        rtg_cur[live_t] -= torch.as_tensor(rew * actor.rtg_scale, dtype=torch.float32, device=device)
         alive[live] = ~(term | trunc)
-        timers["env"] = timers.get("env", 0.0) + tic3 - tic2
-        timers["policy"] = timers.get("policy", 0.0) + time.perf_counter() - tic3 + tic2 - tic
         if not alive.any():
             break
-    return out
+    return {**{k: v.cpu().numpy() for k, v in out.items()}, **host}
 
 
 def context_at(traj, h, c, relabel=False):
     """The c_online-1 tokens before step h of a stored trajectory (left-padded), as (rtg, states, actions, mask)."""
     lo = max(0, h - c + 1)
-    pad = c - 1 - (h - lo)
-    rtg = traj["hindsight" if relabel else "rtg"][lo:h]
-    padded = lambda x: np.concatenate([np.zeros((pad, *x.shape[1:]), x.dtype), x])  # noqa: E731
-    return padded(rtg[:, None]), padded(traj["states"][lo:h]), padded(traj["actions"][lo:h]), padded(np.ones(h - lo, bool))
+    rtg = traj["hindsight" if relabel else "rtg"][lo:h, None]
+    parts = (rtg, traj["states"][lo:h], traj["actions"][lo:h], np.ones(h - lo, bool))
+    return tuple(np.concatenate([np.zeros((c - 1 - (h - lo), *x.shape[1:]), x.dtype), x]) for x in parts)
 
 
-def run_episodes(model, envs, seeds, rtg, stochastic, T_max, c, norm, scale, gen, record_sim=False, timers=None):
+def run_episodes(actor: Actor, envs, seeds, rtg, stochastic: bool, record_sim=False):
     """Episodes on members 0..n-1 from fresh resets at raw RTG `rtg`, sampled (Alg. 1 line 2) or tanh(mean) actions."""
-    n, device = len(seeds), gen.device
-    idx = np.arange(n)
-    obs, params = envs.reset(idx, seeds)
-    s0 = norm(obs)
-    prefix = [torch.zeros(n, c - 1, *shape, device=device) for shape in ((1,), s0.shape[1:], (model.mean_head.out_features,))]
+    n, c, device, A = len(seeds), actor.c, actor.gen.device, actor.model.mean_head.out_features
+    obs, params = envs.reset(np.arange(n), seeds)
+    s0 = actor.norm(obs)
+    prefix = [torch.zeros(n, c - 1, *shape, device=device) for shape in ((1,), s0.shape[1:], (A,))]
     prefix.append(torch.zeros(n, c - 1, dtype=torch.bool, device=device))  # nothing before the first step
-    out = rollout(model, envs, idx, s0, torch.full((n,), rtg * scale, device=device), prefix,
-                  T_max if stochastic else 0, 0 if stochastic else T_max, norm, scale, gen, record_sim, timers)
-    return out, params
+    rtg0 = torch.full((n,), rtg * actor.rtg_scale, device=device)
+    steps = (actor.max_steps, 0) if stochastic else (0, actor.max_steps)
+    return rollout(actor, envs, np.arange(n), s0, rtg0, prefix, *steps, record_sim=record_sim), params
 
 
 def store_trajectories(out, params, scale):
     """Per-episode dicts for the full-trajectory buffer: tokens as used, MjData per step, params, hindsight RTG."""
     trajs = []
     for m in range(len(params)):
-        n = int(out["valid"][m].sum())
-        traj = {k: v[m, :n] for k, v in out.items()}
+        traj = {k: v[m, : int(out["valid"][m].sum())] for k, v in out.items()}
         hindsight = np.cumsum(traj["reward"][::-1])[::-1] * scale  # read only by --relabel
         trajs.append({**traj, "params": params[m], "hindsight": hindsight.astype(np.float32)})
     return trajs
 
 
-def collect_groups(model, envs, full_buffer, args, L, L_eval, gamma, K, norm, scale, rng, gen, timers=None):
-    """Alg. 1 lines 3-8 -> (kept members' buffer items, (groups, G) rewards, keep mask, rollout arrays)."""
-    c, G, device = args.c_online, args.group_size, gen.device
-    tr, h = sample_reset_points([len(t["reward"]) for t in full_buffer], [t["var"] for t in full_buffer], rng,
-                                args.trajs_per_iter, K, G, args.uniform_reset_sampling, not args.no_consistent_reset,
-                                start_only=args.full_trajectory)
+def collect_groups(actor: Actor, envs, full_buffer, args: Args, rng):
+    """Alg. 1 lines 3-8 -> (kept members' buffer items, (groups, G) rewards, keep mask, rollout arrays + reset_step)."""
+    c, L, G, device = args.c_online, args.subtraj_len, args.group_size, actor.gen.device
+    lengths, variances = [len(t["reward"]) for t in full_buffer], [t["var"] for t in full_buffer]
+    opts = dict(n_trajs=args.trajs_per_iter, K=args.reset_points, G=G, uniform=args.reset_sampling == "uniform")
+    tr, h = sample_reset_points(
+        lengths, variances, rng, consistent=args.consistent_reset, start_only=args.full_trajectory, **opts
+    )
     trajs, h = [full_buffer[b] for b in tr.ravel()], h.ravel()
-    members, at = np.arange(len(h)), lambda key: [t[key][j] for t, j in zip(trajs, h)]  # noqa: E731
+
+    def at(key):
+        return np.array([t[key][j] for t, j in zip(trajs, h)])
+
     prev, params = np.empty(len(h), object), np.empty(len(h), object)
     prev[:] = [t["sim"][j - 1] if j > 0 else None for t, j in zip(trajs, h)]
     params[:] = [t["params"] for t in trajs]
-    envs.restore(members, params, prev, np.stack(at("sim")), np.array(at("elapsed")))
+    envs.restore(np.arange(len(h)), params, prev, at("sim"), at("elapsed"))
     ctx = [np.stack(x) for x in zip(*(context_at(t, j, c) for t, j in zip(trajs, h)))]
-    state0 = torch.as_tensor(np.stack(at("states")), device=device)
-    rtg0 = torch.as_tensor(np.array(at("rtg")), device=device)
-    out = rollout(model, envs, members, state0, rtg0, [torch.as_tensor(x, device=device) for x in ctx], L, L_eval,
-                  norm, scale, gen, timers=timers)
-    rewards = discounted_returns(out["reward"], out["valid"], gamma).reshape(-1, G)
+    state0, rtg0 = torch.as_tensor(at("states"), device=device), torch.as_tensor(at("rtg"), device=device)
+    prefix = [torch.as_tensor(x, device=device) for x in ctx]
+    out = rollout(actor, envs, np.arange(len(h)), state0, rtg0, prefix, L, args.eval_len)
+    rewards = discounted_returns(out["reward"], out["valid"], args.gamma).reshape(-1, G)
     adv, keep = (x.ravel() for x in group_advantages(rewards, args.delta_r))
     rtg_tokens = out["rtg"][:, :L]
     if args.relabel:  # ablation: the achieved return-to-go replaces the RTG the actions were sampled under
         ctx[0] = np.stack([context_at(t, j, c, relabel=True)[0] for t, j in zip(trajs, h)])
-        rtg_tokens = (np.cumsum(out["reward"][:, ::-1], 1)[:, ::-1][:, :L] * scale).astype(np.float32)
+        rtg_tokens = (np.cumsum(out["reward"][:, ::-1], 1)[:, ::-1][:, :L] * actor.rtg_scale).astype(np.float32)
     valid = out["valid"][:, :L]
     out["reset_step"] = h  # diagnostics: where in their episodes the groups start
-    items = {"rtg": np.concatenate([ctx[0], rtg_tokens[..., None]], 1),
-             "states": np.concatenate([ctx[1], out["states"][:, :L]], 1),
-             "actions": np.concatenate([ctx[2], out["actions"][:, :L]], 1), "mask": np.concatenate([ctx[3], valid], 1),
-             "u": out["u"][:, :L], "logp_old": out["logp"][:, :L], "valid": valid, "adv": adv}
+    tokens = (rtg_tokens[..., None], out["states"][:, :L], out["actions"][:, :L], valid)
+    items = {k: np.concatenate([before, x], 1) for k, before, x in zip(("rtg", "states", "actions", "mask"), ctx, tokens)}
+    items.update(u=out["u"][:, :L], logp_old=out["logp"][:, :L], valid=valid, adv=adv)
     return {k: v[keep] for k, v in items.items()}, rewards, keep, out
 
 
-def grpo_objective(model, ref_model, batch, c, eps, kl_coef, kappa, ratio_mode="sequence", iteration=None):
+def grpo_objective(model, ref_model, batch, args: Args, kappa, iteration=None):
     """Eq. 3 as a loss to minimise: clipped surrogate + beta KL(pi || pi_ref) - kappa entropy; and the stats (with
     `iteration`, also the clip fraction by sample age and advantage sign)."""
     valid = batch["valid"]
-    mean, log_std = subtraj_policy(model, batch, c)
-    ratio = sequence_ratio(squashed_logprob(mean, log_std, batch["u"]), batch["logp_old"], valid, ratio_mode)
-    pg_loss, clipped = grpo_loss(ratio, batch["adv"], valid, eps)
+    mean, log_std = subtraj_policy(model, batch, args.c_online)
+    ratio = sequence_ratio(squashed_logprob(mean, log_std, batch["u"]), batch["logp_old"], valid, args.ratio)
+    pg_loss, clipped = grpo_loss(ratio, batch["adv"], valid, args.clip_coef)
     with torch.no_grad():
-        ref_mean, ref_log_std = subtraj_policy(ref_model, batch, c)
+        ref_mean, ref_log_std = subtraj_policy(ref_model, batch, args.c_online)
     # tanh is a bijection, so KL(pi || pi_ref) is the base Gaussians' KL; per step, averaged over real steps
-    kl = masked_mean(kl_divergence(Independent(Normal(mean, log_std.exp()), 1),
-                                   Independent(Normal(ref_mean, ref_log_std.exp()), 1)), valid)
+    pi, pi_ref = Normal(mean, log_std.exp(), validate_args=False), Normal(ref_mean, ref_log_std.exp(), validate_args=False)
+    kl = masked_mean(kl_divergence(pi, pi_ref).sum(-1), valid)
     # single-sample entropy (tanh-Gaussian has no closed form); log_prob sums over the action dims
-    dist = Independent(TransformedDistribution(Normal(mean, log_std.exp()), [TanhTransform(cache_size=1)]), 1)
+    dist = squashed_gaussian(mean, log_std)
     entropy = masked_mean(-dist.log_prob(dist.rsample()), valid)
-    stats = dict(policy_loss=pg_loss.item(), kl=kl.item(), entropy=entropy.item(), clipfrac=clipped.mean().item(),
-                 kappa=float(kappa), ratio_mean=ratio.mean().item(), ratio_max=ratio.max().item())
+    stats = {"policy_loss": pg_loss.item(), "kl": kl.item(), "entropy": entropy.item(), "clipfrac": clipped.mean().item()}
+    stats.update(kappa=float(kappa), ratio_mean=ratio.mean().item(), ratio_max=ratio.max().item())
     if iteration is not None:
         stats.update(clip_breakdown(clipped, batch["born"], batch["adv"], iteration))
-    return pg_loss + kl_coef * kl - kappa * entropy, entropy, stats
+    return pg_loss + args.kl_coef * kl - kappa * entropy, entropy, stats
 
 
 class SubtrajBuffer:
@@ -735,14 +835,15 @@ class SubtrajBuffer:
 
     def add(self, items: dict):
         if not self.data:  # storage shaped after the first items
-            self.data = {k: torch.zeros((self.capacity, *v.shape[1:]), dtype=torch.bool if v.dtype == bool
-                                        else torch.float32, device=self.device) for k, v in items.items()}
+            for k, v in items.items():
+                dtype = torch.bool if v.dtype == bool else torch.float32
+                self.data[k] = torch.zeros((self.capacity, *v.shape[1:]), dtype=dtype, device=self.device)
         n = min(len(items["adv"]), self.capacity)
         slots = (self.ptr + np.arange(n)) % self.capacity
         self.retired_draws = self.draws[slots[slots < self.size]].copy()
         self.draws[slots] = 0
         for k, v in items.items():
-            self.data[k][slots] = torch.as_tensor(v[-n:], dtype=self.data[k].dtype, device=self.data[k].device)
+            self.data[k][slots] = torch.as_tensor(v[-n:], dtype=self.data[k].dtype, device=self.device)
         self.ptr, self.size = (self.ptr + n) % self.capacity, min(self.size + n, self.capacity)
 
     def sample(self, n, rng):
@@ -752,211 +853,261 @@ class SubtrajBuffer:
         return {k: v[i] for k, v in self.data.items()}
 
 
-def fix_malloc_mmap_threshold():
-    """Stop glibc's RSS creep on CPU: after large frees it raises its mmap threshold, and each update's
-    activations then fragment the heap (measured: 12 updates of the 4x512 DT, 5.2 GB peak; fixed, 2.9 GB)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        except OSError:  # not glibc
-            pass
+# ---------------------------------------------------------------- run state
+class RunState:
+    """What --resume restores bit-exactly: policy, pi_ref, kappa and optimisers, both buffers, every rng, counters."""
+
+    def __init__(self, actor: Actor, args: Args, run_name: str):
+        model, device, self.gen, self.run_name = actor.model, actor.gen.device, actor.gen, run_name
+        self.model, self.ref_model = model, copy.deepcopy(model)
+        self.log_kappa = torch.tensor(math.log(args.kappa_initial), device=device, requires_grad=True)
+        self.optimizer = Lamb(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+        self.kappa_opt = torch.optim.Adam([self.log_kappa], lr=args.kappa_lr)
+        self.full_buffer = deque(maxlen=args.full_buffer_size)
+        self.sub_buffer = SubtrajBuffer(args.subtraj_buffer_size, device)
+        self.rng = np.random.default_rng(args.seed)
+        self.iteration = self.env_steps = self.grad_updates = 0
+
+    def state_dict(self) -> dict:
+        b = self.sub_buffer
+        ft = {k: getattr(self, k) for k in ("iteration", "env_steps", "grad_updates", "run_name")}
+        ft.update({k: getattr(self, k).state_dict() for k in ("optimizer", "kappa_opt", "ref_model")})
+        ft.update(log_kappa=float(self.log_kappa.detach()), rng=self.rng.bit_generator.state, torch_gen=self.gen.get_state())
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        ft.update(torch_rng=torch.get_rng_state(), cuda_rng=cuda_rng)  # the global rngs feed the entropy's rsample
+        ft.update(full_buffer=list(self.full_buffer))
+        ft.update(sub_buffer={k: v.cpu() for k, v in b.data.items()}, sub_ptr=b.ptr, sub_size=b.size, sub_draws=b.draws)
+        return ft
+
+    def load_state_dict(self, ft: dict):
+        for k in ("iteration", "env_steps", "grad_updates"):
+            setattr(self, k, ft[k])
+        self.run_name = ft.get("run_name", self.run_name)
+        for k in ("optimizer", "kappa_opt", "ref_model"):
+            getattr(self, k).load_state_dict(ft[k])
+        with torch.no_grad():
+            self.log_kappa.copy_(torch.tensor(ft["log_kappa"]))
+        self.full_buffer.extend(ft["full_buffer"])
+        b = self.sub_buffer
+        b.data, b.ptr, b.size = {k: v.to(b.device) for k, v in ft["sub_buffer"].items()}, ft["sub_ptr"], ft["sub_size"]
+        b.draws = ft.get("sub_draws", np.zeros(b.capacity, np.int64))  # a diagnostic; older states restart it at zero
+        self.rng.bit_generator.state = ft["rng"]
+        self.gen.set_state(ft["torch_gen"])
+        if "torch_rng" in ft:  # older states lack the global rngs
+            torch.set_rng_state(ft["torch_rng"])
+        if ft.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ft["cuda_rng"])
 
 
-# ---------------------------------------------------------------- main
-def main(args: Args):
-    fix_malloc_mmap_threshold()
+def save_checkpoint(path, ckpt: dict, st: RunState, args: Args, score: float, with_state: bool = True):
+    """The finetuned DT as a format-1 checkpoint (loadable by `load_model`), plus with `with_state` the run state that
+    --resume reads; written atomically (tmp + os.replace), so a crash never truncates it."""
+    out = {k: v for k, v in ckpt.items() if k != "finetune"}
+    out.update(state_dict={k: v.detach().cpu() for k, v in st.model.state_dict().items()}, eval_normalized_score=score)
+    out.update(finetune_args=asdict(args), **({"finetune": st.state_dict()} if with_state else {}))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+# ---------------------------------------------------------------- main helpers
+def setup(args: Args):
+    """Presets, checks, seeds, device; the envs (worker processes fork before the model exists); the pretrained (or
+    resumed) DT as an `Actor`, and its checkpoint dict."""
     family, key = env_family(args.env_id)
     row = apply_presets(args, family, key)
-    if args.token_level_ratio and args.geometric_mean_ratio:
-        raise UserError("--token-level-ratio and --geometric-mean-ratio are exclusive; choose one (or neither)")
     if args.num_workers < 0 or min(args.c_online, args.group_size, args.reset_points, args.subtraj_len) < 1:
         raise UserError("--num-workers must be >= 0 and --c-online, --group-size, --reset-points, --subtraj-len >= 1")
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     if args.torch_deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-
-    # Start: checkpoint (pretrained here if missing), dims, envs (workers fork before the model exists)
-    env_kw = {"max_episode_steps": args.max_episode_steps} if args.max_episode_steps else {}
-    probe = make_env(args.env_id, **env_kw)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    probe = make_env(args.env_id, **({"max_episode_steps": args.max_episode_steps} if args.max_episode_steps else {}))
     S, A, T_max = probe.observation_space.shape[0], probe.action_space.shape[0], probe.spec.max_episode_steps
-    L, L_eval, gamma, K = args.subtraj_len, args.eval_len, args.gamma, args.reset_points
     if args.full_trajectory:  # vanilla GRPO: whole episodes from the start state, one return per episode
-        L, L_eval, gamma, K = T_max, 0, 1.0, 1
-    n_members = args.trajs_per_iter * K * args.group_size
+        args.subtraj_len, args.eval_len, args.gamma, args.reset_points = T_max, 0, 1.0, 1
+    args.target_entropy = -float(A) if args.target_entropy is None else args.target_entropy
+    n_members = args.trajs_per_iter * args.reset_points * args.group_size
     n_envs = max(n_members, args.full_trajs_per_iter)
-    envs = EnvPool(args.env_id, n_envs, args.num_workers, **env_kw) if args.num_workers else Envs(args.env_id, n_envs, **env_kw)
-    eval_envs = Envs(args.env_id, max(1, args.eval_episodes), video_dir=f"videos/{run_name}" if args.capture_video else None,
-                     **env_kw)
-    path = Path(args.resume) if args.resume else ensure_checkpoint(args)
-    if args.resume and not path.exists():
-        raise UserError(f"--resume {path} does not exist")
+    envs = EnvPool(args.env_id, n_envs, args.num_workers, max_episode_steps=args.max_episode_steps)
+    if args.resume and not Path(args.resume).exists():
+        raise UserError(f"--resume {args.resume} does not exist")
+    path = args.resume or ensure_checkpoint(args)
     model, ckpt = load_model(path, device)
+    if args.resume and "finetune" not in ckpt:
+        raise UserError(f"--resume {path} is a checkpoint, not a run state (`state.pt`)")
     cfg = ckpt["model_config"]
     if (cfg["state_dim"], cfg["act_dim"]) != (S, A):
-        raise UserError(f"checkpoint {path} ({ckpt['env_id']}) has state/action dims ({cfg['state_dim']}, "
-                        f"{cfg['act_dim']}) but {args.env_id} has ({S}, {A})")
-    c, scale = args.c_online, ckpt["rtg_scale"]
-    target_entropy = -float(A) if args.target_entropy is None else args.target_entropy
-    mean_t, std_t = (ckpt[k].to(device) for k in ("state_mean", "state_std"))
-    norm = lambda obs: (torch.as_tensor(obs, dtype=torch.float32, device=device) - mean_t) / std_t  # noqa: E731
-    ref_min, ref_max = ckpt["ref_min_score"], ckpt["ref_max_score"]
-
-    # Optimisers, pi_ref, buffers, rng
-    ref_model = copy.deepcopy(model)
-    log_kappa = torch.tensor(math.log(args.kappa_initial), device=device, requires_grad=True)
-    optimizer = Lamb(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    kappa_opt = torch.optim.Adam([log_kappa], lr=args.kappa_lr)
-    full_buffer = deque(maxlen=args.full_buffer_size)
-    sub_buffer = SubtrajBuffer(args.subtraj_buffer_size, device)
-    rng = np.random.default_rng(args.seed)
+        raise UserError(
+            f"checkpoint {path} ({ckpt['env_id']}) has state/action dims ({cfg['state_dim']}, {cfg['act_dim']}) "
+            f"but {args.env_id} has ({S}, {A})"
+        )
+    print(
+        f"{args.env_id}: Table 6 row {key}/{row}; c_online {args.c_online}, g_online {args.g_online}, L_traj "
+        f"{args.subtraj_len}, L_eval {args.eval_len}, gamma {args.gamma}, eps {args.clip_coef}, Delta_r {args.delta_r}, "
+        f"lr {args.learning_rate}, kappa0 {args.kappa_initial}, n_batch {args.n_batch}, {n_members} group members/"
+        f"iteration, device {device}"
+    )
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    start_iter, env_steps, grad_updates = 1, 0, 0
-    if args.resume:
-        ft = ckpt["finetune"]
-        optimizer.load_state_dict(ft["optimizer"]), kappa_opt.load_state_dict(ft["kappa_opt"])
-        ref_model.load_state_dict(ft["ref_model"])
-        with torch.no_grad():
-            log_kappa.copy_(torch.tensor(ft["log_kappa"]))
-        full_buffer.extend(ft["full_buffer"])
-        sub_buffer.data, sub_buffer.ptr, sub_buffer.size = ({k: v.to(device) for k, v in ft["sub_buffer"].items()},
-                                                            ft["sub_ptr"], ft["sub_size"])
-        # draw counts are a diagnostic; a run saved before they were kept restarts them at zero
-        sub_buffer.draws = ft.get("sub_draws", np.zeros(args.subtraj_buffer_size, np.int64))
-        rng.bit_generator.state = ft["rng"]
-        gen.set_state(ft["torch_gen"])
-        start_iter, env_steps, grad_updates = ft["iteration"] + 1, ft["env_steps"], ft["grad_updates"]
-    save_path = Path(args.save_path or f"checkpoints/{args.env_id}__{args.dataset.replace('/', '-')}__s{args.seed}__grpo_dt.pt")
-    ratio_mode = "token" if args.token_level_ratio else "geometric" if args.geometric_mean_ratio else "sequence"
+    mean, std = ckpt["state_mean"].to(device), ckpt["state_std"].to(device)
+    actor = Actor(model.eval(), mean, std, rtg_scale=ckpt["rtg_scale"], c=args.c_online, max_steps=T_max, gen=gen)
+    return envs, actor, ckpt
 
+
+def start_logging(args: Args, run_name: str) -> SummaryWriter:
+    """TensorBoard writer of `{runs_dir}/{run_name}` with the hyperparameters; wandb too with --track."""
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
-                   sync_tensorboard=True, save_code=True)
+        opts = dict(config=vars(args), name=run_name, sync_tensorboard=True, save_code=True)
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, **opts)
     writer = SummaryWriter(f"{args.runs_dir}/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    print(f"{args.env_id}: Table 6 row {key}/{row}; c_online {c}, g_online {args.g_online}, L_traj {L}, L_eval {L_eval}, "
-          f"gamma {gamma}, eps {args.clip_eps}, Delta_r {args.delta_r}, lr {args.learning_rate}, kappa0 {args.kappa_initial}, "
-          f"n_batch {args.n_batch}, {n_members} group members/iteration, device {device}")
+    return writer
 
-    def log_eval(it):
-        rets, lengths = np.array([np.nan]), np.array([np.nan])
-        if args.eval_episodes:
-            seeds = args.seed + 10_000 + np.arange(args.eval_episodes)
-            ev = run_episodes(model, eval_envs, seeds, ckpt["eval_rtg"], False, T_max, c, norm, scale, gen)[0]
-            rets, lengths = ev["reward"].sum(1), ev["valid"].sum(1)
-        scores = 100 * (rets - ref_min) / (ref_max - ref_min)
-        score, score_se = float(scores.mean()), float(scores.std() / np.sqrt(len(scores)))
-        writer.add_scalar("charts/normalized_score", score, it)
-        writer.add_scalar("charts/normalized_score_se", score_se, it)
-        writer.add_scalar("charts/eval_return", rets.mean(), it)
-        writer.add_scalar("charts/eval_length", lengths.mean(), it)
-        writer.add_scalar("charts/eval_reward_per_step", rets.sum() / max(lengths.sum(), 1), it)
-        return score, float(rets.mean()), score_se, float(lengths.mean())
 
-    score, eval_ret, score_se, eval_len = log_eval(start_iter - 1)
-    tqdm.write(f"iteration {start_iter - 1}: eval return {eval_ret:.1f}, normalized score {score:.1f} +- {score_se:.1f} "
-               f"(s.e.), eval length {eval_len:.0f}")
-    start, iteration, steps0 = time.time(), start_iter - 1, env_steps
-    pbar = tqdm(range(start_iter, args.num_iterations + 1), desc="grpo-dt", mininterval=2.0)
-    for iteration in pbar:
-        t_iter, timers = time.time(), {}
-        # Alg. 1 line 2: full trajectories from g_online, stored with the RTG tokens used and the MjData per step
-        out, params = run_episodes(model, envs, rng.integers(0, 2**31, args.full_trajs_per_iter), args.g_online,
-                                   args.full_rollout_actions == "sampled", T_max, c, norm, scale, gen, record_sim=True,
-                                   timers=timers)
-        full_buffer.extend(store_trajectories(out, params, scale))
-        episodic_return, episodic_length = out["reward"].sum(1).mean(), out["valid"].sum(1).mean()
-        live = out["valid"]
-        head = {"rollout_sigma": out["sigma"][live].mean(), "rollout_mu_abs": out["mu_abs"][live].mean()}
-        env_steps += int(out["valid"].sum())
+def evaluate(actor: Actor, envs, args: Args, ckpt: dict, writer, iteration: int) -> dict:
+    """Deterministic tanh(mean) episodes at the checkpoint's eval RTG, logged at `iteration`."""
+    rets, lengths = np.array([np.nan]), np.array([np.nan])
+    if args.eval_episodes:
+        seeds = args.seed + 10_000 + np.arange(args.eval_episodes)
+        ev, _ = run_episodes(actor, envs, seeds, ckpt["eval_rtg"], stochastic=False)
+        rets, lengths = ev["reward"].sum(1), ev["valid"].sum(1)
+    scores = 100 * (rets - ckpt["ref_min_score"]) / (ckpt["ref_max_score"] - ckpt["ref_min_score"])
+    ev = {"normalized_score": scores.mean(), "normalized_score_se": scores.std() / np.sqrt(len(scores))}
+    ev.update(eval_return=rets.mean(), eval_length=lengths.mean(), eval_reward_per_step=rets.sum() / max(lengths.sum(), 1))
+    for k, v in ev.items():
+        writer.add_scalar(f"charts/{k}", v, iteration)
+    return {k: float(v) for k, v in ev.items()}
 
-        # Lines 3-8: reset points by action variance, G sub-trajectories each from the same state and context,
-        # Eq. 2 advantages, Delta_r filter, FIFO push
-        items, rewards, keep, out = collect_groups(model, envs, full_buffer, args, L, L_eval, gamma, K, norm, scale,
-                                                   rng, gen, timers)
-        env_steps += int(out["valid"].sum())
-        sub_buffer.add({**items, "born": np.full(len(items["adv"]), iteration, np.float32)})
-        t_rollout = time.time() - t_iter
 
-        # Line 9: Eq. 3 on n_batch uniform draws from the buffer; kappa is the entropy constraint's dual variable
-        stats = []
-        for _ in range(args.updates_per_iter if sub_buffer.size else 0):
-            kappa = log_kappa.exp()
-            loss, entropy, st = grpo_objective(model, ref_model, sub_buffer.sample(args.n_batch, rng), c, args.clip_eps,
-                                               args.kl_coef, kappa.detach(), ratio_mode, iteration)
-            optimizer.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            kappa_loss = kappa * (entropy.detach() - target_entropy)
-            kappa_opt.zero_grad()
-            kappa_loss.backward()
-            kappa_opt.step()
-            grad_updates += 1
-            if grad_updates % args.ref_update_every == 0:
-                ref_model.load_state_dict(model.state_dict())
-            stats.append(st)
-        t_update = time.time() - t_iter - t_rollout
+def log_iteration(writer, iteration: int, st: RunState, full, groups, stats: list, timing: dict, ev: dict):
+    """Per-iteration scalars of the full and group rollouts, the updates and the timings; the iteration's line."""
+    live, rewards, keep, draws = full["valid"], groups["group_reward"], groups["keep"], st.sub_buffer.retired_draws
+    s = {"charts/episodic_return": full["reward"].sum(1).mean(), "charts/episodic_length": live.sum(1).mean()}
+    s.update({"charts/env_steps": st.env_steps, "charts/grad_updates": st.grad_updates})
+    s.update({f"charts/{k}": v for k, v in timing.items()})
+    s.update({"losses/group_reward_std": rewards.std(1).mean(), "losses/dropped_fraction": 1 - keep.mean()})
+    s.update({"charts/reset_step_mean": groups["reset_step"].mean(), "charts/reset_step_max": groups["reset_step"].max()})
+    s.update({"charts/rollout_sigma": full["sigma"][live].mean(), "charts/rollout_mu_abs": full["mu_abs"][live].mean()})
+    s["charts/draws_per_subtraj"] = draws.mean() if len(draws) else np.nan
+    for k in (
+        "policy_loss",
+        "kl",
+        "entropy",
+        "clipfrac",
+        "kappa",
+        "ratio_mean",
+        "ratio_max",
+        "clipfrac_fresh",
+        "clipfrac_stale",
+        "clipfrac_adv_pos",
+        "clipfrac_adv_neg",
+    ):
+        vals = [x[k] for x in stats] or [np.nan]
+        s[f"losses/{k}"] = max(vals) if k == "ratio_max" else float(np.nanmean(vals))
+    for k, v in s.items():
+        writer.add_scalar(k, v, iteration)
+    v = {**{k.split("/")[1]: x for k, x in s.items()}, **ev}
+    tqdm.write(
+        f"iteration {iteration}: score {v['normalized_score']:.1f} +- {v['normalized_score_se']:.1f} (eval return "
+        f"{v['eval_return']:.1f}, length {v['eval_length']:.0f}, {v['eval_return'] / max(v['eval_length'], 1):.2f}/"
+        f"step), train return {v['episodic_return']:.1f} (length {v['episodic_length']:.0f}), reset step "
+        f"{v['reset_step_mean']:.0f}/{v['reset_step_max']}, sigma {v['rollout_sigma']:.2f}, |mu| "
+        f"{v['rollout_mu_abs']:.2f}, clip fresh/stale {v['clipfrac_fresh']:.2f}/{v['clipfrac_stale']:.2f}, clip "
+        f"A+/A- {v['clipfrac_adv_pos']:.2f}/{v['clipfrac_adv_neg']:.2f}, draws {v['draws_per_subtraj']:.1f}, ratio "
+        f"{v['ratio_mean']:.3f}/{v['ratio_max']:.2f}, clip {v['clipfrac']:.2f}, kl {v['kl']:.4f}, entropy "
+        f"{v['entropy']:.2f}, kappa {v['kappa']:.4f}, group std {v['group_reward_std']:.2f}, dropped "
+        f"{v['dropped_fraction']:.2f}, env steps {st.env_steps}, SPS {v['SPS']:.0f} (rollout "
+        f"{v['rollout_seconds']:.1f}s, update {v['update_seconds']:.1f}s)"
+    )
 
-        # Logging, evaluation, checkpoint, budgets
-        score, eval_ret, score_se, eval_len = log_eval(iteration)
-        sps = (env_steps - steps0) / max(time.time() - start, 1e-9)
-        scalars = {"charts/episodic_return": episodic_return, "charts/env_steps": env_steps,
-                   "charts/grad_updates": grad_updates, "charts/SPS": sps, "charts/rollout_seconds": t_rollout,
-                   "charts/update_seconds": t_update, "charts/policy_seconds": timers.get("policy", 0.0),
-                   "charts/env_seconds": timers.get("env", 0.0), "losses/group_reward_std": rewards.std(1).mean(),
-                   "losses/dropped_fraction": 1 - keep.mean(), "charts/episodic_length": episodic_length,
-                   "charts/reset_step_mean": out["reset_step"].mean(), "charts/reset_step_max": out["reset_step"].max(),
-                   "charts/rollout_sigma": head["rollout_sigma"], "charts/rollout_mu_abs": head["rollout_mu_abs"],
-                   "charts/draws_per_subtraj": sub_buffer.retired_draws.mean() if len(sub_buffer.retired_draws) else np.nan}
-        for k in ("policy_loss", "kl", "entropy", "clipfrac", "kappa", "ratio_mean", "ratio_max", "clipfrac_fresh",
-                  "clipfrac_stale", "clipfrac_adv_pos", "clipfrac_adv_neg"):
-            vals = [st[k] for st in stats] or [np.nan]
-            scalars[f"losses/{k}"] = max(vals) if k == "ratio_max" else float(np.nanmean(vals))
-        for k, v in scalars.items():
-            writer.add_scalar(k, v, iteration)
-        tqdm.write(f"iteration {iteration}: score {score:.1f} +- {score_se:.1f} (eval return {eval_ret:.1f}, length "
-                   f"{eval_len:.0f}, {eval_ret / max(eval_len, 1):.2f}/step), train return {episodic_return:.1f} (length "
-                   f"{episodic_length:.0f}), reset step {out['reset_step'].mean():.0f}/{out['reset_step'].max()}, sigma "
-                   f"{head['rollout_sigma']:.2f}, |mu| {head['rollout_mu_abs']:.2f}, clip fresh/stale "
-                   f"{scalars['losses/clipfrac_fresh']:.2f}/{scalars['losses/clipfrac_stale']:.2f}, clip A+/A- "
-                   f"{scalars['losses/clipfrac_adv_pos']:.2f}/{scalars['losses/clipfrac_adv_neg']:.2f}, draws "
-                   f"{scalars['charts/draws_per_subtraj']:.1f}, ratio {scalars['losses/ratio_mean']:.3f}/{scalars['losses/ratio_max']:.2f}, "
-                   f"clip {scalars['losses/clipfrac']:.2f}, kl {scalars['losses/kl']:.4f}, entropy "
-                   f"{scalars['losses/entropy']:.2f}, kappa {scalars['losses/kappa']:.4f}, group std "
-                   f"{scalars['losses/group_reward_std']:.2f}, dropped {1 - keep.mean():.2f}, env steps {env_steps}, "
-                   f"SPS {sps:.0f} (rollout {t_rollout:.1f}s, update {t_update:.1f}s)")
-        pbar.set_postfix(score=f"{score:.1f}", steps=env_steps)
-        done = (args.total_env_steps and env_steps >= args.total_env_steps) or (
-            args.max_seconds and time.time() - start >= args.max_seconds) or iteration == args.num_iterations
-        if args.save_every and (iteration % args.save_every == 0 or done):  # atomic: a crash never truncates it
-            save_path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({
-                **{k: v for k, v in ckpt.items() if k != "finetune"},
-                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "eval_normalized_score": score, "finetune_args": asdict(args),
-                "finetune": {"iteration": iteration, "env_steps": env_steps, "grad_updates": grad_updates,
-                             "optimizer": optimizer.state_dict(), "kappa_opt": kappa_opt.state_dict(),
-                             "log_kappa": float(log_kappa.detach()), "ref_model": ref_model.state_dict(),
-                             "rng": rng.bit_generator.state, "torch_gen": gen.get_state(),
-                             "full_buffer": list(full_buffer), "sub_ptr": sub_buffer.ptr, "sub_size": sub_buffer.size, "sub_draws": sub_buffer.draws,
-                             "sub_buffer": {k: v.cpu() for k, v in sub_buffer.data.items()}}}, f"{save_path}.tmp")
-            os.replace(f"{save_path}.tmp", save_path)
-        if done:
-            break
+
+# ---------------------------------------------------------------- main
+def main(args: Args):
+    fix_malloc_mmap_threshold()
+    envs, actor, ckpt = setup(args)
+    st = RunState(actor, args, run_name=f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    if args.resume:  # the resumed run keeps its name: it logs to the same TensorBoard run and state file
+        st.load_state_dict(ckpt["finetune"])
+    video_dir = f"videos/{st.run_name}" if args.capture_video else None
+    eval_envs = EnvPool(args.env_id, max(1, args.eval_episodes), video_dir=video_dir, max_episode_steps=args.max_episode_steps)
+    state_path = Path(args.save_path or f"{args.runs_dir}/{st.run_name}/state.pt")
+    print(f"run state (for --resume): {state_path}", flush=True)
+    writer = start_logging(args, st.run_name)
+    model, iteration, start, steps0 = actor.model, st.iteration, time.time(), st.env_steps
+    try:
+        ev = evaluate(actor, eval_envs, args, ckpt, writer=writer, iteration=iteration)
+        tqdm.write(
+            f"iteration {iteration}: eval return {ev['eval_return']:.1f}, normalized score {ev['normalized_score']:.1f} "
+            f"+- {ev['normalized_score_se']:.1f} (s.e.), eval length {ev['eval_length']:.0f}"
+        )
+        pbar = tqdm(range(st.iteration + 1, args.num_iterations + 1), desc="grpo-dt", mininterval=2.0)
+        for iteration in pbar:
+            t_iter, envs.seconds = time.time(), 0.0
+            # ALGO LOGIC: Alg. 1 line 2, full trajectories from g_online, stored with the RTG tokens used and MjData per step
+            seeds, sampled = st.rng.integers(0, 2**31, args.full_trajs_per_iter), args.full_rollout_actions == "sampled"
+            full, params = run_episodes(actor, envs, seeds, args.g_online, stochastic=sampled, record_sim=True)
+            st.full_buffer.extend(store_trajectories(full, params, actor.rtg_scale))
+
+            # ALGO LOGIC: lines 3-8, reset points by action variance, G sub-trajectories each from the same state and
+            # context, Eq. 2 advantages, Delta_r filter, FIFO push
+            items, rewards, keep, groups = collect_groups(actor, envs, st.full_buffer, args, st.rng)
+            st.env_steps += int(full["valid"].sum()) + int(groups["valid"].sum())
+            st.sub_buffer.add({**items, "born": np.full(len(items["adv"]), iteration, np.float32)})
+            t_rollout = time.time() - t_iter
+
+            # ALGO LOGIC: line 9, Eq. 3 on n_batch uniform draws from the buffer; kappa is the entropy constraint's dual
+            stats = []
+            for _ in range(args.updates_per_iter if st.sub_buffer.size else 0):
+                kappa = st.log_kappa.exp()
+                batch = st.sub_buffer.sample(args.n_batch, st.rng)
+                loss, entropy, step_stats = grpo_objective(model, st.ref_model, batch, args, kappa.detach(), iteration)
+                if not torch.isfinite(loss):
+                    raise NonFinite("loss")
+                st.optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                st.optimizer.step()
+                kappa_loss = kappa * (entropy.detach() - args.target_entropy)
+                st.kappa_opt.zero_grad()
+                kappa_loss.backward()
+                st.kappa_opt.step()
+                st.grad_updates += 1
+                if st.grad_updates % args.ref_update_every == 0:
+                    st.ref_model.load_state_dict(model.state_dict())
+                stats.append(step_stats)
+            t_update = time.time() - t_iter - t_rollout
+
+            # Evaluation, logging, run state, budgets
+            ev = evaluate(actor, eval_envs, args, ckpt, writer=writer, iteration=iteration)
+            st.iteration = iteration
+            sps = (st.env_steps - steps0) / max(time.time() - start, 1e-9)
+            timing = {"SPS": sps, "rollout_seconds": t_rollout, "update_seconds": t_update, "env_seconds": envs.seconds}
+            timing["policy_seconds"] = t_rollout - envs.seconds
+            groups.update(group_reward=rewards, keep=keep)
+            log_iteration(writer, iteration, st, full=full, groups=groups, stats=stats, timing=timing, ev=ev)
+            pbar.set_postfix(score=f"{ev['normalized_score']:.1f}", steps=st.env_steps)
+            done = (args.total_env_steps and st.env_steps >= args.total_env_steps) or iteration == args.num_iterations
+            done = done or (args.max_seconds and time.time() - start >= args.max_seconds)
+            if args.save_every and (iteration % args.save_every == 0 or done):
+                save_checkpoint(state_path, ckpt, st, args, ev["normalized_score"])
+            if done:
+                break
+    except NonFinite as e:
+        raise UserError(f"non-finite {e} at iteration {iteration}; stopped, last good state kept at {state_path}") from None
+    if args.save_model:
+        save_checkpoint(state_path.parent / f"{args.exp_name}.pt", ckpt, st, args, ev["normalized_score"], with_state=False)
     envs.close()
     eval_envs.close()
     writer.close()
-    print(f"final normalized score {score:.1f} after {iteration} iterations, {env_steps} env steps")
-    return score
+    print(f"final normalized score {ev['normalized_score']:.1f} after {iteration} iterations, {st.env_steps} env steps")
+    return ev["normalized_score"]
 
 
 if __name__ == "__main__":

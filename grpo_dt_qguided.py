@@ -1,18 +1,12 @@
 """Q-guided GRPO-DT: online finetuning of a Decision Transformer with pure RL gradients and no state resets.
 
-Paper: "Online Finetuning Decision Transformers with Pure RL Gradients" (Luo & Zhu), Section 3.2
-(Algorithm 1, Eqs. 2-3, active sampling), Section 3.3.1 (Q-guided GRPO-DT), Appendix B.1, Tables 5-6.
-Algorithm 1 with line 6 replaced: instead of resetting the env to a sampled (s_h, g_h) and rolling out
-G sub-trajectories, G candidate actions are drawn from the DT there and scored by a TD3 critic,
-R(a_i) = Q_phi(s_h, a_i). The scores give Eq. 2 group advantages; Eq. 3 is optimised with a per-action
-importance ratio. The critic learns from the online trajectories (twin Q, target nets, smoothing noise).
+Paper: "Online Finetuning Decision Transformers with Pure RL Gradients" (Luo & Zhu), Sections 3.2 (Algorithm 1,
+Eqs. 2-3, active sampling) and 3.3.1 (Q-guided GRPO-DT), Appendix B.1, Tables 5-6. Algorithm 1 with line 6 replaced:
+at each sampled (s_h, g_h), G candidate actions drawn from the DT are scored by a TD3 critic learnt from the online
+trajectories, R(a_i) = Q_phi(s_h, a_i); the scores give Eq. 2 group advantages, and Eq. 3 is optimised with a
+per-action ratio. `env.reset()` only starts a new episode, never `set_state`: use this instead of grpo_dt.py when the
+environment cannot be put back into an arbitrary state (it also spends far fewer env steps per iteration).
 
-Use this instead of grpo_dt.py when the environment cannot be put back into an arbitrary state (a real
-robot, a simulator without save/restore): this script calls `env.reset()` only to start a new episode
-after the previous one ended, never `set_state`. It also spends far fewer env steps per iteration (no
-sub-trajectory rollouts). grpo_dt.py needs no critic and gets exact (Monte-Carlo) group scores.
-
-Example (offline, on the shared data):
     MINARI_DATASETS_PATH=$(realpath ../shared/datasets) \
         python grpo_dt_qguided.py --env-id Hopper-v4 --dataset local/hopper/medium-v0 --num-iterations 200
 """
@@ -26,9 +20,10 @@ import subprocess
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -43,10 +38,11 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
+    # ---- shared: args-header (identical in every script; tests/test_shared_blocks.py) ----
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
-    """seed of the experiment (python, numpy, torch and the env resets)"""
+    """seed of the experiment (python, numpy, torch, env resets and action sampling)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms"""
     cuda: bool = True
@@ -58,24 +54,26 @@ class Args:
     wandb_entity: Optional[str] = None
     """the wandb entity (team)"""
     capture_video: bool = False
-    """if toggled, record videos of the first evaluation episode to `videos/{run_name}`"""
+    """if toggled, record the first evaluation episode of every evaluation to `videos/{run_name}`"""
     runs_dir: str = "runs"
     """TensorBoard root; the run logs to `{runs_dir}/{run_name}`"""
-
     env_id: str = "Hopper-v4"
     """gymnasium id: Hopper/Walker2d/Ant/HalfCheetah-v4/v5, AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4/v5"""
     dataset: str = "medium"
-    """pretraining dataset (paper short name or Minari id); names the default checkpoint and picks Table 6 values"""
+    """a paper short name (medium, medium-replay, random, expert, human, cloned, umaze, umaze-diverse) or a Minari id"""
     dataset_path: Optional[str] = None
-    """D4RL HDF5 file handed to pretrain_dt.py when the checkpoint has to be pretrained"""
+    """a D4RL-format HDF5 file (observations, actions, rewards, terminals, timeouts); overrides the Minari lookup"""
+    # ---- end shared: args-header ----
     checkpoint: Optional[str] = None
     """pretrained checkpoint; default `checkpoints/{env_id}__{dataset}__s{seed}.pt`, pretrained if missing"""
+    model_size: Literal["paper", "cpu"] = "paper"
+    """size of the DT that pretrain_dt.py makes when the checkpoint is missing"""
     pretrain_extra_args: str = ""
     """extra arguments for the pretrain_dt.py subprocess, e.g. "--num-updates 1000 --embed-dim 128\""""
     num_iterations: int = 200
     """outer iterations of Algorithm 1; 0 only evaluates the checkpoint"""
     total_env_steps: int = 0
-    """training env-step budget (0 = none): stop after the iteration that reaches it; eval steps don't count"""
+    """training env-step budget (0 = none), counted across resumes: stop after the iteration that reaches it"""
     max_seconds: float = 0
     """wall-clock budget in seconds (0 = none): stop after the iteration that reaches it"""
     eval_episodes: int = 10
@@ -84,12 +82,14 @@ class Args:
     """CPU threads of torch (0 = torch's default); 1 is fastest for this small-batch loop on a busy CPU"""
     max_episode_steps: Optional[int] = None
     """episode length cap (a time-limit truncation) for training and evaluation envs; default the env's own"""
-    save_every: int = 0
-    """write a finetuned checkpoint every this many iterations (and at the end); 0 = never"""
+    save_every: int = 5
+    """write the run state every this many iterations and at the end (0 = never)"""
     save_path: Optional[str] = None
-    """where --save-every writes; default `{runs_dir}/{run_name}/finetuned.pt`"""
+    """where the run state goes; default `{runs_dir}/{run_name}/state.pt`"""
+    save_model: bool = False
+    """at the end, also write the finetuned DT as a format-1 checkpoint to `{runs_dir}/{run_name}/{exp_name}.pt`"""
     resume: Optional[str] = None
-    """a checkpoint written by --save-every: continue that run up to --num-iterations"""
+    """a run state (state.pt): continue that run bit-exactly, in its run directory, up to --num-iterations"""
 
     # Algorithm 1 and Appendix B.1
     full_trajs_per_iter: Optional[int] = None
@@ -110,7 +110,7 @@ class Args:
     """DT context length in rollouts, updates and evaluation; default Table 6 (1; 5 hammer, umaze-diverse)"""
     g_online: Optional[float] = None
     """RTG conditioning the training rollouts; default Table 6 (e.g. 7200 Hopper)"""
-    clip_eps: Optional[float] = None
+    clip_coef: Optional[float] = None
     """epsilon of the clipped ratio; default Table 6"""
     delta_r: Optional[float] = None
     """drop candidates whose score is within this of the group mean (raw reward units); default Table 6"""
@@ -152,24 +152,15 @@ class Args:
     """clip of the target policy smoothing noise"""
 
 
+# ---------------------------------------------------------------- envs and presets
+# ---- shared: envs (identical in every script; tests/test_shared_blocks.py) ----
 class UserError(Exception):
     """Bad input: printed as one line, never as a traceback."""
 
 
-# ---------------------------------------------------------------- envs (copies of pretrain_dt.py's helpers)
 MUJOCO_ENVS = {"Hopper": "hopper", "Walker2d": "walker2d", "Ant": "ant", "HalfCheetah": "halfcheetah"}
 ADROIT_ENVS = {"AdroitHandDoor": "door", "AdroitHandHammer": "hammer", "AdroitHandPen": "pen"}
 SUPPORTED = "MuJoCo Hopper/Walker2d/Ant/HalfCheetah-v4|v5, Adroit AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4|v5"
-# Table 6 per env key: n_batch, c_online, g_online, eps, delta_r. HalfCheetah is not in Table 6: ODT's online
-# RTG 12000 with the other MuJoCo values.
-TABLE6 = {"hopper": (256, 1, 7200, 0.2, 2.0), "walker2d": (256, 1, 10000, 0.3, 2.0),
-          "ant": (256, 1, 12000, 0.3, 2.0), "halfcheetah": (256, 1, 12000, 0.3, 2.0),
-          "door": (512, 1, 3000, 0.3, 0.4), "pen": (512, 1, 6000, 0.3, 0.0), "hammer": (512, 5, 4000, 0.3, 0.8),
-          "antmaze": (256, 1, 2, 0.2, 0.0)}
-TABLE6_BY_DATASET = {("door", "cloned"): {"delta_r": 0.5}, ("hammer", "cloned"): {"delta_r": 0.0},
-                     ("antmaze", "diverse"): {"c_online": 5}}
-# Critic rewards as ODT+TD3: Adroit scaled down, MuJoCo raw, AntMaze shifted by -1 per step.
-REWARD_SCALE = {"door": 1e-2, "pen": 1e-2, "hammer": 1e-3}
 
 
 def env_family(env_id: str) -> tuple[str, str]:
@@ -190,6 +181,7 @@ def flatten_antmaze_obs(obs: dict) -> np.ndarray:
 
 
 def make_env(env_id: str, **kwargs) -> gym.Env:
+    """`gym.make`, registering gymnasium-robotics for Adroit and AntMaze, with AntMaze's dict observation flattened."""
     family, _ = env_family(env_id)
     if family != "mujoco":
         import gymnasium_robotics  # registers Adroit and AntMaze; only needed for them
@@ -204,29 +196,78 @@ def make_env(env_id: str, **kwargs) -> gym.Env:
     return env
 
 
-def default_checkpoint_path(env_id: str, dataset: str, seed: int) -> Path:
-    """The path every finetuning script looks at first: checkpoints/{env_id}__{dataset with / -> -}__s{seed}.pt"""
-    return Path("checkpoints") / f"{env_id}__{dataset.replace('/', '-')}__s{seed}.pt"
+def fix_malloc_mmap_threshold():
+    """Stop glibc's RSS creep on CPU: after large frees it raises its mmap threshold, and each update's
+    activations then fragment the heap (the 4x512 DT grew to 14 GB in 22 updates; fixed, it stays at 1.2 GB)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        except OSError:  # not glibc
+            pass
 
 
-def resolve_defaults(args: Args) -> Args:
-    """Fill every None with the paper's value for this env family / dataset (Table 6, B.1, ODT+TD3)."""
+# ---- end shared: envs ----
+
+
+# Table 6 per env key: n_batch, c_online, g_online, clip_coef, delta_r. HalfCheetah is not in Table 6: ODT's online
+# RTG 12000 with the other MuJoCo values.
+TABLE6 = {
+    "hopper": (256, 1, 7200, 0.2, 2.0),
+    "walker2d": (256, 1, 10000, 0.3, 2.0),
+    "ant": (256, 1, 12000, 0.3, 2.0),
+    "halfcheetah": (256, 1, 12000, 0.3, 2.0),
+    "door": (512, 1, 3000, 0.3, 0.4),
+    "pen": (512, 1, 6000, 0.3, 0.0),
+    "hammer": (512, 5, 4000, 0.3, 0.8),
+    "antmaze": (256, 1, 2, 0.2, 0.0),
+}
+TABLE6_BY_DATASET = {
+    ("door", "cloned"): {"delta_r": 0.5},
+    ("hammer", "cloned"): {"delta_r": 0.0},
+    ("antmaze", "diverse"): {"c_online": 5},
+}
+# Critic rewards as ODT+TD3: Adroit scaled down, MuJoCo raw, AntMaze shifted by -1 per step.
+REWARD_SCALE = {"door": 1e-2, "pen": 1e-2, "hammer": 1e-3}
+
+
+def apply_presets(args: Args) -> Args:
+    """Fill every None with the paper's value for this env family / dataset (Table 6, B.1, ODT+TD3); check sizes."""
     family, key = env_family(args.env_id)
-    table = dict(zip(("n_batch", "c_online", "g_online", "clip_eps", "delta_r"), TABLE6[key]))
+    table = dict(zip(("n_batch", "c_online", "g_online", "clip_coef", "delta_r"), TABLE6[key]))
     for (k, word), override in TABLE6_BY_DATASET.items():
         if k == key and word in args.dataset:
             table.update(override)
-    table.update(full_trajs_per_iter=5 if family == "adroit" else 1,
-                 critic_updates=600 if family == "mujoco" else 300,
-                 critic_lr=1e-3 if family == "mujoco" else 2e-4, gamma=0.998 if family == "antmaze" else 0.99)
-    filled = copy.copy(args)
-    for name, value in table.items():
-        if getattr(filled, name) is None:
-            setattr(filled, name, value)
-    return filled
+    table.update(
+        full_trajs_per_iter=5 if family == "adroit" else 1,
+        critic_updates=600 if family == "mujoco" else 300,
+        critic_lr=1e-3 if family == "mujoco" else 2e-4,
+        gamma=0.998 if family == "antmaze" else 0.99,
+    )
+    args = replace(args, **{k: v for k, v in table.items() if getattr(args, k) is None})
+    if args.group_size < 2 or min(args.eval_episodes, args.full_trajs_per_iter, args.c_online) < 1:
+        raise UserError(
+            "need --group-size >= 2 (a group of one has no advantage) and --eval-episodes, "
+            "--full-trajs-per-iter, --c-online >= 1"
+        )
+    return args
 
 
-# ---------------------------------------------------------------- models (Block, DT, squashed_gaussian, Lamb: copies)
+def make_envs(args: Args, run_name: str) -> tuple[list, list]:
+    """(training envs, evaluation envs); the first evaluation env records videos with --capture-video."""
+    kwargs = {"max_episode_steps": args.max_episode_steps} if args.max_episode_steps else {}
+    train_envs = [make_env(args.env_id, **kwargs) for _ in range(args.full_trajs_per_iter)]
+    video = {"render_mode": "rgb_array"} if args.capture_video else {}
+    eval_envs = [make_env(args.env_id, **kwargs, **(video if i == 0 else {})) for i in range(args.eval_episodes)]
+    if args.capture_video:
+        eval_envs[0] = gym.wrappers.RecordVideo(eval_envs[0], f"videos/{run_name}")
+    return train_envs, eval_envs
+
+
+# ---------------------------------------------------------------- model
+# ---- shared: model (identical in every DT script; tests/test_shared_blocks.py) ----
+CHECKPOINT_FORMAT_VERSION = 1
+
+
 class Block(nn.Module):
     """Pre-LayerNorm transformer block; attention through `scaled_dot_product_attention`."""
 
@@ -236,8 +277,9 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(embed_dim), nn.LayerNorm(embed_dim)
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
         self.proj = nn.Linear(embed_dim, embed_dim)
-        self.mlp = nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim),
-                                 nn.Dropout(dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim), nn.Dropout(dropout)
+        )
         self.resid_drop = nn.Dropout(dropout)
 
     def forward(self, x, attn_mask):
@@ -250,10 +292,15 @@ class Block(nn.Module):
 
 
 class DecisionTransformer(nn.Module):
-    """Tokens (RTG_t, s_t, a_t) per step, no positional embedding; the s_t output parameterises a pre-tanh Gaussian."""
+    """Tokens (RTG_t, s_t, a_t) per step, each with its own linear embedding and no positional embedding (ODT).
 
-    def __init__(self, state_dim, act_dim, embed_dim=512, n_layers=4, n_heads=4, dropout=0.1,
-                 log_std_min=-5.0, log_std_max=2.0):
+    The output at s_t parameterises a diagonal Gaussian in pre-tanh space; the action is tanh of a
+    sample (squashed Gaussian). Left padding is masked out of attention.
+    """
+
+    def __init__(
+        self, state_dim, act_dim, embed_dim=512, n_layers=4, n_heads=4, dropout=0.1, log_std_min=-5.0, log_std_max=2.0
+    ):
         super().__init__()
         self.log_std_min, self.log_std_max = log_std_min, log_std_max
         self.embed_rtg = nn.Linear(1, embed_dim)
@@ -289,8 +336,9 @@ def squashed_gaussian(mean, log_std):
     No argument validation: it costs time every step, and a NaN must reach the loss's finiteness check.
     """
     base = Normal(mean, log_std.exp(), validate_args=False)
-    return Independent(TransformedDistribution(base, [TanhTransform(cache_size=1)], validate_args=False), 1,
-                       validate_args=False)
+    return Independent(
+        TransformedDistribution(base, [TanhTransform(cache_size=1)], validate_args=False), 1, validate_args=False
+    )
 
 
 def action_log_prob(mean, log_std, actions, margin: float):
@@ -328,35 +376,124 @@ class Lamb(torch.optim.Optimizer):
                 p.add_(update * trust, alpha=-lr)
 
 
+# ---- end shared: model ----
+
+
+# ---- shared: checkpoint (identical in every DT script; tests/test_shared_blocks.py) ----
+MODEL_SIZES = {
+    # Table 5's DT with ODT's pretraining schedule (meant for a GPU)
+    "paper": dict(
+        embed_dim=512,
+        n_layers=4,
+        n_heads=4,
+        batch_size=256,
+        context_len=None,
+        learning_rate=1e-4,
+        warmup_updates=1000,
+        num_updates=5000,
+    ),
+    # the README's CPU config: a 128x2 DT that pretrains in ~10 minutes on one core
+    "cpu": dict(
+        embed_dim=128,
+        n_layers=2,
+        n_heads=1,
+        batch_size=32,
+        context_len=10,
+        learning_rate=1e-3,
+        warmup_updates=150,
+        num_updates=3000,
+    ),
+}
+
+
+def default_checkpoint_path(env_id: str, dataset: str, seed: int, model_size: str = "paper") -> Path:
+    """Where pretrain_dt.py writes and every finetuning script looks first:
+    checkpoints/{env_id}__{dataset with / -> -}__s{seed}.pt, with `__cpu` before `.pt` for --model-size cpu."""
+    suffix = "" if model_size == "paper" else f"__{model_size}"
+    return Path("checkpoints") / f"{env_id}__{dataset.replace('/', '-')}__s{seed}{suffix}.pt"
+
+
+# ---- end shared: checkpoint ----
+
+
+# ---- shared: load-checkpoint (identical in every finetuning DT script; tests/test_shared_blocks.py) ----
+
+
+def load_model(path, device="cpu", dropout: float = 0.0):
+    """(DT, checkpoint dict) from a pretrain_dt.py or finetuned checkpoint; dropout is off in finetuning (Table 5)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise UserError(f"{path} is not a format-{CHECKPOINT_FORMAT_VERSION} pretrain_dt.py checkpoint")
+    config = {k: v for k, v in ckpt["model_config"].items() if k not in ("activation", "c_offline")}
+    model = DecisionTransformer(**{**config, "dropout": dropout})
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device), ckpt
+
+
+def ensure_checkpoint(args) -> Path:
+    """The pretrained checkpoint's path; runs pretrain_dt.py in a subprocess first if the file is missing."""
+    path = Path(args.checkpoint or default_checkpoint_path(args.env_id, args.dataset, args.seed, args.model_size))
+    if path.exists():
+        return path
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve().parent / "pretrain_dt.py"),
+        "--env-id",
+        args.env_id,
+        "--dataset",
+        args.dataset,
+        "--seed",
+        str(args.seed),
+        "--model-size",
+        args.model_size,
+        "--checkpoint",
+        str(path),
+    ]
+    cmd += (["--dataset-path", args.dataset_path] if args.dataset_path else []) + shlex.split(args.pretrain_extra_args)
+    print(f"checkpoint {path} not found; pretraining it: {shlex.join(cmd)}", flush=True)
+    if subprocess.run(cmd).returncode != 0 or not path.exists():
+        raise UserError(f"pretraining failed, no checkpoint at {path}: {shlex.join(cmd)}")
+    return path
+
+
+# ---- end shared: load-checkpoint ----
+
+
 class TwinCritic(nn.Module):
     """TD3's twin Q: (s, a) -> 256 -> 256 -> 1 with ReLU (ODT+TD3); non-affine LayerNorm outside MuJoCo."""
 
     def __init__(self, state_dim, act_dim, hidden=256, layer_norm=False):
         super().__init__()
-
-        def q_net():
-            norm = (lambda: nn.LayerNorm(hidden, elementwise_affine=False)) if layer_norm else nn.Identity
-            return nn.Sequential(nn.Linear(state_dim + act_dim, hidden), norm(), nn.ReLU(),
-                                 nn.Linear(hidden, hidden), norm(), nn.ReLU(), nn.Linear(hidden, 1))
-
-        self.q1, self.q2 = q_net(), q_net()
+        norm = nn.LayerNorm if layer_norm else nn.Identity  # Identity ignores its arguments
+        self.q1, self.q2 = [
+            nn.Sequential(
+                nn.Linear(state_dim + act_dim, hidden),
+                norm(hidden, elementwise_affine=False),
+                nn.ReLU(),
+                nn.Linear(hidden, hidden),
+                norm(hidden, elementwise_affine=False),
+                nn.ReLU(),
+                nn.Linear(hidden, 1),
+            )
+            for _ in range(2)
+        ]
 
     def forward(self, states, actions):
         x = torch.cat([states, actions], dim=-1)
         return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
 
 
-def load_model(path, device="cpu"):
-    """The script's loader: (DT with dropout off, checkpoint dict)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = {k: v for k, v in ckpt["model_config"].items() if k not in ("activation", "c_offline")}
-    model = DecisionTransformer(**{**cfg, "dropout": 0.0}).to(device)
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), ckpt
-
-
 # ---------------------------------------------------------------- algorithm pieces
 EPS_ACTION = 1e-6  # actions are kept inside (-1, 1) so atanh in log_prob stays finite
+
+
+class NonFinite(Exception):
+    """A non-finite loss, action or Q value; main stops the run with a one-line UserError."""
+
+
+def check_finite(what: str, x: torch.Tensor):
+    if not torch.isfinite(x).all():
+        raise NonFinite(what)
 
 
 def policy_head(model, ctx):
@@ -384,50 +521,31 @@ def q_guided_scores(model, critic, ctx, group_size, reward_scale, action_margin=
     log_probs = action_log_prob(mean, log_std, actions, action_margin)
     states = ctx[1][:, -1].expand(group_size, -1, -1)  # s_h, the newest state of each context
     scores = torch.min(*critic(states, actions)) / reward_scale
+    check_finite("Q value", scores)
     return actions.transpose(0, 1), log_probs.T, scores.T
 
 
-def grpo_loss(log_probs, old_log_probs, advantages, clip_eps):
-    """Eq. 3 (without the KL) with a per-action ratio: each hypothetical sub-trajectory is the one action."""
-    ratio = (log_probs - old_log_probs).exp()
-    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
-    clipfrac = ((ratio - 1).abs() > clip_eps).float().mean()
-    return -surrogate.mean(), ratio, clipfrac
-
-
-def kl_to_ref(base, ref_base):
-    """KL(pi || pi_ref) of the pre-tanh Gaussians (closed form; the tanh is shared so it cancels), summed over dims."""
-    return kl_divergence(base, ref_base).sum(-1).mean()
-
-
-def policy_objective(model, ref_model, batch, clip_eps, action_margin=1e-6):
-    """The terms of Eq. 3 on a minibatch of the sample buffer: clipped per-action surrogate, KL to pi_ref, and
-    ODT's single-sample entropy estimate (the tanh-Gaussian has no closed form)."""
+def policy_objective(model, ref_model, batch, clip_coef, action_margin=1e-6):
+    """The terms of Eq. 3 on a minibatch of the sample buffer: the clipped surrogate with a per-action ratio (each
+    hypothetical sub-trajectory is the one action), KL(pi || pi_ref) of the pre-tanh Gaussians (closed form; the tanh
+    is shared so it cancels), and ODT's single-sample entropy estimate (the tanh-Gaussian has no closed form)."""
     ctx = (batch["rtg"], batch["states"], batch["ctx_actions"], batch["mask"])
     mean, log_std = policy_head(model, ctx)
-    pg_loss, ratio, clipfrac = grpo_loss(action_log_prob(mean, log_std, batch["action"], action_margin),
-                                         batch["old_log_prob"], batch["advantage"], clip_eps)
+    ratio = (action_log_prob(mean, log_std, batch["action"], action_margin) - batch["old_log_prob"]).exp()
+    adv = batch["advantage"]
+    pg_loss = -torch.min(ratio * adv, ratio.clamp(1 - clip_coef, 1 + clip_coef) * adv).mean()
     with torch.no_grad():
         ref_mean, ref_log_std = policy_head(ref_model, ctx)
     dist = squashed_gaussian(mean, log_std)
-    entropy = -dist.log_prob(dist.rsample()).mean()
-    kl = kl_to_ref(Normal(mean, log_std.exp()), Normal(ref_mean, ref_log_std.exp()))
+    entropy = -dist.log_prob(dist.rsample()).mean()  # computed before the KL: autograd then sums gradients as before
+    kl = kl_divergence(Normal(mean, log_std.exp()), Normal(ref_mean, ref_log_std.exp())).sum(-1).mean()
+    clipfrac = ((ratio - 1).abs() > clip_coef).float().mean()
     return dict(pg_loss=pg_loss, ratio=ratio, clipfrac=clipfrac, kl=kl, entropy=entropy)
 
 
 def td_target(rewards, terminated, next_q1, next_q2, gamma):
     """TD3 target r + gamma (1 - terminated) min(Q1', Q2'): termination cuts the bootstrap, truncation keeps it."""
     return rewards + gamma * (1.0 - terminated.float()) * torch.min(next_q1, next_q2)
-
-
-def reset_probs(action_var):
-    """Active sampling (Sec. 3.2): softmax over a trajectory's steps of the mean action variance sigma_h^2.
-
-    The name follows Algorithm 1; here the sampled points are scored by the critic, never reset to.
-    """
-    z = np.asarray(action_var, np.float64)
-    p = np.exp(z - z.max())
-    return p / p.sum()
 
 
 def contexts(traj, hs, c):
@@ -442,18 +560,18 @@ def contexts(traj, hs, c):
     return rtg.astype(np.float32), states.astype(np.float32), actions.astype(np.float32), mask
 
 
-def sample_points(traj_buffer, n_trajectories, k, c, rng):
-    """Algorithm 1 lines 3-5: trajectories drawn in proportion to length, then K steps of each drawn by active
-    sampling; returns the DT contexts of those (s_h, g_h) as numpy arrays (rtg, states, actions, mask)."""
+def sample_points(traj_buffer, n_trajectories, k, c, rng, device):
+    """Algorithm 1 lines 3-5: trajectories drawn in proportion to length, then K steps of each by active sampling
+    (softmax over the steps of the mean action variance sigma_h^2; scored by the critic here, never reset to).
+    Returns the DT contexts of those (s_h, g_h) as tensors (rtg, states, actions, mask)."""
     lengths = np.array([len(t["rewards"]) for t in traj_buffer])
     picks = rng.choice(len(traj_buffer), size=n_trajectories, p=lengths / lengths.sum())
-    ctx = [contexts(traj_buffer[j], rng.choice(lengths[j], size=k, p=reset_probs(traj_buffer[j]["var"]),
-                                               replace=lengths[j] < k), c) for j in picks]
-    return [np.concatenate(x) for x in zip(*ctx)]
-
-
-def to_tensors(arrays, device):
-    return tuple(torch.as_tensor(x, device=device) for x in arrays)
+    ctx = []
+    for j in picks:
+        z = np.asarray(traj_buffer[j]["var"], np.float64)
+        p = np.exp(z - z.max())
+        ctx.append(contexts(traj_buffer[j], rng.choice(lengths[j], size=k, p=p / p.sum(), replace=lengths[j] < k), c))
+    return tuple(torch.as_tensor(np.concatenate(x), device=device) for x in zip(*ctx))
 
 
 class FifoBuffer:
@@ -466,8 +584,9 @@ class FifoBuffer:
         return len(next(iter(self.data.values()))) if self.data else 0
 
     def push(self, **items):
-        self.data = {k: torch.cat([self.data[k], v])[-self.capacity:] if self.data else v[-self.capacity:]
-                     for k, v in items.items()}
+        self.data = {
+            k: torch.cat([self.data[k], v])[-self.capacity :] if self.data else v[-self.capacity :] for k, v in items.items()
+        }
 
     def sample(self, n, rng):
         idx = torch.as_tensor(rng.choice(len(self), size=n, replace=n > len(self)))
@@ -496,15 +615,14 @@ def run_episodes(model, envs, seeds, target_rtg, meta, device, deterministic):
         states, actions, rtg, mask = (x.roll(-1, dims=1) for x in (states, actions, rtg, mask))
         states[:, -1], rtg[:, -1, 0] = torch.as_tensor(s_norm, device=device), torch.as_tensor(rtg_now, device=device)
         actions[:, -1], mask[:, -1] = 0.0, True
-        mean, log_std = model(rtg, states, actions, mask)
-        mean, log_std = mean[:, -1], log_std[:, -1]
+        mean, log_std = policy_head(model, (rtg, states, actions, mask))
         act = torch.tanh(mean) if deterministic else squashed_gaussian(mean, log_std).sample()
         actions[:, -1] = act = act.clamp(-1 + EPS_ACTION, 1 - EPS_ACTION)
+        check_finite("action", act)
         act_np, var = act.cpu().numpy(), (2 * log_std).exp().mean(-1).cpu().numpy()
         for i in np.flatnonzero(alive):
             o, r, term, trunc, _ = envs[i].step(act_np[i])
-            for k, v in (("states", s_norm[i]), ("rtg", rtg_now[i]), ("actions", act_np[i]), ("rewards", r),
-                         ("var", var[i])):
+            for k, v in zip(rec[i], (s_norm[i], rtg_now[i], act_np[i], r, var[i])):
                 rec[i][k].append(v)
             obs[i] = o
             rtg_now[i] -= np.float32(r * rtg_scale)
@@ -512,11 +630,24 @@ def run_episodes(model, envs, seeds, target_rtg, meta, device, deterministic):
                 alive[i] = False
                 final = ((o - meta["state_mean"]) / meta["state_std"]).astype(np.float32)
                 r_i = rec[i]
-                trajs[i] = {"states": np.stack(r_i["states"] + [final]), "rtg": np.array(r_i["rtg"] + [rtg_now[i]]),
-                            "actions": np.stack(r_i["actions"] + [np.zeros(A, np.float32)]),
-                            "rewards": np.array(r_i["rewards"], np.float32), "var": np.array(r_i["var"]),
-                            "terminated": bool(term), "return": float(np.sum(r_i["rewards"]))}
+                trajs[i] = {
+                    "states": np.stack(r_i["states"] + [final]),
+                    "rtg": np.array(r_i["rtg"] + [rtg_now[i]]),
+                    "actions": np.stack(r_i["actions"] + [np.zeros(A, np.float32)]),
+                    "rewards": np.array(r_i["rewards"], np.float32),
+                    "var": np.array(r_i["var"]),
+                    "terminated": bool(term),
+                    "return": float(np.sum(r_i["rewards"])),
+                }
     return trajs
+
+
+def evaluate(model, envs, meta, seed, device) -> tuple[float, float]:
+    """(normalised score, mean return) of deterministic episodes from fixed seeds, conditioned on the eval RTG."""
+    seeds = seed + 10_000 + np.arange(len(envs))
+    trajs = run_episodes(model, envs, seeds=seeds, target_rtg=meta["eval_rtg"], meta=meta, device=device, deterministic=True)
+    rets = np.array([t["return"] for t in trajs])
+    return float(np.mean(100.0 * (rets - meta["ref_min"]) / (meta["ref_max"] - meta["ref_min"]))), float(rets.mean())
 
 
 @torch.no_grad()
@@ -535,244 +666,364 @@ def critic_dataset(buffer, model, c, reward_scale, reward_shift, device, chunk=4
         parts["ctx2"].append(contexts(traj, np.arange(1, T + 1), c))
     ctx2 = [np.concatenate(x) for x in zip(*parts.pop("ctx2"))]
     data = {k: torch.as_tensor(np.concatenate(v), device=device) for k, v in parts.items()}
-    next_actions = [torch.tanh(policy_head(model, to_tensors([x[i:i + chunk] for x in ctx2], device))[0])
-                    for i in range(0, len(ctx2[0]), chunk)]
+    next_actions = [
+        torch.tanh(policy_head(model, [torch.as_tensor(x[i : i + chunk], device=device) for x in ctx2])[0])
+        for i in range(0, len(ctx2[0]), chunk)
+    ]
     data["a2"] = torch.cat(next_actions)
     return data
 
 
-def critic_update(critic, critic_target, optimizer, batch, gamma, policy_noise, noise_clip, tau):
-    """One TD3 critic step with target policy smoothing, then a Polyak step of the target critics."""
-    with torch.no_grad():
-        noise = (torch.randn_like(batch["a2"]) * policy_noise).clamp(-noise_clip, noise_clip)
-        next_q1, next_q2 = critic_target(batch["s2"], (batch["a2"] + noise).clamp(-1, 1))
-        target = td_target(batch["r"], batch["term"], next_q1, next_q2, gamma)
-    q1, q2 = critic(batch["s"], batch["a"])
-    loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    with torch.no_grad():
-        for p, tp in zip(critic.parameters(), critic_target.parameters()):
-            tp.lerp_(p, tau)
-    return loss.item(), q1.mean().item()
+def train_critic(run, data: dict, args: Args) -> dict:
+    """--critic-updates TD3 steps on minibatches of `data`: target policy smoothing, then a Polyak step of the targets."""
+    stats = {"losses/critic_loss": [], "losses/q_values": []}
+    for _ in range(args.critic_updates):
+        idx = torch.as_tensor(run.rng.integers(len(data["r"]), size=args.critic_batch_size), device=data["r"].device)
+        batch = {k: v[idx] for k, v in data.items()}
+        with torch.no_grad():
+            noise = (torch.randn_like(batch["a2"]) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
+            next_q1, next_q2 = run.critic_target(batch["s2"], (batch["a2"] + noise).clamp(-1, 1))
+            target = td_target(batch["r"], batch["term"], next_q1, next_q2, gamma=args.gamma)
+        q1, q2 = run.critic(batch["s"], batch["a"])
+        loss = F.mse_loss(q1, target) + F.mse_loss(q2, target)
+        check_finite("critic loss", loss)
+        run.critic_opt.zero_grad()
+        loss.backward()
+        run.critic_opt.step()
+        with torch.no_grad():
+            for p, tp in zip(run.critic.parameters(), run.critic_target.parameters()):
+                tp.lerp_(p, args.tau)
+        stats["losses/critic_loss"].append(loss.item())
+        stats["losses/q_values"].append(q1.mean().item())
+    run.counters["critic_updates"] += args.critic_updates
+    run.counters["grad_updates"] += args.critic_updates
+    return stats
 
 
-def save_checkpoint(path: Path, payload: dict):
-    """Atomic write: a crash mid-save never leaves a truncated checkpoint behind."""
+def collect_candidates(run, args: Args, meta: dict) -> dict:
+    """Lines 3-8: trajectories by length, K points each by action variance, G critic-scored actions per point; the
+    actions outside Delta_r go to the sample buffer with their context, old log-prob and advantage."""
+    device = next(run.model.parameters()).device
+    ctx = sample_points(
+        run.traj_buffer, n_trajectories=args.trajs_per_iter, k=args.reset_points, c=args.c_online, rng=run.rng, device=device
+    )
+    actions, old_log_probs, scores = q_guided_scores(
+        run.model,
+        run.critic,
+        ctx,
+        group_size=args.group_size,
+        reward_scale=meta["reward_scale"],
+        action_margin=meta["action_margin"],
+    )
+    adv, keep = group_advantages(scores, args.delta_r)
+    rows, cols = keep.nonzero(as_tuple=True)
+    run.sample_buffer.push(
+        rtg=ctx[0][rows],
+        states=ctx[1][rows],
+        ctx_actions=ctx[2][rows],
+        mask=ctx[3][rows],
+        action=actions[rows, cols],
+        old_log_prob=old_log_probs[rows, cols],
+        advantage=adv[rows, cols],
+    )
+    return {
+        "losses/group_score_std": scores.std(dim=1, correction=0).mean().item(),
+        "losses/kept_fraction": keep.float().mean().item(),
+    }
+
+
+def train_policy(run, args: Args, meta: dict) -> dict:
+    """Line 9: --updates-per-iter steps of Eq. 3 - beta KL(pi || pi_ref) + kappa H, kappa a dual variable pushing the
+    entropy towards -|A| (ODT's temperature); pi_ref is refreshed to the policy every --ref-update-every updates."""
+    stats = {}
+    for _ in range(args.updates_per_iter if len(run.sample_buffer) else 0):
+        batch = run.sample_buffer.sample(args.n_batch, run.rng)
+        terms = policy_objective(
+            run.model, run.ref_model, batch, clip_coef=args.clip_coef, action_margin=meta["action_margin"]
+        )
+        kappa = run.log_kappa.exp()
+        loss = terms["pg_loss"] + args.kl_coef * terms["kl"] - kappa.detach() * terms["entropy"]
+        check_finite("policy loss", loss)
+        run.policy_opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(run.model.parameters(), args.max_grad_norm)
+        run.policy_opt.step()
+        kappa_loss = kappa * (terms["entropy"] - meta["target_entropy"]).detach()
+        run.kappa_opt.zero_grad()
+        kappa_loss.backward()
+        run.kappa_opt.step()
+        run.counters["policy_updates"] += 1
+        run.counters["grad_updates"] += 1
+        if run.counters["policy_updates"] % args.ref_update_every == 0:
+            run.ref_model.load_state_dict(run.model.state_dict())
+        values = dict(
+            policy_loss=terms["pg_loss"],
+            ratio_mean=terms["ratio"].mean(),
+            clipfrac=terms["clipfrac"],
+            kl=terms["kl"],
+            entropy=terms["entropy"],
+            kappa=kappa,
+        )
+        for k, v in values.items():
+            stats.setdefault(f"losses/{k}", []).append(v.item())
+    return stats
+
+
+# ---------------------------------------------------------------- run state
+@dataclass
+class Run:
+    """What finetuning changes and --resume restores: the DT, pi_ref, the twin critics and their targets, log(kappa),
+    the optimisers, both FIFO buffers, the numpy RNG and the counters."""
+
+    NETS = ("model", "ref_model", "critic", "critic_target", "policy_opt", "critic_opt", "kappa_opt")
+    model: nn.Module
+    ref_model: nn.Module
+    critic: nn.Module
+    critic_target: nn.Module
+    log_kappa: torch.Tensor
+    policy_opt: torch.optim.Optimizer
+    critic_opt: torch.optim.Optimizer
+    kappa_opt: torch.optim.Optimizer
+    traj_buffer: deque
+    sample_buffer: FifoBuffer
+    rng: np.random.Generator
+    counters: dict
+
+    @classmethod
+    def start(cls, model, args: Args, device):
+        """pi_ref, fresh critics, kappa_initial and empty buffers around the loaded DT."""
+        state_dim, act_dim = model.embed_state.in_features, model.embed_action.in_features
+        layer_norm = env_family(args.env_id)[0] != "mujoco"
+        critic = TwinCritic(state_dim, act_dim, args.critic_hidden, layer_norm=layer_norm).to(device)
+        log_kappa = torch.tensor(float(np.log(args.kappa_initial)), device=device, requires_grad=True)
+        return cls(
+            model=model,
+            ref_model=copy.deepcopy(model).requires_grad_(False),
+            critic=critic,
+            critic_target=copy.deepcopy(critic).requires_grad_(False),
+            log_kappa=log_kappa,
+            policy_opt=Lamb(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay),
+            critic_opt=torch.optim.AdamW(critic.parameters(), lr=args.critic_lr),
+            kappa_opt=torch.optim.Adam([log_kappa], lr=args.kappa_lr),
+            traj_buffer=deque(maxlen=args.full_buffer_size),
+            sample_buffer=FifoBuffer(args.sample_buffer_size),
+            rng=np.random.default_rng(args.seed),
+            counters=dict(iteration=0, env_steps=0, grad_updates=0, critic_updates=0, policy_updates=0),
+        )
+
+    def save(self, path: Path, ckpt: dict, score: float, run_name: str, args: Args):
+        """The finetuned checkpoint plus everything --resume needs to continue bit-exactly (every RNG included)."""
+        finetune = {k: getattr(self, k).state_dict() for k in self.NETS}
+        finetune.update(
+            run_name=run_name,
+            args=asdict(args),
+            state=dict(self.counters),
+            log_kappa=self.log_kappa.detach().cpu(),
+            traj_buffer=list(self.traj_buffer),
+            sample_buffer=self.sample_buffer.data,
+            numpy_rng=self.rng.bit_generator.state,
+            torch_rng=torch.get_rng_state(),
+            python_rng=random.getstate(),
+            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        )
+        save_atomic(path, {**finetuned_checkpoint(ckpt, self.model, score), "finetune": finetune})
+
+    @torch.no_grad()
+    def restore(self, finetune: dict, device):
+        for k in self.NETS:
+            getattr(self, k).load_state_dict(finetune[k])
+        self.log_kappa.copy_(finetune["log_kappa"])
+        self.traj_buffer.extend(finetune["traj_buffer"])
+        self.sample_buffer.data = {k: v.to(device) for k, v in finetune["sample_buffer"].items()}
+        self.counters.update(finetune["state"])
+        self.rng.bit_generator.state = finetune["numpy_rng"]
+        torch.set_rng_state(finetune["torch_rng"])
+        random.setstate(finetune["python_rng"])
+        if finetune["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(finetune["cuda_rng"])
+
+
+def save_atomic(path: Path, payload: dict):
+    """Write a temporary file, then rename it: a kill mid-save never leaves a truncated file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
 
 
-def pretrained_checkpoint(args: Args) -> Path:
-    """--checkpoint, or the default path; pretrain it with pretrain_dt.py in a subprocess when it is missing."""
-    if args.checkpoint:
-        if not Path(args.checkpoint).is_file():
-            raise UserError(f"--checkpoint {args.checkpoint!r} is not a file")
-        return Path(args.checkpoint)
-    path = default_checkpoint_path(args.env_id, args.dataset, args.seed)
-    if not path.is_file():
-        print(f"checkpoint {path} not found: pretraining it with pretrain_dt.py")
-        cmd = [sys.executable, str(Path(__file__).resolve().parent / "pretrain_dt.py"), "--env-id", args.env_id,
-               "--dataset", args.dataset, "--seed", str(args.seed), "--checkpoint", str(path)]
-        cmd += (["--dataset-path", args.dataset_path] if args.dataset_path else []) + shlex.split(args.pretrain_extra_args)
-        rc = subprocess.run(cmd).returncode
-        if rc != 0:
-            raise UserError(f"pretraining failed (exit {rc}): {shlex.join(cmd)}")
-    return path
+def finetuned_checkpoint(ckpt: dict, model, score: float) -> dict:
+    """The finetuned DT as a format-1 checkpoint (loadable by load_model) with the pretrained metadata."""
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {**{k: v for k, v in ckpt.items() if k != "finetune"}, "state_dict": weights, "eval_normalized_score": score}
 
 
-def fix_malloc_mmap_threshold():
-    """Stop glibc's RSS creep on CPU: after large frees it raises its mmap threshold, and each update's
-    activations then fragment the heap (measured: 12 updates of the 4x512 DT, 5.2 GB peak; fixed, 2.9 GB)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        except OSError:  # not glibc
-            pass
-
-
-# ---------------------------------------------------------------- main
-def main(args: Args):
-    fix_malloc_mmap_threshold()
+def load_start(args: Args, device):
+    """(DT, checkpoint dict, rollout constants): the run state to resume, or the pretrained checkpoint; dims checked."""
+    if args.resume and not Path(args.resume).is_file():
+        raise UserError(f"--resume {args.resume!r} is not a file")
+    model, ckpt = load_model(args.resume or ensure_checkpoint(args), device)
+    if args.resume and "finetune" not in ckpt:
+        raise UserError(f"--resume {args.resume!r} is a pretrained checkpoint, not one written by --save-every")
+    probe, cfg = make_env(args.env_id), ckpt["model_config"]
+    dims = (probe.observation_space.shape[0], probe.action_space.shape[0])
+    if (cfg["state_dim"], cfg["act_dim"]) != dims:
+        raise UserError(
+            f"checkpoint {ckpt['env_id']} has state/action dims ({cfg['state_dim']}, {cfg['act_dim']}) "
+            f"but {args.env_id} has {dims}; pass a checkpoint pretrained for {args.env_id}"
+        )
     family, key = env_family(args.env_id)
-    args = resolve_defaults(args)
-    if args.group_size < 2 or min(args.eval_episodes, args.full_trajs_per_iter, args.c_online) < 1:
-        raise UserError("need --group-size >= 2 (a group of one has no advantage) and --eval-episodes, "
-                        "--full-trajs-per-iter, --c-online >= 1")
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    meta = dict(
+        context_len=args.c_online,
+        rtg_scale=ckpt["rtg_scale"],
+        state_mean=ckpt["state_mean"].numpy(),
+        state_std=ckpt["state_std"].numpy(),
+        eval_rtg=ckpt["eval_rtg"],
+        ref_min=ckpt["ref_min_score"],
+        ref_max=ckpt["ref_max_score"],
+        action_margin=ckpt.get("action_margin", 1e-6),
+        target_entropy=-float(cfg["act_dim"]),
+        reward_scale=REWARD_SCALE.get(key, 1.0),
+        reward_shift=1.0 if family == "antmaze" else 0.0,
+    )
+    return model.eval(), ckpt, meta
+
+
+def seed_everything(args: Args) -> torch.device:
+    """Seeds, determinism, torch threads and the malloc fix; the device to run on."""
+    fix_malloc_mmap_threshold()
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     if args.torch_deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    rng = np.random.default_rng(args.seed)
+    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # Start: the pretrained DT (or the run to resume), dims checked, dropout off
-    if args.resume and not Path(args.resume).is_file():
-        raise UserError(f"--resume {args.resume!r} is not a file")
-    model, ckpt = load_model(args.resume or pretrained_checkpoint(args), device)
-    if args.resume and "finetune" not in ckpt:
-        raise UserError(f"--resume {args.resume!r} is a pretrained checkpoint, not one written by --save-every")
-    probe = make_env(args.env_id)
-    dims, cfg = (probe.observation_space.shape[0], probe.action_space.shape[0]), ckpt["model_config"]
-    if (cfg["state_dim"], cfg["act_dim"]) != dims:
-        raise UserError(f"checkpoint {ckpt['env_id']} has state/action dims ({cfg['state_dim']}, {cfg['act_dim']}) "
-                        f"but {args.env_id} has {dims}; pass a checkpoint pretrained for {args.env_id}")
-    state_dim, act_dim = dims
-    meta = dict(context_len=args.c_online, rtg_scale=ckpt["rtg_scale"], state_mean=ckpt["state_mean"].numpy(),
-                state_std=ckpt["state_std"].numpy())
-    reward_scale, reward_shift = REWARD_SCALE.get(key, 1.0), 1.0 if family == "antmaze" else 0.0
-    ref_min, ref_max = ckpt["ref_min_score"], ckpt["ref_max_score"]
 
-    ref_model = copy.deepcopy(model).requires_grad_(False)
-    critic = TwinCritic(state_dim, act_dim, args.critic_hidden, layer_norm=family != "mujoco").to(device)
-    critic_target = copy.deepcopy(critic).requires_grad_(False)
-    policy_opt = Lamb(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr)
-    log_kappa = torch.tensor(float(np.log(args.kappa_initial)), device=device, requires_grad=True)
-    kappa_opt = torch.optim.Adam([log_kappa], lr=args.kappa_lr)
-    target_entropy = -float(act_dim)
-    traj_buffer = deque(maxlen=args.full_buffer_size)
-    sample_buffer = FifoBuffer(args.sample_buffer_size)
-    state = dict(iteration=0, env_steps=0, grad_updates=0, critic_updates=0, policy_updates=0)
-    stateful = dict(critic=critic, critic_target=critic_target, ref_model=ref_model, policy_opt=policy_opt,
-                    critic_opt=critic_opt, kappa_opt=kappa_opt)
-    if args.resume:
-        ft = ckpt["finetune"]
-        for k, obj in stateful.items():
-            obj.load_state_dict(ft[k])
-        with torch.no_grad():
-            log_kappa.copy_(ft["log_kappa"])
-        traj_buffer.extend(ft["traj_buffer"])
-        sample_buffer.data = {k: v.to(device) for k, v in ft["sample_buffer"].items()}
-        state.update(ft["state"])
-        rng.bit_generator.state = ft["numpy_rng"]
-        torch.set_rng_state(ft["torch_rng"])
+@contextmanager
+def stop_on_non_finite(counters: dict, state_path: Path):
+    """Turn a NonFinite into a one-line UserError; the state file still holds the last good iteration."""
+    try:
+        yield
+    except NonFinite as e:
+        kept = f"last good state kept at {state_path}" if state_path.is_file() else "no state saved yet"
+        raise UserError(f"non-finite {e} at iteration {counters['iteration']}; stopped, {kept}") from None
 
+
+def make_writer(args: Args, run_name: str) -> SummaryWriter:
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
-                   sync_tensorboard=True, save_code=True)
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            config=vars(args),
+            name=run_name,
+            sync_tensorboard=True,
+            save_code=True,
+        )
     writer = SummaryWriter(f"{args.runs_dir}/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    env_kwargs = {"max_episode_steps": args.max_episode_steps} if args.max_episode_steps else {}
-    train_envs = [make_env(args.env_id, **env_kwargs) for _ in range(args.full_trajs_per_iter)]
-    eval_envs = [make_env(args.env_id, **env_kwargs, **({"render_mode": "rgb_array"} if i == 0 and args.capture_video
-                                                        else {})) for i in range(args.eval_episodes)]
-    if args.capture_video:
-        eval_envs[0] = gym.wrappers.RecordVideo(eval_envs[0], f"videos/{run_name}")
-    save_path = Path(args.save_path or f"{args.runs_dir}/{run_name}/finetuned.pt")
+    return writer
 
-    def evaluate(iteration):
-        trajs = run_episodes(model, eval_envs, args.seed + 10_000 + np.arange(len(eval_envs)), ckpt["eval_rtg"], meta,
-                             device, deterministic=True)
-        rets = np.array([t["return"] for t in trajs])
-        score = float(np.mean(100.0 * (rets - ref_min) / (ref_max - ref_min)))
-        writer.add_scalar("charts/normalized_score", score, iteration)
-        writer.add_scalar("charts/eval_return", rets.mean(), iteration)
-        return score
 
-    def finetuned_payload(score):
-        return {**ckpt, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "eval_normalized_score": score,
-                "finetune": {"state": dict(state), "args": asdict(args), "log_kappa": log_kappa.detach().cpu(),
-                             **{k: obj.state_dict() for k, obj in stateful.items()},
-                             "traj_buffer": list(traj_buffer), "sample_buffer": sample_buffer.data,
-                             "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}}
+def log_scalars(writer, step: int, stats: dict):
+    """Lists are averaged, and skipped when empty."""
+    for tag, value in stats.items():
+        if not isinstance(value, list) or value:
+            writer.add_scalar(tag, np.mean(value), step)
 
-    # Iteration 0: the loaded checkpoint, before any update
-    score = ckpt["eval_normalized_score"]
-    if not args.resume:
-        score = evaluate(0)
-        for name in ("env_steps", "grad_updates"):
-            writer.add_scalar(f"charts/{name}", 0, 0)
-        tqdm.write(f"iteration 0: normalized score {score:.1f} (loaded checkpoint)")
-    start_time, start_steps = time.time(), state["env_steps"]
-    pbar = tqdm(range(state["iteration"] + 1, args.num_iterations + 1), desc="grpo-dt-qguided", mininterval=2.0)
-    for iteration in pbar:
-        # Line 2: full trajectories conditioned on g_online, sampled actions, no hindsight relabeling; FIFO buffer
-        trajs = run_episodes(model, train_envs, rng.integers(2**31, size=len(train_envs)), args.g_online, meta, device,
-                             deterministic=False)
-        traj_buffer.extend(trajs)
-        state["env_steps"] += sum(len(t["rewards"]) for t in trajs)
-        writer.add_scalar("charts/episodic_return", np.mean([t["return"] for t in trajs]), iteration)
 
-        # Q_phi: TD3 on the online transitions (twin critics, target nets, smoothing noise, truncation bootstraps)
-        data = critic_dataset(traj_buffer, model, args.c_online, reward_scale, reward_shift, device)
-        critic_stats = []
-        for _ in range(args.critic_updates):
-            idx = torch.as_tensor(rng.integers(len(data["r"]), size=args.critic_batch_size), device=device)
-            critic_stats.append(critic_update(critic, critic_target, critic_opt, {k: v[idx] for k, v in data.items()},
-                                              args.gamma, args.policy_noise, args.noise_clip, args.tau))
-        state["critic_updates"] += args.critic_updates
-        state["grad_updates"] += args.critic_updates
-        if critic_stats:
-            writer.add_scalar("losses/critic_loss", np.mean([s[0] for s in critic_stats]), iteration)
-            writer.add_scalar("losses/q_values", np.mean([s[1] for s in critic_stats]), iteration)
+def log_evaluation(writer, step: int, score: float, eval_return: float, counters: dict, **extra):
+    charts = dict(
+        normalized_score=score,
+        eval_return=eval_return,
+        env_steps=counters["env_steps"],
+        grad_updates=counters["grad_updates"],
+        **extra,
+    )
+    log_scalars(writer, step, {f"charts/{k}": v for k, v in charts.items()})
 
-        if state["critic_updates"] >= args.critic_warmup_updates:
-            # Lines 3-8: trajectories by length, K points by action variance, G critic-scored actions each
-            ctx = to_tensors(sample_points(traj_buffer, args.trajs_per_iter, args.reset_points,
-                                           args.c_online, rng), device)
-            actions, old_log_probs, scores = q_guided_scores(model, critic, ctx, args.group_size, reward_scale,
-                                                             action_margin=ckpt.get("action_margin", 1e-6))
-            adv, keep = group_advantages(scores, args.delta_r)
-            rows, cols = keep.nonzero(as_tuple=True)
-            sample_buffer.push(rtg=ctx[0][rows], states=ctx[1][rows], ctx_actions=ctx[2][rows], mask=ctx[3][rows],
-                               action=actions[rows, cols], old_log_prob=old_log_probs[rows, cols],
-                               advantage=adv[rows, cols])
-            writer.add_scalar("losses/group_score_std", scores.std(dim=1, correction=0).mean().item(), iteration)
-            writer.add_scalar("losses/kept_fraction", keep.float().mean().item(), iteration)
 
-        # Line 9: Eq. 3 with per-action ratios, - beta KL(pi || pi_ref), + kappa H with kappa a dual variable
-        stats = []
-        for _ in range(args.updates_per_iter if len(sample_buffer) else 0):
-            terms = policy_objective(model, ref_model, sample_buffer.sample(args.n_batch, rng), args.clip_eps,
-                                     action_margin=ckpt.get("action_margin", 1e-6))
-            pg_loss, ratio, clipfrac, kl, entropy = (terms[k] for k in ("pg_loss", "ratio", "clipfrac", "kl", "entropy"))
-            kappa = log_kappa.exp()
-            loss = pg_loss + args.kl_coef * kl - kappa.detach() * entropy
-            policy_opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            policy_opt.step()
-            kappa_loss = kappa * (entropy - target_entropy).detach()
-            kappa_opt.zero_grad()
-            kappa_loss.backward()
-            kappa_opt.step()
-            state["policy_updates"] += 1
-            state["grad_updates"] += 1
-            if state["policy_updates"] % args.ref_update_every == 0:
-                ref_model.load_state_dict(model.state_dict())
-            stats.append((pg_loss.item(), ratio.mean().item(), clipfrac.item(), kl.item(), entropy.item(),
-                          kappa.item()))
-        for name, values in zip(("policy_loss", "ratio_mean", "clipfrac", "kl", "entropy", "kappa"), zip(*stats)):
-            writer.add_scalar(f"losses/{name}", np.mean(values), iteration)
+def out_of_budget(args: Args, env_steps: int, start_time: float) -> bool:
+    return bool(
+        (args.total_env_steps and env_steps >= args.total_env_steps)
+        or (args.max_seconds and time.time() - start_time >= args.max_seconds)
+    )
 
-        # Evaluate, log, save, budgets
-        state["iteration"] = iteration
-        score = evaluate(iteration)
-        sps = int((state["env_steps"] - start_steps) / max(time.time() - start_time, 1e-9))
-        for name in ("env_steps", "grad_updates"):
-            writer.add_scalar(f"charts/{name}", state[name], iteration)
-        writer.add_scalar("charts/SPS", sps, iteration)
-        pbar.set_postfix(score=f"{score:.1f}", steps=state["env_steps"], buf=len(sample_buffer))
-        out_of_budget = ((args.total_env_steps and state["env_steps"] >= args.total_env_steps)
-                         or (args.max_seconds and time.time() - start_time >= args.max_seconds))
-        last = iteration == args.num_iterations or out_of_budget
-        if args.save_every and (iteration % args.save_every == 0 or last):
-            save_checkpoint(save_path, finetuned_payload(score))
-        if out_of_budget:
-            tqdm.write(f"budget reached after iteration {iteration} ({state['env_steps']} env steps)")
-            break
+
+# ---------------------------------------------------------------- main
+def main(args: Args) -> float:
+    args = apply_presets(args)
+    device = seed_everything(args)
+
+    # Start: the pretrained DT (or the run to resume) with dropout off; pi_ref, fresh critics, kappa, empty buffers
+    model, ckpt, meta = load_start(args, device)
+    run = Run.start(model, args, device)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.resume:  # the resumed run goes on in its own run directory
+        run.restore(ckpt["finetune"], device)
+        run_name = ckpt["finetune"]["run_name"]
+    counters = run.counters
+    writer = make_writer(args, run_name)
+    train_envs, eval_envs = make_envs(args, run_name)
+    state_path = Path(args.save_path or f"{args.runs_dir}/{run_name}/state.pt")
+    if args.save_every:
+        print(f"run state: {state_path} (continue with --resume {state_path})", flush=True)
+
+    with stop_on_non_finite(counters, state_path):
+        # Iteration 0: the loaded checkpoint, before any update
+        score = ckpt["eval_normalized_score"]
+        if not args.resume:
+            score, eval_return = evaluate(model, eval_envs, meta, args.seed, device)
+            log_evaluation(writer, 0, score, eval_return, counters)
+            tqdm.write(f"iteration 0: normalized score {score:.1f} (loaded checkpoint)")
+        start_time, start_steps = time.time(), counters["env_steps"]
+        pbar = tqdm(range(counters["iteration"] + 1, args.num_iterations + 1), desc="grpo-dt-qguided", mininterval=2.0)
+        for iteration in pbar:
+            counters["iteration"] = iteration
+            # ALGO LOGIC line 2: full trajectories conditioned on g_online, sampled actions, no relabeling; FIFO buffer
+            seeds = run.rng.integers(2**31, size=len(train_envs))
+            trajs = run_episodes(
+                model, train_envs, seeds=seeds, target_rtg=args.g_online, meta=meta, device=device, deterministic=False
+            )
+            run.traj_buffer.extend(trajs)
+            counters["env_steps"] += sum(len(t["rewards"]) for t in trajs)
+            writer.add_scalar("charts/episodic_return", np.mean([t["return"] for t in trajs]), iteration)
+
+            # ALGO LOGIC: Q_phi by TD3 on the online transitions (twin critics, target nets, truncation bootstraps)
+            data = critic_dataset(
+                run.traj_buffer,
+                model,
+                args.c_online,
+                reward_scale=meta["reward_scale"],
+                reward_shift=meta["reward_shift"],
+                device=device,
+            )
+            log_scalars(writer, iteration, train_critic(run, data, args))
+
+            # ALGO LOGIC lines 3-8: G critic-scored candidate actions at K actively sampled points per trajectory
+            if counters["critic_updates"] >= args.critic_warmup_updates:
+                log_scalars(writer, iteration, collect_candidates(run, args, meta))
+
+            # ALGO LOGIC line 9: Eq. 3 with per-action ratios, - beta KL(pi || pi_ref), + kappa H
+            log_scalars(writer, iteration, train_policy(run, args, meta))
+
+            # Evaluate, log, save, budgets
+            score, eval_return = evaluate(model, eval_envs, meta, args.seed, device)
+            sps = int((counters["env_steps"] - start_steps) / max(time.time() - start_time, 1e-9))
+            log_evaluation(writer, iteration, score, eval_return, counters, SPS=sps)
+            pbar.set_postfix(score=f"{score:.1f}", steps=counters["env_steps"], buf=len(run.sample_buffer))
+            stop = out_of_budget(args, counters["env_steps"], start_time)
+            if args.save_every and (iteration % args.save_every == 0 or iteration == args.num_iterations or stop):
+                run.save(state_path, ckpt, score, run_name, args)
+            if stop:
+                tqdm.write(f"budget reached after iteration {iteration} ({counters['env_steps']} env steps)")
+                break
+    if args.save_model:
+        save_atomic(Path(args.runs_dir) / run_name / f"{args.exp_name}.pt", finetuned_checkpoint(ckpt, model, score))
     writer.close()
     return score
 

@@ -34,15 +34,15 @@ from torch.distributions import Independent, Normal
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-STATE_FORMAT = "iql-run-state-1"
 
-
+# ---------------------------------------------------------------- args
 @dataclass
 class Args:
+    # ---- shared: args-header (identical in every script; tests/test_shared_blocks.py) ----
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
-    """seed of the experiment (python, numpy, torch and the env resets)"""
+    """seed of the experiment (python, numpy, torch, env resets and action sampling)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms"""
     cuda: bool = True
@@ -54,16 +54,16 @@ class Args:
     wandb_entity: Optional[str] = None
     """the wandb entity (team)"""
     capture_video: bool = False
-    """if toggled, record videos of the first evaluation episode to `videos/{run_name}`"""
+    """if toggled, record the first evaluation episode of every evaluation to `videos/{run_name}`"""
     runs_dir: str = "runs"
-    """TensorBoard root; the run logs (and keeps its state.pt) in `{runs_dir}/{run_name}`"""
-
+    """TensorBoard root; the run logs to `{runs_dir}/{run_name}`"""
     env_id: str = "Hopper-v4"
     """gymnasium id: Hopper/Walker2d/Ant/HalfCheetah-v4/v5, AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4/v5"""
     dataset: str = "medium"
-    """a paper short name (medium, medium-replay, random, expert, human, cloned, umaze, umaze-diverse) or any Minari id"""
+    """a paper short name (medium, medium-replay, random, expert, human, cloned, umaze, umaze-diverse) or a Minari id"""
     dataset_path: Optional[str] = None
     """a D4RL-format HDF5 file (observations, actions, rewards, terminals, timeouts); overrides the Minari lookup"""
+    # ---- end shared: args-header ----
     random_steps: int = 1_000_000
     """env steps of the uniform random policy when `--dataset random` has to be generated locally"""
 
@@ -115,43 +115,37 @@ class Args:
     eval_episodes: int = 10
     """deterministic (actor mean) evaluation episodes, stepped as one batch"""
     save_every: int = 1
-    """write the full run state to `{runs_dir}/{run_name}/state.pt` every this many online evaluations and at the
-    end (0: never)"""
+    """write the run state after pretraining, every this many online evaluations (--eval-every env steps each) and at
+    the end (0: never)"""
+    save_path: Optional[str] = None
+    """where the run state goes; default `{runs_dir}/{run_name}/state.pt` (a resumed run: the --resume file)"""
     save_model: bool = False
-    """write the final actor and its state normalisation to `{runs_dir}/{run_name}/actor.pt`"""
+    """also write the final actor and its state normalisation to `{runs_dir}/{run_name}/{exp_name}.pt`"""
     resume: Optional[str] = None
     """a state.pt to continue bit-exactly; its hyperparameters are kept, the RUN_CONTROL flags come from this command"""
 
 
 # Flags a resumed run takes from its new command line; every other one comes from the saved state.
-RUN_CONTROL = ("online_steps", "total_env_steps", "max_seconds", "eval_every", "eval_episodes", "save_every",
-               "save_model", "resume", "track", "wandb_project_name", "wandb_entity", "capture_video", "cuda")
+RUN_CONTROL = (
+    "online_steps total_env_steps max_seconds eval_every eval_episodes save_every save_path save_model resume track "
+    "wandb_project_name wandb_entity capture_video cuda"
+).split()
 # (expectile, beta, actor dropout, normalize reward) per env family; sources in the Args docstrings.
 FAMILY_PRESETS = {"mujoco": (0.7, 3.0, 0.0, True), "antmaze": (0.9, 10.0, 0.0, True), "adroit": (0.8, 3.0, 0.1, False)}
 MAX_WEIGHT = 100.0  # clip of the advantage weights (IQL paper, CORL's EXP_ADV_MAX)
 LOG_STD_RANGE = (-5.0, 2.0)  # clip of the actor's log-std (the IQL paper's code)
+STATE_FORMAT = "iql-run-state-1"
 
 
+# ---------------------------------------------------------------- envs
+# ---- shared: envs (identical in every script; tests/test_shared_blocks.py) ----
 class UserError(Exception):
     """Bad input: printed as one line, never as a traceback."""
 
 
-# ---------------------------------------------------------------- envs and datasets
 MUJOCO_ENVS = {"Hopper": "hopper", "Walker2d": "walker2d", "Ant": "ant", "HalfCheetah": "halfcheetah"}
 ADROIT_ENVS = {"AdroitHandDoor": "door", "AdroitHandHammer": "hammer", "AdroitHandPen": "pen"}
 SUPPORTED = "MuJoCo Hopper/Walker2d/Ant/HalfCheetah-v4|v5, Adroit AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4|v5"
-# D4RL reference returns (REF_MIN, REF_MAX), used for D4RL HDF5 files and the generated random sets.
-D4RL_REF = {
-    "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3), "halfcheetah": (-280.178953, 12135.0),
-    "ant": (-325.6, 3879.7), "door": (-56.512833, 2880.5693087298737),
-    "hammer": (-274.856578, 12794.134825156867), "pen": (96.262799, 3076.8331017826877), "antmaze": (0.0, 1.0),
-}
-SHORT_NAMES = {
-    "mujoco": {"medium": "mujoco/{key}/medium-v0", "expert": "mujoco/{key}/expert-v0",
-               "random": "generated/{key}/random-v0", "medium-replay": None},
-    "adroit": {n: "D4RL/{key}/" + n + "-v2" for n in ("human", "cloned", "expert")},
-    "antmaze": {"umaze": "D4RL/antmaze/umaze-v1", "umaze-diverse": "D4RL/antmaze/umaze-diverse-v1"},
-}
 
 
 def env_family(env_id: str) -> tuple[str, str]:
@@ -172,6 +166,7 @@ def flatten_antmaze_obs(obs: dict) -> np.ndarray:
 
 
 def make_env(env_id: str, **kwargs) -> gym.Env:
+    """`gym.make`, registering gymnasium-robotics for Adroit and AntMaze, with AntMaze's dict observation flattened."""
     family, _ = env_family(env_id)
     if family != "mujoco":
         import gymnasium_robotics  # registers Adroit and AntMaze; only needed for them
@@ -184,6 +179,47 @@ def make_env(env_id: str, **kwargs) -> gym.Env:
         space = gym.spaces.Box(-np.inf, np.inf, (dim,), np.float64)
         env = gym.wrappers.TransformObservation(env, flatten_antmaze_obs, space)
     return env
+
+
+def fix_malloc_mmap_threshold():
+    """Stop glibc's RSS creep on CPU: after large frees it raises its mmap threshold, and each update's
+    activations then fragment the heap (the 4x512 DT grew to 14 GB in 22 updates; fixed, it stays at 1.2 GB)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        except OSError:  # not glibc
+            pass
+
+
+# ---- end shared: envs ----
+
+
+# ---------------------------------------------------------------- datasets
+# ---- shared: datasets (identical in pretrain_dt.py and iql.py; tests/test_shared_blocks.py) ----
+# D4RL reference returns (REF_MIN, REF_MAX), used for D4RL HDF5 files and the generated random sets.
+D4RL_REF = {
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "ant": (-325.6, 3879.7),
+    "door": (-56.512833, 2880.5693087298737),
+    "hammer": (-274.856578, 12794.134825156867),
+    "pen": (96.262799, 3076.8331017826877),
+    "antmaze": (0.0, 1.0),
+}
+# The return that conditions evaluation rollouts (eval RTG) per env key, in raw reward units (ODT / Table 6).
+TARGET_RETURNS = dict(hopper=3600, walker2d=5000, ant=6000, halfcheetah=6000, door=3000, hammer=4000, pen=6000, antmaze=1)
+# Paper short names -> Minari ids per env family; None: Minari has no such set (pass the D4RL file).
+SHORT_NAMES = {
+    "mujoco": {
+        "medium": "mujoco/{key}/medium-v0",
+        "expert": "mujoco/{key}/expert-v0",
+        "random": "generated/{key}/random-v0",
+        "medium-replay": None,
+    },
+    "adroit": {n: "D4RL/{key}/" + n + "-v2" for n in ("human", "cloned", "expert")},
+    "antmaze": {"umaze": "D4RL/antmaze/umaze-v1", "umaze-diverse": "D4RL/antmaze/umaze-diverse-v1"},
+}
 
 
 def remote_reachable(timeout: float = 3.0) -> bool:
@@ -206,35 +242,33 @@ def remote_reachable(timeout: float = 3.0) -> bool:
 
 
 def episodes_to_trajectories(episodes, antmaze: bool) -> list[dict]:
+    """Minari episodes as dicts of float32 observations (the final one dropped), actions, rewards; bool terminals."""
     trajs = []
     for ep in episodes:
         obs = flatten_antmaze_obs(ep.observations) if antmaze else ep.observations
-        trajs.append({"observations": np.asarray(obs[:-1], np.float32), "actions": np.asarray(ep.actions, np.float32),
-                      "rewards": np.asarray(ep.rewards, np.float32), "terminals": np.asarray(ep.terminations, bool)})
+        arrays = dict(observations=obs[:-1], actions=ep.actions, rewards=ep.rewards)
+        traj = {k: np.asarray(v, np.float32) for k, v in arrays.items()}
+        trajs.append({**traj, "terminals": np.asarray(ep.terminations, bool)})
     return trajs
 
 
 def load_d4rl_hdf5(path: str) -> list[dict]:
+    """The episodes of a D4RL file, as `episodes_to_trajectories` gives them; an episode ends at a terminal or timeout."""
     import h5py
 
     if not Path(path).is_file():
         raise UserError(f"--dataset-path {path!r} is not a file")
+    keys = ("observations", "actions", "rewards", "terminals", "timeouts")
     with h5py.File(path, "r") as f:
-        missing = {"observations", "actions", "rewards", "terminals", "timeouts"} - set(f.keys())
+        missing = set(keys) - set(f.keys())
         if missing:
             raise UserError(f"{path} is not D4RL format: missing keys {sorted(missing)}")
-        data = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
+        data = {k: f[k][()] for k in keys}
     ends = np.flatnonzero(data["terminals"] | data["timeouts"]) + 1
     if len(ends) == 0 or ends[-1] != len(data["rewards"]):
         ends = np.append(ends, len(data["rewards"]))  # the file's last, unfinished episode
-    trajs, start = [], 0
-    for end in ends:
-        trajs.append({"observations": data["observations"][start:end].astype(np.float32),
-                      "actions": data["actions"][start:end].astype(np.float32),
-                      "rewards": data["rewards"][start:end].astype(np.float32),
-                      "terminals": data["terminals"][start:end].astype(bool)})
-        start = end
-    return trajs
+    dtypes = dict(observations=np.float32, actions=np.float32, rewards=np.float32, terminals=bool)
+    return [{k: data[k][s:e].astype(t) for k, t in dtypes.items()} for s, e in zip([0, *ends[:-1]], ends)]
 
 
 def generate_random_dataset(dataset_id: str, env_id: str, key: str, steps: int, seed: int):
@@ -251,15 +285,19 @@ def generate_random_dataset(dataset_id: str, env_id: str, key: str, steps: int, 
     for step in tqdm(range(steps), desc=f"generating {dataset_id}"):
         acts.append(env.action_space.sample())
         o, r, te, tr, _ = env.step(acts[-1])
-        obs.append(o), rew.append(float(r)), term.append(bool(te)), trunc.append(bool(tr or step == steps - 1))
+        obs.append(o)
+        rew.append(float(r))
+        term.append(bool(te))
+        trunc.append(bool(tr or step == steps - 1))
         if te or trunc[-1]:
-            buffers.append(EpisodeBuffer(observations=np.array(obs), actions=np.array(acts), rewards=rew,
-                                         terminations=term, truncations=trunc, infos={}))
+            episode = dict(observations=np.array(obs), actions=np.array(acts), rewards=rew, terminations=term)
+            buffers.append(EpisodeBuffer(**episode, truncations=trunc, infos={}))
             obs, rew, term, trunc, acts = [env.reset()[0]], [], [], [], []
     ref_min, ref_max = D4RL_REF[key]
+    info = dict(algorithm_name="uniform random policy", description=f"{steps} steps of a uniform random policy in {env_id}")
     return minari.create_dataset_from_buffers(
-        dataset_id, buffers, env=env_id, algorithm_name="uniform random policy", ref_min_score=ref_min,
-        ref_max_score=ref_max, description=f"{steps} steps of a uniform random policy in {env_id}")
+        dataset_id, buffers, env=env_id, ref_min_score=ref_min, ref_max_score=ref_max, **info
+    )
 
 
 def load_dataset(env_id: str, dataset: str, dataset_path: Optional[str], random_steps: int, seed: int):
@@ -284,8 +322,10 @@ def load_dataset(env_id: str, dataset: str, dataset_path: Optional[str], random_
         elif "/" in dataset:
             dataset_id = dataset
         else:
-            raise UserError(f"unknown --dataset {dataset!r} for {family}; use one of {sorted(names)} or a Minari id "
-                            "like local/hopper/medium-v0")
+            raise UserError(
+                f"unknown --dataset {dataset!r} for {family}; use one of {sorted(names)} or a Minari id "
+                "like local/hopper/medium-v0"
+            )
         local = minari.list_local_datasets()
         if dataset_id not in local:
             if dataset_id.startswith("generated/"):
@@ -297,7 +337,8 @@ def load_dataset(env_id: str, dataset: str, dataset_path: Optional[str], random_
                 raise UserError(
                     f"dataset {dataset_id!r} is not in the local Minari cache ({root}) and Minari's remote cannot be "
                     f"reached; local datasets: {sorted(local) or 'none'}. Set MINARI_DATASETS_PATH to a datasets root, "
-                    "pass a D4RL file with --dataset-path, or use --dataset random to generate one")
+                    "pass a D4RL file with --dataset-path, or use --dataset random to generate one"
+                )
         ds = minari.load_dataset(dataset_id)
         trajs = episodes_to_trajectories(ds.iterate_episodes(), antmaze=family == "antmaze")
         md = ds.storage.metadata
@@ -310,6 +351,9 @@ def load_dataset(env_id: str, dataset: str, dataset_path: Optional[str], random_
 def normalized_score(ret, ref_min: float, ref_max: float):
     """D4RL normalized score x100, the formula of `minari.get_normalized_score`."""
     return 100.0 * (np.asarray(ret) - ref_min) / (ref_max - ref_min)
+
+
+# ---- end shared: datasets ----
 
 
 def load_transitions(dataset_id: str, dataset_path: Optional[str], family: str) -> dict:
@@ -327,15 +371,14 @@ def load_transitions(dataset_id: str, dataset_path: Optional[str], family: str) 
         if "next_observations" not in data:  # s' is the next row within an episode; a timeout's s' is unknown
             data["next_observations"] = np.concatenate([data["observations"][1:], data["observations"][-1:]])
             keep &= ~data["timeouts"] & ((np.arange(n) < n - 1) | data["terminals"])
-        keys = ("observations", "actions", "rewards", "next_observations", "terminals")
-        out = {k: data[k][keep] for k in keys}
+        out = {k: data[k][keep] for k in ("observations", "actions", "rewards", "next_observations", "terminals")}
     else:
         parts = []
         for ep in minari.load_dataset(dataset_id).iterate_episodes():
             obs = flatten_antmaze_obs(ep.observations) if family == "antmaze" else ep.observations
             if family != "antmaze" or len(ep.rewards) > 1:  # load_dataset drops 1-step AntMaze trajectories
-                parts.append(dict(observations=obs[:-1], actions=ep.actions, rewards=ep.rewards,
-                                  next_observations=obs[1:], terminals=ep.terminations))
+                arrays = dict(observations=obs[:-1], actions=ep.actions, rewards=ep.rewards, next_observations=obs[1:])
+                parts.append({**arrays, "terminals": ep.terminations})
         out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     return {k: v.astype(bool if k == "terminals" else np.float32) for k, v in out.items()}
 
@@ -355,20 +398,29 @@ def reward_transform(family: str, episode_returns: np.ndarray, normalize: bool) 
 def prepare_offline(args: Args, family: str, state_dim: int, act_dim: int) -> dict:
     """The offline transitions, resolved exactly as pretrain_dt.py resolves the data, with the reference scores, the
     frozen state normalisation and the reward transform."""
-    dataset_id, trajs, ref_min, ref_max = load_dataset(args.env_id, args.dataset, args.dataset_path,
-                                                       args.random_steps, args.seed)
+    dataset_id, trajs, ref_min, ref_max = load_dataset(
+        args.env_id, args.dataset, args.dataset_path, args.random_steps, args.seed
+    )
     offline = load_transitions(dataset_id, args.dataset_path, family)
-    dims = offline["observations"].shape[1], offline["actions"].shape[1]
+    dims, n_offline = (offline["observations"].shape[1], offline["actions"].shape[1]), len(offline["rewards"])
     if dims != (state_dim, act_dim):
         raise UserError(f"dataset {dataset_id} has obs/action dims {dims} but {args.env_id} has {(state_dim, act_dim)}")
-    if args.online_steps > 0 and args.buffer_size <= len(offline["rewards"]):
-        raise UserError(f"--buffer-size {args.buffer_size} leaves no room for online data beside the "
-                        f"{len(offline['rewards'])} offline transitions")
-    reward_scale, reward_shift = reward_transform(family, np.array([t["rewards"].sum() for t in trajs]),
-                                                  args.normalize_reward)
-    return dict(dataset_id=dataset_id, offline=offline, ref_min=ref_min, ref_max=ref_max,
-                state_mean=offline["observations"].mean(0), state_std=offline["observations"].std(0) + 1e-3,  # CORL
-                reward_scale=reward_scale, reward_shift=reward_shift)
+    if args.online_steps > 0 and args.buffer_size <= n_offline:
+        raise UserError(
+            f"--buffer-size {args.buffer_size} leaves no room for online data beside the {n_offline} offline transitions"
+        )
+    returns = np.array([t["rewards"].sum() for t in trajs])
+    reward_scale, reward_shift = reward_transform(family, returns, args.normalize_reward)
+    return dict(
+        dataset_id=dataset_id,
+        offline=offline,
+        ref_min=ref_min,
+        ref_max=ref_max,
+        state_mean=offline["observations"].mean(0),
+        state_std=offline["observations"].std(0) + 1e-3,  # CORL
+        reward_scale=reward_scale,
+        reward_shift=reward_shift,
+    )
 
 
 def normalize_batch(batch: dict, data: dict) -> dict:
@@ -377,25 +429,6 @@ def normalize_batch(batch: dict, data: dict) -> dict:
         batch[k] = (batch[k] - data["state_mean"]) / data["state_std"]
     batch["rewards"] = data["reward_scale"] * batch["rewards"] + data["reward_shift"]
     return batch
-
-
-def with_family_defaults(args: Args, family: str) -> Args:
-    """Fill the None (= family preset) fields from FAMILY_PRESETS."""
-    expectile, beta, dropout, normalize = FAMILY_PRESETS[family]
-    return replace(args, expectile=expectile if args.expectile is None else args.expectile,
-                   beta=beta if args.beta is None else args.beta,
-                   actor_dropout=dropout if args.actor_dropout is None else args.actor_dropout,
-                   normalize_reward=normalize if args.normalize_reward is None else args.normalize_reward)
-
-
-def eval_seeds(seed: int, n: int) -> np.ndarray:
-    """Evaluation reset seeds: disjoint across run seeds, the same at every evaluation of one run."""
-    return 100_000 * seed + np.arange(n)
-
-
-def train_episode_seed(seed: int, episode: int) -> int:
-    """Reset seed of training episode `episode`, so a resumed run can rebuild the episode it was saved in."""
-    return int(np.random.SeedSequence([seed, episode]).generate_state(1)[0])
 
 
 # ---------------------------------------------------------------- model
@@ -537,8 +570,8 @@ class ReplayBuffer:
         return batch
 
     def state_dict(self) -> dict:
-        return dict(online={k: v[: self.online_size].copy() for k, v in self.online.items()},
-                    online_size=self.online_size, next=self.next)
+        online = {k: v[: self.online_size].copy() for k, v in self.online.items()}
+        return dict(online=online, online_size=self.online_size, next=self.next)
 
     def load_state_dict(self, state: dict):
         self.online, self.online_size, self.next = state["online"], state["online_size"], state["next"]
@@ -569,17 +602,70 @@ def evaluate(actor, envs, seeds, state_mean, state_std, device) -> np.ndarray:
     return returns
 
 
+def eval_seeds(seed: int, n: int) -> np.ndarray:
+    """Evaluation reset seeds: disjoint across run seeds, the same at every evaluation of one run."""
+    return 100_000 * seed + np.arange(n)
+
+
+def train_episode_seed(seed: int, episode: int) -> int:
+    """Reset seed of training episode `episode`, so a resumed run can rebuild the episode it was saved in."""
+    return int(np.random.SeedSequence([seed, episode]).generate_state(1)[0])
+
+
+@dataclass
+class Run:
+    """One run's parts: what it trains and saves (agent, optimizers, the actor's lr scheduler, the replay buffer, the
+    batch rng), its offline data, where it logs and evaluates, and where its state goes."""
+
+    args: Args
+    run_name: str
+    data: dict
+    agent: nn.ModuleDict
+    optimizers: dict
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    buffer: ReplayBuffer
+    rng: np.random.Generator
+    device: torch.device
+    writer: SummaryWriter
+    eval_envs: list
+    run_dir: Path
+    state_path: Path
+
+
+def non_finite_error(run: Run, what: str, where: str) -> UserError:
+    kept = f"last good state kept at {run.state_path}" if run.state_path.is_file() else "no state saved yet"
+    return UserError(f"non-finite {what} at {where}; stopped, {kept}")
+
+
+def update(run: Run, step: int, phase: str):
+    """One IQL update on a replay batch, logged every 100 steps (`offline/*` vs update, online `losses/*` vs env step);
+    a non-finite loss stops the run."""
+    batch = normalize_batch(run.buffer.sample(run.args.batch_size, run.rng), run.data)
+    batch = {k: torch.as_tensor(v, device=run.device) for k, v in batch.items()}
+    try:
+        stats = iql_update(run.agent, run.optimizers, run.scheduler, batch, run.args)
+    except FloatingPointError as e:
+        raise non_finite_error(run, str(e), f"{phase} step {step}")
+    if step % 100 == 0:
+        prefix = "offline" if phase == "offline" else "losses"
+        for k, v in stats.items():
+            run.writer.add_scalar(f"{prefix}/{k}", v.item(), step)
+
+
+def evaluate_and_log(run: Run, step: int, prefix: str) -> float:
+    """Evaluate the actor's mean on --eval-episodes episodes; log and return the mean normalized score."""
+    seeds, data = eval_seeds(run.args.seed, run.args.eval_episodes), run.data
+    returns = evaluate(run.agent["actor"], run.eval_envs, seeds, data["state_mean"], data["state_std"], run.device)
+    scores = normalized_score(returns, data["ref_min"], data["ref_max"])
+    score, sem = float(scores.mean()), float(scores.std(ddof=1) / np.sqrt(len(scores))) if len(scores) > 1 else 0.0
+    run.writer.add_scalar(f"{prefix}/normalized_score", score, step)
+    run.writer.add_scalar(f"{prefix}/normalized_score_sem", sem, step)  # standard error over the episodes
+    run.writer.add_scalar(f"{prefix}/eval_return", returns.mean(), step)
+    tqdm.write(f"{prefix} step {step}: return {returns.mean():.1f}, normalized score {score:.2f} +- {sem:.2f} (sem)")
+    return score
+
+
 # ---------------------------------------------------------------- run state
-def fix_malloc_mmap_threshold():
-    """Stop glibc's RSS creep on CPU: after large frees it raises its mmap threshold, and each update's
-    activations then fragment the heap (the 4x512 DT grew to 14 GB in 22 updates; fixed, it stays at 1.2 GB)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        except OSError:  # not glibc
-            pass
-
-
 def save_checkpoint(path: Path, payload: dict):
     """Atomic write: a crash mid-save never leaves a truncated checkpoint behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -598,24 +684,33 @@ def load_resume(args: Args) -> tuple[Args, dict]:
     return replace(Args(**state["args"]), **{k: getattr(args, k) for k in RUN_CONTROL}), state
 
 
-def save_run_state(path: Path, args: Args, run_name: str, stateful: dict, counters: dict):
+def save_run_state(run: Run, counters: dict):
     """Everything a resumed run needs to continue exactly: nets, targets, optimisers, schedule, the online part of
     the replay (the offline part is re-read from the dataset), every RNG, and the counters."""
-    save_checkpoint(path, dict(
-        format=STATE_FORMAT, args=asdict(args), run_name=run_name, agent=stateful["agent"].state_dict(),
-        optimizers={k: o.state_dict() for k, o in stateful["optimizers"].items()},
-        scheduler=stateful["scheduler"].state_dict(), buffer=stateful["buffer"].state_dict(),
-        numpy_rng=stateful["rng"].bit_generator.state, torch_rng=torch.get_rng_state(), python_rng=random.getstate(),
-        cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None, counters=counters))
+    state = dict(
+        format=STATE_FORMAT,
+        args=asdict(run.args),
+        run_name=run.run_name,
+        agent=run.agent.state_dict(),
+        optimizers={k: o.state_dict() for k, o in run.optimizers.items()},
+        scheduler=run.scheduler.state_dict(),
+        buffer=run.buffer.state_dict(),
+        numpy_rng=run.rng.bit_generator.state,
+        torch_rng=torch.get_rng_state(),
+        python_rng=random.getstate(),
+        cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        counters=counters,
+    )
+    save_checkpoint(run.state_path, state)
 
 
-def restore_run_state(state: dict, stateful: dict) -> dict:
-    """Load a saved state into the freshly built objects of `stateful`; returns the saved counters."""
+def restore_run_state(run: Run, state: dict) -> dict:
+    """Load a saved state into the freshly built parts of `run`; returns the saved counters."""
     for k in ("agent", "scheduler", "buffer"):
-        stateful[k].load_state_dict(state[k])
-    for k, optimizer in stateful["optimizers"].items():
+        getattr(run, k).load_state_dict(state[k])
+    for k, optimizer in run.optimizers.items():
         optimizer.load_state_dict(state["optimizers"][k])
-    stateful["rng"].bit_generator.state = state["numpy_rng"]
+    run.rng.bit_generator.state = state["numpy_rng"]
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -623,18 +718,68 @@ def restore_run_state(state: dict, stateful: dict) -> dict:
     return state["counters"]
 
 
+def replay_saved_episode(run: Run, env: gym.Env, counters: dict) -> np.ndarray:
+    """Reset the training env to the episode the counters are in, replaying its saved actions; the observation."""
+    obs = env.reset(seed=train_episode_seed(run.args.seed, counters["episode"]))[0]
+    for action in counters["episode_actions"]:
+        obs = env.step(action)[0]
+    if "obs" in counters and not np.array_equal(obs, counters["obs"]):
+        raise UserError(
+            f"replaying the saved episode did not reach the saved observation: {run.args.env_id} is not "
+            "deterministic here, so --resume cannot continue exactly"
+        )
+    return obs
+
+
+# ---------------------------------------------------------------- setup
+def apply_presets(args: Args, family: str) -> Args:
+    """Fill the None (= family preset) fields from FAMILY_PRESETS."""
+    expectile, beta, dropout, normalize = FAMILY_PRESETS[family]
+    return replace(
+        args,
+        expectile=expectile if args.expectile is None else args.expectile,
+        beta=beta if args.beta is None else args.beta,
+        actor_dropout=dropout if args.actor_dropout is None else args.actor_dropout,
+        normalize_reward=normalize if args.normalize_reward is None else args.normalize_reward,
+    )
+
+
+def check_sizes(args: Args):
+    positive = ("batch_size", "hidden_dim", "n_layers", "eval_episodes", "eval_every", "buffer_size", "updates_per_step")
+    counts = ("offline_updates", "online_steps", "save_every", "offline_eval_every", "total_env_steps")
+    sizes = {k: getattr(args, k) for k in positive} | {"max_episode_steps": args.max_episode_steps or 1}
+    bad = [f"--{k.replace('_', '-')} {v} (min 1)" for k, v in sizes.items() if v < 1]
+    bad += [f"--{k.replace('_', '-')} {getattr(args, k)} (min 0)" for k in counts if getattr(args, k) < 0]
+    if not 0 < args.expectile < 1:
+        bad.append(f"--expectile {args.expectile} (must be in (0, 1))")
+    if bad:
+        raise UserError(f"bad sizes: {', '.join(bad)}")
+
+
+def seed_everything(args: Args) -> torch.device:
+    """Seed python, numpy and torch, make torch deterministic if asked; the device to run on."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.torch_deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+
 def make_agent(args: Args, state_dim: int, act_dim: int, device):
     """(nets, their Adam optimisers, the actor's lr schedule)."""
-    agent = nn.ModuleDict(dict(
+    nets = dict(
         actor=GaussianActor(state_dim, act_dim, args.hidden_dim, args.n_layers, args.actor_dropout),
         q=TwinQ(state_dim, act_dim, args.hidden_dim, args.n_layers),
         q_target=TwinQ(state_dim, act_dim, args.hidden_dim, args.n_layers),
-        v=ValueFunction(state_dim, args.hidden_dim, args.n_layers))).to(device)
+        v=ValueFunction(state_dim, args.hidden_dim, args.n_layers),
+    )
+    agent = nn.ModuleDict(nets).to(device)
     agent["q_target"].load_state_dict(agent["q"].state_dict())
     agent["q_target"].requires_grad_(False)
-    optimizers = dict(actor=torch.optim.Adam(agent["actor"].parameters(), lr=args.actor_lr),
-                      q=torch.optim.Adam(agent["q"].parameters(), lr=args.critic_lr),
-                      v=torch.optim.Adam(agent["v"].parameters(), lr=args.critic_lr))
+    lrs = dict(actor=args.actor_lr, q=args.critic_lr, v=args.critic_lr)
+    optimizers = {k: torch.optim.Adam(agent[k].parameters(), lr=lr) for k, lr in lrs.items()}
 
     def actor_lr_factor(actor_steps: int) -> float:
         if not args.actor_cosine or actor_steps >= args.offline_updates:
@@ -644,7 +789,26 @@ def make_agent(args: Args, state_dim: int, act_dim: int, device):
     return agent, optimizers, torch.optim.lr_scheduler.LambdaLR(optimizers["actor"], actor_lr_factor)
 
 
+def make_writer(args: Args, run_name: str, run_dir: Path) -> SummaryWriter:
+    """TensorBoard writer at `run_dir` (and wandb, synced to it, with --track), hyperparameters logged."""
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            config=vars(args),
+            name=run_name,
+            sync_tensorboard=True,
+            save_code=True,
+        )
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    return writer
+
+
 def make_eval_envs(args: Args, run_name: str, **env_kw) -> list:
+    """--eval-episodes envs; with --capture-video the first records to `videos/{run_name}`."""
     video = {"render_mode": "rgb_array"} if args.capture_video else {}
     envs = [make_env(args.env_id, **env_kw, **(video if i == 0 else {})) for i in range(args.eval_episodes)]
     if args.capture_video:
@@ -655,118 +819,96 @@ def make_eval_envs(args: Args, run_name: str, **env_kw) -> list:
     return envs
 
 
-def check_sizes(args: Args):
-    positive = dict(batch_size=args.batch_size, hidden_dim=args.hidden_dim, n_layers=args.n_layers,
-                    eval_episodes=args.eval_episodes, eval_every=args.eval_every, buffer_size=args.buffer_size,
-                    updates_per_step=args.updates_per_step, max_episode_steps=args.max_episode_steps or 1)
-    counts = dict(offline_updates=args.offline_updates, online_steps=args.online_steps, save_every=args.save_every,
-                  offline_eval_every=args.offline_eval_every, total_env_steps=args.total_env_steps)
-    bad = [f"--{k.replace('_', '-')} {v} (min 1)" for k, v in positive.items() if v < 1]
-    bad += [f"--{k.replace('_', '-')} {v} (min 0)" for k, v in counts.items() if v < 0]
-    if not 0 < args.expectile < 1:
-        bad.append(f"--expectile {args.expectile} (must be in (0, 1))")
-    if bad:
-        raise UserError(f"bad sizes: {', '.join(bad)}")
-
-
-# ---------------------------------------------------------------- main
-def main(args: Args) -> dict:
-    args, resumed = load_resume(args) if args.resume else (args, None)
-    family, _ = env_family(args.env_id)
-    args = with_family_defaults(args, family)
-    check_sizes(args)
-    fix_malloc_mmap_threshold()
-    run_name = resumed["run_name"] if resumed else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.resume).parent if resumed else Path(args.runs_dir) / run_name
-    state_path = run_dir / "state.pt"
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    if args.torch_deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-    # Data, nets, optimisers
+def build_run(args: Args, family: str, run_name: str, state_path: Optional[Path], device) -> tuple[Run, gym.Env]:
+    """The run's parts, built fresh (a resumed run then loads its state into them), and the training env."""
     env_kw = {} if args.max_episode_steps is None else {"max_episode_steps": args.max_episode_steps}
     train_env = make_env(args.env_id, **env_kw)
     state_dim, act_dim = train_env.observation_space.shape[0], train_env.action_space.shape[0]
     data = prepare_offline(args, family, state_dim, act_dim)
     buffer, rng = ReplayBuffer(data["offline"], args.buffer_size), np.random.default_rng(args.seed)
     agent, optimizers, scheduler = make_agent(args, state_dim, act_dim, device)
-    stateful = dict(agent=agent, optimizers=optimizers, scheduler=scheduler, buffer=buffer, rng=rng)
+    run_dir = Path(args.runs_dir) / run_name
+    run = Run(
+        args=args,
+        run_name=run_name,
+        data=data,
+        agent=agent,
+        optimizers=optimizers,
+        scheduler=scheduler,
+        buffer=buffer,
+        rng=rng,
+        device=device,
+        writer=make_writer(args, run_name, run_dir),
+        eval_envs=make_eval_envs(args, run_name, **env_kw),
+        run_dir=run_dir,
+        state_path=state_path or run_dir / "state.pt",
+    )
+    return run, train_env
 
-    if args.track:
-        import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
-                   sync_tensorboard=True, save_code=True)
-    writer = SummaryWriter(str(run_dir))
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    eval_envs = make_eval_envs(args, run_name, **env_kw)
+def budget_reached(args: Args, env_steps: int, online_seconds: float) -> bool:
+    """--online-steps, --total-env-steps (counted across resumes) or --max-seconds (of this process's online phase)."""
+    return (
+        env_steps >= args.online_steps
+        or (args.total_env_steps > 0 and env_steps >= args.total_env_steps)
+        or (args.max_seconds > 0 and online_seconds >= args.max_seconds)
+    )
 
-    def evaluate_and_log(step: int, prefix: str) -> float:
-        returns = evaluate(agent["actor"], eval_envs, seeds=eval_seeds(args.seed, args.eval_episodes),
-                           state_mean=data["state_mean"], state_std=data["state_std"], device=device)
-        scores = normalized_score(returns, data["ref_min"], data["ref_max"])
-        score, sem = float(scores.mean()), float(scores.std(ddof=1) / np.sqrt(len(scores))) if len(scores) > 1 else 0.0
-        writer.add_scalar(f"{prefix}/normalized_score", score, step)
-        writer.add_scalar(f"{prefix}/normalized_score_sem", sem, step)  # standard error over the episodes
-        writer.add_scalar(f"{prefix}/eval_return", returns.mean(), step)
-        tqdm.write(f"{prefix} step {step}: return {returns.mean():.1f}, normalized score {score:.2f} +- {sem:.2f} (sem)")
-        return score
 
-    def update(step: int, prefix: str):
-        batch = {k: torch.as_tensor(v, device=device) for k, v in normalize_batch(buffer.sample(args.batch_size, rng),
-                                                                                   data).items()}
-        try:
-            stats = iql_update(agent, optimizers, scheduler, batch, args)
-        except FloatingPointError as e:
-            kept = f"last good state kept at {state_path}" if state_path.is_file() else "no state saved yet"
-            raise UserError(f"non-finite {e} at {prefix} step {step}; stopped, {kept}")
-        if step % 100 == 0:
-            for k, v in stats.items():
-                writer.add_scalar(f"{prefix}/{k}", v.item(), step)
+# ---------------------------------------------------------------- main
+def main(args: Args) -> dict:
+    args, saved = load_resume(args) if args.resume else (args, None)
+    family, _ = env_family(args.env_id)
+    args = apply_presets(args, family)
+    check_sizes(args)
+    fix_malloc_mmap_threshold()
+    run_name = saved["run_name"] if saved else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    device = seed_everything(args)
+    state_path = args.save_path or args.resume
+    run, train_env = build_run(args, family, run_name, Path(state_path) if state_path else None, device)
+    agent, data, buffer, writer = run.agent, run.data, run.buffer, run.writer
+    print(f"run state: {run.state_path}" if args.save_every else "run state: not saved (--save-every 0)")
 
-    # Offline pretraining, then "iteration 0", the evaluation every online curve starts from
-    if resumed is None:
+    # ALGO LOGIC: offline IQL on the dataset, then "iteration 0", the evaluation every online curve starts from
+    if saved is None:
         t_offline, eval_seconds = time.time(), 0.0
         for step in tqdm(range(1, args.offline_updates + 1), desc="offline IQL", mininterval=2.0):
-            update(step, "offline")
+            update(run, step, "offline")
             if args.offline_eval_every and step % args.offline_eval_every == 0 and step < args.offline_updates:
                 t_eval = time.time()
-                evaluate_and_log(step, "offline")
+                evaluate_and_log(run, step, "offline")
                 eval_seconds += time.time() - t_eval
         if args.offline_updates:
             updates_per_s = args.offline_updates / (time.time() - t_offline - eval_seconds)
             writer.add_scalar("offline/updates_per_s", updates_per_s, args.offline_updates)
-        score = evaluate_and_log(0, "charts")
+        score = evaluate_and_log(run, 0, "charts")
         writer.add_scalar("offline/normalized_score", score, args.offline_updates)
         writer.add_scalar("charts/env_steps", 0, 0)
         writer.add_scalar("charts/grad_updates", args.offline_updates, 0)
-        counters = dict(env_steps=0, grad_updates=args.offline_updates, episode=0, episode_actions=[],
-                        episode_return=0.0, evals=1, score=score)
+        counters = dict(
+            env_steps=0,
+            grad_updates=args.offline_updates,
+            episode=0,
+            episode_actions=[],
+            episode_return=0.0,
+            evals=1,
+            score=score,
+        )
         if args.save_every:
-            save_run_state(state_path, args, run_name, stateful, counters)
+            save_run_state(run, counters)
     else:
-        counters = restore_run_state(resumed, stateful)
+        counters = restore_run_state(run, saved)
+        print(f"resumed {args.resume} at env step {counters['env_steps']}")
 
-    # Online finetuning: one env step, then --updates-per-step updates on the offline + online replay
-    def budget_reached(env_steps: int) -> bool:
-        return (env_steps >= args.online_steps or (args.total_env_steps > 0 and env_steps >= args.total_env_steps)
-                or (args.max_seconds > 0 and time.time() - t_online >= args.max_seconds))
-
-    obs = train_env.reset(seed=train_episode_seed(args.seed, counters["episode"]))[0]
-    for action in counters["episode_actions"]:  # rebuild the episode the state was saved in
-        obs = train_env.step(action)[0]
-    if "obs" in counters and not np.array_equal(obs, counters["obs"]):
-        raise UserError(f"replaying the saved episode did not reach the saved observation: {args.env_id} is not "
-                        "deterministic here, so --resume cannot continue exactly")
+    # ALGO LOGIC: online finetuning, one env step then --updates-per-step updates on the offline + online replay
+    obs = replay_saved_episode(run, train_env, counters)
     t_online, start_steps = time.time(), counters["env_steps"]
-    done = counters["env_steps"] >= min(args.online_steps, args.total_env_steps or args.online_steps)  # time: after a step
+    done = counters["env_steps"] >= min(args.online_steps, args.total_env_steps or args.online_steps)
     pbar = tqdm(total=args.online_steps, initial=counters["env_steps"], desc="online IQL", mininterval=2.0)
     while not done:
         action = act(agent["actor"], obs[None], data["state_mean"], data["state_std"], sample=True, device=device)[0]
+        if not np.isfinite(action).all():
+            raise non_finite_error(run, "action", f"online step {counters['env_steps'] + 1}")
         next_obs, reward, terminated, truncated, _ = train_env.step(action)
         buffer.add(observations=obs, actions=action, rewards=reward, next_observations=next_obs, terminals=terminated)
         counters["episode_actions"].append(action)
@@ -779,26 +921,26 @@ def main(args: Args) -> dict:
             obs = train_env.reset(seed=train_episode_seed(args.seed, counters["episode"]))[0]
         for _ in range(args.updates_per_step):
             counters["grad_updates"] += 1
-            update(env_steps, "losses")
+            update(run, env_steps, "online")
         pbar.update(1)
 
-        done = budget_reached(env_steps)
+        done = budget_reached(args, env_steps, time.time() - t_online)
         if done or env_steps % args.eval_every == 0:
-            counters["score"] = evaluate_and_log(env_steps, "charts")
+            counters["score"] = evaluate_and_log(run, env_steps, "charts")
             counters["evals"] += 1
             writer.add_scalar("charts/env_steps", env_steps, env_steps)
             writer.add_scalar("charts/grad_updates", counters["grad_updates"], env_steps)
             writer.add_scalar("charts/SPS", (env_steps - start_steps) / (time.time() - t_online), env_steps)
             if args.save_every and (done or counters["evals"] % args.save_every == 0):
-                save_run_state(state_path, args, run_name, stateful, {**counters, "obs": obs})
+                save_run_state(run, {**counters, "obs": obs})
     pbar.close()
     if args.save_model:
-        save_checkpoint(run_dir / "actor.pt", dict(actor=agent["actor"].state_dict(), state_mean=data["state_mean"],
-                                                   state_std=data["state_std"], args=asdict(args)))
+        actor = dict(actor=agent["actor"].state_dict(), state_mean=data["state_mean"], state_std=data["state_std"])
+        save_checkpoint(run.run_dir / f"{args.exp_name}.pt", {**actor, "args": asdict(args)})
     writer.close()
-    print(f"{run_name}: {counters['env_steps']} online env steps, {counters['grad_updates']} updates, "
-          f"normalized score {counters['score']:.2f}")
-    return dict(run_dir=run_dir, state_path=state_path, agent=agent, **counters)
+    steps, updates, score = counters["env_steps"], counters["grad_updates"], counters["score"]
+    print(f"{run_name}: {steps} online env steps, {updates} updates, normalized score {score:.2f}")
+    return dict(run_dir=run.run_dir, state_path=run.state_path, agent=agent, **counters)
 
 
 if __name__ == "__main__":

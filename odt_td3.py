@@ -2,8 +2,7 @@
 learning, optionally plus TD3 gradients from a twin critic.
 
 Baselines of "Online Finetuning Decision Transformers with Pure RL Gradients" (Luo & Zhu), Sections 2 and 3.1:
-ODT (Zheng et al., 2022) and ODT+TD3 (Yan et al., 2024, "RL gradients as vitamin"). Both start from the
-checkpoint written by pretrain_dt.py.
+ODT (Zheng et al., 2022) and ODT+TD3 (Yan et al., 2024, "RL gradients as vitamin"), from pretrain_dt.py's checkpoint.
 
   --algo odt_td3 (default): deterministic actor a = tanh(mean) read from the checkpoint's Gaussian head, loss
       MSE(a, a_data) + rl_coef * mean(-Q1(s, a)), Gaussian exploration noise; twin critic trained by TD3.
@@ -23,9 +22,10 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -42,10 +42,11 @@ ALGOS = ("odt_td3", "odt")
 
 @dataclass
 class Args:
+    # ---- shared: args-header (identical in every script; tests/test_shared_blocks.py) ----
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
-    """seed of the experiment (python, numpy, torch and the env resets); also picks the default checkpoint"""
+    """seed of the experiment (python, numpy, torch, env resets and action sampling)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms"""
     cuda: bool = True
@@ -57,22 +58,24 @@ class Args:
     wandb_entity: Optional[str] = None
     """the wandb entity (team)"""
     capture_video: bool = False
-    """if toggled, record videos of the first evaluation episode to `videos/{run_name}`"""
+    """if toggled, record the first evaluation episode of every evaluation to `videos/{run_name}`"""
     runs_dir: str = "runs"
     """TensorBoard root; the run logs to `{runs_dir}/{run_name}`"""
-
     env_id: str = "Hopper-v4"
     """gymnasium id: Hopper/Walker2d/Ant/HalfCheetah-v4/v5, AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4/v5"""
     dataset: str = "medium"
-    """pretraining dataset (short name or Minari id): names the default checkpoint, passed on to pretrain_dt.py"""
+    """a paper short name (medium, medium-replay, random, expert, human, cloned, umaze, umaze-diverse) or a Minari id"""
     dataset_path: Optional[str] = None
-    """a D4RL HDF5 file, passed to pretrain_dt.py when the checkpoint has to be made"""
+    """a D4RL-format HDF5 file (observations, actions, rewards, terminals, timeouts); overrides the Minari lookup"""
+    # ---- end shared: args-header ----
     checkpoint: Optional[str] = None
-    """pretrained checkpoint; default `checkpoints/{env_id}__{dataset}__s{seed}.pt`, made by pretrain_dt.py if absent"""
+    """pretrained checkpoint; default `checkpoints/{env_id}__{dataset}__s{seed}[__cpu].pt`, pretrained if missing"""
+    model_size: Literal["paper", "cpu"] = "paper"
+    """size of the DT that pretrain_dt.py makes when the checkpoint is missing"""
     pretrain_extra_args: str = ""
-    """extra pretrain_dt.py flags (one shell string) for when the checkpoint has to be made"""
+    """extra pretrain_dt.py flags (one shell-quoted string) used when the checkpoint has to be made"""
 
-    algo: str = "odt_td3"
+    algo: Literal["odt_td3", "odt"] = "odt_td3"
     """odt_td3 (deterministic actor + TD3 critic gradients) or odt (stochastic NLL + entropy actor, alpha = 0)"""
     rl_coef: float = 0.1
     """alpha, weight of mean(-Q1(s, a_pred)) in the odt_td3 actor loss (Yan et al.); --algo odt uses 0"""
@@ -88,12 +91,12 @@ class Args:
     """critic updates per iteration; default 600 MuJoCo (actor every 2nd, TD3's delay), 300 Adroit/AntMaze"""
     critic_pretrain_updates: int = 5000
     """critic updates on the offline data before the online phase, DT frozen (the original trains it while pretraining)"""
-    batch_size: int = 256
+    n_batch: int = 256
     """segments per update (actor and critic)"""
     context_len: Optional[int] = None
     """training context; default the checkpoint's c_offline"""
-    eval_context_len: int = 5
-    """context of rollouts and evaluation (ODT's eval_context_length); pretrain_dt.py evaluates at c_offline (20 MuJoCo)"""
+    c_online: int = 5
+    """context of rollouts and evaluation (ODT's eval_context_length); pretrain_dt.py scores at its `eval_context_len`"""
     learning_rate: float = 1e-4
     """peak LAMB learning rate of the DT (ODT's online lr)"""
     warmup_updates: int = 1000
@@ -104,8 +107,8 @@ class Args:
     """DT gradient-norm clip (Table 5; ODT's code used 0.25)"""
     dropout: float = 0.0
     """DT dropout while finetuning: Table 5 disables it (the original codebases keep 0.1)"""
-    temperature_lr: float = 1e-4
-    """Adam lr of the log-temperature dual variable (--algo odt), initialised from the checkpoint"""
+    kappa_lr: float = 1e-4
+    """Adam lr of log(kappa), ODT's temperature dual variable (--algo odt), initialised from the checkpoint"""
     critic_lr: Optional[float] = None
     """AdamW lr of the critic; default 1e-3 MuJoCo, 2e-4 otherwise"""
     critic_hidden: int = 256
@@ -122,7 +125,7 @@ class Args:
     """std of TD3's target-policy smoothing noise"""
     noise_clip: float = 0.5
     """clip of the target-policy smoothing noise"""
-    online_rtg: Optional[float] = None
+    g_online: Optional[float] = None
     """RTG conditioning training rollouts; default ODT / Table 6 (Hopper 7200, Walker 10000, Ant 12000, door 3000...)"""
     replay_size: int = 1000
     """trajectories in the FIFO replay buffer (ODT)"""
@@ -130,27 +133,25 @@ class Args:
     """cap on the env's time limit, for rollouts and evaluation (tests, quick runs); default the env's own"""
     eval_episodes: int = 10
     """deterministic tanh(mean) evaluation episodes per iteration, stepped as one batch"""
-    save_every: int = 0
-    """write a finetuned checkpoint every this many iterations and at the end (0: never)"""
+    save_every: int = 5
+    """write the run state every this many iterations and at the end (0: never)"""
     save_path: Optional[str] = None
-    """where --save-every writes; default `checkpoints/{env_id}__{exp_name}__{algo}__s{seed}.pt`"""
+    """where the run state goes; default `{runs_dir}/{run_name}/state.pt`"""
+    save_model: bool = False
+    """if toggled, also write the finetuned DT as a checkpoint to `{runs_dir}/{run_name}/{exp_name}.pt` at the end"""
     resume: Optional[str] = None
-    """a checkpoint written by --save-every: continue that run (same env and algo) up to --num-iterations"""
+    """a run state written by --save-every: continue that run (same env and algo) bit-exactly up to --num-iterations"""
 
 
+# ---------------------------------------------------------------- envs and data
+# ---- shared: envs (identical in every script; tests/test_shared_blocks.py) ----
 class UserError(Exception):
     """Bad input: printed as one line, never as a traceback."""
 
 
-# ---------------------------------------------------------------- envs and data
 MUJOCO_ENVS = {"Hopper": "hopper", "Walker2d": "walker2d", "Ant": "ant", "HalfCheetah": "halfcheetah"}
 ADROIT_ENVS = {"AdroitHandDoor": "door", "AdroitHandHammer": "hammer", "AdroitHandPen": "pen"}
 SUPPORTED = "MuJoCo Hopper/Walker2d/Ant/HalfCheetah-v4|v5, Adroit AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4|v5"
-ONLINE_RTG = {"hopper": 7200, "walker2d": 10000, "ant": 12000, "halfcheetah": 12000,
-              "door": 3000, "hammer": 4000, "pen": 6000, "antmaze": 2}
-# What the critic sees of a reward (Yan et al.): Adroit rescaled, AntMaze shifted by -1 per step, MuJoCo raw.
-CRITIC_REWARD = {"hammer": lambda r: r / 1000, "door": lambda r: r / 100, "pen": lambda r: r / 100,
-                 "relocate": lambda r: r / 100, "antmaze": lambda r: r - 1.0}
 
 
 def env_family(env_id: str) -> tuple[str, str]:
@@ -171,6 +172,7 @@ def flatten_antmaze_obs(obs: dict) -> np.ndarray:
 
 
 def make_env(env_id: str, **kwargs) -> gym.Env:
+    """`gym.make`, registering gymnasium-robotics for Adroit and AntMaze, with AntMaze's dict observation flattened."""
     family, _ = env_family(env_id)
     if family != "mujoco":
         import gymnasium_robotics  # registers Adroit and AntMaze; only needed for them
@@ -185,42 +187,78 @@ def make_env(env_id: str, **kwargs) -> gym.Env:
     return env
 
 
-def default_checkpoint_path(env_id: str, dataset: str, seed: int) -> Path:
-    """The path every finetuning script looks at first: checkpoints/{env_id}__{dataset with / -> -}__s{seed}.pt"""
-    return Path("checkpoints") / f"{env_id}__{dataset.replace('/', '-')}__s{seed}.pt"
+def fix_malloc_mmap_threshold():
+    """Stop glibc's RSS creep on CPU: after large frees it raises its mmap threshold, and each update's
+    activations then fragment the heap (the 4x512 DT grew to 14 GB in 22 updates; fixed, it stays at 1.2 GB)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        except OSError:  # not glibc
+            pass
+
+
+# ---- end shared: envs ----
+
+
+G_ONLINE = dict(hopper=7200, walker2d=10000, ant=12000, halfcheetah=12000, door=3000, hammer=4000, pen=6000, antmaze=2)
+CRITIC_REWARD_DIVISOR = {"hammer": 1000, "door": 100, "pen": 100, "relocate": 100}
+
+
+def critic_reward(key: str, rewards):
+    """What the critic sees of a reward (Yan et al.): Adroit divided by a constant, AntMaze -1 per step, MuJoCo raw."""
+    if key == "antmaze":
+        return rewards - 1.0
+    return rewards / CRITIC_REWARD_DIVISOR[key] if key in CRITIC_REWARD_DIVISOR else rewards
+
+
+def apply_presets(args: Args) -> Args:
+    """A copy of args with the per-family defaults filled in where left at None (see each field's docstring)."""
+    family, key = env_family(args.env_id)
+    mujoco = family == "mujoco"
+    presets = dict(critic_updates=600 if mujoco else 300, critic_lr=1e-3 if mujoco else 2e-4, critic_layer_norm=not mujoco)
+    presets.update(gamma=0.998 if family == "antmaze" else 0.99, g_online=G_ONLINE[key])
+    return replace(args, **{k: v for k, v in presets.items() if getattr(args, k) is None})
 
 
 def load_offline_trajectories(ckpt: dict) -> list[dict]:
     """The checkpoint's dataset as trajectories with T+1 observations (a truncated one bootstraps from the last)."""
     family, _ = env_family(ckpt["env_id"])
     path = (ckpt.get("pretrain_args") or {}).get("dataset_path")
+    trajs = []
     if path:
         import h5py
 
+        keys = ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts")
         with h5py.File(path, "r") as f:
-            d = {k: f[k][()] for k in f.keys() if k in ("observations", "next_observations", "actions", "rewards",
-                                                          "terminals", "timeouts")}
+            d = {k: f[k][()] for k in f.keys() if k in keys}
         ends = np.append(np.flatnonzero(d["terminals"] | d["timeouts"]) + 1, len(d["rewards"]))
         nxt = d.get("next_observations", d["observations"])  # without next_observations the last obs is repeated
-        bounds = [(a, b) for a, b in zip(np.concatenate([[0], ends[:-1]]), ends) if b > a]
-        trajs = [dict(observations=np.concatenate([d["observations"][a:b], nxt[b - 1:b]]), actions=d["actions"][a:b],
-                      rewards=d["rewards"][a:b], terminated=bool(d["terminals"][b - 1])) for a, b in bounds]
+        for a, b in [(a, b) for a, b in zip(np.concatenate([[0], ends[:-1]]), ends) if b > a]:
+            obs = np.concatenate([d["observations"][a:b], nxt[b - 1 : b]])
+            trajs.append(dict(observations=obs, actions=d["actions"][a:b], rewards=d["rewards"][a:b]))
+            trajs[-1]["terminated"] = bool(d["terminals"][b - 1])
     else:
         import minari
 
         if ckpt["dataset_id"] not in minari.list_local_datasets():
-            raise UserError(f"the checkpoint's dataset {ckpt['dataset_id']!r} is not in the local Minari cache "
-                            f"({os.environ.get('MINARI_DATASETS_PATH', '~/.minari/datasets')}); set "
-                            "MINARI_DATASETS_PATH")
-        trajs = [dict(observations=flatten_antmaze_obs(ep.observations) if family == "antmaze" else ep.observations,
-                      actions=ep.actions, rewards=ep.rewards, terminated=bool(ep.terminations[-1]))
-                 for ep in minari.load_dataset(ckpt["dataset_id"]).iterate_episodes()]
+            cache = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+            raise UserError(
+                f"the checkpoint's dataset {ckpt['dataset_id']!r} is not in the local Minari cache ({cache}); "
+                "set MINARI_DATASETS_PATH"
+            )
+        for ep in minari.load_dataset(ckpt["dataset_id"]).iterate_episodes():
+            obs = flatten_antmaze_obs(ep.observations) if family == "antmaze" else ep.observations
+            trajs.append(dict(observations=obs, actions=ep.actions, rewards=ep.rewards, terminated=bool(ep.terminations[-1])))
     if family == "antmaze":
         trajs = [t for t in trajs if len(t["rewards"]) > 1]  # as pretraining: 1-step trajectories dropped
     return [{**t, **{k: np.asarray(t[k], np.float32) for k in ("observations", "actions", "rewards")}} for t in trajs]
 
 
-# ---------------------------------------------------------------- model (a copy of pretrain_dt.py's)
+# ---------------------------------------------------------------- model
+# ---- shared: model (identical in every DT script; tests/test_shared_blocks.py) ----
+CHECKPOINT_FORMAT_VERSION = 1
+
+
 class Block(nn.Module):
     """Pre-LayerNorm transformer block; attention through `scaled_dot_product_attention`."""
 
@@ -230,8 +268,9 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(embed_dim), nn.LayerNorm(embed_dim)
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
         self.proj = nn.Linear(embed_dim, embed_dim)
-        self.mlp = nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim),
-                                 nn.Dropout(dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim), nn.Dropout(dropout)
+        )
         self.resid_drop = nn.Dropout(dropout)
 
     def forward(self, x, attn_mask):
@@ -244,10 +283,15 @@ class Block(nn.Module):
 
 
 class DecisionTransformer(nn.Module):
-    """Tokens (RTG_t, s_t, a_t) per step, no positional embedding; the s_t output is a pre-tanh Gaussian over a_t."""
+    """Tokens (RTG_t, s_t, a_t) per step, each with its own linear embedding and no positional embedding (ODT).
 
-    def __init__(self, state_dim, act_dim, embed_dim=512, n_layers=4, n_heads=4, dropout=0.1,
-                 log_std_min=-5.0, log_std_max=2.0):
+    The output at s_t parameterises a diagonal Gaussian in pre-tanh space; the action is tanh of a
+    sample (squashed Gaussian). Left padding is masked out of attention.
+    """
+
+    def __init__(
+        self, state_dim, act_dim, embed_dim=512, n_layers=4, n_heads=4, dropout=0.1, log_std_min=-5.0, log_std_max=2.0
+    ):
         super().__init__()
         self.log_std_min, self.log_std_max = log_std_min, log_std_max
         self.embed_rtg = nn.Linear(1, embed_dim)
@@ -265,12 +309,13 @@ class DecisionTransformer(nn.Module):
         B, T, _ = states.shape
         tokens = torch.stack([self.embed_rtg(rtg), self.embed_state(states), self.embed_action(actions)], dim=2)
         x = self.embed_drop(self.embed_ln(tokens.reshape(B, 3 * T, -1)))
-        real = pad_mask.repeat_interleave(3, dim=1)
+        real = pad_mask.repeat_interleave(3, dim=1)  # (B, 3T)
         causal = torch.ones(3 * T, 3 * T, dtype=torch.bool, device=x.device).tril()
+        # Keys must be real; every token may see itself so a padded query's row is never empty (no NaN).
         mask = (causal & real[:, None, :]) | torch.eye(3 * T, dtype=torch.bool, device=x.device)
         for block in self.blocks:
             x = block(x, mask[:, None])
-        h = self.ln_f(x).view(B, T, 3, -1)[:, :, 1]
+        h = self.ln_f(x).view(B, T, 3, -1)[:, :, 1]  # the state token predicts a_t
         log_std = torch.tanh(self.log_std_head(h))
         log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (log_std + 1)
         return self.mean_head(h), log_std
@@ -282,8 +327,9 @@ def squashed_gaussian(mean, log_std):
     No argument validation: it costs time every step, and a NaN must reach the loss's finiteness check.
     """
     base = Normal(mean, log_std.exp(), validate_args=False)
-    return Independent(TransformedDistribution(base, [TanhTransform(cache_size=1)], validate_args=False), 1,
-                       validate_args=False)
+    return Independent(
+        TransformedDistribution(base, [TanhTransform(cache_size=1)], validate_args=False), 1, validate_args=False
+    )
 
 
 def action_log_prob(mean, log_std, actions, margin: float):
@@ -294,36 +340,6 @@ def action_log_prob(mean, log_std, actions, margin: float):
     return squashed_gaussian(mean, log_std).log_prob(actions.clamp(-1 + margin, 1 - margin))
 
 
-def load_model(path, device="cpu", dropout: Optional[float] = None):
-    """(model, ckpt) from a pretrain_dt.py (or finetuned) checkpoint; the state dict must load strictly."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if ckpt.get("format_version") != 1:
-        raise UserError(f"{path} is not a format-1 pretrain_dt.py checkpoint")
-    cfg = {k: v for k, v in ckpt["model_config"].items() if k not in ("activation", "c_offline")}
-    model = DecisionTransformer(**{**cfg, **({} if dropout is None else {"dropout": dropout})})
-    model.load_state_dict(ckpt["state_dict"])
-    return model.to(device), ckpt
-
-
-class TwinCritic(nn.Module):
-    """Two Markovian Q-MLPs (s+a) -> h -> h -> 1, ReLU; optional non-affine LayerNorm (Yan et al., outside MuJoCo)."""
-
-    def __init__(self, state_dim, act_dim, hidden=256, layer_norm=False):
-        super().__init__()
-
-        def q_net():
-            norm = (lambda: nn.LayerNorm(hidden, elementwise_affine=False)) if layer_norm else nn.Identity
-            return nn.Sequential(nn.Linear(state_dim + act_dim, hidden), norm(), nn.ReLU(),
-                                 nn.Linear(hidden, hidden), norm(), nn.ReLU(), nn.Linear(hidden, 1))
-
-        self.q1, self.q2 = q_net(), q_net()
-
-    def forward(self, states, actions):
-        x = torch.cat([states, actions], -1)
-        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
-
-
-# ---------------------------------------------------------------- algorithm pieces
 class Lamb(torch.optim.Optimizer):
     """LAMB (You et al., 2019): Adam's step, rescaled per tensor by the trust ratio ||w|| / ||step||."""
 
@@ -351,6 +367,108 @@ class Lamb(torch.optim.Optimizer):
                 p.add_(update * trust, alpha=-lr)
 
 
+# ---- end shared: model ----
+
+
+# ---- shared: checkpoint (identical in every DT script; tests/test_shared_blocks.py) ----
+MODEL_SIZES = {
+    # Table 5's DT with ODT's pretraining schedule (meant for a GPU)
+    "paper": dict(
+        embed_dim=512,
+        n_layers=4,
+        n_heads=4,
+        batch_size=256,
+        context_len=None,
+        learning_rate=1e-4,
+        warmup_updates=1000,
+        num_updates=5000,
+    ),
+    # the README's CPU config: a 128x2 DT that pretrains in ~10 minutes on one core
+    "cpu": dict(
+        embed_dim=128,
+        n_layers=2,
+        n_heads=1,
+        batch_size=32,
+        context_len=10,
+        learning_rate=1e-3,
+        warmup_updates=150,
+        num_updates=3000,
+    ),
+}
+
+
+def default_checkpoint_path(env_id: str, dataset: str, seed: int, model_size: str = "paper") -> Path:
+    """Where pretrain_dt.py writes and every finetuning script looks first:
+    checkpoints/{env_id}__{dataset with / -> -}__s{seed}.pt, with `__cpu` before `.pt` for --model-size cpu."""
+    suffix = "" if model_size == "paper" else f"__{model_size}"
+    return Path("checkpoints") / f"{env_id}__{dataset.replace('/', '-')}__s{seed}{suffix}.pt"
+
+
+# ---- end shared: checkpoint ----
+
+
+# ---- shared: load-checkpoint (identical in every finetuning DT script; tests/test_shared_blocks.py) ----
+
+
+def load_model(path, device="cpu", dropout: float = 0.0):
+    """(DT, checkpoint dict) from a pretrain_dt.py or finetuned checkpoint; dropout is off in finetuning (Table 5)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise UserError(f"{path} is not a format-{CHECKPOINT_FORMAT_VERSION} pretrain_dt.py checkpoint")
+    config = {k: v for k, v in ckpt["model_config"].items() if k not in ("activation", "c_offline")}
+    model = DecisionTransformer(**{**config, "dropout": dropout})
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device), ckpt
+
+
+def ensure_checkpoint(args) -> Path:
+    """The pretrained checkpoint's path; runs pretrain_dt.py in a subprocess first if the file is missing."""
+    path = Path(args.checkpoint or default_checkpoint_path(args.env_id, args.dataset, args.seed, args.model_size))
+    if path.exists():
+        return path
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve().parent / "pretrain_dt.py"),
+        "--env-id",
+        args.env_id,
+        "--dataset",
+        args.dataset,
+        "--seed",
+        str(args.seed),
+        "--model-size",
+        args.model_size,
+        "--checkpoint",
+        str(path),
+    ]
+    cmd += (["--dataset-path", args.dataset_path] if args.dataset_path else []) + shlex.split(args.pretrain_extra_args)
+    print(f"checkpoint {path} not found; pretraining it: {shlex.join(cmd)}", flush=True)
+    if subprocess.run(cmd).returncode != 0 or not path.exists():
+        raise UserError(f"pretraining failed, no checkpoint at {path}: {shlex.join(cmd)}")
+    return path
+
+
+# ---- end shared: load-checkpoint ----
+
+
+class TwinCritic(nn.Module):
+    """Two Markovian Q-MLPs (s+a) -> h -> h -> 1, ReLU; optional non-affine LayerNorm (Yan et al., outside MuJoCo)."""
+
+    def __init__(self, state_dim, act_dim, hidden=256, layer_norm=False):
+        super().__init__()
+        norm = partial(nn.LayerNorm, hidden, elementwise_affine=False) if layer_norm else nn.Identity
+
+        def q_net():
+            layers = [nn.Linear(state_dim + act_dim, hidden), norm(), nn.ReLU(), nn.Linear(hidden, hidden), norm(), nn.ReLU()]
+            return nn.Sequential(*layers, nn.Linear(hidden, 1))
+
+        self.q1, self.q2 = q_net(), q_net()
+
+    def forward(self, states, actions):
+        x = torch.cat([states, actions], -1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+
+# ---------------------------------------------------------------- algorithm pieces
 def relabel_rtg(rewards: np.ndarray, rtg_scale: float) -> np.ndarray:
     """Hindsight relabeling: the RTG token at t is the achieved return from t on (suffix sum), times the RTG scale."""
     return np.cumsum(np.asarray(rewards, np.float64)[::-1])[::-1] * rtg_scale
@@ -391,18 +509,20 @@ class TrajectoryBuffer:
 def flatten_buffer(trajs, state_mean, state_std, rtg_scale, critic_reward):
     """One row per step plus one closing row per trajectory (its last observation, zero action / RTG / reward),
     so that row i + 1 is always the next step of row i. RTGs are relabeled from the achieved rewards."""
-    def close(x, fill=0.0):
-        return np.concatenate([x, np.full((1, *x.shape[1:]), fill, x.dtype)])
+
+    def close(x):
+        return np.concatenate([x, np.zeros((1, *x.shape[1:]), x.dtype)]).astype(np.float32)
 
     lengths = np.array([len(t["rewards"]) for t in trajs])
     terminal = [np.arange(n + 1) == (n - 1 if t["terminated"] else -1) for n, t in zip(lengths, trajs)]
-    return dict(
-        lengths=lengths, offsets=np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]),
-        states=((np.concatenate([t["observations"] for t in trajs]) - state_mean) / state_std).astype(np.float32),
-        actions=np.concatenate([close(t["actions"]) for t in trajs]).astype(np.float32),
-        rtg=np.concatenate([close(relabel_rtg(t["rewards"], rtg_scale)) for t in trajs]).astype(np.float32),
-        rewards=np.concatenate([close(critic_reward(t["rewards"])) for t in trajs]).astype(np.float32),
-        terminals=np.concatenate(terminal))
+    flat = dict(
+        lengths=lengths, offsets=np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]), terminals=np.concatenate(terminal)
+    )
+    flat["states"] = ((np.concatenate([t["observations"] for t in trajs]) - state_mean) / state_std).astype(np.float32)
+    flat["actions"] = np.concatenate([close(t["actions"]) for t in trajs])
+    flat["rtg"] = np.concatenate([close(relabel_rtg(t["rewards"], rtg_scale)) for t in trajs])
+    flat["rewards"] = np.concatenate([close(critic_reward(t["rewards"])) for t in trajs])
+    return flat
 
 
 def sample_segments(flat, context_len, batch_size, rng, device):
@@ -432,7 +552,7 @@ def critic_loss(critic, target_critic, target_model, batch, gamma, policy_noise,
         mean, _ = target_model(batch["next_rtg"], batch["next_states"], batch["next_actions"], batch["mask"])
         noise = (torch.randn_like(mean) * policy_noise).clamp(-noise_clip, noise_clip)
         next_a = (torch.tanh(mean) + noise).clamp(-1.0, 1.0)
-        y = td_target(batch["rewards"], batch["terminals"], *target_critic(batch["next_states"], next_a), gamma)
+        y = td_target(batch["rewards"], batch["terminals"], *target_critic(batch["next_states"], next_a), gamma=gamma)
     q1, q2 = critic(batch["states"], batch["actions"])
     loss = masked_mean((q1 - y) ** 2 + (q2 - y) ** 2, batch["mask"])
     return loss, masked_mean(q1, batch["mask"]).detach()
@@ -460,10 +580,23 @@ def actor_loss(model, critic, batch, algo, rl_coef, temperature=None, action_mar
     return loss, info
 
 
+def greedy_action(mean, log_std):
+    return torch.tanh(mean)
+
+
+def noisy_action(mean, log_std, noise: float):
+    return (torch.tanh(mean) + noise * torch.randn_like(mean)).clamp(-1.0, 1.0)
+
+
+def sampled_action(mean, log_std):
+    return squashed_gaussian(mean, log_std).sample()
+
+
 @torch.no_grad()
-def rollout(model, envs, seeds, meta, target_return, context_len, act_fn, device):
+def rollout(model, envs, seeds, meta, target_return, context_len, act_fn, device, check=None):
     """Episodes in lockstep, one batched forward per step -> trajectories (T+1 observations, `terminated` only on a
-    true termination). `act_fn(mean, log_std)` picks the action: tanh(mean), plus noise, or a squashed sample."""
+    true termination). `act_fn(mean, log_std)` picks the action: tanh(mean), plus noise, or a squashed sample;
+    `check(action=...)`, if given, sees the policy's output at every step before."""
     model.eval()
     n, K, scale = len(envs), context_len, meta["rtg_scale"]
     obs = np.stack([env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)]).astype(np.float32)
@@ -480,48 +613,199 @@ def rollout(model, envs, seeds, meta, target_return, context_len, act_fn, device
         states[:, -1] = (torch.as_tensor(obs, device=device) - meta["state_mean"]) / meta["state_std"]
         rtg[:, -1, 0], actions[:, -1], mask[:, -1] = target, 0.0, True
         mean, log_std = model(rtg, states, actions, mask)
+        if check is not None:
+            check(action=mean[:, -1] + log_std[:, -1])  # before sampling: a NaN scale would crash torch.normal
         actions[:, -1] = act_fn(mean[:, -1], log_std[:, -1])
         act_np = actions[:, -1].cpu().numpy()
         for i in np.flatnonzero(alive):
             o, r, term, trunc, _ = envs[i].step(act_np[i])
             obs[i] = o
             t = trajs[i]
-            t["observations"].append(obs[i].copy()), t["actions"].append(act_np[i]), t["rewards"].append(float(r))
+            t["observations"].append(obs[i].copy())
+            t["actions"].append(act_np[i])
+            t["rewards"].append(float(r))
             target[i] -= r * scale
             alive[i], t["terminated"] = not (term or trunc), bool(term)
     model.train()
     return [{**t, **{k: np.asarray(t[k], np.float32) for k in ("observations", "actions", "rewards")}} for t in trajs]
 
 
-def save_checkpoint(path: Path, payload: dict):
-    """Atomic write: a crash mid-save never leaves a truncated checkpoint behind."""
+def warmup_factor(update: int, warmup_updates: int) -> float:
+    """The linear lr warm-up factor of the fresh LAMB state."""
+    return min(1.0, (update + 1) / max(1, warmup_updates))
+
+
+class Learner:
+    """The DT, its target, the critic pair, their optimisers, log(kappa) (ODT's temperature), the replay buffer, the
+    sampling rng and the counters: what the updates change and --resume restores."""
+
+    STATEFUL = ("optimizer", "scheduler", "temperature_opt", "critic", "critic_opt", "target_model", "target_critic")
+
+    def __init__(self, args: Args, model: DecisionTransformer, ckpt: dict, device):
+        self.args, self.ckpt, self.device, self.model = args, ckpt, device, model
+        self.td3, self.K = args.algo == "odt_td3", args.context_len or ckpt["model_config"]["c_offline"]
+        self.rl_coef, self.margin = args.rl_coef if self.td3 else 0.0, ckpt.get("action_margin", 1e-6)
+        self.log_temperature = torch.tensor(float(ckpt["log_temperature"]), device=device, requires_grad=True)
+        self.optimizer = Lamb(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+        warmup = partial(warmup_factor, warmup_updates=args.warmup_updates)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup)
+        self.temperature_opt = torch.optim.Adam([self.log_temperature], lr=args.kappa_lr)
+        state_dim, act_dim = ckpt["model_config"]["state_dim"], ckpt["model_config"]["act_dim"]
+        self.critic = TwinCritic(state_dim, act_dim, hidden=args.critic_hidden, layer_norm=args.critic_layer_norm).to(device)
+        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=args.critic_lr)
+        self.target_model = copy.deepcopy(model).requires_grad_(False)
+        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.buffer, self.rng = TrajectoryBuffer([], args.replay_size), np.random.default_rng(args.seed)
+        self.reward_fn = partial(critic_reward, env_family(args.env_id)[1])
+        self.iteration = self.env_steps = self.grad_updates = 0
+
+    def update(self, n_crit: int, n_act: int) -> dict:
+        """n_crit critic and n_act actor updates over the same batches (the actor on every n_crit/n_act-th batch)."""
+        mean, std = self.ckpt["state_mean"].numpy(), self.ckpt["state_std"].numpy()
+        flat = flatten_buffer(self.buffer.trajs, mean, std, rtg_scale=self.ckpt["rtg_scale"], critic_reward=self.reward_fn)
+        stats, n = {}, max(n_crit, n_act)
+        for i in range(n):
+            batch = sample_segments(flat, self.K, self.args.n_batch, self.rng, self.device)
+            logs = {}
+            if i < n_crit:
+                logs["critic_loss"], logs["q_values"] = self.critic_step(batch)
+            if (i + 1) * n_act // n > i * n_act // n:
+                logs.update(self.actor_step(batch))
+            for k, v in logs.items():
+                stats.setdefault(k, []).append(v.detach())
+        return {k: torch.stack(v).mean().item() for k, v in stats.items()}
+
+    def critic_step(self, batch):
+        args = self.args
+        noise = dict(policy_noise=args.policy_noise, noise_clip=args.noise_clip)
+        loss, q = critic_loss(self.critic, self.target_critic, self.target_model, batch, gamma=args.gamma, **noise)
+        self.critic_opt.zero_grad()
+        loss.backward()
+        self.critic_opt.step()
+        polyak_update(self.target_critic, self.critic, args.tau)
+        self.grad_updates += 1
+        return loss, q
+
+    def actor_step(self, batch):
+        args, critic, temperature = self.args, self.critic if self.td3 else None, self.log_temperature.exp()
+        weights = dict(rl_coef=self.rl_coef, temperature=temperature, action_margin=self.margin)
+        loss, info = actor_loss(self.model, critic, batch, algo=args.algo, **weights)
+        self.optimizer.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.td3:
+            polyak_update(self.target_model, self.model, args.tau)
+        else:  # ODT's dual step toward the target entropy
+            self.temperature_opt.zero_grad()
+            (self.log_temperature.exp() * (info["entropy"] - self.ckpt["target_entropy"]).detach()).backward()
+            self.temperature_opt.step()
+        self.grad_updates += 1
+        return info
+
+    def state_dict(self) -> dict:
+        state = {name: getattr(self, name).state_dict() for name in self.STATEFUL}
+        state.update(buffer=self.buffer.trajs, buffer_next=self.buffer.next, numpy_rng=self.rng.bit_generator.state)
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        state.update(torch_rng=torch.get_rng_state(), cuda_rng=cuda_rng, iteration=self.iteration, env_steps=self.env_steps)
+        return state | {"grad_updates": self.grad_updates, "algo": self.args.algo}
+
+    def load_state_dict(self, state: dict):
+        """What `state_dict` wrote; log(kappa) comes back with the checkpoint's `log_temperature`."""
+        for name in self.STATEFUL:
+            getattr(self, name).load_state_dict(state[name])
+        self.buffer.trajs, self.buffer.next = state["buffer"], state["buffer_next"]
+        self.rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.iteration, self.env_steps, self.grad_updates = state["iteration"], state["env_steps"], state["grad_updates"]
+
+
+# ---------------------------------------------------------------- run state
+def model_checkpoint(learner: Learner, score: float) -> dict:
+    """The finetuned DT in the pretrained checkpoint format (loadable by `load_model`), with the learned temperature."""
+    state_dict = {k: v.detach().cpu() for k, v in learner.model.state_dict().items()}
+    ckpt = {k: v for k, v in learner.ckpt.items() if k != "finetune"}
+    return ckpt | {
+        "state_dict": state_dict,
+        "log_temperature": float(learner.log_temperature.detach()),
+        "eval_normalized_score": score,
+    }
+
+
+def save_state(path: Path, learner: Learner, score: float, **extra):
+    """The run state: a DT checkpoint plus a `finetune` dict (learner state and `extra`); atomic (tmp + os.replace)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    torch.save(model_checkpoint(learner, score) | {"finetune": learner.state_dict() | extra}, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)  # a kill never leaves half a file
 
 
-def ensure_checkpoint(args: Args) -> Path:
-    """The pretrained checkpoint; made with pretrain_dt.py (a subprocess) if it does not exist yet."""
-    path = Path(args.checkpoint) if args.checkpoint else default_checkpoint_path(args.env_id, args.dataset, args.seed)
-    if not path.exists():
-        print(f"checkpoint {path} not found; pretraining it with pretrain_dt.py")
-        cmd = [sys.executable, str(Path(__file__).resolve().parent / "pretrain_dt.py"), "--env-id", args.env_id,
-               "--dataset", args.dataset, "--seed", str(args.seed), "--checkpoint", str(path)]
-        cmd += ["--dataset-path", args.dataset_path] if args.dataset_path else []
-        if subprocess.run(cmd + shlex.split(args.pretrain_extra_args)).returncode != 0 or not path.exists():
-            raise UserError(f"pretrain_dt.py failed to make {path}: {shlex.join(cmd)}")
-    return path
+def check_finite(it: int, state_path: Path, **values):
+    """Stop before a non-finite value can be saved: the last good run state on disk is left as it is."""
+    for what, x in values.items():
+        if not torch.isfinite(torch.as_tensor(x, dtype=torch.float64)).all():
+            kept = f"last good state kept at {state_path}" if state_path.exists() else "no state saved yet"
+            raise UserError(f"non-finite {what} at iteration {it}; stopped, {kept}")
 
 
-def fix_malloc_mmap_threshold():
-    """Stop glibc's RSS creep on CPU: after large frees it raises its mmap threshold, and each update's
-    activations then fragment the heap (measured: 12 updates of the 4x512 DT, 5.2 GB peak; fixed, 2.9 GB)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        except OSError:  # not glibc
-            pass
+def check_stats(it: int, state_path: Path, stats: dict):
+    """The mean losses and Q of an update phase."""
+    check_finite(it, state_path, loss=[v for k, v in stats.items() if k != "q_values"], Q=stats.get("q_values", 0.0))
+
+
+# ---------------------------------------------------------------- setup and logging
+def seed_everything(args: Args) -> torch.device:
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if args.torch_deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+
+def start_run(args: Args, resumed: Optional[dict], t0: float) -> tuple[str, Path, SummaryWriter]:
+    """The run's name (a resumed run keeps its own), its state path (printed once, for --resume) and its writer."""
+    run_name = resumed["run_name"] if resumed else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(t0)}"
+    state_path = Path(args.save_path or f"{args.runs_dir}/{run_name}/state.pt")
+    print(f"run state: {state_path} (continue with --resume {state_path})", flush=True)
+    if args.track:
+        import wandb
+
+        config = dict(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name)
+        wandb.init(**config, sync_tensorboard=True, save_code=True)
+    writer = SummaryWriter(f"{args.runs_dir}/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    return run_name, state_path, writer
+
+
+def evaluate(learner: Learner, eval_envs: list, roll: dict, writer, it: int) -> tuple[float, float]:
+    """Deterministic tanh(mean) episodes conditioned on the checkpoint's eval RTG (same seeds every iteration)."""
+    args, ckpt = learner.args, learner.ckpt
+    seeds = args.seed + 10_000 + np.arange(args.eval_episodes)
+    trajs = rollout(learner.model, eval_envs, seeds, target_return=ckpt["eval_rtg"], act_fn=greedy_action, **roll)
+    rets = np.array([t["rewards"].sum() for t in trajs])
+    score = float(np.mean(100.0 * (rets - ckpt["ref_min_score"]) / (ckpt["ref_max_score"] - ckpt["ref_min_score"])))
+    writer.add_scalar("charts/eval_return", rets.mean(), it)
+    writer.add_scalar("charts/normalized_score", score, it)
+    return score, float(rets.mean())
+
+
+def out_of_budget(args: Args, env_steps: int, t0: float) -> bool:
+    return bool(args.total_env_steps and env_steps >= args.total_env_steps) or bool(
+        args.max_seconds and time.time() - t0 >= args.max_seconds
+    )
+
+
+def make_envs(args: Args, run_name: str) -> tuple[gym.Env, list]:
+    """The training env and eval_episodes evaluation envs (the first one recorded with --capture-video)."""
+    env_kw = {} if args.max_episode_steps is None else {"max_episode_steps": args.max_episode_steps}
+    eval_envs = [make_env(args.env_id, **env_kw) for _ in range(args.eval_episodes)]
+    if args.capture_video:
+        eval_envs[0] = gym.wrappers.RecordVideo(make_env(args.env_id, render_mode="rgb_array", **env_kw), f"videos/{run_name}")
+    return make_env(args.env_id, **env_kw), eval_envs
 
 
 # ---------------------------------------------------------------- main
@@ -529,22 +813,13 @@ def main(args: Args):
     fix_malloc_mmap_threshold()
     if args.algo not in ALGOS:
         raise UserError(f"unknown --algo {args.algo!r}; choose one of {', '.join(ALGOS)}")
-    family, key = env_family(args.env_id)
-    if min(args.batch_size, args.eval_episodes, args.replay_size, args.eval_context_len) < 1:
-        raise UserError("--batch-size, --eval-episodes, --replay-size and --eval-context-len must be at least 1")
-    td3 = args.algo == "odt_td3"
-    rl_coef = args.rl_coef if td3 else 0.0
+    args = apply_presets(args)
+    if min(args.n_batch, args.eval_episodes, args.replay_size, args.c_online) < 1:
+        raise UserError("--n-batch, --eval-episodes, --replay-size and --c-online must be at least 1")
     t_launch = time.time()  # --max-seconds counts from here, critic pretraining included
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(t_launch)}"
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    if args.torch_deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    device = seed_everything(args)
 
-    # Checkpoint, model and the per-family defaults
+    # Checkpoint (or the run state to resume), the learner and the replay buffer
     ckpt_path = Path(args.resume) if args.resume else ensure_checkpoint(args)
     model, ckpt = load_model(ckpt_path, device, dropout=args.dropout)
     resumed = ckpt.get("finetune") if args.resume else None
@@ -552,162 +827,80 @@ def main(args: Args):
         raise UserError(f"--resume {args.resume} is not a {args.algo} {args.env_id} checkpoint of odt_td3.py")
     if ckpt["env_id"] != args.env_id:
         raise UserError(f"checkpoint {ckpt_path} is for {ckpt['env_id']}, not --env-id {args.env_id}")
-    K = args.context_len or ckpt["model_config"]["c_offline"]
-    K_eval = args.eval_context_len
-    n_critic = (600 if family == "mujoco" else 300) if args.critic_updates is None else args.critic_updates
-    n_critic = n_critic if td3 else 0
-    gamma = args.gamma if args.gamma is not None else (0.998 if family == "antmaze" else 0.99)
-    online_rtg = args.online_rtg if args.online_rtg is not None else ONLINE_RTG[key]
-    ref_min, ref_max = ckpt["ref_min_score"], ckpt["ref_max_score"]
-    meta = dict(rtg_scale=ckpt["rtg_scale"], state_mean=ckpt["state_mean"].to(device),
-                state_std=ckpt["state_std"].to(device))
-    state_dim, act_dim = ckpt["model_config"]["state_dim"], ckpt["model_config"]["act_dim"]
-    log_temperature = torch.tensor(float(ckpt["log_temperature"]), device=device, requires_grad=True)
-
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
-                   sync_tensorboard=True, save_code=True)
-    writer = SummaryWriter(f"{args.runs_dir}/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    env_kw = {} if args.max_episode_steps is None else {"max_episode_steps": args.max_episode_steps}
-    video = {"render_mode": "rgb_array"} if args.capture_video else {}
-    eval_envs = [make_env(args.env_id, **env_kw, **(video if i == 0 else {})) for i in range(args.eval_episodes)]
-    if args.capture_video:
-        eval_envs[0] = gym.wrappers.RecordVideo(eval_envs[0], f"videos/{run_name}")
-    train_env = make_env(args.env_id, **env_kw)
-
-    def evaluate(iteration):
-        trajs = rollout(model, eval_envs, args.seed + 10_000 + np.arange(args.eval_episodes), meta, ckpt["eval_rtg"],
-                        K_eval, lambda m, s: torch.tanh(m), device)
-        rets = np.array([t["rewards"].sum() for t in trajs])
-        score = float(np.mean(100.0 * (rets - ref_min) / (ref_max - ref_min)))
-        writer.add_scalar("charts/eval_return", rets.mean(), iteration)
-        writer.add_scalar("charts/normalized_score", score, iteration)
-        return score, float(rets.mean())
+    run_name, state_path, writer = start_run(args, resumed, t_launch)
+    train_env, eval_envs = make_envs(args, run_name)
+    meta = dict(rtg_scale=ckpt["rtg_scale"], state_mean=ckpt["state_mean"].to(device), state_std=ckpt["state_std"].to(device))
+    roll = dict(meta=meta, context_len=args.c_online, device=device)
 
     # Iteration 0: the loaded checkpoint, before any update
-    history = []
+    learner, history = Learner(args, model, ckpt, device), []
     if resumed is None:
-        score, ret = evaluate(0)
+        score, ret = evaluate(learner, eval_envs, roll, writer, it=0)
         history.append(dict(iteration=0, normalized_score=score, eval_return=ret))
         print(f"iteration 0 (pretrained checkpoint {ckpt_path}): return {ret:.1f}, normalized score {score:.1f}")
         if args.num_iterations == 0:
             writer.close()
             return history
-
-    # Optimisers, targets, replay
-    optimizer = Lamb(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / max(1, args.warmup_updates)))
-    temperature_opt = torch.optim.Adam([log_temperature], lr=args.temperature_lr)
-    critic = TwinCritic(state_dim, act_dim, args.critic_hidden, family != "mujoco" if args.critic_layer_norm is None
-                        else args.critic_layer_norm).to(device)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.critic_lr or (1e-3 if family == "mujoco" else 2e-4))
-    target_model, target_critic = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(critic).requires_grad_(False)
-    stateful = dict(optimizer=optimizer, scheduler=scheduler, temperature_opt=temperature_opt, critic=critic,
-                    critic_opt=critic_opt, target_model=target_model, target_critic=target_critic)
-    rng = np.random.default_rng(args.seed)
-    reward_fn = CRITIC_REWARD.get(key, lambda r: r)
-    flat_of = lambda trajs: flatten_buffer(trajs, ckpt["state_mean"].numpy(), ckpt["state_std"].numpy(),  # noqa: E731
-                                           meta["rtg_scale"], reward_fn)
-    start_it, env_steps, grad_updates = 1, 0, 0
-    if resumed is None:
-        buffer = TrajectoryBuffer(load_offline_trajectories(ckpt), args.replay_size)
+        learner.buffer = TrajectoryBuffer(load_offline_trajectories(ckpt), args.replay_size)
     else:
-        buffer = TrajectoryBuffer([], args.replay_size)
-        buffer.trajs, buffer.next = resumed["buffer"], resumed["buffer_next"]
-        for name, obj in stateful.items():
-            obj.load_state_dict(resumed[name])
-        rng.bit_generator.state, start_it = resumed["numpy_rng"], resumed["iteration"] + 1
-        torch.set_rng_state(resumed["torch_rng"])
-        env_steps, grad_updates = resumed["env_steps"], resumed["grad_updates"]
-    if len(buffer.trajs) and buffer.trajs[0]["observations"].shape[1] != state_dim:
-        raise UserError(f"the offline data has state dim {buffer.trajs[0]['observations'].shape[1]}, the model {state_dim}")
+        learner.load_state_dict(resumed)
+    state_dim = ckpt["model_config"]["state_dim"]
+    data_dim = learner.buffer.trajs[0]["observations"].shape[1] if learner.buffer.trajs else state_dim
+    if data_dim != state_dim:
+        raise UserError(f"the offline data has state dim {data_dim}, the model {state_dim}")
 
-    def update_phase(flat, n_crit, n_act):
-        """n_crit critic and n_act actor updates over the same batches (the actor on every n_crit/n_act-th batch)."""
-        nonlocal grad_updates
-        stats, n = {}, max(n_crit, n_act)
-        for i in range(n):
-            batch = sample_segments(flat, K, args.batch_size, rng, device)
-            logs = {}
-            if i < n_crit:
-                logs["critic_loss"], logs["q_values"] = critic_loss(critic, target_critic, target_model, batch, gamma,
-                                                                    args.policy_noise, args.noise_clip)
-                critic_opt.zero_grad()
-                logs["critic_loss"].backward()
-                critic_opt.step()
-                polyak_update(target_critic, critic, args.tau)
-                grad_updates += 1
-            if (i + 1) * n_act // n > i * n_act // n:
-                loss, info = actor_loss(model, critic if td3 else None, batch, args.algo, rl_coef, log_temperature.exp(),
-                                        action_margin=ckpt.get("action_margin", 1e-6))
-                optimizer.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                if td3:
-                    polyak_update(target_model, model, args.tau)
-                else:  # ODT's dual step toward the target entropy
-                    temperature_opt.zero_grad()
-                    (log_temperature.exp() * (info["entropy"] - ckpt["target_entropy"]).detach()).backward()
-                    temperature_opt.step()
-                logs.update(info)
-                grad_updates += 1
-            for k, v in logs.items():
-                stats.setdefault(k, []).append(v.detach())
-        return {k: torch.stack(v).mean().item() for k, v in stats.items()}
-
-    # Critic pretraining on the offline data (the DT is frozen: it has already been pretrained)
-    if resumed is None and td3 and args.critic_pretrain_updates > 0:
+    # ALGO LOGIC: critic pretraining on the offline data (the DT is frozen: it has already been pretrained)
+    if resumed is None and learner.td3 and args.critic_pretrain_updates > 0:
         t0 = time.time()
-        stats = update_phase(flat_of(buffer.trajs), args.critic_pretrain_updates, 0)
-        print(f"critic pretraining: {args.critic_pretrain_updates} updates in {time.time() - t0:.0f}s, "
-              f"critic loss {stats['critic_loss']:.3f}, Q {stats['q_values']:.1f}")
+        stats = learner.update(args.critic_pretrain_updates, 0)
+        check_stats(0, state_path, stats)
+        took = f"{args.critic_pretrain_updates} updates in {time.time() - t0:.0f}s"
+        print(f"critic pretraining: {took}, critic loss {stats['critic_loss']:.3f}, Q {stats['q_values']:.1f}")
 
-    explore = ((lambda m, s: (torch.tanh(m) + args.explore_noise * torch.randn_like(m)).clamp(-1.0, 1.0)) if td3
-               else (lambda m, s: squashed_gaussian(m, s).sample()))
-    save_path = Path(args.save_path or f"checkpoints/{args.env_id}__{args.exp_name}__{args.algo}__s{args.seed}.pt")
-    start, steps_at_start, it = time.time(), env_steps, start_it - 1
-    pbar = tqdm(range(start_it, args.num_iterations + 1), desc=args.algo, initial=start_it - 1, total=args.num_iterations)
+    explore = partial(noisy_action, noise=args.explore_noise) if learner.td3 else sampled_action
+    n_critic = args.critic_updates if learner.td3 else 0
+    start, steps_at_start, it = time.time(), learner.env_steps, learner.iteration
+    pbar = tqdm(range(it + 1, args.num_iterations + 1), desc=args.algo, initial=it, total=args.num_iterations)
     for it in pbar:
-        # Rollout with exploration into the FIFO buffer
-        traj = rollout(model, [train_env], [args.seed + it], meta, online_rtg, K_eval, explore, device)[0]
-        buffer.add(traj)
-        env_steps += len(traj["rewards"])
+        # ALGO LOGIC: a rollout with exploration into the FIFO buffer
+        check = partial(check_finite, it, state_path)
+        (traj,) = rollout(
+            model, [train_env], [args.seed + it], target_return=args.g_online, act_fn=explore, check=check, **roll
+        )
+        learner.buffer.add(traj)
+        learner.env_steps += len(traj["rewards"])
 
-        # Updates on relabeled segments
-        t0, u0 = time.time(), grad_updates
-        stats = update_phase(flat_of(buffer.trajs), n_critic, args.actor_updates)
-        updates_per_s = (grad_updates - u0) / (time.time() - t0)
+        # ALGO LOGIC: critic and actor updates on relabeled segments
+        t0, u0 = time.time(), learner.grad_updates
+        stats = learner.update(n_critic, args.actor_updates)
+        updates_per_s = (learner.grad_updates - u0) / (time.time() - t0)
+        check_stats(it, state_path, stats)
+        learner.iteration = it
 
         # Evaluation and logging
-        score, ret = evaluate(it)
-        row = dict(episodic_return=float(traj["rewards"].sum()), env_steps=env_steps, grad_updates=grad_updates,
-                   SPS=(env_steps - steps_at_start) / (time.time() - start), updates_per_s=updates_per_s,
-                   learning_rate=scheduler.get_last_lr()[0])
-        stats.update(alpha=rl_coef, temperature=log_temperature.exp().item())
+        score, ret = evaluate(learner, eval_envs, roll, writer, it=it)
+        sps = (learner.env_steps - steps_at_start) / (time.time() - start)
+        row = dict(
+            episodic_return=float(traj["rewards"].sum()), env_steps=learner.env_steps, grad_updates=learner.grad_updates
+        )
+        row.update(SPS=sps, updates_per_s=updates_per_s, learning_rate=learner.scheduler.get_last_lr()[0])
+        stats.update(alpha=learner.rl_coef, temperature=learner.log_temperature.exp().item())
         for k, v in [*(("charts/" + k, v) for k, v in row.items()), *(("losses/" + k, v) for k, v in stats.items())]:
             writer.add_scalar(k, v, it)
         history.append(dict(iteration=it, normalized_score=score, eval_return=ret, **row, **stats))
         pbar.set_postfix(score=f"{score:.1f}", ret=f"{row['episodic_return']:.0f}", sup=f"{stats['sup_loss']:.3f}")
 
-        done = (it == args.num_iterations or (args.total_env_steps and env_steps >= args.total_env_steps)
-                or (args.max_seconds and time.time() - t_launch >= args.max_seconds))
+        done = it == args.num_iterations or out_of_budget(args, learner.env_steps, t_launch)
         if args.save_every and (done or it % args.save_every == 0):
-            finetune = dict(algo=args.algo, iteration=it, args=asdict(args), buffer=buffer.trajs, buffer_next=buffer.next,
-                            env_steps=env_steps, grad_updates=grad_updates, numpy_rng=rng.bit_generator.state,
-                            torch_rng=torch.get_rng_state(), **{k: obj.state_dict() for k, obj in stateful.items()})
-            save_checkpoint(save_path, {**ckpt, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                                        "log_temperature": float(log_temperature.detach()), "eval_normalized_score": score,
-                                        "num_updates": ckpt["num_updates"], "finetune": finetune})
+            save_state(state_path, learner, score, run_name=run_name, args=asdict(args))
         if done:
             break
     writer.close()
     if history:
-        print(f"finished at iteration {it}: normalized score {history[-1]['normalized_score']:.1f}, {env_steps} env steps")
+        score = history[-1]["normalized_score"]
+        print(f"finished at iteration {it}: normalized score {score:.1f}, {learner.env_steps} env steps")
+    if args.save_model and history:
+        torch.save(model_checkpoint(learner, score), f"{args.runs_dir}/{run_name}/{args.exp_name}.pt")
     return history
 
 

@@ -2,10 +2,9 @@
 
 Paper: "Online Finetuning Decision Transformers with Pure RL Gradients" (Luo & Zhu), Section 3.3.2,
 Appendix B.1-B.2, Algorithm 2, Eqs. 4-6, Tables 5 and 7. Each iteration rolls out K_PPO trajectories
-conditioned on g_online (one batched policy forward per step), keeps their RTG tokens and log-probs
-exactly as used at rollout, computes GAE per step with an MLP value network, and maximises the
-token-level clipped PPO objective minus beta x KL to a slowly refreshed reference policy plus
-kappa x entropy (kappa a dual variable toward -dim(A)) on sub-trajectories sampled from a FIFO buffer.
+conditioned on g_online, keeps their RTG tokens and log-probs exactly as used at rollout, computes GAE with an
+MLP value network, and maximises the token-level clipped PPO objective minus kl_coef x KL to a slowly refreshed
+reference policy plus kappa x entropy (kappa a dual variable toward -dim(A)) on sub-trajectories of a FIFO buffer.
 
 Example (offline; pretrains the checkpoint first if it is missing):
     MINARI_DATASETS_PATH=$(realpath ../shared/datasets) \
@@ -21,9 +20,10 @@ import subprocess
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -38,16 +38,15 @@ from tqdm import tqdm
 
 @dataclass
 class Args:
+    # ---- shared: args-header (identical in every script; tests/test_shared_blocks.py) ----
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
-    """seed of the experiment (python, numpy, torch, env resets; also picks the default checkpoint)"""
+    """seed of the experiment (python, numpy, torch, env resets and action sampling)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms"""
     cuda: bool = True
     """if toggled, cuda is used when available"""
-    torch_threads: int = 0
-    """CPU threads for torch (0: torch's default); 1 is much faster for small models on a busy CPU"""
     track: bool = False
     """if toggled, log to Weights and Biases (wandb is imported only then)"""
     wandb_project_name: str = "grpo-dt"
@@ -55,22 +54,24 @@ class Args:
     wandb_entity: Optional[str] = None
     """the wandb entity (team)"""
     capture_video: bool = False
-    """if toggled, record videos of the first evaluation episode to `videos/{run_name}`"""
+    """if toggled, record the first evaluation episode of every evaluation to `videos/{run_name}`"""
     runs_dir: str = "runs"
     """TensorBoard root; the run logs to `{runs_dir}/{run_name}`"""
-
     env_id: str = "Hopper-v4"
     """gymnasium id: Hopper/Walker2d/Ant/HalfCheetah-v4/v5, AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4/v5"""
     dataset: str = "medium"
-    """pretraining dataset (short name or Minari id); picks the default checkpoint and the Table 7 row by its
-    last part without version (local/hopper/medium-v0 -> medium); names without a row (e.g. expert) get
-    the MuJoCo "medium", Adroit "human" or AntMaze "umaze" row"""
+    """a paper short name (medium, medium-replay, random, expert, human, cloned, umaze, umaze-diverse) or a Minari id"""
     dataset_path: Optional[str] = None
-    """D4RL HDF5 file handed to pretrain_dt.py when the checkpoint has to be made"""
+    """a D4RL-format HDF5 file (observations, actions, rewards, terminals, timeouts); overrides the Minari lookup"""
+    # ---- end shared: args-header ----
     checkpoint: Optional[str] = None
-    """pretrained checkpoint; default `checkpoints/{env_id}__{dataset}__s{seed}.pt`, pretrained if missing"""
+    """pretrained checkpoint; default `checkpoints/{env_id}__{dataset}__s{seed}[__cpu].pt`, pretrained if missing"""
+    model_size: Literal["paper", "cpu"] = "paper"
+    """size of the DT that pretrain_dt.py makes when the checkpoint is missing"""
     pretrain_extra_args: str = ""
     """extra pretrain_dt.py flags (one shell-quoted string) used when the checkpoint has to be made"""
+    torch_threads: int = 0
+    """CPU threads for torch (0: torch's default); 1 is much faster for small models on a busy CPU"""
 
     num_iterations: int = 100
     """outer iterations of Algorithm 2 (0: evaluate the checkpoint and exit)"""
@@ -80,16 +81,18 @@ class Args:
     """stop after the iteration at which wall-clock seconds reach this (0: no budget)"""
     eval_episodes: int = 10
     """deterministic tanh(mean) evaluation episodes per iteration, stepped as one batch"""
-    save_every: int = 0
-    """write the finetuned checkpoint every this many iterations (and at the end); 0: never"""
+    save_every: int = 5
+    """write the run state every this many iterations and at the end (0: never)"""
     save_path: Optional[str] = None
-    """where --save-every writes; default `checkpoints/{run_name}.pt`"""
+    """where the run state goes; default `{runs_dir}/{run_name}/state.pt`"""
+    save_model: bool = False
+    """if toggled, also write the finetuned DT as a checkpoint to `{runs_dir}/{run_name}/{exp_name}.pt` at the end"""
     resume: Optional[str] = None
-    """a checkpoint written by --save-every: continue that run from its next iteration"""
+    """a run state written by --save-every: continue that run bit-exactly from its next iteration"""
     max_episode_steps: Optional[int] = None
     """cap on episode length (a time-limit truncation, bootstrapped); default the env's own limit"""
 
-    # Table 7 (None: the --dataset row; HalfCheetah, absent from Table 7, uses MuJoCo medium with g_online 12000)
+    # Table 7 (None: the --dataset row, see `apply_presets`)
     n_batch: Optional[int] = None
     """sub-trajectories per gradient update (Table 7: 256 MuJoCo/AntMaze, 512 Adroit)"""
     c_online: Optional[int] = None
@@ -100,14 +103,14 @@ class Args:
     """initial RTG of training rollouts, raw reward units (Table 7: 7200 Hopper, 3000 Door, ...)"""
     k_ppo: Optional[int] = None
     """trajectories rolled out per iteration (Table 7: 8, 16 Door/Hammer)"""
-    lr_policy: Optional[float] = None
+    learning_rate: Optional[float] = None
     """LAMB learning rate of the DT (Table 7: 5e-5 MuJoCo/AntMaze, 3e-5 Adroit)"""
     lr_value: Optional[float] = None
     """AdamW learning rate of the value MLP (Table 7: 1e-3 MuJoCo/AntMaze, 2e-4 Adroit)"""
     kappa_initial: Optional[float] = None
     """initial entropy dual variable (Table 7)"""
 
-    updates_per_iteration: int = 8
+    updates_per_iter: int = 8
     """gradient updates per iteration, each on n_batch sub-trajectories (Sec. 4.2: "8 x 256")"""
     clip_coef: float = 0.2
     """PPO ratio clip epsilon (Table 7)"""
@@ -115,8 +118,8 @@ class Args:
     """GAE discount (Table 7)"""
     gae_lambda: float = 0.95
     """GAE lambda (Table 7)"""
-    beta: float = 1e-3
-    """coefficient of KL(pi || pi_ref) (Table 5)"""
+    kl_coef: float = 1e-3
+    """coefficient of KL(pi || pi_ref) (Table 5's beta)"""
     ref_update_every: int = 4
     """copy the policy into the reference policy every this many updates (as GRPO-DT)"""
     buffer_factor: int = 4
@@ -141,30 +144,15 @@ class Args:
     """the value MLP outputs V / value_scale; default eval_rtg / horizon x min(horizon, 1/(1-gamma))"""
 
 
+# ---------------------------------------------------------------- envs
+# ---- shared: envs (identical in every script; tests/test_shared_blocks.py) ----
 class UserError(Exception):
     """Bad input: printed as one line, never as a traceback."""
 
 
-# ---------------------------------------------------------------- envs
 MUJOCO_ENVS = {"Hopper": "hopper", "Walker2d": "walker2d", "Ant": "ant", "HalfCheetah": "halfcheetah"}
 ADROIT_ENVS = {"AdroitHandDoor": "door", "AdroitHandHammer": "hammer", "AdroitHandPen": "pen"}
 SUPPORTED = "MuJoCo Hopper/Walker2d/Ant/HalfCheetah-v4|v5, Adroit AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4|v5"
-# Table 7: (n_batch, c_online, g_online, K_PPO, lr_policy, lr_value, kappa_initial) per (env key, dataset kind).
-TABLE7 = {
-    ("hopper", "medium"): (256, 1, 7200, 8, 5e-5, 1e-3, 0.02),
-    ("hopper", "random"): (256, 1, 7200, 8, 5e-5, 1e-3, 0.04),
-    ("walker2d", "medium"): (256, 1, 10000, 8, 5e-5, 1e-3, 0.02),
-    ("walker2d", "random"): (256, 1, 10000, 8, 5e-5, 1e-3, 0.20),
-    ("ant", "medium"): (256, 1, 12000, 8, 5e-5, 1e-3, 0.02),
-    ("ant", "random"): (256, 1, 12000, 8, 5e-5, 1e-3, 0.02),
-    ("halfcheetah", "medium"): (256, 1, 12000, 8, 5e-5, 1e-3, 0.02),  # not in Table 7: 2x ODT's eval RTG 6000
-    ("door", "human"): (512, 1, 3000, 16, 3e-5, 2e-4, 0.002),
-    ("pen", "human"): (512, 1, 6000, 8, 3e-5, 2e-4, 0.04),
-    ("hammer", "human"): (512, 5, 4000, 16, 3e-5, 2e-4, 0.005),
-    ("antmaze", "umaze"): (256, 1, 2, 8, 5e-5, 1e-3, 0.02),
-    ("antmaze", "umaze-diverse"): (256, 5, 2, 8, 5e-5, 1e-3, 0.02),
-}
-FAMILY_DEFAULT_KIND = {"mujoco": "medium", "adroit": "human", "antmaze": "umaze"}
 
 
 def env_family(env_id: str) -> tuple[str, str]:
@@ -185,6 +173,7 @@ def flatten_antmaze_obs(obs: dict) -> np.ndarray:
 
 
 def make_env(env_id: str, **kwargs) -> gym.Env:
+    """`gym.make`, registering gymnasium-robotics for Adroit and AntMaze, with AntMaze's dict observation flattened."""
     family, _ = env_family(env_id)
     if family != "mujoco":
         import gymnasium_robotics  # registers Adroit and AntMaze; only needed for them
@@ -199,21 +188,56 @@ def make_env(env_id: str, **kwargs) -> gym.Env:
     return env
 
 
-def default_checkpoint_path(env_id: str, dataset: str, seed: int) -> Path:
-    """The path every finetuning script looks at first: checkpoints/{env_id}__{dataset with / -> -}__s{seed}.pt"""
-    return Path("checkpoints") / f"{env_id}__{dataset.replace('/', '-')}__s{seed}.pt"
+def fix_malloc_mmap_threshold():
+    """Stop glibc's RSS creep on CPU: after large frees it raises its mmap threshold, and each update's
+    activations then fragment the heap (the 4x512 DT grew to 14 GB in 22 updates; fixed, it stays at 1.2 GB)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        except OSError:  # not glibc
+            pass
 
 
-def table7_preset(env_id: str, dataset: str) -> dict:
-    """The Table 7 row for env + dataset; a dataset name without its own row gets the family's default row."""
-    family, key = env_family(env_id)
-    kind = dataset.rstrip("/").rsplit("/", 1)[-1].split("-v")[0]  # "mujoco/hopper/random-v0" -> "random"
-    # Rows only differ for random (MuJoCo) and umaze-diverse: medium-replay, cloned, expert... share the default row.
+# ---- end shared: envs ----
+
+
+# Table 7: (n_batch, c_online, g_online, k_ppo, learning_rate, lr_value, kappa_initial) per (env key, dataset kind).
+TABLE7 = {
+    ("hopper", "medium"): (256, 1, 7200, 8, 5e-5, 1e-3, 0.02),
+    ("hopper", "random"): (256, 1, 7200, 8, 5e-5, 1e-3, 0.04),
+    ("walker2d", "medium"): (256, 1, 10000, 8, 5e-5, 1e-3, 0.02),
+    ("walker2d", "random"): (256, 1, 10000, 8, 5e-5, 1e-3, 0.20),
+    ("ant", "medium"): (256, 1, 12000, 8, 5e-5, 1e-3, 0.02),
+    ("ant", "random"): (256, 1, 12000, 8, 5e-5, 1e-3, 0.02),
+    ("halfcheetah", "medium"): (256, 1, 12000, 8, 5e-5, 1e-3, 0.02),  # not in Table 7: 2x ODT's eval RTG 6000
+    ("door", "human"): (512, 1, 3000, 16, 3e-5, 2e-4, 0.002),
+    ("pen", "human"): (512, 1, 6000, 8, 3e-5, 2e-4, 0.04),
+    ("hammer", "human"): (512, 5, 4000, 16, 3e-5, 2e-4, 0.005),
+    ("antmaze", "umaze"): (256, 1, 2, 8, 5e-5, 1e-3, 0.02),
+    ("antmaze", "umaze-diverse"): (256, 5, 2, 8, 5e-5, 1e-3, 0.02),
+}
+FAMILY_DEFAULT_KIND = {"mujoco": "medium", "adroit": "human", "antmaze": "umaze"}
+
+
+def apply_presets(args: Args) -> Args:
+    """A copy of args with every Table 7 field left at None set from the --dataset row, and c_train from c_online.
+
+    The row is picked by the dataset's last part without version (local/hopper/medium-v0 -> medium); names without
+    a row of their own (medium-replay, expert, ...) get the MuJoCo "medium", Adroit "human" or AntMaze "umaze" row.
+    HalfCheetah, absent from Table 7, uses MuJoCo medium with g_online 12000."""
+    family, key = env_family(args.env_id)
+    kind = args.dataset.rstrip("/").rsplit("/", 1)[-1].split("-v")[0]
     row = TABLE7.get((key, kind)) or TABLE7[(key, FAMILY_DEFAULT_KIND[family])]
-    return dict(zip(("n_batch", "c_online", "g_online", "k_ppo", "lr_policy", "lr_value", "kappa_initial"), row))
+    names = ("n_batch", "c_online", "g_online", "k_ppo", "learning_rate", "lr_value", "kappa_initial")
+    args = replace(args, **{k: v for k, v in zip(names, row) if getattr(args, k) is None})
+    return replace(args, c_train=args.c_train or args.c_online)
 
 
-# ---------------------------------------------------------------- model (a copy of pretrain_dt.py's)
+# ---------------------------------------------------------------- model
+# ---- shared: model (identical in every DT script; tests/test_shared_blocks.py) ----
+CHECKPOINT_FORMAT_VERSION = 1
+
+
 class Block(nn.Module):
     """Pre-LayerNorm transformer block; attention through `scaled_dot_product_attention`."""
 
@@ -223,8 +247,9 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(embed_dim), nn.LayerNorm(embed_dim)
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
         self.proj = nn.Linear(embed_dim, embed_dim)
-        self.mlp = nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim),
-                                 nn.Dropout(dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim), nn.Dropout(dropout)
+        )
         self.resid_drop = nn.Dropout(dropout)
 
     def forward(self, x, attn_mask):
@@ -237,10 +262,15 @@ class Block(nn.Module):
 
 
 class DecisionTransformer(nn.Module):
-    """(RTG, state, action) tokens, no positional embedding (ODT); the state token predicts the action."""
+    """Tokens (RTG_t, s_t, a_t) per step, each with its own linear embedding and no positional embedding (ODT).
 
-    def __init__(self, state_dim, act_dim, embed_dim=512, n_layers=4, n_heads=4, dropout=0.1,
-                 log_std_min=-5.0, log_std_max=2.0):
+    The output at s_t parameterises a diagonal Gaussian in pre-tanh space; the action is tanh of a
+    sample (squashed Gaussian). Left padding is masked out of attention.
+    """
+
+    def __init__(
+        self, state_dim, act_dim, embed_dim=512, n_layers=4, n_heads=4, dropout=0.1, log_std_min=-5.0, log_std_max=2.0
+    ):
         super().__init__()
         self.log_std_min, self.log_std_max = log_std_min, log_std_max
         self.embed_rtg = nn.Linear(1, embed_dim)
@@ -276,8 +306,9 @@ def squashed_gaussian(mean, log_std):
     No argument validation: it costs time every step, and a NaN must reach the loss's finiteness check.
     """
     base = Normal(mean, log_std.exp(), validate_args=False)
-    return Independent(TransformedDistribution(base, [TanhTransform(cache_size=1)], validate_args=False), 1,
-                       validate_args=False)
+    return Independent(
+        TransformedDistribution(base, [TanhTransform(cache_size=1)], validate_args=False), 1, validate_args=False
+    )
 
 
 def action_log_prob(mean, log_std, actions, margin: float):
@@ -315,44 +346,102 @@ class Lamb(torch.optim.Optimizer):
                 p.add_(update * trust, alpha=-lr)
 
 
+# ---- end shared: model ----
+
+
+# ---- shared: checkpoint (identical in every DT script; tests/test_shared_blocks.py) ----
+MODEL_SIZES = {
+    # Table 5's DT with ODT's pretraining schedule (meant for a GPU)
+    "paper": dict(
+        embed_dim=512,
+        n_layers=4,
+        n_heads=4,
+        batch_size=256,
+        context_len=None,
+        learning_rate=1e-4,
+        warmup_updates=1000,
+        num_updates=5000,
+    ),
+    # the README's CPU config: a 128x2 DT that pretrains in ~10 minutes on one core
+    "cpu": dict(
+        embed_dim=128,
+        n_layers=2,
+        n_heads=1,
+        batch_size=32,
+        context_len=10,
+        learning_rate=1e-3,
+        warmup_updates=150,
+        num_updates=3000,
+    ),
+}
+
+
+def default_checkpoint_path(env_id: str, dataset: str, seed: int, model_size: str = "paper") -> Path:
+    """Where pretrain_dt.py writes and every finetuning script looks first:
+    checkpoints/{env_id}__{dataset with / -> -}__s{seed}.pt, with `__cpu` before `.pt` for --model-size cpu."""
+    suffix = "" if model_size == "paper" else f"__{model_size}"
+    return Path("checkpoints") / f"{env_id}__{dataset.replace('/', '-')}__s{seed}{suffix}.pt"
+
+
+# ---- end shared: checkpoint ----
+
+
+# ---- shared: load-checkpoint (identical in every finetuning DT script; tests/test_shared_blocks.py) ----
+
+
+def load_model(path, device="cpu", dropout: float = 0.0):
+    """(DT, checkpoint dict) from a pretrain_dt.py or finetuned checkpoint; dropout is off in finetuning (Table 5)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise UserError(f"{path} is not a format-{CHECKPOINT_FORMAT_VERSION} pretrain_dt.py checkpoint")
+    config = {k: v for k, v in ckpt["model_config"].items() if k not in ("activation", "c_offline")}
+    model = DecisionTransformer(**{**config, "dropout": dropout})
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device), ckpt
+
+
+def ensure_checkpoint(args) -> Path:
+    """The pretrained checkpoint's path; runs pretrain_dt.py in a subprocess first if the file is missing."""
+    path = Path(args.checkpoint or default_checkpoint_path(args.env_id, args.dataset, args.seed, args.model_size))
+    if path.exists():
+        return path
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve().parent / "pretrain_dt.py"),
+        "--env-id",
+        args.env_id,
+        "--dataset",
+        args.dataset,
+        "--seed",
+        str(args.seed),
+        "--model-size",
+        args.model_size,
+        "--checkpoint",
+        str(path),
+    ]
+    cmd += (["--dataset-path", args.dataset_path] if args.dataset_path else []) + shlex.split(args.pretrain_extra_args)
+    print(f"checkpoint {path} not found; pretraining it: {shlex.join(cmd)}", flush=True)
+    if subprocess.run(cmd).returncode != 0 or not path.exists():
+        raise UserError(f"pretraining failed, no checkpoint at {path}: {shlex.join(cmd)}")
+    return path
+
+
+# ---- end shared: load-checkpoint ----
+
+
 class ValueNet(nn.Module):
     """V(s): 2 hidden SiLU layers (Table 5), optional LayerNorm; outputs scale x MLP so the MLP works at O(1)."""
 
     def __init__(self, state_dim: int, hidden: int, layer_norm: bool, scale: float):
         super().__init__()
-        norm = (lambda: nn.LayerNorm(hidden)) if layer_norm else nn.Identity
-        self.net = nn.Sequential(nn.Linear(state_dim, hidden), norm(), nn.SiLU(),
-                                 nn.Linear(hidden, hidden), norm(), nn.SiLU(), nn.Linear(hidden, 1))
+        norm = partial(nn.LayerNorm, hidden) if layer_norm else nn.Identity
+        self.net = nn.Sequential(
+            nn.Linear(state_dim, hidden), norm(), nn.SiLU(), nn.Linear(hidden, hidden), norm(), nn.SiLU(), nn.Linear(hidden, 1)
+        )
         self.register_buffer("scale", torch.tensor(float(scale)))
 
     def forward(self, states):
         return self.scale * self.net(states).squeeze(-1)
-
-
-def load_model(path, device="cpu"):
-    """(model with dropout off, checkpoint dict) from a pretrain_dt.py (or finetuned) checkpoint."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if ckpt.get("format_version") != 1:
-        raise UserError(f"{path} is not a format-1 pretrain_dt.py checkpoint")
-    cfg = {k: v for k, v in ckpt["model_config"].items() if k not in ("activation", "c_offline")}
-    model = DecisionTransformer(**{**cfg, "dropout": 0.0}).to(device)  # Table 5: dropout off in finetuning
-    model.load_state_dict(ckpt["state_dict"])
-    return model, ckpt
-
-
-def ensure_checkpoint(args: Args) -> Path:
-    """The checkpoint path; runs pretrain_dt.py as a subprocess first when nothing is there."""
-    path = Path(args.checkpoint) if args.checkpoint else default_checkpoint_path(args.env_id, args.dataset, args.seed)
-    if path.exists():
-        return path
-    print(f"no checkpoint at {path}; pretraining one with pretrain_dt.py")
-    cmd = [sys.executable, str(Path(__file__).resolve().parent / "pretrain_dt.py"), "--env-id", args.env_id,
-           "--dataset", args.dataset, "--seed", str(args.seed), "--checkpoint", str(path)]
-    cmd += ["--dataset-path", args.dataset_path] if args.dataset_path else []
-    cmd += shlex.split(args.pretrain_extra_args)
-    if subprocess.run(cmd).returncode != 0 or not path.exists():
-        raise UserError(f"pretraining failed: {shlex.join(cmd)}")
-    return path
 
 
 # ---------------------------------------------------------------- algorithm pieces
@@ -402,14 +491,19 @@ def explained_variance(pred: np.ndarray, target: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def rollout(model, envs, seeds, target_rtg, rtg_scale, context_len, state_mean, state_std, deterministic, device,
-            action_margin=1e-6):
+def rollout(model, envs, seeds, target_rtg, meta, deterministic, check=None):
     """One episode per env, all stepped in lockstep with ONE batched forward per step over the live members.
 
-    Returns per-episode dicts of the exact tokens the policy saw: normalised states, RTG tokens (scaled),
-    executed actions, their log-probs, rewards, whether it terminated, and the normalised final state."""
-    n, K, S, A = len(envs), context_len, len(state_mean), envs[0].action_space.shape[0]
-    norm = lambda o: (torch.as_tensor(np.asarray(o), dtype=torch.float32, device=device) - state_mean) / state_std
+    meta: rtg_scale, context_len, state_mean, state_std, device, action_margin. `check(action=...)`, if given, sees
+    the policy's output at every step before an action is drawn from it. Returns per-episode dicts of the exact
+    tokens the policy saw: normalised states, RTG tokens (scaled), executed actions, their log-probs, rewards,
+    whether it terminated, and the normalised final state."""
+    device, rtg_scale = meta["device"], meta["rtg_scale"]
+    n, K, S, A = len(envs), meta["context_len"], len(meta["state_mean"]), envs[0].action_space.shape[0]
+
+    def norm(o):
+        return (torch.as_tensor(np.asarray(o), dtype=torch.float32, device=device) - meta["state_mean"]) / meta["state_std"]
+
     obs = [env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)]
     states, actions = torch.zeros(n, K, S, device=device), torch.zeros(n, K, A, device=device)
     rtg, mask = torch.zeros(n, K, 1, device=device), torch.zeros(n, K, dtype=torch.bool, device=device)
@@ -423,10 +517,15 @@ def rollout(model, envs, seeds, target_rtg, rtg_scale, context_len, state_mean, 
         states[live, -1] = norm(np.stack([obs[i] for i in live.tolist()]))
         rtg[:, -1, 0], actions[:, -1], mask[:, -1] = target, 0.0, True
         mean, log_std = (x[:, -1] for x in model(rtg[live], states[live], actions[live], mask[live]))
-        dist = squashed_gaussian(mean, log_std)
+        if check is not None:
+            check(action=mean + log_std)  # before sampling: a NaN scale would crash torch.normal
         # Clamped so the stored action has a finite atanh: rollout and training log-probs are computed alike.
-        act = torch.tanh(mean) if deterministic else dist.sample().clamp(-1 + 1e-6, 1 - 1e-6)
-        logp = action_log_prob(mean, log_std, act, action_margin) if not deterministic else torch.zeros(len(live), device=device)
+        act = torch.tanh(mean) if deterministic else squashed_gaussian(mean, log_std).sample().clamp(-1 + 1e-6, 1 - 1e-6)
+        logp = (
+            torch.zeros(len(live), device=device)
+            if deterministic
+            else action_log_prob(mean, log_std, act, meta["action_margin"])
+        )
         actions[live, -1] = act
         step_tokens = [x.cpu().numpy() for x in (states[live, -1], rtg[live, -1, 0], act, logp)]
         for j, i in enumerate(live.tolist()):
@@ -436,10 +535,11 @@ def rollout(model, envs, seeds, target_rtg, rtg_scale, context_len, state_mean, 
             obs[i], target[i] = o, target[i] - r * rtg_scale
             if term or trunc:
                 alive[i], done[i] = False, (term, norm(o).cpu().numpy())
-    return [{"states": np.stack(r["states"]).astype(np.float32), "rtg": np.array(r["rtg"], np.float32),
-             "actions": np.stack(r["actions"]).astype(np.float32), "logp": np.array(r["logp"], np.float32),
-             "rewards": np.array(r["rewards"], np.float32), "terminated": bool(d[0]), "last_state": d[1]}
-            for r, d in zip(rec, done)]
+    keys = ("states", "rtg", "actions", "logp", "rewards")
+    return [
+        {**{k: np.array(r[k], np.float32) for k in keys}, "terminated": bool(d[0]), "last_state": d[1]}
+        for r, d in zip(rec, done)
+    ]
 
 
 @torch.no_grad()
@@ -447,17 +547,17 @@ def flatten_buffer(buffer, value_net, gamma, lam, relabel, rtg_scale, device):
     """Algorithm 2 line 3: GAE for every step of every buffered trajectory under the current value net.
 
     RTG tokens are the rollout's own unless `relabel`, which swaps in achieved returns (the failure mode)."""
-    cat = lambda key: np.concatenate([t[key] for t in buffer])
-    states = cat("states")
-    values = value_net(torch.as_tensor(states, device=device)).cpu().numpy()
+    cat = {key: np.concatenate([t[key] for t in buffer]) for key in ("states", "actions", "rtg", "logp")}
+    values = value_net(torch.as_tensor(cat["states"], device=device)).cpu().numpy()
     last_values = value_net(torch.as_tensor(np.stack([t["last_state"] for t in buffer]), device=device)).cpu().numpy()
     lengths = np.array([len(t["rewards"]) for t in buffer])
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    adv = np.concatenate([compute_gae(t["rewards"], values[o:o + n], last_values[i], t["terminated"], gamma, lam)
-                          for i, (t, o, n) in enumerate(zip(buffer, offsets, lengths))])
-    rtg = np.concatenate([relabel_rtg(t["rewards"], rtg_scale) for t in buffer]) if relabel else cat("rtg")
-    return dict(states=states, actions=cat("actions"), rtg=rtg, logp=cat("logp"), adv=adv, returns=adv + values,
-                values=values, lengths=lengths, offsets=offsets)
+    segments = zip(buffer, offsets, lengths, last_values)
+    adv = [compute_gae(t["rewards"], values[o : o + n], v, t["terminated"], gamma=gamma, lam=lam) for t, o, n, v in segments]
+    adv = np.concatenate(adv)
+    if relabel:
+        cat["rtg"] = np.concatenate([relabel_rtg(t["rewards"], rtg_scale) for t in buffer])
+    return dict(cat, adv=adv, returns=adv + values, values=values, lengths=lengths, offsets=offsets)
 
 
 def sample_batch(flat, n_batch, sub_len, context_len, rng, device):
@@ -473,33 +573,167 @@ def sample_batch(flat, n_batch, sub_len, context_len, rng, device):
     steps, traj = steps[valid], idx[np.nonzero(valid)[0]]
     window = steps[:, None] - context_len + 1 + np.arange(context_len)[None, :]
     src = offsets[traj, None] + np.maximum(window, 0)
-    to = lambda x: torch.as_tensor(x, device=device)
     token = offsets[traj] + steps
-    return dict(rtg=to(flat["rtg"][src][..., None]), states=to(flat["states"][src]), actions=to(flat["actions"][src]),
-                mask=to(window >= 0), act=to(flat["actions"][token]), old_logp=to(flat["logp"][token]),
-                adv=to(flat["adv"][token]), returns=to(flat["returns"][token]), value_states=to(flat["states"][token]))
+    batch = dict(rtg=flat["rtg"][src][..., None], states=flat["states"][src], actions=flat["actions"][src], mask=window >= 0)
+    batch.update(
+        act=flat["actions"][token], old_logp=flat["logp"][token], adv=flat["adv"][token], returns=flat["returns"][token]
+    )
+    batch["value_states"] = flat["states"][token]
+    return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
 
 
-def fix_malloc_mmap_threshold():
-    """Stop glibc's RSS creep on CPU: after large frees it raises its mmap threshold, and each update's
-    activations then fragment the heap (measured: 12 updates of the 4x512 DT, 5.2 GB peak; fixed, 2.9 GB)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        except OSError:  # not glibc
-            pass
+class Learner:
+    """What the updates change and --resume restores: networks, optimisers, log(kappa), buffer, rng and counters."""
+
+    STATEFUL = ("value_net", "ref_model", "policy_opt", "value_opt", "kappa_opt")  # the DT itself is the checkpoint's
+
+    def __init__(self, args: Args, model: DecisionTransformer, value_net: ValueNet, device):
+        self.model, self.ref_model, self.value_net = model, copy.deepcopy(model).requires_grad_(False), value_net
+        self.log_kappa = torch.tensor(float(np.log(args.kappa_initial)), device=device, requires_grad=True)
+        self.policy_opt = Lamb(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+        self.value_opt = torch.optim.AdamW(value_net.parameters(), lr=args.lr_value)
+        self.kappa_opt = torch.optim.Adam([self.log_kappa], lr=args.kappa_lr)
+        self.buffer, self.rng = deque(maxlen=args.buffer_factor * args.k_ppo), np.random.default_rng(args.seed)
+        self.iteration = self.env_steps = self.grad_updates = 0
+
+    def state_dict(self) -> dict:
+        state = {name: getattr(self, name).state_dict() for name in self.STATEFUL}
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        state.update(log_kappa=self.log_kappa.detach().cpu(), buffer=list(self.buffer), numpy_rng=self.rng.bit_generator.state)
+        state.update(torch_rng=torch.get_rng_state(), cuda_rng=cuda_rng, iteration=self.iteration, env_steps=self.env_steps)
+        return state | {"grad_updates": self.grad_updates}
+
+    def load_state_dict(self, state: dict):
+        for name in self.STATEFUL:
+            getattr(self, name).load_state_dict(state[name])
+        with torch.no_grad():
+            self.log_kappa.copy_(state["log_kappa"])
+        self.buffer.extend(state["buffer"])
+        self.rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.iteration, self.env_steps, self.grad_updates = state["iteration"], state["env_steps"], state["grad_updates"]
 
 
-# ---------------------------------------------------------------- main
-def main(args: Args):
-    fix_malloc_mmap_threshold()
-    t0 = time.time()  # the --max-seconds budget counts the whole run, start and evaluations included
+STAT_NAMES = ("policy_loss", "value_loss", "approx_kl", "clipfrac", "entropy", "kappa", "kl_ref")
+
+
+def ppo_update(learner: Learner, b: dict, args: Args, target_entropy: float, action_margin: float) -> list[float]:
+    """Lines 5-6 on one batch: Eq. 5 (minus kl_coef x KL to pi_ref, plus kappa x entropy) for the policy, the dual
+    step of kappa, Eq. 6 for the value net; the reference policy is refreshed every ref_update_every updates."""
+    model, ref_model = learner.model, learner.ref_model
+    mean, log_std = (x[:, -1] for x in model(b["rtg"], b["states"], b["actions"], b["mask"]))
+    dist = squashed_gaussian(mean, log_std)
+    adv = normalize_advantages(b["adv"]) if args.norm_adv else b["adv"]
+    logp = action_log_prob(mean, log_std, b["act"], action_margin)
+    pg_loss, approx_kl, clipfrac = ppo_policy_loss(logp, b["old_logp"], adv, args.clip_coef)
+    entropy = -dist.log_prob(dist.rsample()).mean()  # single-sample estimate: no closed form after tanh
+    with torch.no_grad():
+        ref_mean, ref_log_std = (x[:, -1] for x in ref_model(b["rtg"], b["states"], b["actions"], b["mask"]))
+    pi, ref = Normal(mean, log_std.exp(), validate_args=False), Normal(ref_mean, ref_log_std.exp(), validate_args=False)
+    kl_ref = kl_divergence(Independent(pi, 1), Independent(ref, 1)).mean()
+    kappa = learner.log_kappa.exp()
+    loss = pg_loss + args.kl_coef * kl_ref - kappa.detach() * entropy
+    learner.policy_opt.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    learner.policy_opt.step()
+    kappa_loss = kappa * (entropy.detach() - target_entropy)  # kappa rises while entropy < target
+    learner.kappa_opt.zero_grad()
+    kappa_loss.backward()
+    learner.kappa_opt.step()
+    v_loss = value_loss(learner.value_net(b["value_states"]), b["returns"])
+    learner.value_opt.zero_grad()
+    v_loss.backward()
+    nn.utils.clip_grad_norm_(learner.value_net.parameters(), args.max_grad_norm)
+    learner.value_opt.step()
+    learner.grad_updates += 1
+    if learner.grad_updates % args.ref_update_every == 0:  # the slowly refreshed reference policy
+        ref_model.load_state_dict(model.state_dict())
+    return [x.item() for x in (pg_loss, v_loss, approx_kl, clipfrac, entropy, kappa, kl_ref)]
+
+
+# ---------------------------------------------------------------- run state
+def model_checkpoint(model, ckpt: dict, score: float) -> dict:
+    """The finetuned DT in the pretrained checkpoint format (loadable by `load_model`)."""
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return {k: v for k, v in ckpt.items() if k != "finetune"} | {"eval_normalized_score": score, "state_dict": state_dict}
+
+
+def save_state(path: Path, learner: Learner, ckpt: dict, score: float, **extra):
+    """The run state: a DT checkpoint plus a `finetune` dict (learner state and `extra`); atomic (tmp + os.replace)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = model_checkpoint(learner.model, ckpt, score) | {"finetune": learner.state_dict() | extra}
+    torch.save(payload, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)  # a kill never leaves half a file
+
+
+def check_finite(it: int, state_path: Path, **values):
+    """Stop before a non-finite value can be saved: the last good run state on disk is left as it is."""
+    for what, x in values.items():
+        if not torch.isfinite(torch.as_tensor(x, dtype=torch.float64)).all():
+            kept = f"last good state kept at {state_path}" if state_path.exists() else "no state saved yet"
+            raise UserError(f"non-finite {what} at iteration {it}; stopped, {kept}")
+
+
+# ---------------------------------------------------------------- setup and logging
+def make_envs(args: Args, run_name: str) -> tuple[list, list]:
+    """K_PPO training envs and eval_episodes evaluation envs (the first one recorded with --capture-video)."""
+    env_kw = {"max_episode_steps": args.max_episode_steps} if args.max_episode_steps else {}
+    train_envs = [make_env(args.env_id, **env_kw) for _ in range(args.k_ppo)]
+    eval_envs = [make_env(args.env_id, **env_kw) for _ in range(args.eval_episodes)]
+    if args.capture_video and eval_envs:
+        eval_envs[0] = gym.wrappers.RecordVideo(make_env(args.env_id, render_mode="rgb_array", **env_kw), f"videos/{run_name}")
+    return train_envs, eval_envs
+
+
+def evaluate(model, eval_envs, args: Args, ckpt: dict, meta: dict, writer, it: int) -> tuple[float, float]:
+    """Deterministic episodes conditioned on the checkpoint's eval RTG (same seeds every iteration)."""
+    model.eval()
+    seeds = [args.seed + 10_000 + i for i in range(len(eval_envs))]
+    rets = np.array([e["rewards"].sum() for e in rollout(model, eval_envs, seeds, ckpt["eval_rtg"], meta, deterministic=True)])
+    score = float(np.mean(100.0 * (rets - ckpt["ref_min_score"]) / (ckpt["ref_max_score"] - ckpt["ref_min_score"])))
+    writer.add_scalar("charts/normalized_score", score, it)
+    writer.add_scalar("charts/eval_return", rets.mean(), it)
+    return score, float(rets.mean())
+
+
+def log_iteration(writer, it: int, stats: list, flat: dict, trajs: list, learner: Learner, sps: float):
+    for name, value in zip(STAT_NAMES, np.mean(stats, axis=0)):
+        writer.add_scalar(f"losses/{name}", value, it)
+    writer.add_scalar("losses/explained_variance", explained_variance(flat["values"], flat["returns"]), it)
+    writer.add_scalar("charts/episodic_return", np.mean([t["rewards"].sum() for t in trajs]), it)
+    writer.add_scalar("charts/env_steps", learner.env_steps, it)
+    writer.add_scalar("charts/grad_updates", learner.grad_updates, it)
+    writer.add_scalar("charts/SPS", sps, it)
+
+
+def out_of_budget(args: Args, env_steps: int, t0: float) -> bool:
+    return bool(
+        args.total_env_steps and env_steps >= args.total_env_steps or args.max_seconds and time.time() - t0 >= args.max_seconds
+    )
+
+
+def make_value_net(args: Args, ckpt: dict, ckpt_path: Path, device) -> ValueNet:
+    """The value MLP (Table 5 / App. B.1 defaults), after checking that the env matches the DT."""
     family, _ = env_family(args.env_id)
-    preset = table7_preset(args.env_id, args.dataset)
-    for k, v in preset.items():
-        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
-    args.c_train = args.c_train or args.c_online
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    probe = make_env(args.env_id)
+    state_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
+    cfg = ckpt["model_config"]
+    if (cfg["state_dim"], cfg["act_dim"]) != (state_dim, act_dim):
+        raise UserError(
+            f"{ckpt_path} has state/action dims ({cfg['state_dim']}, {cfg['act_dim']}) but {args.env_id} "
+            f"has ({state_dim}, {act_dim})"
+        )
+    horizon = args.max_episode_steps or probe.spec.max_episode_steps
+    hidden = args.value_hidden or (256 if family == "mujoco" else 512)
+    layer_norm = family != "mujoco" if args.value_layer_norm is None else args.value_layer_norm
+    scale = args.value_scale or ckpt["eval_rtg"] / horizon * min(horizon, 1 / (1 - args.gamma))
+    return ValueNet(state_dim, hidden=hidden, layer_norm=layer_norm, scale=scale).to(device)
+
+
+def seed_everything(args: Args) -> torch.device:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -508,160 +742,96 @@ def main(args: Args):
         torch.set_num_threads(args.torch_threads)
     if args.torch_deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # Start: checkpoint (pretrained on demand), dim check, dropout off
-    ckpt_path = Path(args.resume) if args.resume else ensure_checkpoint(args)
-    model, ckpt = load_model(ckpt_path, device)
-    probe = make_env(args.env_id)
-    state_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
-    cfg = ckpt["model_config"]
-    if (cfg["state_dim"], cfg["act_dim"]) != (state_dim, act_dim):
-        raise UserError(f"{ckpt_path} has state/action dims ({cfg['state_dim']}, {cfg['act_dim']}) but {args.env_id} "
-                        f"has ({state_dim}, {act_dim})")
-    horizon = args.max_episode_steps or probe.spec.max_episode_steps
-    state_mean, state_std = ckpt["state_mean"].to(device), ckpt["state_std"].to(device)
-    rtg_scale, ref_min, ref_max = ckpt["rtg_scale"], ckpt["ref_min_score"], ckpt["ref_max_score"]
-    target_entropy = args.target_entropy if args.target_entropy is not None else -float(act_dim)
-    value_scale = args.value_scale or ckpt["eval_rtg"] / horizon * min(horizon, 1 / (1 - args.gamma))
-    value_net = ValueNet(state_dim, args.value_hidden or (256 if family == "mujoco" else 512),
-                         family != "mujoco" if args.value_layer_norm is None else args.value_layer_norm,
-                         value_scale).to(device)
-    ref_model = copy.deepcopy(model).requires_grad_(False)
-    log_kappa = torch.tensor(float(np.log(args.kappa_initial)), device=device, requires_grad=True)
-    policy_opt = Lamb(model.parameters(), lr=args.lr_policy, weight_decay=args.weight_decay)
-    value_opt = torch.optim.AdamW(value_net.parameters(), lr=args.lr_value)
-    kappa_opt = torch.optim.Adam([log_kappa], lr=args.kappa_lr)
-    buffer = deque(maxlen=args.buffer_factor * args.k_ppo)
-    rng = np.random.default_rng(args.seed)
-    start_it, env_steps, grad_updates = 1, 0, 0
-    if args.resume:
-        if "finetune" not in ckpt:
-            raise UserError(f"--resume {ckpt_path} has no 'finetune' state; pass a pretrained one with --checkpoint")
-        ft = ckpt["finetune"]
-        value_net.load_state_dict(ft["value_net"]), ref_model.load_state_dict(ft["ref_model"])
-        policy_opt.load_state_dict(ft["policy_opt"]), value_opt.load_state_dict(ft["value_opt"])
-        kappa_opt.load_state_dict(ft["kappa_opt"])
-        with torch.no_grad():
-            log_kappa.copy_(ft["log_kappa"])
-        buffer.extend(ft["buffer"])
-        rng.bit_generator.state = ft["numpy_rng"]
-        torch.set_rng_state(ft["torch_rng"])
-        start_it, env_steps, grad_updates = ft["iteration"] + 1, ft["env_steps"], ft["grad_updates"]
-    save_path = Path(args.save_path) if args.save_path else Path("checkpoints") / f"{run_name}.pt"
 
+def start_run(args: Args, ckpt: dict, t0: float) -> tuple[str, Path, SummaryWriter]:
+    """The run's name (a resumed run keeps its own), its state path (printed once, for --resume) and its writer."""
+    run_name = ckpt["finetune"]["run_name"] if args.resume else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(t0)}"
+    state_path = Path(args.save_path or f"{args.runs_dir}/{run_name}/state.pt")
+    print(f"run state: {state_path} (continue with --resume {state_path})", flush=True)
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
-                   sync_tensorboard=True, save_code=True)
+        config = dict(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name)
+        wandb.init(**config, sync_tensorboard=True, save_code=True)
     writer = SummaryWriter(f"{args.runs_dir}/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    env_kw = {"max_episode_steps": args.max_episode_steps} if args.max_episode_steps else {}
-    train_envs = [make_env(args.env_id, **env_kw) for _ in range(args.k_ppo)]
-    eval_envs = [make_env(args.env_id, render_mode="rgb_array", **env_kw) if (i == 0 and args.capture_video)
-                 else make_env(args.env_id, **env_kw) for i in range(args.eval_episodes)]
-    if args.capture_video:
-        eval_envs[0] = gym.wrappers.RecordVideo(eval_envs[0], f"videos/{run_name}")
-    roll = dict(rtg_scale=rtg_scale, context_len=args.c_online, state_mean=state_mean, state_std=state_std,
-                device=device, action_margin=ckpt.get("action_margin", 1e-6))
+    return run_name, state_path, writer
 
-    def evaluate(it):
-        """Deterministic episodes conditioned on the checkpoint's eval RTG (same seeds every iteration)."""
-        model.eval()
-        eps = rollout(model, eval_envs, [args.seed + 10_000 + i for i in range(len(eval_envs))], ckpt["eval_rtg"],
-                      deterministic=True, **roll)
-        rets = np.array([e["rewards"].sum() for e in eps])
-        score = float(np.mean(100.0 * (rets - ref_min) / (ref_max - ref_min)))
-        writer.add_scalar("charts/normalized_score", score, it)
-        writer.add_scalar("charts/eval_return", rets.mean(), it)
-        return score, float(rets.mean())
 
-    def save(it, score):
-        payload = {**{k: v for k, v in ckpt.items() if k != "finetune"}, "eval_normalized_score": score,
-                   "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-        payload["finetune"] = dict(
-            iteration=it, env_steps=env_steps, grad_updates=grad_updates, args=asdict(args), buffer=list(buffer),
-            value_net=value_net.state_dict(), ref_model=ref_model.state_dict(), policy_opt=policy_opt.state_dict(),
-            value_opt=value_opt.state_dict(), kappa_opt=kappa_opt.state_dict(), log_kappa=log_kappa.detach().cpu(),
-            numpy_rng=rng.bit_generator.state, torch_rng=torch.get_rng_state())
-        save_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(payload, save_path.with_suffix(".tmp"))
-        os.replace(save_path.with_suffix(".tmp"), save_path)  # atomic: a crash never leaves half a file
+# ---------------------------------------------------------------- main
+def main(args: Args):
+    fix_malloc_mmap_threshold()
+    t0 = time.time()  # the --max-seconds budget counts the whole run, start and evaluations included
+    args = apply_presets(args)
+    device = seed_everything(args)
+
+    # Start: the checkpoint (pretrained on demand) or the run state to resume, value net, optimisers, envs
+    ckpt_path = Path(args.resume) if args.resume else ensure_checkpoint(args)
+    model, ckpt = load_model(ckpt_path, device)
+    if args.resume and "finetune" not in ckpt:
+        raise UserError(f"--resume {ckpt_path} has no 'finetune' state; pass a pretrained one with --checkpoint")
+    value_net = make_value_net(args, ckpt, ckpt_path, device)
+    act_dim = ckpt["model_config"]["act_dim"]
+    target_entropy = args.target_entropy if args.target_entropy is not None else -float(act_dim)
+    learner = Learner(args, model, value_net, device)
+    if args.resume:
+        learner.load_state_dict(ckpt["finetune"])
+    run_name, state_path, writer = start_run(args, ckpt, t0)
+    train_envs, eval_envs = make_envs(args, run_name)
+    meta = dict(rtg_scale=ckpt["rtg_scale"], context_len=args.c_online, state_mean=ckpt["state_mean"].to(device))
+    meta.update(state_std=ckpt["state_std"].to(device), device=device, action_margin=ckpt.get("action_margin", 1e-6))
+    gae = dict(gamma=args.gamma, lam=args.gae_lambda, relabel=args.relabel, rtg_scale=ckpt["rtg_scale"], device=device)
+    batching = dict(n_batch=args.n_batch, sub_len=args.c_train, context_len=args.c_online, device=device)
 
     # Iteration 0: the loaded checkpoint, before any update
-    score, eval_return = evaluate(start_it - 1)
-    tqdm.write(f"iteration {start_it - 1}: eval return {eval_return:.1f}, normalized score {score:.1f} "
-               f"(pretrained: {ckpt['eval_normalized_score']:.1f})")
-    start_time, start_steps = time.time(), env_steps
-    pbar = tqdm(range(start_it, args.num_iterations + 1), desc="ppo-dt", initial=start_it - 1,
-                total=args.num_iterations)
+    start_it = learner.iteration + 1
+    score, eval_return = evaluate(model, eval_envs, args=args, ckpt=ckpt, meta=meta, writer=writer, it=start_it - 1)
+    tqdm.write(
+        f"iteration {start_it - 1}: eval return {eval_return:.1f}, normalized score {score:.1f} "
+        f"(pretrained: {ckpt['eval_normalized_score']:.1f})"
+    )
+    start_time, start_steps = time.time(), learner.env_steps
+    pbar = tqdm(range(start_it, args.num_iterations + 1), desc="ppo-dt", initial=start_it - 1, total=args.num_iterations)
     for it in pbar:
-        # Line 2: K_PPO stochastic rollouts conditioned on g_online; FIFO buffer update
+        # ALGO LOGIC, line 2: K_PPO stochastic rollouts conditioned on g_online; FIFO buffer update
         model.eval()
-        trajs = rollout(model, train_envs, [args.seed * 1_000_003 + it * args.k_ppo + i for i in range(args.k_ppo)],
-                        args.g_online, deterministic=False, **roll)
-        buffer.extend(trajs)
-        env_steps += sum(len(t["rewards"]) for t in trajs)
+        seeds = [args.seed * 1_000_003 + it * args.k_ppo + i for i in range(args.k_ppo)]
+        check = partial(check_finite, it, state_path)
+        trajs = rollout(model, train_envs, seeds, args.g_online, meta, deterministic=False, check=check)
+        learner.buffer.extend(trajs)
+        learner.env_steps += sum(len(t["rewards"]) for t in trajs)
 
-        # Line 3: GAE over the buffer with the current value net (no relabeling unless --relabel)
-        flat = flatten_buffer(buffer, value_net, args.gamma, args.gae_lambda, args.relabel, rtg_scale, device)
+        # ALGO LOGIC, line 3: GAE over the buffer with the current value net (no relabeling unless --relabel)
+        flat = flatten_buffer(learner.buffer, value_net, **gae)
+        check(value=flat["values"])
 
-        # Lines 4-6: sub-trajectory batches, Eq. 5 for the policy, Eq. 6 for the value net
+        # ALGO LOGIC, lines 4-6: sub-trajectory batches, Eq. 5 for the policy, Eq. 6 for the value net
         model.train()  # dropout is 0, so train mode changes nothing: the ratio is exactly 1 at the first update
         stats = []
-        for _ in range(args.updates_per_iteration):
-            b = sample_batch(flat, args.n_batch, args.c_train, args.c_online, rng, device)
-            mean, log_std = (x[:, -1] for x in model(b["rtg"], b["states"], b["actions"], b["mask"]))
-            dist = squashed_gaussian(mean, log_std)
-            adv = normalize_advantages(b["adv"]) if args.norm_adv else b["adv"]
-            logp = action_log_prob(mean, log_std, b["act"], ckpt.get("action_margin", 1e-6))
-            pg_loss, approx_kl, clipfrac = ppo_policy_loss(logp, b["old_logp"], adv, args.clip_coef)
-            entropy = -dist.log_prob(dist.rsample()).mean()  # single-sample estimate: no closed form after tanh
-            with torch.no_grad():
-                ref_mean, ref_log_std = (x[:, -1] for x in ref_model(b["rtg"], b["states"], b["actions"], b["mask"]))
-            kl_ref = kl_divergence(Independent(Normal(mean, log_std.exp()), 1),
-                                   Independent(Normal(ref_mean, ref_log_std.exp()), 1)).mean()
-            kappa = log_kappa.exp()
-            loss = pg_loss + args.beta * kl_ref - kappa.detach() * entropy
-            policy_opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            policy_opt.step()
-            kappa_loss = kappa * (entropy.detach() - target_entropy)  # kappa rises while entropy < target
-            kappa_opt.zero_grad()
-            kappa_loss.backward()
-            kappa_opt.step()
-            v_loss = value_loss(value_net(b["value_states"]), b["returns"])
-            value_opt.zero_grad()
-            v_loss.backward()
-            nn.utils.clip_grad_norm_(value_net.parameters(), args.max_grad_norm)
-            value_opt.step()
-            grad_updates += 1
-            if grad_updates % args.ref_update_every == 0:  # the slowly refreshed reference policy
-                ref_model.load_state_dict(model.state_dict())
-            stats.append([x.item() for x in (pg_loss, v_loss, approx_kl, clipfrac, entropy, kappa, kl_ref)])
+        for _ in range(args.updates_per_iter):
+            b = sample_batch(flat, rng=learner.rng, **batching)
+            stats.append(ppo_update(learner, b, args, target_entropy, meta["action_margin"]))
+            check(loss=stats[-1])
+        learner.iteration = it
 
-        # Logging: global step = iteration
-        score, eval_return = evaluate(it)
-        sps = (env_steps - start_steps) / (time.time() - start_time)
-        names = ("policy_loss", "value_loss", "approx_kl", "clipfrac", "entropy", "kappa", "kl_ref")
-        for name, value in zip(names, np.mean(stats, axis=0)):
-            writer.add_scalar(f"losses/{name}", value, it)
-        writer.add_scalar("losses/explained_variance", explained_variance(flat["values"], flat["returns"]), it)
-        writer.add_scalar("charts/episodic_return", np.mean([t["rewards"].sum() for t in trajs]), it)
-        writer.add_scalar("charts/env_steps", env_steps, it)
-        writer.add_scalar("charts/grad_updates", grad_updates, it)
-        writer.add_scalar("charts/SPS", sps, it)
+        # Evaluation and logging: global step = iteration
+        score, eval_return = evaluate(model, eval_envs, args=args, ckpt=ckpt, meta=meta, writer=writer, it=it)
+        sps = (learner.env_steps - start_steps) / (time.time() - start_time)
+        log_iteration(writer, it, stats=stats, flat=flat, trajs=trajs, learner=learner, sps=sps)
         pbar.set_postfix(score=f"{score:.1f}", ret=f"{eval_return:.0f}", sps=f"{sps:.0f}")
-        tqdm.write(f"iteration {it}: eval return {eval_return:.1f}, normalized score {score:.1f}, "
-                   f"env steps {env_steps}, SPS {sps:.0f}")
-        out_of_budget = (args.total_env_steps and env_steps >= args.total_env_steps) or \
-            (args.max_seconds and time.time() - t0 >= args.max_seconds)
-        if args.save_every and (it % args.save_every == 0 or it == args.num_iterations or out_of_budget):
-            save(it, score)
-        if out_of_budget:
+        tqdm.write(
+            f"iteration {it}: eval return {eval_return:.1f}, normalized score {score:.1f}, "
+            f"env steps {learner.env_steps}, SPS {sps:.0f}"
+        )
+        stop = out_of_budget(args, learner.env_steps, t0)
+        if args.save_every and (it % args.save_every == 0 or it == args.num_iterations or stop):
+            save_state(state_path, learner, ckpt, score, run_name=run_name, args=asdict(args))
+        if stop:
             break
+    if args.save_model:
+        torch.save(model_checkpoint(model, ckpt, score), f"{args.runs_dir}/{run_name}/{args.exp_name}.pt")
     writer.close()
     return score
 

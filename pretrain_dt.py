@@ -1,11 +1,11 @@
 """Offline Decision Transformer pretraining on Minari data; writes the checkpoint every finetuning script loads.
 
-Paper: "Online Finetuning Decision Transformers with Pure RL Gradients" (Luo & Zhu), Section 2
-(DT / ODT preliminaries), Section 4.1, Appendix A and Table 5. The objective is ODT's: the NLL of
-dataset actions under a tanh-squashed Gaussian, plus an entropy bonus whose temperature is a dual
-variable pushed toward the target entropy -dim(A).
+Paper: "Online Finetuning Decision Transformers with Pure RL Gradients" (Luo & Zhu), Section 2 (DT / ODT
+preliminaries), Section 4.1, Appendix A and Table 5. The objective is ODT's: the NLL of dataset actions under a
+tanh-squashed Gaussian, plus an entropy bonus whose temperature is a dual variable pushed toward the target entropy
+-dim(A).
 
-Example (offline, on the shared data):
+Example (offline, on the shared data; `--model-size cpu` for the README's CPU config):
     MINARI_DATASETS_PATH=$(realpath ../shared/datasets) \
         python pretrain_dt.py --env-id Hopper-v4 --dataset local/hopper/medium-v0
 """
@@ -18,9 +18,9 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -32,15 +32,15 @@ from torch.distributions import Independent, Normal, TanhTransform, TransformedD
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-CHECKPOINT_FORMAT_VERSION = 1
 
-
+# ---------------------------------------------------------------- args
 @dataclass
 class Args:
+    # ---- shared: args-header (identical in every script; tests/test_shared_blocks.py) ----
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
-    """seed of the experiment (python, numpy, torch and the env resets)"""
+    """seed of the experiment (python, numpy, torch, env resets and action sampling)"""
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms"""
     cuda: bool = True
@@ -52,41 +52,44 @@ class Args:
     wandb_entity: Optional[str] = None
     """the wandb entity (team)"""
     capture_video: bool = False
-    """if toggled, record videos of the first evaluation episode to `videos/{run_name}`"""
+    """if toggled, record the first evaluation episode of every evaluation to `videos/{run_name}`"""
     runs_dir: str = "runs"
     """TensorBoard root; the run logs to `{runs_dir}/{run_name}`"""
-
     env_id: str = "Hopper-v4"
     """gymnasium id: Hopper/Walker2d/Ant/HalfCheetah-v4/v5, AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4/v5"""
     dataset: str = "medium"
-    """a paper short name (medium, medium-replay, random, expert, human, cloned, umaze, umaze-diverse) or any Minari id"""
+    """a paper short name (medium, medium-replay, random, expert, human, cloned, umaze, umaze-diverse) or a Minari id"""
     dataset_path: Optional[str] = None
     """a D4RL-format HDF5 file (observations, actions, rewards, terminals, timeouts); overrides the Minari lookup"""
+    # ---- end shared: args-header ----
+    model_size: Literal["paper", "cpu"] = "paper"
+    """preset of the size and schedule flags below (MODEL_SIZES; a flag given explicitly wins): paper is Table 5's
+    4x512 DT (meant for a GPU), cpu the README's 128x2 DT (~10 min on one core); also names the default checkpoint"""
     random_steps: int = 1_000_000
     """env steps of the uniform random policy when `--dataset random` has to be generated locally"""
     checkpoint: Optional[str] = None
-    """where to write the checkpoint; default `checkpoints/{env_id}__{dataset}__s{seed}.pt`"""
+    """where to write the checkpoint; default `checkpoints/{env_id}__{dataset}__s{seed}.pt` (`__cpu.pt` for cpu)"""
 
-    num_updates: int = 5000
-    """gradient updates of pretraining (ODT's hopper setting)"""
-    batch_size: int = 256
-    """trajectory segments per update"""
-    learning_rate: float = 1e-4
-    """peak LAMB learning rate"""
+    num_updates: Optional[int] = None
+    """gradient updates of pretraining (paper: 5000, ODT's hopper setting; cpu: 3000)"""
+    batch_size: Optional[int] = None
+    """trajectory segments per update (paper: 256; cpu: 32)"""
+    learning_rate: Optional[float] = None
+    """peak LAMB learning rate (paper: 1e-4; cpu: 1e-3)"""
+    warmup_updates: Optional[int] = None
+    """updates of linear learning-rate warm-up (paper: 1000; cpu: 150)"""
+    context_len: Optional[int] = None
+    """c_offline, the training context (cpu: 10); paper: Table 6, 20 MuJoCo, 5 Adroit, 5 AntMaze umaze, 1 umaze-diverse"""
+    embed_dim: Optional[int] = None
+    """transformer embedding width (paper: 512, Table 5; cpu: 128)"""
+    n_layers: Optional[int] = None
+    """transformer blocks (paper: 4, Table 5; cpu: 2)"""
+    n_heads: Optional[int] = None
+    """attention heads (paper: 4, Table 5; cpu: 1)"""
     weight_decay: float = 1e-4
     """LAMB weight decay (Table 5)"""
-    warmup_updates: int = 1000
-    """updates of linear learning-rate warm-up"""
     max_grad_norm: float = 0.5
     """global gradient-norm clip (Table 5)"""
-    context_len: Optional[int] = None
-    """c_offline, the training context; default per Table 6: 20 MuJoCo, 5 Adroit, 5 AntMaze umaze, 1 umaze-diverse"""
-    embed_dim: int = 512
-    """transformer embedding width (Table 5)"""
-    n_layers: int = 4
-    """transformer blocks (Table 5)"""
-    n_heads: int = 4
-    """attention heads (Table 5)"""
     dropout: float = 0.1
     """dropout in pretraining (Table 5); finetuning scripts switch it off"""
     log_std_min: float = -5.0
@@ -117,29 +120,15 @@ class Args:
     """write the checkpoint every this many updates (and at the end); 0 writes only at the end"""
 
 
+# ---------------------------------------------------------------- envs
+# ---- shared: envs (identical in every script; tests/test_shared_blocks.py) ----
 class UserError(Exception):
     """Bad input: printed as one line, never as a traceback."""
 
 
-# ---------------------------------------------------------------- envs and datasets
 MUJOCO_ENVS = {"Hopper": "hopper", "Walker2d": "walker2d", "Ant": "ant", "HalfCheetah": "halfcheetah"}
 ADROIT_ENVS = {"AdroitHandDoor": "door", "AdroitHandHammer": "hammer", "AdroitHandPen": "pen"}
 SUPPORTED = "MuJoCo Hopper/Walker2d/Ant/HalfCheetah-v4|v5, Adroit AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4|v5"
-# D4RL reference returns (REF_MIN, REF_MAX), used for D4RL HDF5 files and the generated random sets.
-D4RL_REF = {
-    "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3), "halfcheetah": (-280.178953, 12135.0),
-    "ant": (-325.6, 3879.7), "door": (-56.512833, 2880.5693087298737),
-    "hammer": (-274.856578, 12794.134825156867), "pen": (96.262799, 3076.8331017826877), "antmaze": (0.0, 1.0),
-}
-# (eval RTG, online RTG) per env key, in raw reward units (ODT / Table 6).
-TARGET_RETURNS = {"hopper": 3600, "walker2d": 5000, "ant": 6000, "halfcheetah": 6000,
-                  "door": 3000, "hammer": 4000, "pen": 6000, "antmaze": 1}
-SHORT_NAMES = {
-    "mujoco": {"medium": "mujoco/{key}/medium-v0", "expert": "mujoco/{key}/expert-v0",
-               "random": "generated/{key}/random-v0", "medium-replay": None},
-    "adroit": {n: "D4RL/{key}/" + n + "-v2" for n in ("human", "cloned", "expert")},
-    "antmaze": {"umaze": "D4RL/antmaze/umaze-v1", "umaze-diverse": "D4RL/antmaze/umaze-diverse-v1"},
-}
 
 
 def env_family(env_id: str) -> tuple[str, str]:
@@ -160,6 +149,7 @@ def flatten_antmaze_obs(obs: dict) -> np.ndarray:
 
 
 def make_env(env_id: str, **kwargs) -> gym.Env:
+    """`gym.make`, registering gymnasium-robotics for Adroit and AntMaze, with AntMaze's dict observation flattened."""
     family, _ = env_family(env_id)
     if family != "mujoco":
         import gymnasium_robotics  # registers Adroit and AntMaze; only needed for them
@@ -174,18 +164,45 @@ def make_env(env_id: str, **kwargs) -> gym.Env:
     return env
 
 
-def default_checkpoint_path(env_id: str, dataset: str, seed: int) -> Path:
-    """The path every finetuning script looks at first: checkpoints/{env_id}__{dataset with / -> -}__s{seed}.pt"""
-    return Path("checkpoints") / f"{env_id}__{dataset.replace('/', '-')}__s{seed}.pt"
+def fix_malloc_mmap_threshold():
+    """Stop glibc's RSS creep on CPU: after large frees it raises its mmap threshold, and each update's
+    activations then fragment the heap (the 4x512 DT grew to 14 GB in 22 updates; fixed, it stays at 1.2 GB)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        except OSError:  # not glibc
+            pass
 
 
-def default_contexts(family: str, key: str, dataset: str) -> tuple[int, int]:
-    """(c_offline, c_online) of Table 6; the rows differ only for Hammer and AntMaze umaze-diverse."""
-    if family == "antmaze":
-        return (1, 5) if "diverse" in dataset else (5, 1)
-    if family == "adroit":
-        return 5, 5 if key == "hammer" else 1
-    return 20, 1
+# ---- end shared: envs ----
+
+
+# ---------------------------------------------------------------- datasets
+# ---- shared: datasets (identical in pretrain_dt.py and iql.py; tests/test_shared_blocks.py) ----
+# D4RL reference returns (REF_MIN, REF_MAX), used for D4RL HDF5 files and the generated random sets.
+D4RL_REF = {
+    "hopper": (-20.272305, 3234.3),
+    "walker2d": (1.629008, 4592.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "ant": (-325.6, 3879.7),
+    "door": (-56.512833, 2880.5693087298737),
+    "hammer": (-274.856578, 12794.134825156867),
+    "pen": (96.262799, 3076.8331017826877),
+    "antmaze": (0.0, 1.0),
+}
+# The return that conditions evaluation rollouts (eval RTG) per env key, in raw reward units (ODT / Table 6).
+TARGET_RETURNS = dict(hopper=3600, walker2d=5000, ant=6000, halfcheetah=6000, door=3000, hammer=4000, pen=6000, antmaze=1)
+# Paper short names -> Minari ids per env family; None: Minari has no such set (pass the D4RL file).
+SHORT_NAMES = {
+    "mujoco": {
+        "medium": "mujoco/{key}/medium-v0",
+        "expert": "mujoco/{key}/expert-v0",
+        "random": "generated/{key}/random-v0",
+        "medium-replay": None,
+    },
+    "adroit": {n: "D4RL/{key}/" + n + "-v2" for n in ("human", "cloned", "expert")},
+    "antmaze": {"umaze": "D4RL/antmaze/umaze-v1", "umaze-diverse": "D4RL/antmaze/umaze-diverse-v1"},
+}
 
 
 def remote_reachable(timeout: float = 3.0) -> bool:
@@ -208,35 +225,33 @@ def remote_reachable(timeout: float = 3.0) -> bool:
 
 
 def episodes_to_trajectories(episodes, antmaze: bool) -> list[dict]:
+    """Minari episodes as dicts of float32 observations (the final one dropped), actions, rewards; bool terminals."""
     trajs = []
     for ep in episodes:
         obs = flatten_antmaze_obs(ep.observations) if antmaze else ep.observations
-        trajs.append({"observations": np.asarray(obs[:-1], np.float32), "actions": np.asarray(ep.actions, np.float32),
-                      "rewards": np.asarray(ep.rewards, np.float32), "terminals": np.asarray(ep.terminations, bool)})
+        arrays = dict(observations=obs[:-1], actions=ep.actions, rewards=ep.rewards)
+        traj = {k: np.asarray(v, np.float32) for k, v in arrays.items()}
+        trajs.append({**traj, "terminals": np.asarray(ep.terminations, bool)})
     return trajs
 
 
 def load_d4rl_hdf5(path: str) -> list[dict]:
+    """The episodes of a D4RL file, as `episodes_to_trajectories` gives them; an episode ends at a terminal or timeout."""
     import h5py
 
     if not Path(path).is_file():
         raise UserError(f"--dataset-path {path!r} is not a file")
+    keys = ("observations", "actions", "rewards", "terminals", "timeouts")
     with h5py.File(path, "r") as f:
-        missing = {"observations", "actions", "rewards", "terminals", "timeouts"} - set(f.keys())
+        missing = set(keys) - set(f.keys())
         if missing:
             raise UserError(f"{path} is not D4RL format: missing keys {sorted(missing)}")
-        data = {k: f[k][()] for k in ("observations", "actions", "rewards", "terminals", "timeouts")}
+        data = {k: f[k][()] for k in keys}
     ends = np.flatnonzero(data["terminals"] | data["timeouts"]) + 1
     if len(ends) == 0 or ends[-1] != len(data["rewards"]):
         ends = np.append(ends, len(data["rewards"]))  # the file's last, unfinished episode
-    trajs, start = [], 0
-    for end in ends:
-        trajs.append({"observations": data["observations"][start:end].astype(np.float32),
-                      "actions": data["actions"][start:end].astype(np.float32),
-                      "rewards": data["rewards"][start:end].astype(np.float32),
-                      "terminals": data["terminals"][start:end].astype(bool)})
-        start = end
-    return trajs
+    dtypes = dict(observations=np.float32, actions=np.float32, rewards=np.float32, terminals=bool)
+    return [{k: data[k][s:e].astype(t) for k, t in dtypes.items()} for s, e in zip([0, *ends[:-1]], ends)]
 
 
 def generate_random_dataset(dataset_id: str, env_id: str, key: str, steps: int, seed: int):
@@ -253,15 +268,19 @@ def generate_random_dataset(dataset_id: str, env_id: str, key: str, steps: int, 
     for step in tqdm(range(steps), desc=f"generating {dataset_id}"):
         acts.append(env.action_space.sample())
         o, r, te, tr, _ = env.step(acts[-1])
-        obs.append(o), rew.append(float(r)), term.append(bool(te)), trunc.append(bool(tr or step == steps - 1))
+        obs.append(o)
+        rew.append(float(r))
+        term.append(bool(te))
+        trunc.append(bool(tr or step == steps - 1))
         if te or trunc[-1]:
-            buffers.append(EpisodeBuffer(observations=np.array(obs), actions=np.array(acts), rewards=rew,
-                                         terminations=term, truncations=trunc, infos={}))
+            episode = dict(observations=np.array(obs), actions=np.array(acts), rewards=rew, terminations=term)
+            buffers.append(EpisodeBuffer(**episode, truncations=trunc, infos={}))
             obs, rew, term, trunc, acts = [env.reset()[0]], [], [], [], []
     ref_min, ref_max = D4RL_REF[key]
+    info = dict(algorithm_name="uniform random policy", description=f"{steps} steps of a uniform random policy in {env_id}")
     return minari.create_dataset_from_buffers(
-        dataset_id, buffers, env=env_id, algorithm_name="uniform random policy", ref_min_score=ref_min,
-        ref_max_score=ref_max, description=f"{steps} steps of a uniform random policy in {env_id}")
+        dataset_id, buffers, env=env_id, ref_min_score=ref_min, ref_max_score=ref_max, **info
+    )
 
 
 def load_dataset(env_id: str, dataset: str, dataset_path: Optional[str], random_steps: int, seed: int):
@@ -286,8 +305,10 @@ def load_dataset(env_id: str, dataset: str, dataset_path: Optional[str], random_
         elif "/" in dataset:
             dataset_id = dataset
         else:
-            raise UserError(f"unknown --dataset {dataset!r} for {family}; use one of {sorted(names)} or a Minari id "
-                            "like local/hopper/medium-v0")
+            raise UserError(
+                f"unknown --dataset {dataset!r} for {family}; use one of {sorted(names)} or a Minari id "
+                "like local/hopper/medium-v0"
+            )
         local = minari.list_local_datasets()
         if dataset_id not in local:
             if dataset_id.startswith("generated/"):
@@ -299,7 +320,8 @@ def load_dataset(env_id: str, dataset: str, dataset_path: Optional[str], random_
                 raise UserError(
                     f"dataset {dataset_id!r} is not in the local Minari cache ({root}) and Minari's remote cannot be "
                     f"reached; local datasets: {sorted(local) or 'none'}. Set MINARI_DATASETS_PATH to a datasets root, "
-                    "pass a D4RL file with --dataset-path, or use --dataset random to generate one")
+                    "pass a D4RL file with --dataset-path, or use --dataset random to generate one"
+                )
         ds = minari.load_dataset(dataset_id)
         trajs = episodes_to_trajectories(ds.iterate_episodes(), antmaze=family == "antmaze")
         md = ds.storage.metadata
@@ -314,7 +336,14 @@ def normalized_score(ret, ref_min: float, ref_max: float):
     return 100.0 * (np.asarray(ret) - ref_min) / (ref_max - ref_min)
 
 
+# ---- end shared: datasets ----
+
+
 # ---------------------------------------------------------------- model
+# ---- shared: model (identical in every DT script; tests/test_shared_blocks.py) ----
+CHECKPOINT_FORMAT_VERSION = 1
+
+
 class Block(nn.Module):
     """Pre-LayerNorm transformer block; attention through `scaled_dot_product_attention`."""
 
@@ -324,8 +353,9 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(embed_dim), nn.LayerNorm(embed_dim)
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
         self.proj = nn.Linear(embed_dim, embed_dim)
-        self.mlp = nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim),
-                                 nn.Dropout(dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim), nn.Dropout(dropout)
+        )
         self.resid_drop = nn.Dropout(dropout)
 
     def forward(self, x, attn_mask):
@@ -338,14 +368,15 @@ class Block(nn.Module):
 
 
 class DecisionTransformer(nn.Module):
-    """Tokens (RTG_t, s_t, a_t) per step, each with its own linear embedding and no positional embedding.
+    """Tokens (RTG_t, s_t, a_t) per step, each with its own linear embedding and no positional embedding (ODT).
 
     The output at s_t parameterises a diagonal Gaussian in pre-tanh space; the action is tanh of a
     sample (squashed Gaussian). Left padding is masked out of attention.
     """
 
-    def __init__(self, state_dim, act_dim, embed_dim=512, n_layers=4, n_heads=4, dropout=0.1,
-                 log_std_min=-5.0, log_std_max=2.0):
+    def __init__(
+        self, state_dim, act_dim, embed_dim=512, n_layers=4, n_heads=4, dropout=0.1, log_std_min=-5.0, log_std_max=2.0
+    ):
         super().__init__()
         self.log_std_min, self.log_std_max = log_std_min, log_std_max
         self.embed_rtg = nn.Linear(1, embed_dim)
@@ -381,8 +412,9 @@ def squashed_gaussian(mean, log_std):
     No argument validation: it costs time every step, and a NaN must reach the loss's finiteness check.
     """
     base = Normal(mean, log_std.exp(), validate_args=False)
-    return Independent(TransformedDistribution(base, [TanhTransform(cache_size=1)], validate_args=False), 1,
-                       validate_args=False)
+    return Independent(
+        TransformedDistribution(base, [TanhTransform(cache_size=1)], validate_args=False), 1, validate_args=False
+    )
 
 
 def action_log_prob(mean, log_std, actions, margin: float):
@@ -393,7 +425,6 @@ def action_log_prob(mean, log_std, actions, margin: float):
     return squashed_gaussian(mean, log_std).log_prob(actions.clamp(-1 + margin, 1 - margin))
 
 
-# ---------------------------------------------------------------- algorithm pieces
 class Lamb(torch.optim.Optimizer):
     """LAMB (You et al., 2019): Adam's step, rescaled per tensor by the trust ratio ||w|| / ||step||."""
 
@@ -421,6 +452,56 @@ class Lamb(torch.optim.Optimizer):
                 p.add_(update * trust, alpha=-lr)
 
 
+# ---- end shared: model ----
+
+
+# ---- shared: checkpoint (identical in every DT script; tests/test_shared_blocks.py) ----
+MODEL_SIZES = {
+    # Table 5's DT with ODT's pretraining schedule (meant for a GPU)
+    "paper": dict(
+        embed_dim=512,
+        n_layers=4,
+        n_heads=4,
+        batch_size=256,
+        context_len=None,
+        learning_rate=1e-4,
+        warmup_updates=1000,
+        num_updates=5000,
+    ),
+    # the README's CPU config: a 128x2 DT that pretrains in ~10 minutes on one core
+    "cpu": dict(
+        embed_dim=128,
+        n_layers=2,
+        n_heads=1,
+        batch_size=32,
+        context_len=10,
+        learning_rate=1e-3,
+        warmup_updates=150,
+        num_updates=3000,
+    ),
+}
+
+
+def default_checkpoint_path(env_id: str, dataset: str, seed: int, model_size: str = "paper") -> Path:
+    """Where pretrain_dt.py writes and every finetuning script looks first:
+    checkpoints/{env_id}__{dataset with / -> -}__s{seed}.pt, with `__cpu` before `.pt` for --model-size cpu."""
+    suffix = "" if model_size == "paper" else f"__{model_size}"
+    return Path("checkpoints") / f"{env_id}__{dataset.replace('/', '-')}__s{seed}{suffix}.pt"
+
+
+# ---- end shared: checkpoint ----
+
+
+# ---------------------------------------------------------------- algorithm pieces
+def default_contexts(family: str, key: str, dataset: str) -> tuple[int, int]:
+    """(c_offline, c_online) of Table 6; the rows differ only for Hammer and AntMaze umaze-diverse."""
+    if family == "antmaze":
+        return (1, 5) if "diverse" in dataset else (5, 1)
+    if family == "adroit":
+        return 5, 5 if key == "hammer" else 1
+    return 20, 1
+
+
 def discounted_suffix_sums(rewards: np.ndarray, gamma: float = 1.0) -> np.ndarray:
     """RTG g_t = sum_{k>=t} gamma^(k-t) r_k."""
     out, acc = np.zeros_like(rewards, dtype=np.float64), 0.0
@@ -444,8 +525,7 @@ class SegmentSampler:
     def sample(self, batch_size):
         idx = self.rng.choice(len(self.lengths), size=batch_size, p=self.lengths / self.lengths.sum())
         start = (self.rng.random(batch_size) * self.lengths[idx]).astype(np.int64)
-        n_real = np.minimum(self.K, self.lengths[idx] - start)
-        pad = self.K - n_real
+        pad = self.K - np.minimum(self.K, self.lengths[idx] - start)
         j = np.arange(self.K)[None, :]
         mask = j >= pad[:, None]
         src = self.offsets[idx, None] + start[:, None] + np.where(mask, j - pad[:, None], 0)
@@ -457,7 +537,7 @@ class SegmentSampler:
 
 def dt_loss(model, log_temperature, target_entropy, rtg, states, actions, mask, margin=1e-6, mse_coef=0.0):
     """ODT's loss: masked NLL of clamped dataset actions minus temperature x entropy (+ mse_coef x action MSE), and the
-    temperature's dual loss.
+    temperature's dual loss; returns (loss, temperature_loss, nll, entropy, action_mse).
 
     The action MSE is the squared error of the evaluation action tanh(mean); with mse_coef 0 it is only logged: the
     batch NLL swings with how many boundary actions a batch holds (each exact +-1 adds log(2e-6) = -13 to it), it does not.
@@ -477,13 +557,13 @@ def dt_loss(model, log_temperature, target_entropy, rtg, states, actions, mask, 
 
 @torch.no_grad()
 def evaluate(model, envs, ckpt_like, n_episodes, seed, device):
-    """Deterministic (tanh(mean)) episodes, all envs stepped in lockstep with one batched forward per step."""
+    """Deterministic (tanh(mean)) episodes, all envs stepped in lockstep with one batched forward per step; the returns.
+
+    `ckpt_like` holds context_len, state_mean, state_std, rtg_scale and eval_rtg."""
     model.eval()
-    K, S = ckpt_like["context_len"], len(ckpt_like["state_mean"])
-    mean_t = torch.as_tensor(ckpt_like["state_mean"], device=device)
-    std_t = torch.as_tensor(ckpt_like["state_std"], device=device)
+    K, S, A = ckpt_like["context_len"], len(ckpt_like["state_mean"]), envs[0].action_space.shape[0]
+    mean_t, std_t = (torch.as_tensor(ckpt_like[k], device=device) for k in ("state_mean", "state_std"))
     n = min(n_episodes, len(envs))
-    A = envs[0].action_space.shape[0]
     obs = np.stack([envs[i].reset(seed=seed + i)[0] for i in range(n)])
     states = torch.zeros(n, K, S, device=device)
     actions = torch.zeros(n, K, A, device=device)
@@ -497,9 +577,8 @@ def evaluate(model, envs, ckpt_like, n_episodes, seed, device):
         states[:, -1] = (torch.as_tensor(obs, dtype=torch.float32, device=device) - mean_t) / std_t
         rtg[:, -1, 0], actions[:, -1], mask[:, -1] = target, 0.0, True
         mean, _ = model(rtg, states, actions, mask)
-        act = torch.tanh(mean[:, -1])
-        actions[:, -1] = act
-        act_np = act.cpu().numpy()
+        actions[:, -1] = torch.tanh(mean[:, -1])
+        act_np = actions[:, -1].cpu().numpy()
         for i in np.flatnonzero(alive):
             o, r, term, trunc, _ = envs[i].step(act_np[i])
             obs[i], returns[i] = o, returns[i] + r
@@ -509,16 +588,7 @@ def evaluate(model, envs, ckpt_like, n_episodes, seed, device):
     return returns
 
 
-def fix_malloc_mmap_threshold():
-    """Stop glibc's RSS creep on CPU: after large frees it raises its mmap threshold, and each update's
-    activations then fragment the heap (the 4x512 DT grew to 14 GB in 22 updates; fixed, it stays at 1.2 GB)."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-        except OSError:  # not glibc
-            pass
-
-
+# ---------------------------------------------------------------- run state
 def save_checkpoint(path: Path, payload: dict):
     """Atomic write: a crash mid-save never leaves a truncated checkpoint behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -527,136 +597,190 @@ def save_checkpoint(path: Path, payload: dict):
     os.replace(tmp, path)
 
 
-# ---------------------------------------------------------------- main
+def checkpoint_payload(args: Args, data: dict, model, model_config: dict, log_temperature, update: int, score: float):
+    """The format-1 checkpoint: the model, its config and everything the finetuning scripts need to act with it."""
+    meta = data["eval"]
+    return {
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "env_id": args.env_id,
+        "dataset_id": data["dataset_id"],
+        "ref_min_score": data["ref_min"],
+        "ref_max_score": data["ref_max"],
+        "model_config": {**model_config, "activation": "silu", "c_offline": data["context_len"]},
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_mean": torch.as_tensor(meta["state_mean"], dtype=torch.float32),
+        "state_std": torch.as_tensor(meta["state_std"], dtype=torch.float32),
+        "rtg_scale": meta["rtg_scale"],
+        "eval_rtg": float(meta["eval_rtg"]),
+        "eval_context_len": meta["context_len"],
+        "action_margin": args.action_margin,
+        "log_temperature": float(log_temperature.detach()),
+        "target_entropy": -float(model_config["act_dim"]),
+        "num_updates": update,
+        "eval_normalized_score": score,
+        "pretrain_args": asdict(args),
+    }
+
+
+# ---------------------------------------------------------------- setup
+def apply_presets(args: Args) -> Args:
+    """Fill the size and schedule flags left at None from MODEL_SIZES[--model-size]; an explicit flag wins."""
+    preset = MODEL_SIZES[args.model_size]
+    return replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
+
+
 def check_sizes(args: Args):
     """Every size flag must be positive, and the width must split evenly across heads."""
-    sizes = dict(num_updates=args.num_updates, batch_size=args.batch_size, embed_dim=args.embed_dim,
-                 n_layers=args.n_layers, n_heads=args.n_heads, eval_episodes=args.eval_episodes,
-                 context_len=args.context_len, eval_context_len=args.eval_context_len)
+    names = "num_updates batch_size embed_dim n_layers n_heads eval_episodes context_len eval_context_len".split()
+    sizes = {k: getattr(args, k) for k in names}
     bad = [f"--{k.replace('_', '-')} {v}" for k, v in sizes.items() if v is not None and v < 1]
     if bad:
         raise UserError(f"sizes must be at least 1: {', '.join(bad)}")
     if args.embed_dim % args.n_heads:
         raise UserError(f"--embed-dim {args.embed_dim} is not divisible by --n-heads {args.n_heads}")
     if not 0 < args.action_margin < 1 or args.action_mse_coef < 0:
-        raise UserError(f"--action-margin must be in (0, 1) and --action-mse-coef >= 0 (got {args.action_margin}, "
-                        f"{args.action_mse_coef})")
+        raise UserError(
+            f"--action-margin must be in (0, 1) and --action-mse-coef >= 0 (got {args.action_margin}, {args.action_mse_coef})"
+        )
 
 
-def main(args: Args):
-    family, key = env_family(args.env_id)
-    check_sizes(args)
-    fix_malloc_mmap_threshold()
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+def seed_everything(args: Args) -> torch.device:
+    """Seed python, numpy and torch, make torch deterministic if asked; the device to run on."""
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     if args.torch_deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    # Data
-    dataset_id, trajs, ref_min, ref_max = load_dataset(args.env_id, args.dataset, args.dataset_path,
-                                                       args.random_steps, args.seed)
+
+def prepare_data(args: Args) -> dict:
+    """The dataset, checked against the env: its id, trajectories, reference scores, the env's (state, action) dims,
+    c_offline, and `eval`, what `evaluate` and the checkpoint need (state normalisation, RTG scale, eval RTG, c_online)."""
+    family, key = env_family(args.env_id)
+    dataset_id, trajs, ref_min, ref_max = load_dataset(
+        args.env_id, args.dataset, args.dataset_path, args.random_steps, args.seed
+    )
     probe = make_env(args.env_id)
-    state_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
-    data_s, data_a = trajs[0]["observations"].shape[1], trajs[0]["actions"].shape[1]
-    if (data_s, data_a) != (state_dim, act_dim):
-        raise UserError(f"dataset {dataset_id} has obs/action dims ({data_s}, {data_a}) but {args.env_id} has "
-                        f"({state_dim}, {act_dim})")
+    dims = probe.observation_space.shape[0], probe.action_space.shape[0]
+    data_dims = trajs[0]["observations"].shape[1], trajs[0]["actions"].shape[1]
+    if data_dims != dims:
+        raise UserError(f"dataset {dataset_id} has obs/action dims {data_dims} but {args.env_id} has {dims}")
     all_obs = np.concatenate([t["observations"] for t in trajs])
-    state_mean, state_std = all_obs.mean(0).astype(np.float32), all_obs.std(0).astype(np.float32) + 1e-6
-    rtg_scale = args.rtg_scale if args.rtg_scale is not None else (1.0 if family == "antmaze" else 1e-3)
-    c_offline, c_online = default_contexts(family, key, dataset_id)
-    context_len = args.context_len or c_offline
-    eval_context_len = args.eval_context_len or c_online
-    eval_rtg = args.eval_rtg if args.eval_rtg is not None else TARGET_RETURNS[key]
-    rng = np.random.default_rng(args.seed)
-    sampler = SegmentSampler(trajs, context_len, state_mean, state_std, rtg_scale, rng)
     returns = np.array([t["rewards"].sum() for t in trajs])
-    print(f"{dataset_id}: {len(trajs)} trajectories, {sampler.lengths.sum()} steps, mean return {returns.mean():.1f} "
-          f"(normalized {normalized_score(returns.mean(), ref_min, ref_max):.1f})")
+    print(
+        f"{dataset_id}: {len(trajs)} trajectories, {len(all_obs)} steps, mean return {returns.mean():.1f} "
+        f"(normalized {normalized_score(returns.mean(), ref_min, ref_max):.1f})"
+    )
+    c_offline, c_online = default_contexts(family, key, dataset_id)
+    meta = dict(
+        context_len=args.eval_context_len or c_online,
+        state_mean=all_obs.mean(0).astype(np.float32),
+        state_std=all_obs.std(0).astype(np.float32) + 1e-6,
+        rtg_scale=args.rtg_scale if args.rtg_scale is not None else (1.0 if family == "antmaze" else 1e-3),
+        eval_rtg=args.eval_rtg if args.eval_rtg is not None else TARGET_RETURNS[key],
+    )
+    return dict(
+        dataset_id=dataset_id,
+        trajs=trajs,
+        ref_min=ref_min,
+        ref_max=ref_max,
+        dims=dims,
+        context_len=args.context_len or c_offline,
+        eval=meta,
+    )
 
-    # Model and optimisers
-    model_config = dict(state_dim=state_dim, act_dim=act_dim, embed_dim=args.embed_dim, n_layers=args.n_layers,
-                        n_heads=args.n_heads, dropout=args.dropout, log_std_min=args.log_std_min,
-                        log_std_max=args.log_std_max)
-    model = DecisionTransformer(**model_config).to(device)
-    log_temperature = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
-    target_entropy = -float(act_dim)
-    optimizer = Lamb(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / max(1, args.warmup_updates)))
-    temperature_opt = torch.optim.Adam([log_temperature], lr=args.temperature_lr)
-    ckpt_path = Path(args.checkpoint) if args.checkpoint else default_checkpoint_path(args.env_id, args.dataset, args.seed)
-    meta = dict(context_len=eval_context_len, state_mean=state_mean, state_std=state_std, rtg_scale=rtg_scale,
-                eval_rtg=eval_rtg)
 
+def make_writer(args: Args, run_name: str) -> SummaryWriter:
+    """TensorBoard writer at `{runs_dir}/{run_name}` (and wandb, synced to it, with --track), hyperparameters logged."""
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name,
-                   sync_tensorboard=True, save_code=True)
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            config=vars(args),
+            name=run_name,
+            sync_tensorboard=True,
+            save_code=True,
+        )
     writer = SummaryWriter(f"{args.runs_dir}/{run_name}")
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    eval_envs = [make_env(args.env_id, render_mode="rgb_array") if (i == 0 and args.capture_video)
-                 else make_env(args.env_id) for i in range(args.eval_episodes)]
+    return writer
+
+
+def make_eval_envs(args: Args, run_name: str) -> list:
+    """--eval-episodes envs; with --capture-video the first records to `videos/{run_name}`."""
+    video = {"render_mode": "rgb_array"} if args.capture_video else {}
+    envs = [make_env(args.env_id, **(video if i == 0 else {})) for i in range(args.eval_episodes)]
     if args.capture_video:
         try:
-            eval_envs[0] = gym.wrappers.RecordVideo(eval_envs[0], f"videos/{run_name}")
+            envs[0] = gym.wrappers.RecordVideo(envs[0], f"videos/{run_name}")
         except gym.error.DependencyNotInstalled as e:
             raise UserError(f"--capture-video needs moviepy ({e})")
+    return envs
 
-    def checkpoint_payload(update, score):
-        return {
-            "format_version": CHECKPOINT_FORMAT_VERSION, "env_id": args.env_id, "dataset_id": dataset_id,
-            "ref_min_score": ref_min, "ref_max_score": ref_max,
-            "model_config": {**model_config, "activation": "silu", "c_offline": context_len},
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "state_mean": torch.as_tensor(state_mean, dtype=torch.float32),
-            "state_std": torch.as_tensor(state_std, dtype=torch.float32),
-            "rtg_scale": rtg_scale, "eval_rtg": float(eval_rtg), "eval_context_len": eval_context_len,
-            "action_margin": args.action_margin,
-            "log_temperature": float(log_temperature.detach()), "target_entropy": target_entropy,
-            "num_updates": update, "eval_normalized_score": score, "pretrain_args": asdict(args),
-        }
 
-    # Training loop
+# ---------------------------------------------------------------- main
+def main(args: Args):
+    args = apply_presets(args)
+    check_sizes(args)
+    fix_malloc_mmap_threshold()
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    device = seed_everything(args)
+    data = prepare_data(args)
+    meta, rng = data["eval"], np.random.default_rng(args.seed)
+    sampler = SegmentSampler(data["trajs"], data["context_len"], meta["state_mean"], meta["state_std"], meta["rtg_scale"], rng)
+    ckpt_path = Path(args.checkpoint or default_checkpoint_path(args.env_id, args.dataset, args.seed, args.model_size))
+
+    # Model and optimisers
+    state_dim, act_dim = data["dims"]
+    sizes = ("embed_dim", "n_layers", "n_heads", "dropout", "log_std_min", "log_std_max")
+    model_config = dict(state_dim=state_dim, act_dim=act_dim, **{k: getattr(args, k) for k in sizes})
+    model = DecisionTransformer(**model_config).to(device)
+    log_temperature = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
+    optimizer = Lamb(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / max(1, args.warmup_updates)))
+    temperature_opt = torch.optim.Adam([log_temperature], lr=args.temperature_lr)
+    writer = make_writer(args, run_name)
+    eval_envs = make_eval_envs(args, run_name)
+
+    # ALGO LOGIC: ODT's pretraining, NLL + entropy bonus with a dual temperature
     score, start = float("nan"), time.time()
     pbar = tqdm(range(1, args.num_updates + 1), desc="pretrain", mininterval=2.0)
     for update in pbar:
         batch = (torch.as_tensor(x, device=device) for x in sampler.sample(args.batch_size))
-        loss, temperature_loss, nll, entropy, action_mse = dt_loss(model, log_temperature, target_entropy, *batch,
-                                                                   margin=args.action_margin, mse_coef=args.action_mse_coef)
+        loss, temperature_loss, nll, entropy, action_mse = dt_loss(
+            model, log_temperature, -float(act_dim), *batch, margin=args.action_margin, mse_coef=args.action_mse_coef
+        )
         if not torch.isfinite(loss):
             raise UserError(f"non-finite loss at update {update}; stopped, last good checkpoint kept at {ckpt_path}")
         optimizer.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
-        scheduler.step()
+        warmup.step()
         temperature_opt.zero_grad()
         temperature_loss.backward()
         temperature_opt.step()
 
-        if update % 100 == 0 or update == args.num_updates:
-            writer.add_scalar("losses/nll", nll.item(), update)
-            writer.add_scalar("losses/loss", loss.item(), update)
-            writer.add_scalar("losses/entropy", entropy.item(), update)
-            writer.add_scalar("losses/action_mse", action_mse.item(), update)
-            writer.add_scalar("losses/temperature", log_temperature.exp().item(), update)
-            writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], update)
+        last = update == args.num_updates
+        if update % 100 == 0 or last:
+            losses = dict(nll=nll, loss=loss, entropy=entropy, action_mse=action_mse, temperature=log_temperature.exp())
+            for k, v in losses.items():
+                writer.add_scalar(f"losses/{k}", v.item(), update)
+            writer.add_scalar("charts/learning_rate", warmup.get_last_lr()[0], update)
             writer.add_scalar("charts/updates_per_s", update / (time.time() - start), update)
             pbar.set_postfix(nll=f"{nll.item():.3f}", ent=f"{entropy.item():.2f}")
-        last = update == args.num_updates
         if last or (args.eval_every and update % args.eval_every == 0):
-            rets = evaluate(model, eval_envs, meta, args.eval_episodes, args.seed + 10_000, device)
-            score = float(normalized_score(rets, ref_min, ref_max).mean())
-            writer.add_scalar("charts/episodic_return", rets.mean(), update)
+            returns = evaluate(model, eval_envs, meta, args.eval_episodes, args.seed + 10_000, device)
+            score = float(normalized_score(returns, data["ref_min"], data["ref_max"]).mean())
+            writer.add_scalar("charts/episodic_return", returns.mean(), update)
             writer.add_scalar("charts/normalized_score", score, update)
-            tqdm.write(f"update {update}: return {rets.mean():.1f} +- {rets.std():.1f}, normalized score {score:.1f}")
+            tqdm.write(f"update {update}: return {returns.mean():.1f} +- {returns.std():.1f}, normalized score {score:.1f}")
         if last or (args.save_every and update % args.save_every == 0):
-            save_checkpoint(ckpt_path, checkpoint_payload(update, score))
+            save_checkpoint(ckpt_path, checkpoint_payload(args, data, model, model_config, log_temperature, update, score))
     writer.close()
     print(f"checkpoint: {ckpt_path} (normalized score {score:.1f})")
     return ckpt_path, score, model

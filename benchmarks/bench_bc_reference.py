@@ -46,8 +46,9 @@ class MarkovPolicy(nn.Module):
 
     def __init__(self, state_dim, act_dim, hidden=256):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(state_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, act_dim))
+        self.net = nn.Sequential(
+            nn.Linear(state_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, act_dim)
+        )
 
     def forward(self, rtg, states, actions, pad_mask):
         mean = self.net(states)
@@ -80,8 +81,10 @@ def main(args: Args):
                 scores[seed][update] = float(pt.normalized_score(rets, ref_min, ref_max).mean())
         print(f"seed {seed}: " + ", ".join(f"{u}: {s:.1f}" for u, s in scores[seed].items()), flush=True)
     last = np.array([list(s.values())[-3:] for s in scores.values()])
-    print(f"MLP BC (MSE) on {args.dataset}, mean of the last 3 evaluations over {args.seeds} seeds: "
-          f"{last.mean():.1f} (per seed {last.mean(1).round(1)})")
+    print(
+        f"MLP BC (MSE) on {args.dataset}, mean of the last 3 evaluations over {args.seeds} seeds: "
+        f"{last.mean():.1f} (per seed {last.mean(1).round(1)})"
+    )
 
 
 if __name__ == "__main__":

@@ -25,14 +25,17 @@ import numpy as np
 import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU_CONFIG = ("--embed-dim 128 --n-layers 2 --n-heads 1 --batch-size 32 --context-len 10 --learning-rate 1e-3 "
-              "--warmup-updates 150 --num-updates 3000")
+CPU_CONFIG = "--model-size cpu"  # the README's CPU config: 128x2 DT, batch 32, context 10, lr 1e-3, 3000 updates
 
 
 @dataclass
 class Args:
-    datasets: tuple[str, ...] = ("Hopper-v4:local/hopper/medium-v0", "AdroitHandDoor-v1:local/door/human-v0",
-                                 "Hopper-v4:generated/hopper/noisy-v0", "Hopper-v4:generated/hopper/random-v0")
+    datasets: tuple[str, ...] = (
+        "Hopper-v4:local/hopper/medium-v0",
+        "AdroitHandDoor-v1:local/door/human-v0",
+        "Hopper-v4:generated/hopper/noisy-v0",
+        "Hopper-v4:generated/hopper/random-v0",
+    )
     """env_id:dataset pairs"""
     seeds: int = 3
     """seeds 1..seeds of each"""
@@ -62,15 +65,46 @@ def jobs(args: Args, out: Path):
         env_id, dataset = pair.split(":", 1)
         tag = dataset.replace("/", "-")
         for seed in range(1, args.seeds + 1):
-            dt = [sys.executable, str(ROOT / "pretrain_dt.py"), "--env-id", env_id, "--dataset", dataset, "--seed",
-                  str(seed), *shlex.split(CPU_CONFIG), *shlex.split(args.dt_flags), "--eval-every", str(args.eval_every),
-                  "--eval-episodes", str(args.eval_episodes), "--save-every", "0",
-                  "--checkpoint", str(out / f"dt_{args.config_name}_{tag}_s{seed}.pt"), "--runs-dir", str(out / "runs" / args.config_name / f"{tag}_s{seed}")]
+            dt = [
+                sys.executable,
+                str(ROOT / "pretrain_dt.py"),
+                "--env-id",
+                env_id,
+                "--dataset",
+                dataset,
+                "--seed",
+                str(seed),
+                *shlex.split(CPU_CONFIG),
+                *shlex.split(args.dt_flags),
+                "--eval-every",
+                str(args.eval_every),
+                "--eval-episodes",
+                str(args.eval_episodes),
+                "--save-every",
+                "0",
+                "--checkpoint",
+                str(out / f"dt_{args.config_name}_{tag}_s{seed}.pt"),
+                "--runs-dir",
+                str(out / "runs" / args.config_name / f"{tag}_s{seed}"),
+            ]
             if not dt_scores(out / f"dt_{args.config_name}_{tag}_s{seed}.log", finished=True):
                 yield out / f"dt_{args.config_name}_{tag}_s{seed}.log", dt
-            bc = [sys.executable, str(ROOT / "benchmarks" / "bench_bc_reference.py"), "--env-id", env_id, "--dataset",
-                  dataset, "--first-seed", str(seed), "--seeds", "1", "--updates", str(args.bc_updates),
-                  "--eval-episodes", str(args.eval_episodes)]
+            bc = [
+                sys.executable,
+                str(ROOT / "benchmarks" / "bench_bc_reference.py"),
+                "--env-id",
+                env_id,
+                "--dataset",
+                dataset,
+                "--first-seed",
+                str(seed),
+                "--seeds",
+                "1",
+                "--updates",
+                str(args.bc_updates),
+                "--eval-episodes",
+                str(args.eval_episodes),
+            ]
             if args.bc == "run" and not bc_scores(out / f"bc_{tag}_s{seed}.log"):
                 yield out / f"bc_{tag}_s{seed}.log", bc
 
@@ -120,9 +154,11 @@ def main(args: Args):
                 continue
             final, last3 = np.array([r[-1] for r in runs]), np.array([np.mean(r[-3:]) for r in runs])
             rows[who] = last3.mean()
-            print(f"{pair.split(':', 1)[1]:<30} {who:>4} {' '.join(f'{x:6.1f}' for x in final):>22} "
-                  f"{' '.join(f'{x:6.1f}' for x in last3):>22} {final.mean():6.1f} {last3.mean():6.1f}"
-                  + (f"  (min seed {last3.min():.1f})" if who == "DT" else ""))
+            print(
+                f"{pair.split(':', 1)[1]:<30} {who:>4} {' '.join(f'{x:6.1f}' for x in final):>22} "
+                f"{' '.join(f'{x:6.1f}' for x in last3):>22} {final.mean():6.1f} {last3.mean():6.1f}"
+                + (f"  (min seed {last3.min():.1f})" if who == "DT" else "")
+            )
         if np.isnan([rows["DT"], rows["MLP"]]).any():
             continue
         verdict = "DT >= MLP" if rows["DT"] >= rows["MLP"] else "DT < MLP"

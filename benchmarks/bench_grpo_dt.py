@@ -2,7 +2,7 @@
 
 throughput: env-steps/s of GRPO-DT's grouped sub-trajectory rollouts (exact group resets, one batched policy
     forward per step) next to the raw `mujoco.mj_step` x frame_skip rate measured in the same run, with the time
-    split into physics / policy / overhead, for 1 (in-process) and 2 worker processes.
+    split into physics / policy (all time outside env calls) / overhead, for 1 (in-process) and 2 worker processes.
 learn: a GRPO-DT run on local/hopper/medium-v0 from a pretrained checkpoint; prints the normalized score per
     iteration against the pretrained (iteration 0) score.
 
@@ -78,43 +78,63 @@ def throughput(b: Bench):
     args = grpo_dt.Args(env_id=b.env_id, dataset="medium", trajs_per_iter=b.trajs_per_iter, eval_len=b.eval_len)
     grpo_dt.apply_presets(args, *grpo_dt.env_family(b.env_id))
     n_members = args.trajs_per_iter * args.reset_points * args.group_size
-    scale = ckpt["rtg_scale"]
-    norm = lambda o: (torch.as_tensor(o, dtype=torch.float32) - ckpt["state_mean"]) / ckpt["state_std"]  # noqa: E731
     cfg = ckpt["model_config"]
-    print(f"model: embed {cfg['embed_dim']}, {cfg['n_layers']} layers, {cfg['n_heads']} heads; {n_members} group members, "
-          f"L_traj {args.subtraj_len}, L_eval {args.eval_len}, c_online {args.c_online}")
+    print(
+        f"model: embed {cfg['embed_dim']}, {cfg['n_layers']} layers, {cfg['n_heads']} heads; {n_members} group members, "
+        f"L_traj {args.subtraj_len}, L_eval {args.eval_len}, c_online {args.c_online}"
+    )
     for workers in (0, 2):
-        envs = grpo_dt.EnvPool(b.env_id, n_members, workers) if workers else grpo_dt.Envs(b.env_id, n_members)
-        gen, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
-        out, params = grpo_dt.run_episodes(model, envs, [1, 2], args.g_online, True, 1000, args.c_online, norm, scale,
-                                           gen, record_sim=True)
-        buffer = grpo_dt.store_trajectories(out, params, scale)
+        envs = grpo_dt.EnvPool(b.env_id, n_members, workers)
+        actor = grpo_dt.Actor(
+            model.eval(),
+            ckpt["state_mean"],
+            ckpt["state_std"],
+            rtg_scale=ckpt["rtg_scale"],
+            c=args.c_online,
+            max_steps=1000,
+            gen=torch.Generator().manual_seed(0),
+        )
+        rng = np.random.default_rng(0)
+        out, params = grpo_dt.run_episodes(actor, envs, [1, 2], args.g_online, stochastic=True, record_sim=True)
+        buffer = grpo_dt.store_trajectories(out, params, actor.rtg_scale)
         raw_before = raw_rate(b.env_id, b.raw_steps)
-        steps, wall, timers = 0, 0.0, {}
+        steps, wall, env_seconds = 0, 0.0, 0.0
         for _ in range(b.repeats):
+            envs.seconds = 0.0
             tic = time.perf_counter()
-            _, _, _, out = grpo_dt.collect_groups(model, envs, buffer, args, args.subtraj_len, args.eval_len,
-                                                  args.gamma, args.reset_points, norm, scale, rng, gen, timers)
+            _, _, _, out = grpo_dt.collect_groups(actor, envs, buffer, args, rng)
             wall += time.perf_counter() - tic
+            env_seconds += envs.seconds  # env calls as seen from this process (workers: including the pipes)
             steps += int(out["valid"].sum())
         raw = (raw_before + raw_rate(b.env_id, b.raw_steps)) / 2  # bracket the timed part: the machine is shared
         ceiling = env_step_rate(b.env_id, b.raw_steps // 2)
         rate, cores = steps / wall, max(1, workers)
         physics = steps / raw / cores  # wall seconds the same physics takes at the raw rate, spread over the cores
-        policy = timers["policy"]
-        print(f"workers {workers or 'in-process'}: {rate:,.0f} env-steps/s over {steps} steps; raw mj_step "
-              f"{raw:,.0f}/s per core -> {rate / cores / raw:.2f}x raw per core "
-              f"(time: physics {physics / wall:.0%}, policy {policy / wall:.0%}, "
-              f"overhead {(wall - physics - policy) / wall:.0%}); bare env.step alone: {ceiling / raw:.2f}x raw")
+        policy = wall - env_seconds
+        print(
+            f"workers {workers or 'in-process'}: {rate:,.0f} env-steps/s over {steps} steps; raw mj_step "
+            f"{raw:,.0f}/s per core -> {rate / cores / raw:.2f}x raw per core "
+            f"(time: physics {physics / wall:.0%}, policy {policy / wall:.0%}, "
+            f"overhead {(wall - physics - policy) / wall:.0%}); bare env.step alone: {ceiling / raw:.2f}x raw"
+        )
         envs.close()
 
 
 def learn(b: Bench):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    args = grpo_dt.Args(env_id=b.env_id, dataset="local/hopper/medium-v0", checkpoint=b.checkpoint, num_iterations=10_000,
-                        max_seconds=b.max_seconds, trajs_per_iter=b.trajs_per_iter, eval_len=b.eval_len,
-                        eval_episodes=b.eval_episodes, runs_dir=b.runs_dir, exp_name="bench_grpo_dt")
+    args = grpo_dt.Args(
+        env_id=b.env_id,
+        dataset="local/hopper/medium-v0",
+        checkpoint=b.checkpoint,
+        num_iterations=10_000,
+        max_seconds=b.max_seconds,
+        trajs_per_iter=b.trajs_per_iter,
+        eval_len=b.eval_len,
+        eval_episodes=b.eval_episodes,
+        runs_dir=b.runs_dir,
+        exp_name="bench_grpo_dt",
+    )
     tic = time.time()
     grpo_dt.main(args)
     run = max(Path(b.runs_dir).glob(f"{b.env_id}__bench_grpo_dt__*"), key=lambda p: p.stat().st_mtime)
@@ -130,4 +150,7 @@ def learn(b: Bench):
 
 if __name__ == "__main__":
     bench = tyro.cli(Bench)
-    throughput(bench) if bench.mode == "throughput" else learn(bench)
+    if bench.mode == "throughput":
+        throughput(bench)
+    else:
+        learn(bench)

@@ -27,8 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 class Args:
     checkpoint: str = "/tmp/qg/hopper_cpu_1k.pt"
     """pretrained checkpoint; made with --pretrain-args when missing"""
-    pretrain_args: str = ("--embed-dim 64 --n-layers 2 --n-heads 2 --num-updates 1000 --batch-size 64 "
-                          "--warmup-updates 100 --eval-every 0 --save-every 0 --eval-episodes 5")
+    pretrain_args: str = (
+        "--embed-dim 64 --n-layers 2 --n-heads 2 --num-updates 1000 --batch-size 64 "
+        "--warmup-updates 100 --eval-every 0 --save-every 0 --eval-episodes 5"
+    )
     """pretrain_dt.py flags for a CPU-sized checkpoint"""
     out_dir: str = "/tmp/qg/bench"
     """TensorBoard runs and logs go here"""
@@ -54,10 +56,27 @@ def scalars(run_dir):
 
 def launch(script, name, args, extra):
     runs = Path(args.out_dir) / name
-    cmd = [sys.executable, str(ROOT / script), "--env-id", "Hopper-v4", "--dataset", "local/hopper/medium-v0",
-           "--checkpoint", args.checkpoint, "--num-iterations", "100000", "--total-env-steps", str(args.total_env_steps),
-           "--max-seconds", str(args.max_seconds), "--eval-episodes", str(args.eval_episodes), "--runs-dir", str(runs),
-           *shlex.split(extra)]
+    cmd = [
+        sys.executable,
+        str(ROOT / script),
+        "--env-id",
+        "Hopper-v4",
+        "--dataset",
+        "local/hopper/medium-v0",
+        "--checkpoint",
+        args.checkpoint,
+        "--num-iterations",
+        "100000",
+        "--total-env-steps",
+        str(args.total_env_steps),
+        "--max-seconds",
+        str(args.max_seconds),
+        "--eval-episodes",
+        str(args.eval_episodes),
+        "--runs-dir",
+        str(runs),
+        *shlex.split(extra),
+    ]
     print("$", shlex.join(cmd), flush=True)
     log = open(Path(args.out_dir) / f"{name}.log", "w")
     return runs, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -66,13 +85,24 @@ def launch(script, name, args, extra):
 def report(name, runs):
     (run,) = glob.glob(f"{runs}/*/")
     s = scalars(run)
-    cols = [c for c in ("losses/q_values", "losses/critic_loss", "losses/kept_fraction", "losses/clipfrac",
-                        "losses/kl", "losses/entropy") if c in s]
+    cols = [
+        c
+        for c in (
+            "losses/q_values",
+            "losses/critic_loss",
+            "losses/kept_fraction",
+            "losses/clipfrac",
+            "losses/kl",
+            "losses/entropy",
+        )
+        if c in s
+    ]
     print(f"\n{name}: iteration, env_steps, normalized_score, " + ", ".join(c.split("/")[1] for c in cols))
     for it in sorted(s["charts/normalized_score"]):
         extra = [f"{s[c][it]:.4g}" if it in s[c] else "-" for c in cols]
-        print(f"  {it:4d} {int(s['charts/env_steps'].get(it, 0)):8d} {s['charts/normalized_score'][it]:7.2f}  "
-              + " ".join(extra))
+        print(
+            f"  {it:4d} {int(s['charts/env_steps'].get(it, 0)):8d} {s['charts/normalized_score'][it]:7.2f}  " + " ".join(extra)
+        )
     return s
 
 
@@ -81,9 +111,22 @@ def main(args: Args):
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     if not Path(args.checkpoint).is_file():
         t0 = time.time()
-        subprocess.run([sys.executable, str(ROOT / "pretrain_dt.py"), "--env-id", "Hopper-v4", "--dataset",
-                        "local/hopper/medium-v0", "--checkpoint", args.checkpoint, "--runs-dir",
-                        f"{args.out_dir}/pretrain", *shlex.split(args.pretrain_args)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "pretrain_dt.py"),
+                "--env-id",
+                "Hopper-v4",
+                "--dataset",
+                "local/hopper/medium-v0",
+                "--checkpoint",
+                args.checkpoint,
+                "--runs-dir",
+                f"{args.out_dir}/pretrain",
+                *shlex.split(args.pretrain_args),
+            ],
+            check=True,
+        )
         print(f"pretraining took {time.time() - t0:.0f} s")
     t0 = time.time()
     jobs = {"grpo_dt_qguided": launch("grpo_dt_qguided.py", "grpo_dt_qguided", args, args.qguided_args)}
@@ -95,9 +138,14 @@ def main(args: Args):
         print(f"{name}: exit {proc.wait()} after {time.time() - t0:.0f} s")
     results = {name: report(name, runs) for name, (runs, _) in jobs.items()}
     if len(results) == 2:
-        print("\nfinal (last iteration): " + "; ".join(
-            f"{n}: score {s['charts/normalized_score'][max(s['charts/normalized_score'])]:.2f} at "
-            f"{int(s['charts/env_steps'][max(s['charts/env_steps'])])} env steps" for n, s in results.items()))
+        print(
+            "\nfinal (last iteration): "
+            + "; ".join(
+                f"{n}: score {s['charts/normalized_score'][max(s['charts/normalized_score'])]:.2f} at "
+                f"{int(s['charts/env_steps'][max(s['charts/env_steps'])])} env steps"
+                for n, s in results.items()
+            )
+        )
 
 
 if __name__ == "__main__":

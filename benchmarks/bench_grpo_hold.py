@@ -67,9 +67,25 @@ def main(args: Args):
     runs = []
     for arm, flags in arms.items():
         for seed in range(1, args.seeds + 1):
-            cmd = [sys.executable, "grpo_dt.py", "--env-id", args.env_id, "--dataset", args.dataset, "--checkpoint",
-                   args.checkpoint, "--seed", str(seed), "--num-iterations", str(args.iterations), "--eval-episodes",
-                   str(args.eval_episodes), "--runs-dir", str(raw / arm / f"s{seed}"), *shlex.split(flags)]
+            cmd = [
+                sys.executable,
+                "grpo_dt.py",
+                "--env-id",
+                args.env_id,
+                "--dataset",
+                args.dataset,
+                "--checkpoint",
+                args.checkpoint,
+                "--seed",
+                str(seed),
+                "--num-iterations",
+                str(args.iterations),
+                "--eval-episodes",
+                str(args.eval_episodes),
+                "--runs-dir",
+                str(raw / arm / f"s{seed}"),
+                *shlex.split(flags),
+            ]
             runs.append((arm, seed, cmd))
     pending, running = list(runs), []
     while pending or running:
@@ -90,12 +106,17 @@ def main(args: Args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [f"# {args.name}: does GRPO-DT hold its gains?", "",
-             f"- env {args.env_id}, dataset {args.dataset}, {args.iterations} iterations, seeds 1..{args.seeds}, "
-             f"{args.eval_episodes} evaluation episodes per point", f"- fixed checkpoint: `{args.checkpoint}`",
-             "- per seed: start (iteration 0) / peak / mean of the last 5 evaluations", "",
-             "| arm | flags | start | peak | last-5 mean | last-5 minus start | per seed (start / peak / last 5) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# {args.name}: does GRPO-DT hold its gains?",
+        "",
+        f"- env {args.env_id}, dataset {args.dataset}, {args.iterations} iterations, seeds 1..{args.seeds}, "
+        f"{args.eval_episodes} evaluation episodes per point",
+        f"- fixed checkpoint: `{args.checkpoint}`",
+        "- per seed: start (iteration 0) / peak / mean of the last 5 evaluations",
+        "",
+        "| arm | flags | start | peak | last-5 mean | last-5 minus start | per seed (start / peak / last 5) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     fig, ax = plt.subplots(figsize=(8, 5))
     for k, (arm, flags) in enumerate(arms.items()):
         per_seed = []
@@ -107,8 +128,10 @@ def main(args: Args):
         curves = np.array([scores_of(raw / arm / f"s{s}")[1] for s in range(1, args.seeds + 1)])
         ax.plot(np.arange(curves.shape[1]), curves.mean(0), color=f"C{k}", label=f"{arm} (mean of {args.seeds})")
         seeds_txt = "; ".join(f"{a:.1f} / {b:.1f} / {c:.1f}" for a, b, c in ps)
-        lines.append(f"| {arm} | `{flags or '(none)'}` | {ps[:, 0].mean():.1f} | {ps[:, 1].mean():.1f} | "
-                     f"{ps[:, 2].mean():.1f} ± {ps[:, 2].std():.1f} | {(ps[:, 2] - ps[:, 0]).mean():+.1f} | {seeds_txt} |")
+        lines.append(
+            f"| {arm} | `{flags or '(none)'}` | {ps[:, 0].mean():.1f} | {ps[:, 1].mean():.1f} | "
+            f"{ps[:, 2].mean():.1f} ± {ps[:, 2].std():.1f} | {(ps[:, 2] - ps[:, 0]).mean():+.1f} | {seeds_txt} |"
+        )
         print(lines[-1], flush=True)
     lines += ["", "Commands:", ""] + [f"- `{shlex.join(cmd[1:])}`" for _, _, cmd in runs]
     ax.set_xlabel("iteration")

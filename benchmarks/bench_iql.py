@@ -65,19 +65,43 @@ def main(args: Args):
     snapshot = tmp / "iql.py"
     shutil.copy(ROOT / "iql.py", snapshot)
     sha = hashlib.sha1(snapshot.read_bytes()).hexdigest()[:10]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "MINARI_DATASETS_PATH": os.environ.get("MINARI_DATASETS_PATH", str(ROOT.parent / "shared" / "datasets"))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "MINARI_DATASETS_PATH": os.environ.get("MINARI_DATASETS_PATH", str(ROOT.parent / "shared" / "datasets")),
+    }
     print(f"iql.py sha1 {sha}; {args.env_id} on {args.dataset}; {args.eval_episodes} eval episodes", flush=True)
     results = {}
     for budget in args.budgets:
         for seed in range(1, args.seeds + 1):
             name = f"offline{budget}_online{args.online_steps}_s{seed}"
             runs = tmp / "runs" / name
-            cmd = [sys.executable, str(snapshot), "--env-id", args.env_id, "--dataset", args.dataset, "--seed", str(seed),
-                   "--offline-updates", str(budget), "--offline-eval-every", str(args.offline_eval_every),
-                   "--online-steps", str(args.online_steps), "--eval-every", str(args.eval_every),
-                   "--eval-episodes", str(args.eval_episodes), "--runs-dir", str(runs), "--save-every", "0",
-                   *args.extra.split()]
+            cmd = [
+                sys.executable,
+                str(snapshot),
+                "--env-id",
+                args.env_id,
+                "--dataset",
+                args.dataset,
+                "--seed",
+                str(seed),
+                "--offline-updates",
+                str(budget),
+                "--offline-eval-every",
+                str(args.offline_eval_every),
+                "--online-steps",
+                str(args.online_steps),
+                "--eval-every",
+                str(args.eval_every),
+                "--eval-episodes",
+                str(args.eval_episodes),
+                "--runs-dir",
+                str(runs),
+                "--save-every",
+                "0",
+                *args.extra.split(),
+            ]
             start = time.time()
             with open(out / f"{name}.log", "w") as log:
                 log.write(f"# {' '.join(cmd)}\n# iql.py sha1 {sha}\n")
@@ -88,25 +112,40 @@ def main(args: Args):
             s = scalars(next(runs.iterdir()))
             final_step = max(s["charts/normalized_score"])
             results[budget, seed] = dict(
-                offline=s["charts/normalized_score"][0], offline_sem=s["charts/normalized_score_sem"][0],
-                online=s["charts/normalized_score"][final_step], online_sem=s["charts/normalized_score_sem"][final_step],
-                ups=s["offline/updates_per_s"][budget], curve=s["offline/normalized_score"], wall=time.time() - start)
+                offline=s["charts/normalized_score"][0],
+                offline_sem=s["charts/normalized_score_sem"][0],
+                online=s["charts/normalized_score"][final_step],
+                online_sem=s["charts/normalized_score_sem"][final_step],
+                ups=s["offline/updates_per_s"][budget],
+                curve=s["offline/normalized_score"],
+                wall=time.time() - start,
+            )
             r = results[budget, seed]
-            print(f"{budget:>7} offline updates, seed {seed}: score {r['offline']:.2f} +- {r['offline_sem']:.2f} (sem, "
-                  f"{args.eval_episodes} episodes), {r['ups']:.1f} updates/s, {r['wall']:.0f} s"
-                  + (f"; after {final_step} online steps {r['online']:.2f} +- {r['online_sem']:.2f}"
-                     if args.online_steps else ""), flush=True)
+            print(
+                f"{budget:>7} offline updates, seed {seed}: score {r['offline']:.2f} +- {r['offline_sem']:.2f} (sem, "
+                f"{args.eval_episodes} episodes), {r['ups']:.1f} updates/s, {r['wall']:.0f} s"
+                + (
+                    f"; after {final_step} online steps {r['online']:.2f} +- {r['online_sem']:.2f}"
+                    if args.online_steps
+                    else ""
+                ),
+                flush=True,
+            )
 
-    print(f"\nsummary ({args.seeds} seeds; +- over seeds is np.std, ddof=0; sem: mean over seeds of each run's "
-          "standard error over its evaluation episodes):")
+    print(
+        f"\nsummary ({args.seeds} seeds; +- over seeds is np.std, ddof=0; sem: mean over seeds of each run's "
+        "standard error over its evaluation episodes):"
+    )
     for budget in args.budgets:
         rows = [results[budget, s] for s in range(1, args.seeds + 1)]
         for key in ("offline", "online") if args.online_steps else ("offline",):
             x = np.array([r[key] for r in rows])
             sem = np.mean([r[f"{key}_sem"] for r in rows])
             label = f"after {budget} offline updates" + (f" + {args.online_steps} online steps" if key == "online" else "")
-            print(f"  {label}: {x.mean():.2f} +- {x.std():.2f} (per seed {', '.join(f'{v:.2f}' for v in x)}; "
-                  f"eval sem {sem:.2f}); target 40.3")
+            print(
+                f"  {label}: {x.mean():.2f} +- {x.std():.2f} (per seed {', '.join(f'{v:.2f}' for v in x)}; "
+                f"eval sem {sem:.2f}); target 40.3"
+            )
         steps = sorted(rows[0]["curve"])
         if len(steps) > 1:
             curve = np.array([[r["curve"][k] for k in steps] for r in rows])

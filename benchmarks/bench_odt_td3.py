@@ -19,8 +19,26 @@ import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
-PRETRAIN = ["--embed-dim", "64", "--n-layers", "2", "--n-heads", "2", "--num-updates", "1000", "--batch-size", "64",
-            "--warmup-updates", "100", "--eval-episodes", "5", "--eval-every", "0", "--save-every", "0"]
+PRETRAIN = [
+    "--embed-dim",
+    "64",
+    "--n-layers",
+    "2",
+    "--n-heads",
+    "2",
+    "--num-updates",
+    "1000",
+    "--batch-size",
+    "64",
+    "--warmup-updates",
+    "100",
+    "--eval-episodes",
+    "5",
+    "--eval-every",
+    "0",
+    "--save-every",
+    "0",
+]
 
 
 @dataclass
@@ -37,7 +55,7 @@ class Args:
     """DT updates per iteration (the script's default: 300)"""
     critic_updates: int = 120
     """critic updates per iteration (the script's MuJoCo default: 600)"""
-    batch_size: int = 64
+    n_batch: int = 64
     """segments per update (the script's default: 256)"""
     critic_pretrain_updates: int = 1000
     """critic updates on the offline data before the online phase (the script's default: 5000)"""
@@ -60,20 +78,64 @@ def main(args: Args):
     ckpt = out / f"Hopper-v4__local-hopper-medium-v0__cpu__s{args.seed}.pt"
     if not ckpt.exists():
         t0 = time.time()
-        subprocess.run([sys.executable, str(ROOT / "pretrain_dt.py"), "--env-id", "Hopper-v4", "--dataset",
-                        "local/hopper/medium-v0", "--seed", str(args.seed), "--checkpoint", str(ckpt),
-                        "--runs-dir", str(out / "runs"), *PRETRAIN], env=env, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "pretrain_dt.py"),
+                "--env-id",
+                "Hopper-v4",
+                "--dataset",
+                "local/hopper/medium-v0",
+                "--seed",
+                str(args.seed),
+                "--checkpoint",
+                str(ckpt),
+                "--runs-dir",
+                str(out / "runs"),
+                *PRETRAIN,
+            ],
+            env=env,
+            check=True,
+        )
         print(f"pretraining: {time.time() - t0:.0f}s")
     procs, t0 = {}, time.time()
     for algo in ("odt", "odt_td3"):
-        cmd = [sys.executable, str(ROOT / "odt_td3.py"), "--env-id", "Hopper-v4", "--dataset", "local/hopper/medium-v0",
-               "--checkpoint", str(ckpt), "--algo", algo, "--seed", str(args.seed), "--num-iterations", "100000",
-               "--total-env-steps", str(args.budget_env_steps), "--max-seconds", str(args.max_seconds),
-               "--actor-updates", str(args.actor_updates), "--critic-updates", str(args.critic_updates),
-               "--batch-size", str(args.batch_size), "--warmup-updates", str(args.warmup_updates),
-               "--critic-pretrain-updates", str(args.critic_pretrain_updates),
-               "--eval-episodes", str(args.eval_episodes), "--runs-dir", str(out / "runs" / algo),
-               "--exp-name", f"bench_{algo}"]
+        cmd = [
+            sys.executable,
+            str(ROOT / "odt_td3.py"),
+            "--env-id",
+            "Hopper-v4",
+            "--dataset",
+            "local/hopper/medium-v0",
+            "--checkpoint",
+            str(ckpt),
+            "--algo",
+            algo,
+            "--seed",
+            str(args.seed),
+            "--num-iterations",
+            "100000",
+            "--total-env-steps",
+            str(args.budget_env_steps),
+            "--max-seconds",
+            str(args.max_seconds),
+            "--actor-updates",
+            str(args.actor_updates),
+            "--critic-updates",
+            str(args.critic_updates),
+            "--n-batch",
+            str(args.n_batch),
+            "--warmup-updates",
+            str(args.warmup_updates),
+            "--critic-pretrain-updates",
+            str(args.critic_pretrain_updates),
+            "--eval-episodes",
+            str(args.eval_episodes),
+            "--runs-dir",
+            str(out / "runs" / algo),
+            "--exp-name",
+            f"bench_{algo}",
+        ]
         print(" ".join(cmd))
         procs[algo] = subprocess.Popen(cmd, env=env, stdout=open(out / f"{algo}.log", "w"), stderr=subprocess.STDOUT)
     for algo, p in procs.items():
@@ -86,16 +148,20 @@ def main(args: Args):
     print("| iteration | " + " | ".join(f"{a} score | {a} env steps" for a in runs) + " |")
     print("|---" * (1 + 2 * len(runs)) + "|")
     for it in its:
-        cells = [f"{r['charts/normalized_score'].get(it, float('nan')):.1f} | "
-                 f"{int(r.get('charts/env_steps', {}).get(it, 0))}" for r in runs.values()]
+        cells = [
+            f"{r['charts/normalized_score'].get(it, float('nan')):.1f} | {int(r.get('charts/env_steps', {}).get(it, 0))}"
+            for r in runs.values()
+        ]
         print(f"| {it} | " + " | ".join(cells) + " |")
     print(f"\npretrained checkpoint (iteration 0): {runs['odt']['charts/normalized_score'][0]:.1f}")
     for algo, r in runs.items():
         last = max(r["charts/normalized_score"])
         scores = np.array(list(r["charts/normalized_score"].values()))
-        print(f"{algo}: {last} iterations, final {scores[-1]:.1f}, best {scores.max():.1f}, "
-              f"mean of last 5 {scores[-5:].mean():.1f}, env steps {int(r['charts/env_steps'][last])}, "
-              f"SPS {r['charts/SPS'][last]:.1f}, updates/s {np.mean(list(r['charts/updates_per_s'].values())):.1f}")
+        print(
+            f"{algo}: {last} iterations, final {scores[-1]:.1f}, best {scores.max():.1f}, "
+            f"mean of last 5 {scores[-5:].mean():.1f}, env steps {int(r['charts/env_steps'][last])}, "
+            f"SPS {r['charts/SPS'][last]:.1f}, updates/s {np.mean(list(r['charts/updates_per_s'].values())):.1f}"
+        )
 
 
 if __name__ == "__main__":

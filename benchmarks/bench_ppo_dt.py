@@ -62,20 +62,62 @@ def main(args: Args):
     ckpt = raw / f"{args.env_id}__{args.dataset.replace('/', '-')}__{size}__s{args.seed}.pt"
     env = {**os.environ, "OMP_NUM_THREADS": str(args.torch_threads)}
     if not ckpt.exists():
-        cmd = [sys.executable, str(ROOT / "pretrain_dt.py"), "--env-id", args.env_id, "--dataset", args.dataset,
-               "--seed", str(args.seed), "--checkpoint", str(ckpt), "--embed-dim", str(args.embed_dim),
-               "--n-layers", str(args.n_layers), "--num-updates", str(args.pretrain_updates),
-               "--batch-size", str(args.pretrain_batch_size), "--warmup-updates", str(args.pretrain_updates // 10),
-               "--learning-rate", str(args.pretrain_learning_rate),
-               "--eval-every", "0", "--eval-episodes", str(args.eval_episodes), "--runs-dir", str(raw / "runs")]
+        cmd = [
+            sys.executable,
+            str(ROOT / "pretrain_dt.py"),
+            "--env-id",
+            args.env_id,
+            "--dataset",
+            args.dataset,
+            "--seed",
+            str(args.seed),
+            "--checkpoint",
+            str(ckpt),
+            "--embed-dim",
+            str(args.embed_dim),
+            "--n-layers",
+            str(args.n_layers),
+            "--num-updates",
+            str(args.pretrain_updates),
+            "--batch-size",
+            str(args.pretrain_batch_size),
+            "--warmup-updates",
+            str(args.pretrain_updates // 10),
+            "--learning-rate",
+            str(args.pretrain_learning_rate),
+            "--eval-every",
+            "0",
+            "--eval-episodes",
+            str(args.eval_episodes),
+            "--runs-dir",
+            str(raw / "runs"),
+        ]
         print("$", shlex.join(cmd), flush=True)
         subprocess.run(cmd, check=True, env=env)
     runs = raw / f"runs_ppo_{size}{args.tag}"
     before = set(runs.iterdir()) if runs.exists() else set()
-    cmd = [sys.executable, str(ROOT / "ppo_dt.py"), "--env-id", args.env_id, "--dataset", args.dataset,
-           "--seed", str(args.seed), "--checkpoint", str(ckpt), "--num-iterations", str(args.num_iterations),
-           "--max-seconds", str(args.max_seconds), "--eval-episodes", str(args.eval_episodes),
-           "--torch-threads", str(args.torch_threads), "--runs-dir", str(runs)] + shlex.split(args.ppo_extra_args)
+    cmd = [
+        sys.executable,
+        str(ROOT / "ppo_dt.py"),
+        "--env-id",
+        args.env_id,
+        "--dataset",
+        args.dataset,
+        "--seed",
+        str(args.seed),
+        "--checkpoint",
+        str(ckpt),
+        "--num-iterations",
+        str(args.num_iterations),
+        "--max-seconds",
+        str(args.max_seconds),
+        "--eval-episodes",
+        str(args.eval_episodes),
+        "--torch-threads",
+        str(args.torch_threads),
+        "--runs-dir",
+        str(runs),
+    ] + shlex.split(args.ppo_extra_args)
     print("$", shlex.join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=env)
 
@@ -86,18 +128,34 @@ def main(args: Args):
 
     meta = torch.load(ckpt, map_location="cpu", weights_only=False)
     pretrained, c_offline = meta["eval_normalized_score"], meta["model_config"]["c_offline"]
-    cols = ["charts/normalized_score", "charts/eval_return", "charts/episodic_return", "charts/env_steps",
-            "charts/SPS", "losses/approx_kl", "losses/clipfrac", "losses/entropy", "losses/kappa",
-            "losses/explained_variance"]
-    lines = [f"pretrained checkpoint score (context {c_offline}, pretrain_dt.py eval): {pretrained:.1f}",
-             f"run: {run}", "", "| iteration | " + " | ".join(c.split("/")[1] for c in cols) + " |",
-             "|" + "---|" * (len(cols) + 1)]
+    cols = [
+        "charts/normalized_score",
+        "charts/eval_return",
+        "charts/episodic_return",
+        "charts/env_steps",
+        "charts/SPS",
+        "losses/approx_kl",
+        "losses/clipfrac",
+        "losses/entropy",
+        "losses/kappa",
+        "losses/explained_variance",
+    ]
+    lines = [
+        f"pretrained checkpoint score (context {c_offline}, pretrain_dt.py eval): {pretrained:.1f}",
+        f"run: {run}",
+        "",
+        "| iteration | " + " | ".join(c.split("/")[1] for c in cols) + " |",
+        "|" + "---|" * (len(cols) + 1),
+    ]
     for it in sorted(s["charts/normalized_score"]):
         lines.append(f"| {it} | " + " | ".join(f"{s[c][it]:.4g}" if it in s.get(c, {}) else "" for c in cols) + " |")
     scores = s["charts/normalized_score"]
     last = sorted(scores)[-5:]
-    lines += ["", f"iteration 0 (before any update): {scores[0]:.1f}; best: {max(scores.values()):.1f}; "
-              f"mean of last {len(last)}: {sum(scores[i] for i in last) / len(last):.1f}"]
+    lines += [
+        "",
+        f"iteration 0 (before any update): {scores[0]:.1f}; best: {max(scores.values()):.1f}; "
+        f"mean of last {len(last)}: {sum(scores[i] for i in last) / len(last):.1f}",
+    ]
     text = "\n".join(lines)
     print(text)
     (raw / f"table_{size}{args.tag}.md").write_text(text + "\n")

@@ -9,9 +9,8 @@ at the default evaluation context (c_online = 1 on Hopper, what the finetuning s
 
     MINARI_DATASETS_PATH=$(realpath ../shared/datasets) python benchmarks/bench_pretrain_dt.py
     python benchmarks/bench_pretrain_dt.py --learn-updates 0   # speed only
-    # the README's 3-minute CPU config, which does not reach the target (37.6):
-    python benchmarks/bench_pretrain_dt.py --learn-updates 3000 --learn-model="--embed-dim 128 --n-layers 2 \
-        --n-heads 1 --batch-size 32 --context-len 10 --learning-rate 1e-3 --warmup-updates 150"
+    # the README's 3-minute CPU config (pretrain_dt.py --model-size cpu), which does not reach the target (37.6):
+    python benchmarks/bench_pretrain_dt.py --learn-updates 3000 --learn-model="--model-size cpu"
 """
 
 import os
@@ -54,8 +53,17 @@ class Args:
 
 
 def start(flags: list[str], tmp: Path, name: str, env=None):
-    cmd = [sys.executable, str(ROOT / "pretrain_dt.py"), "--checkpoint", str(tmp / f"{name}.pt"),
-           "--runs-dir", str(tmp / name), "--save-every", "0", *flags]
+    cmd = [
+        sys.executable,
+        str(ROOT / "pretrain_dt.py"),
+        "--checkpoint",
+        str(tmp / f"{name}.pt"),
+        "--runs-dir",
+        str(tmp / name),
+        "--save-every",
+        "0",
+        *flags,
+    ]
     # Output goes to a file, not a pipe: a parallel run must never stall on a full pipe nobody reads yet.
     log = open(tmp / f"{name}.log", "w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -77,33 +85,55 @@ def main(args: Args):
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         print(f"{'config':<10} {'updates/s':>10} {'peak RSS MiB':>13}")
-        for name, model in (("paper4x512", "--batch-size 256"), ("cpu", args.speed_model)):
-            flags = [*base, *model.split(), "--num-updates", str(args.speed_updates), "--eval-every", "0",
-                     "--eval-episodes", "1", "--warmup-updates", "1"]
+        for name, model in (("paper4x512", "--model-size paper"), ("cpu", args.speed_model)):
+            flags = [
+                *base,
+                *model.split(),
+                "--num-updates",
+                str(args.speed_updates),
+                "--eval-every",
+                "0",
+                "--eval-episodes",
+                "1",
+                "--warmup-updates",
+                "1",
+            ]
             rss, scalars = finish(start(flags, tmp, name), tmp, name)
             ups = scalars["charts/updates_per_s"][-1][1]
             print(f"{name:<10} {ups:>10.2f} {rss:>13.0f}", flush=True)
         if not args.learn_updates:
             return
         t0, scores, todo = time.time(), {}, list(range(1, args.seeds + 1))
-        flags = [*base, *args.learn_model.split(), "--num-updates", str(args.learn_updates),
-                 "--eval-every", str(args.eval_every), "--eval-episodes", str(args.eval_episodes)]
+        flags = [
+            *base,
+            *args.learn_model.split(),
+            "--num-updates",
+            str(args.learn_updates),
+            "--eval-every",
+            str(args.eval_every),
+            "--eval-episodes",
+            str(args.eval_episodes),
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         while todo:
-            batch, todo = todo[: args.parallel], todo[args.parallel:]
+            batch, todo = todo[: args.parallel], todo[args.parallel :]
             procs = {s: start([*flags, "--seed", str(s)], tmp, f"learn{s}", env) for s in batch}
             for s, proc in procs.items():
                 scores[s] = dict(finish(proc, tmp, f"learn{s}")[1]["charts/normalized_score"])
-        print(f"\nDT ({args.learn_model}), {args.learn_updates} updates, {args.seeds} seeds, "
-              f"{(time.time() - t0) / 60:.1f} min; normalized score ({args.eval_episodes} episodes per point):")
+        print(
+            f"\nDT ({args.learn_model}), {args.learn_updates} updates, {args.seeds} seeds, "
+            f"{(time.time() - t0) / 60:.1f} min; normalized score ({args.eval_episodes} episodes per point):"
+        )
         steps = sorted(scores[1])
         print(f"{'update':>7} " + " ".join(f"{'seed ' + str(s):>7}" for s in scores) + f" {'mean':>6} {'std':>5}")
         for step in steps:
             row = np.array([scores[s][step] for s in scores])
             print(f"{step:>7} " + " ".join(f"{v:>7.1f}" for v in row) + f" {row.mean():>6.1f} {row.std():>5.1f}")
         last = np.array([[scores[s][step] for step in steps[-3:]] for s in scores])
-        print(f"mean of the last 3 evaluations over seeds: {last.mean():.1f} (per seed {last.mean(1).round(1)}); "
-              f"final checkpoints: {last[:, -1].mean():.1f}; target 40.3")
+        print(
+            f"mean of the last 3 evaluations over seeds: {last.mean():.1f} (per seed {last.mean(1).round(1)}); "
+            f"final checkpoints: {last[:, -1].mean():.1f}; target 40.3"
+        )
 
 
 if __name__ == "__main__":

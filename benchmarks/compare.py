@@ -106,26 +106,94 @@ TASKS = {"hopper": ("Hopper-v4", "local/hopper/medium-v0"), "door": ("AdroitHand
 DT = Method("dt", "pretrained DT (no finetuning)", "grpo_dt.py", ("--num-iterations", "0"), reference=True)
 GRPO = Method("grpo-dt", "GRPO-DT", "grpo_dt.py")
 IQL = Method("iql", "IQL", "iql.py", uses_checkpoint=False, steps_are_env_steps=True)
-TABLE1 = [DT, IQL, Method("odt", "ODT", "odt_td3.py", ("--algo", "odt")), Method("odt-td3", "ODT+TD3", "odt_td3.py"),
-          Method("ppo-dt", "PPO-DT", "ppo_dt.py"), GRPO, Method("qguided", "Q-guided GRPO-DT", "grpo_dt_qguided.py")]
-ABLATIONS = ("full-trajectory", "no-consistent-reset", "token-level-ratio", "uniform-reset-sampling",
-             "geometric-mean-ratio")  # Fig. 2a-e, each against GRPO-DT with all its components
+TABLE1 = [
+    DT,
+    IQL,
+    Method("odt", "ODT", "odt_td3.py", ("--algo", "odt")),
+    Method("odt-td3", "ODT+TD3", "odt_td3.py"),
+    Method("ppo-dt", "PPO-DT", "ppo_dt.py"),
+    GRPO,
+    Method("qguided", "Q-guided GRPO-DT", "grpo_dt_qguided.py"),
+]
+# Fig. 2a-e, each against GRPO-DT with all its components: (run key, grpo_dt.py flags)
+ABLATIONS = {
+    "full-trajectory": ("--full-trajectory",),
+    "no-consistent-reset": ("--no-consistent-reset",),
+    "token-level-ratio": ("--ratio", "token"),
+    "uniform-reset-sampling": ("--reset-sampling", "uniform"),
+    "geometric-mean-ratio": ("--ratio", "geometric"),
+}
 # (default L_traj, L_eval; other L_traj; other L_eval) per scale: the paper's Hopper row is 15, 400 (Table 6).
 LENGTHS = {"cpu": (15, 100, (5, 30), (25, 200)), "paper": (15, 400, (5, 50), (50, 200))}
 
 # Sizes for --scale cpu. The finetuning scripts' overrides were set from each script's --help.
-CPU_PRETRAIN = ("--embed-dim", "64", "--n-layers", "2", "--n-heads", "2", "--num-updates", "1500", "--batch-size", "64",
-                "--warmup-updates", "150", "--learning-rate", "1e-3", "--eval-episodes", "5")
+CPU_PRETRAIN = (
+    "--embed-dim",
+    "64",
+    "--n-layers",
+    "2",
+    "--n-heads",
+    "2",
+    "--num-updates",
+    "1500",
+    "--batch-size",
+    "64",
+    "--warmup-updates",
+    "150",
+    "--learning-rate",
+    "1e-3",
+    "--eval-episodes",
+    "5",
+)
 CPU_OVERRIDES: dict[str, tuple] = {
     # 4 trajectories x 2 reset points x groups of 4 = 32 sub-trajectories of 15 + 100 steps per iteration (paper: 512)
-    "grpo_dt.py": ("--trajs-per-iter", "4", "--reset-points", "2", "--group-size", "4", "--eval-len", "100",
-                   "--n-batch", "32", "--updates-per-iter", "4", "--subtraj-buffer-size", "256"),
-    "grpo_dt_qguided.py": ("--trajs-per-iter", "4", "--reset-points", "4", "--n-batch", "32", "--updates-per-iter", "4",
-                           "--sample-buffer-size", "512", "--critic-updates", "50", "--critic-warmup-updates", "500",
-                           "--critic-batch-size", "128"),
-    "ppo_dt.py": ("--k-ppo", "2", "--n-batch", "32", "--updates-per-iteration", "4"),
-    "odt_td3.py": ("--actor-updates", "20", "--critic-updates", "40", "--critic-pretrain-updates", "500",
-                   "--batch-size", "32", "--warmup-updates", "100"),
+    "grpo_dt.py": (
+        "--trajs-per-iter",
+        "4",
+        "--reset-points",
+        "2",
+        "--group-size",
+        "4",
+        "--eval-len",
+        "100",
+        "--n-batch",
+        "32",
+        "--updates-per-iter",
+        "4",
+        "--subtraj-buffer-size",
+        "256",
+    ),
+    "grpo_dt_qguided.py": (
+        "--trajs-per-iter",
+        "4",
+        "--reset-points",
+        "4",
+        "--n-batch",
+        "32",
+        "--updates-per-iter",
+        "4",
+        "--sample-buffer-size",
+        "512",
+        "--critic-updates",
+        "50",
+        "--critic-warmup-updates",
+        "500",
+        "--critic-batch-size",
+        "128",
+    ),
+    "ppo_dt.py": ("--k-ppo", "2", "--n-batch", "32", "--updates-per-iter", "4"),
+    "odt_td3.py": (
+        "--actor-updates",
+        "20",
+        "--critic-updates",
+        "40",
+        "--critic-pretrain-updates",
+        "500",
+        "--n-batch",
+        "32",
+        "--warmup-updates",
+        "100",
+    ),
     # IQL pretrains as many updates as the shared DT (App. B.1); it evaluates every 1000 env steps for the curves
     "iql.py": ("--offline-updates", CPU_PRETRAIN[CPU_PRETRAIN.index("--num-updates") + 1], "--eval-every", "1000"),
 }
@@ -134,10 +202,24 @@ IQL_UNBOUNDED_STEPS = 10_000_000
 
 
 # The paper's Table 1 (normalized score, 3 seeds, paper-scale models and budgets), shown beside table1-cpu results.
-PAPER_TABLE1 = {"hopper": {"dt": "46.46", "iql": "74.19 ± 20.25", "odt": "98.02 ± 0.63", "odt-td3": "101.47 ± 2.29",
-                           "ppo-dt": "105.65 ± 5.43", "grpo-dt": "108.81 ± 0.85"},
-                "door": {"dt": "3.28", "iql": "11.27 ± 0.44", "odt": "8.76 ± 3.87", "odt-td3": "79.73 ± 4.37",
-                         "ppo-dt": "94.12 ± 3.99", "grpo-dt": "89.33 ± 10.12"}}
+PAPER_TABLE1 = {
+    "hopper": {
+        "dt": "46.46",
+        "iql": "74.19 ± 20.25",
+        "odt": "98.02 ± 0.63",
+        "odt-td3": "101.47 ± 2.29",
+        "ppo-dt": "105.65 ± 5.43",
+        "grpo-dt": "108.81 ± 0.85",
+    },
+    "door": {
+        "dt": "3.28",
+        "iql": "11.27 ± 0.44",
+        "odt": "8.76 ± 3.87",
+        "odt-td3": "79.73 ± 4.37",
+        "ppo-dt": "94.12 ± 3.99",
+        "grpo-dt": "89.33 ± 10.12",
+    },
+}
 
 
 def grpo(key: str, label: str, *flags) -> Method:
@@ -151,22 +233,35 @@ def preset_runs(preset: str, scale: str) -> tuple[list[str], list[Method]]:
     if preset == "fig1-relabel":
         return ["hopper", "door"], [DT, GRPO, grpo("grpo-dt-relabel", "GRPO-DT --relabel", "--relabel")]
     if preset == "fig2-ablations":
-        return ["hopper"], [DT, GRPO] + [grpo(f, f"GRPO-DT --{f}", f"--{f}") for f in ABLATIONS]
+        return ["hopper"], [DT, GRPO] + [grpo(k, f"GRPO-DT {' '.join(f)}", *f) for k, f in ABLATIONS.items()]
     if preset == "fig4-lengths":
         lt, le, trajs, evals = LENGTHS[scale]
-        return ["hopper"], [DT, Method("grpo-dt", f"GRPO-DT (L_traj={lt}, L_eval={le})", "grpo_dt.py")] + \
-            [grpo(f"ltraj-{n}", f"L_traj={n}, L_eval={le}", "--subtraj-len", str(n)) for n in trajs] + \
-            [grpo(f"leval-{n}", f"L_traj={lt}, L_eval={n}", "--eval-len", str(n)) for n in evals]
+        return ["hopper"], [DT, Method("grpo-dt", f"GRPO-DT (L_traj={lt}, L_eval={le})", "grpo_dt.py")] + [
+            grpo(f"ltraj-{n}", f"L_traj={n}, L_eval={le}", "--subtraj-len", str(n)) for n in trajs
+        ] + [grpo(f"leval-{n}", f"L_traj={lt}, L_eval={n}", "--eval-len", str(n)) for n in evals]
     if preset == "fig4b-qguided":
         return ["hopper"], [DT, GRPO, TABLE1[-1]]
-    raise UserError(f"unknown --preset {preset!r}; valid: table1-cpu, fig1-relabel, fig2-ablations, fig4-lengths, "
-                    "fig4b-qguided")
+    raise UserError(
+        f"unknown --preset {preset!r}; valid: table1-cpu, fig1-relabel, fig2-ablations, fig4-lengths, fig4b-qguided"
+    )
 
 
 def finetune_command(args: Args, m: Method, env_id: str, dataset: str, ckpt: Path, seed: int, runs_dir: Path) -> list:
-    cmd = [sys.executable, str(Path(args.scripts_dir) / m.script), "--env-id", env_id, "--dataset", dataset,
-           *(("--checkpoint", str(ckpt)) if m.uses_checkpoint else ()), "--seed", str(seed), "--exp-name", m.key,
-           "--runs-dir", str(runs_dir)]
+    cmd = [
+        sys.executable,
+        str(Path(args.scripts_dir) / m.script),
+        "--env-id",
+        env_id,
+        "--dataset",
+        dataset,
+        *(("--checkpoint", str(ckpt)) if m.uses_checkpoint else ()),
+        "--seed",
+        str(seed),
+        "--exp-name",
+        m.key,
+        "--runs-dir",
+        str(runs_dir),
+    ]
     if args.scale == "cpu":
         cmd += list(CPU_OVERRIDES.get(m.script, ()))
     eval_episodes = args.eval_episodes if args.eval_episodes is not None else (5 if args.scale == "cpu" else None)
@@ -207,6 +302,7 @@ def read_scalars(log_dir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 @dataclass
 class Run:
     """One (task, method, seed) subprocess and what it logged."""
+
     task: str
     method: Method
     seed: int
@@ -245,13 +341,18 @@ def summarize(runs: list[Run]) -> dict:
     ok, done = [r for r in runs if r.ok], [r for r in runs if r.returncode is not None]
     mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
     scores = [r.last("charts/normalized_score") for r in ok]
-    return dict(n=len(runs), n_ok=len(ok), pending=len(runs) - len(done), mean=mean(scores),
-                std=float(np.std(scores)) if ok else None,
-                start=mean([r.scalars["charts/normalized_score"][1][0] for r in ok]),
-                env_steps=mean([r.last("charts/env_steps") for r in ok]),
-                grad_updates=mean([r.last("charts/grad_updates") for r in ok]),
-                wall_time=mean([r.wall_time for r in done]),
-                fails=[f"seed {r.seed}: {r.error or 'no charts/normalized_score logged'}" for r in done if not r.ok])
+    return dict(
+        n=len(runs),
+        n_ok=len(ok),
+        pending=len(runs) - len(done),
+        mean=mean(scores),
+        std=float(np.std(scores)) if ok else None,
+        start=mean([r.scalars["charts/normalized_score"][1][0] for r in ok]),
+        env_steps=mean([r.last("charts/env_steps") for r in ok]),
+        grad_updates=mean([r.last("charts/grad_updates") for r in ok]),
+        wall_time=mean([r.wall_time for r in done]),
+        fails=[f"seed {r.seed}: {r.error or 'no charts/normalized_score logged'}" for r in done if not r.ok],
+    )
 
 
 def fmt(x, digits=0) -> str:
@@ -265,26 +366,44 @@ def format_summary(title: str, header: list[str], sections: dict[str, dict[str, 
     out = [f"# {title}", "", *header, ""]
     for task, by_method in sections.items():
         extra = " Paper (Table 1, paper scale) |" if paper else ""
-        out += [f"## {task}", "", "| Method | Final normalized score | Iteration-0 score | Seeds OK | Env steps "
-                "| Grad updates | Wall time (s) | Status |" + extra, "|---" * (9 if paper else 8) + "|"]
+        out += [
+            f"## {task}",
+            "",
+            "| Method | Final normalized score | Iteration-0 score | Seeds OK | Env steps "
+            "| Grad updates | Wall time (s) | Status |" + extra,
+            "|---" * (9 if paper else 8) + "|",
+        ]
         for runs in by_method.values():
             s = summarize(runs)
             score = f"{s['mean']:.2f} ± {s['std']:.2f}" if s["n_ok"] else "FAILED" if s["fails"] else "pending"
-            status = "ok" if not s["fails"] else ("FAILED: " if s["n_ok"] == 0 else "partly FAILED: ") + "; ".join(
-                s["fails"]).replace("|", "/")
+            status = (
+                "ok"
+                if not s["fails"]
+                else ("FAILED: " if s["n_ok"] == 0 else "partly FAILED: ") + "; ".join(s["fails"]).replace("|", "/")
+            )
             status += f" ({s['pending']} pending)" if s["pending"] else ""
-            out.append(f"| {runs[0].method.label} | {score} | {fmt(s['start'], 2)} | {s['n_ok']}/{s['n']} | "
-                       f"{fmt(s['env_steps'])} | {fmt(s['grad_updates'])} | {fmt(s['wall_time'], 1)} | {status} |" +
-                       (f" {paper.get(task, {}).get(runs[0].method.key, '—')} |" if paper else ""))
-        out += ["", "<details><summary>runs</summary>", "", "| Method | Seed | Exit | Score | Env steps | Updates "
-                "| Wall (s) | Command |", "|---|---|---|---|---|---|---|---|"]
+            out.append(
+                f"| {runs[0].method.label} | {score} | {fmt(s['start'], 2)} | {s['n_ok']}/{s['n']} | "
+                f"{fmt(s['env_steps'])} | {fmt(s['grad_updates'])} | {fmt(s['wall_time'], 1)} | {status} |"
+                + (f" {paper.get(task, {}).get(runs[0].method.key, '—')} |" if paper else "")
+            )
+        out += [
+            "",
+            "<details><summary>runs</summary>",
+            "",
+            "| Method | Seed | Exit | Score | Env steps | Updates | Wall (s) | Command |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for runs in by_method.values():
             for r in runs:
-                score = f"{r.last('charts/normalized_score'):.2f}" if r.ok else "FAILED" if r.returncode is not None \
-                    else "pending"
-                out.append(f"| {r.method.label} | {r.seed} | {r.returncode} | {score} | "
-                           f"{fmt(r.last('charts/env_steps'))} | {fmt(r.last('charts/grad_updates'))} | "
-                           f"{fmt(r.wall_time, 1)} | `{show(r.cmd)}` |")
+                score = (
+                    f"{r.last('charts/normalized_score'):.2f}" if r.ok else "FAILED" if r.returncode is not None else "pending"
+                )
+                out.append(
+                    f"| {r.method.label} | {r.seed} | {r.returncode} | {score} | "
+                    f"{fmt(r.last('charts/env_steps'))} | {fmt(r.last('charts/grad_updates'))} | "
+                    f"{fmt(r.wall_time, 1)} | `{show(r.cmd)}` |"
+                )
         out += ["", "</details>", ""]
     return "\n".join(out)
 
@@ -340,8 +459,13 @@ def plot_curves(sections: dict[str, dict[str, list[Run]]], path: Path, title: st
                     continue
                 grid = np.unique(np.concatenate([c[0] for c in curves]))
                 mean, std = seed_band(curves, grid)
-                ax.plot(grid, mean, color=color, label=label if j == 0 and not m.steps_are_env_steps else None,
-                        marker="." if len(grid) < 30 else None)
+                ax.plot(
+                    grid,
+                    mean,
+                    color=color,
+                    label=label if j == 0 and not m.steps_are_env_steps else None,
+                    marker="." if len(grid) < 30 else None,
+                )
                 ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.2)
                 for x, y in curves:  # each seed, thin: shows where the seeds run past the shortest one
                     ax.plot(x, y, color=color, lw=0.7, alpha=0.45)
@@ -389,8 +513,9 @@ def main(args: Args) -> Path:
     if args.methods:
         unknown = set(args.methods) - {m.key for m in methods}
         if unknown:
-            raise UserError(f"unknown --methods {sorted(unknown)} for preset {args.preset}; valid: "
-                            f"{', '.join(m.key for m in methods)}")
+            raise UserError(
+                f"unknown --methods {sorted(unknown)} for preset {args.preset}; valid: {', '.join(m.key for m in methods)}"
+            )
         methods = [m for m in methods if m.key in args.methods]
     if args.seeds < 1:
         raise UserError("--seeds must be at least 1")
@@ -409,20 +534,41 @@ def main(args: Args) -> Path:
     plan = []  # (task, checkpoint, pretrain command or None, runs)
     for task in tasks:
         env_id, dataset = TASKS[task]
-        flags = ["--env-id", env_id, "--dataset", dataset, "--seed", "1", "--eval-every", "0", "--save-every", "0",
-                 *(CPU_PRETRAIN if args.scale == "cpu" else ())]
+        flags = [
+            "--env-id",
+            env_id,
+            "--dataset",
+            dataset,
+            "--seed",
+            "1",
+            "--eval-every",
+            "0",
+            "--save-every",
+            "0",
+            *(CPU_PRETRAIN if args.scale == "cpu" else ()),
+        ]
         # Shared by every preset that pretrains with the same flags: the file name carries a hash of them.
         tag = hashlib.sha1(" ".join(flags).encode()).hexdigest()[:8]
-        ckpt = Path(args.checkpoint or
-                    f"{args.checkpoints_dir}/{env_id}__{dataset.replace('/', '-')}__{args.scale}__{tag}.pt")
+        ckpt = Path(args.checkpoint or f"{args.checkpoints_dir}/{env_id}__{dataset.replace('/', '-')}__{args.scale}__{tag}.pt")
         needed = any(m.uses_checkpoint for m in methods)  # IQL alone needs no DT
-        pre = None if args.checkpoint or not needed else [sys.executable, str(scripts / "pretrain_dt.py"), *flags,
-                                                          "--checkpoint", str(ckpt), "--runs-dir",
-                                                          str(raw / "runs" / task / "pretrain")]
+        pre = (
+            None
+            if args.checkpoint or not needed
+            else [
+                sys.executable,
+                str(scripts / "pretrain_dt.py"),
+                *flags,
+                "--checkpoint",
+                str(ckpt),
+                "--runs-dir",
+                str(raw / "runs" / task / "pretrain"),
+            ]
+        )
         runs = [Run(task, m, seed) for m in methods for seed in range(1, args.seeds + 1)]
         for r in runs:
-            r.cmd = finetune_command(args, r.method, env_id, dataset, ckpt, r.seed,
-                                     raw / "runs" / task / r.method.key / f"s{r.seed}")
+            r.cmd = finetune_command(
+                args, r.method, env_id, dataset, ckpt, r.seed, raw / "runs" / task / r.method.key / f"s{r.seed}"
+            )
         plan.append((task, ckpt, pre, runs))
     if args.dry_run:
         for task, ckpt, pre, runs in plan:
@@ -432,21 +578,30 @@ def main(args: Args) -> Path:
                 print(show(r.cmd))
         return out_dir
 
-    budget = ", ".join(b for b in (args.budget_env_steps and f"{args.budget_env_steps} env steps",
-                                   args.budget_seconds and f"{args.budget_seconds:g} s") if b)
+    budget = ", ".join(
+        b
+        for b in (
+            args.budget_env_steps and f"{args.budget_env_steps} env steps",
+            args.budget_seconds and f"{args.budget_seconds:g} s",
+        )
+        if b
+    )
     title = f"{name}: {args.preset} at {args.scale} scale"
     argv = [a for a in sys.argv[1:] if a != "--summarize-only"]
-    header = [f"- command: `python benchmarks/compare.py {shlex.join(argv)}`" if "compare" in sys.argv[0]
-              else f"- args: `{args}`",
-              *(f"- {t}: {TASKS[t][0]} on {TASKS[t][1]}; shared checkpoint `{c}`" +
-                (f", made by `{show(p)}`" if p else "") for t, c, p, _ in plan),
-              f"- seeds: 1..{args.seeds}; budget per run: {budget or 'none (the scripts own iteration counts)'}",
-              "- score: D4RL normalized x100 at the run's last evaluation, by the script's own evaluation; the "
-              "pretrained DT row is `grpo_dt.py --num-iterations 0` (GRPO-DT's evaluation); each run's iteration-0 "
-              "score is its own script's evaluation of the same checkpoint; IQL uses no checkpoint: it pretrains "
-              "itself on the same data for as many updates as the DT, and its iteration 0 is the score after that",
-              "- ± is the std over seeds (np.std, ddof=0); env steps and updates: the last logged `charts/env_steps`, "
-              "`charts/grad_updates`, mean over the seeds that finished; wall time: process start to exit"]
+    header = [
+        f"- command: `python benchmarks/compare.py {shlex.join(argv)}`" if "compare" in sys.argv[0] else f"- args: `{args}`",
+        *(
+            f"- {t}: {TASKS[t][0]} on {TASKS[t][1]}; shared checkpoint `{c}`" + (f", made by `{show(p)}`" if p else "")
+            for t, c, p, _ in plan
+        ),
+        f"- seeds: 1..{args.seeds}; budget per run: {budget or 'none (the scripts own iteration counts)'}",
+        "- score: D4RL normalized x100 at the run's last evaluation, by the script's own evaluation; the "
+        "pretrained DT row is `grpo_dt.py --num-iterations 0` (GRPO-DT's evaluation); each run's iteration-0 "
+        "score is its own script's evaluation of the same checkpoint; IQL uses no checkpoint: it pretrains "
+        "itself on the same data for as many updates as the DT, and its iteration 0 is the score after that",
+        "- ± is the std over seeds (np.std, ddof=0); env steps and updates: the last logged `charts/env_steps`, "
+        "`charts/grad_updates`, mean over the seeds that finished; wall time: process start to exit",
+    ]
     sections = {task: {m.key: [r for r in runs if r.method is m] for m in methods} for task, _, _, runs in plan}
     paper = PAPER_TABLE1 if args.preset == "table1-cpu" else None
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -457,9 +612,15 @@ def main(args: Args) -> Path:
             for r in runs:
                 if r.script_sha:
                     shas.setdefault(Path(r.cmd[1]).name, set()).add(r.script_sha)
-        versions = "- script versions (sha1 of the file at each run's start): " + "; ".join(
-            f"{k} {', '.join(sorted(v))}" + (" **(changed during the comparison)**" if len(v) > 1 else "")
-            for k, v in sorted(shas.items())) if shas else "- script versions: not recorded"
+        versions = (
+            "- script versions (sha1 of the file at each run's start): "
+            + "; ".join(
+                f"{k} {', '.join(sorted(v))}" + (" **(changed during the comparison)**" if len(v) > 1 else "")
+                for k, v in sorted(shas.items())
+            )
+            if shas
+            else "- script versions: not recorded"
+        )
         date = f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
         (out_dir / "summary.md").write_text(format_summary(title, header + [versions, date], sections, paper))
         plot_curves(sections, out_dir / "curves.png", title)
@@ -490,16 +651,22 @@ def main(args: Args) -> Path:
                     f.unlink()
             script = Path(r.cmd[1])
             r.script_sha = hashlib.sha1(script.read_bytes()).hexdigest()[:10] if script.is_file() else ""
-            r.returncode, r.wall_time, tail = run_process(r.cmd, raw / "logs" / task / f"{r.method.key}__s{r.seed}",
-                                                          args.run_timeout, env)
+            r.returncode, r.wall_time, tail = run_process(
+                r.cmd, raw / "logs" / task / f"{r.method.key}__s{r.seed}", args.run_timeout, env
+            )
             r.scalars = read_scalars(log_dir)
             if r.returncode != 0:
                 r.error = f"exit {r.returncode}: {tail}"
             record.write_text(json.dumps([r.returncode, r.wall_time, r.error, r.script_sha]))
             done += 1
-            status = (f"score {r.last('charts/normalized_score'):.2f} | env steps {fmt(r.last('charts/env_steps'))} | "
-                      f"updates {fmt(r.last('charts/grad_updates'))}") if r.ok else \
-                f"FAILED ({r.error or 'no charts/normalized_score logged'})"
+            status = (
+                (
+                    f"score {r.last('charts/normalized_score'):.2f} | env steps {fmt(r.last('charts/env_steps'))} | "
+                    f"updates {fmt(r.last('charts/grad_updates'))}"
+                )
+                if r.ok
+                else f"FAILED ({r.error or 'no charts/normalized_score logged'})"
+            )
             print(f"[{done}/{total}] {task} {r.method.label} seed {r.seed}: {status} | {r.wall_time:.1f} s", flush=True)
             write_outputs()
     write_outputs()

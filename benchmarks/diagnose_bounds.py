@@ -54,8 +54,9 @@ def head_stats(mean, log_std, split=None):
         if split is None:
             rows[name] = x.mean(0).numpy()
         else:
-            rows[name] = np.array([x[split[:, d], d].mean().item() if split[:, d].any() else np.nan
-                                   for d in range(x.shape[1])])
+            rows[name] = np.array(
+                [x[split[:, d], d].mean().item() if split[:, d].any() else np.nan for d in range(x.shape[1])]
+            )
     return rows
 
 
@@ -63,8 +64,9 @@ def head_stats(mean, log_std, split=None):
 def dataset_heads(model, ckpt, trajs):
     """mean, log_std (N, A) at every dataset step, from the c_eval tokens before it (left-padded), dataset RTGs."""
     K = ckpt["eval_context_len"]
-    sampler = pt.SegmentSampler(trajs, K, ckpt["state_mean"].numpy(), ckpt["state_std"].numpy(), ckpt["rtg_scale"],
-                                np.random.default_rng(0))
+    sampler = pt.SegmentSampler(
+        trajs, K, ckpt["state_mean"].numpy(), ckpt["state_std"].numpy(), ckpt["rtg_scale"], np.random.default_rng(0)
+    )
     n = sampler.lengths.sum()
     traj_of_step = np.repeat(np.arange(len(trajs)), sampler.lengths)
     step_in_traj = np.arange(n) - sampler.offsets[traj_of_step]
@@ -77,7 +79,9 @@ def dataset_heads(model, ckpt, trajs):
     actions = torch.as_tensor(np.where(real[..., None], sampler.actions[src], 0.0), dtype=torch.float32)
     means, log_stds = [], []
     for lo in range(0, n, 4096):
-        m, s = model(rtg[lo:lo + 4096], states[lo:lo + 4096], actions[lo:lo + 4096], torch.as_tensor(real[lo:lo + 4096]))
+        m, s = model(
+            rtg[lo : lo + 4096], states[lo : lo + 4096], actions[lo : lo + 4096], torch.as_tensor(real[lo : lo + 4096])
+        )
         means.append(m[:, -1]), log_stds.append(s[:, -1])
     return torch.cat(means), torch.cat(log_stds), torch.as_tensor(sampler.actions)
 
@@ -99,8 +103,10 @@ def main(args: Args):
 
     rets, lengths, m, s = episodes(model, ckpt, args.eval_episodes, args.seed)
     scores = pt.normalized_score(rets, ref_min, ref_max)
-    print(f"  evaluation: normalized {scores.mean():.1f} +- {scores.std() / np.sqrt(len(scores)):.1f} (s.e.), "
-          f"returns {np.round(rets).astype(int)}, lengths {lengths}")
+    print(
+        f"  evaluation: normalized {scores.mean():.1f} +- {scores.std() / np.sqrt(len(scores)):.1f} (s.e.), "
+        f"returns {np.round(rets).astype(int)}, lengths {lengths}"
+    )
     rows = head_stats(m, s)
     print(f"  {'evaluation states':<36} " + "  ".join(f"{k} {v}" for k, v in rows.items()))
 
@@ -113,7 +119,8 @@ def episodes(model, ckpt, n, seed):
     env = pt.make_env(ckpt["env_id"])
     for i in range(n):
         obs, done, ret, t = env.reset(seed=seed + i)[0], False, 0.0, 0
-        rtg, states, actions = torch.zeros(1, K, 1), torch.zeros(1, K, len(state_mean)), torch.zeros(1, K, model.mean_head.out_features)
+        rtg, states = torch.zeros(1, K, 1), torch.zeros(1, K, len(state_mean))
+        actions = torch.zeros(1, K, model.mean_head.out_features)
         mask, target = torch.zeros(1, K, dtype=torch.bool), ckpt["eval_rtg"] * ckpt["rtg_scale"]
         while not done:
             rtg, states, actions, mask = (x.roll(-1, dims=1) for x in (rtg, states, actions, mask))

@@ -54,8 +54,9 @@ class Args:
 
 def fit_bc_policy(states: torch.Tensor, actions: torch.Tensor, updates: int) -> nn.Module:
     """A 2x256 ReLU MLP regressing tanh(output) on the actions with MSE (as `bench_bc_reference.py`)."""
-    policy = nn.Sequential(nn.Linear(states.shape[1], 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                           nn.Linear(256, actions.shape[1]), nn.Tanh())
+    policy = nn.Sequential(
+        nn.Linear(states.shape[1], 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, actions.shape[1]), nn.Tanh()
+    )
     opt = torch.optim.Adam(policy.parameters(), lr=3e-4)
     for _ in range(updates):
         idx = torch.randint(len(states), (256,))
@@ -81,8 +82,16 @@ def noisy_episodes(policy, env, state_mean, state_std, noise, episodes, rng):
             o, r, term, trunc, _ = env.step(action)
             obs.append(o), acts.append(action), rews.append(float(r)), terms.append(bool(term)), truncs.append(bool(trunc))
             done = term or trunc
-        buffers.append(EpisodeBuffer(observations=np.array(obs), actions=np.array(acts), rewards=rews,
-                                     terminations=terms, truncations=truncs, infos={}))
+        buffers.append(
+            EpisodeBuffer(
+                observations=np.array(obs),
+                actions=np.array(acts),
+                rewards=rews,
+                terminations=terms,
+                truncations=truncs,
+                infos={},
+            )
+        )
     return buffers
 
 
@@ -106,8 +115,9 @@ def teacher_episodes(ckpt_path, noise, episodes, rng, batch=25):
         alive = np.ones(batch, bool)
         while alive.any():
             rtg, states, actions, mask = (x.roll(-1, dims=1) for x in (rtg, states, actions, mask))
-            states[:, -1] = (torch.as_tensor(np.stack([o[-1] for o in obs]), dtype=torch.float32) - ckpt["state_mean"]) \
-                / ckpt["state_std"]
+            states[:, -1] = (torch.as_tensor(np.stack([o[-1] for o in obs]), dtype=torch.float32) - ckpt["state_mean"]) / ckpt[
+                "state_std"
+            ]
             rtg[:, -1, 0], actions[:, -1], mask[:, -1] = target, 0.0, True
             mean, _ = model(rtg, states, actions, mask)
             act = np.clip(torch.tanh(mean[:, -1]).numpy() + noise * rng.standard_normal((batch, A)), -1, 1).astype(np.float32)
@@ -118,8 +128,17 @@ def teacher_episodes(ckpt_path, noise, episodes, rng, batch=25):
                 truncs[i].append(bool(trunc))
                 target[i] -= r * ckpt["rtg_scale"]
                 alive[i] = not (term or trunc)
-        buffers += [EpisodeBuffer(observations=np.array(obs[i]), actions=np.array(acts[i]), rewards=rews[i],
-                                  terminations=terms[i], truncations=truncs[i], infos={}) for i in range(batch)]
+        buffers += [
+            EpisodeBuffer(
+                observations=np.array(obs[i]),
+                actions=np.array(acts[i]),
+                rewards=rews[i],
+                terminations=terms[i],
+                truncations=truncs[i],
+                infos={},
+            )
+            for i in range(batch)
+        ]
     return buffers
 
 
@@ -128,8 +147,10 @@ def describe(dataset_id: str, env_id: str):
     acts = np.concatenate([t["actions"] for t in trajs])
     rets = np.array([t["rewards"].sum() for t in trajs])
     on_bound = (np.abs(acts) >= 1.0).mean(0) * 100
-    print(f"{dataset_id:<28} {len(trajs):>4} episodes {len(acts):>7} steps  normalized "
-          f"{pt.normalized_score(rets.mean(), ref_min, ref_max):5.1f}  actions on +-1 (%): {np.round(on_bound, 1)}")
+    print(
+        f"{dataset_id:<28} {len(trajs):>4} episodes {len(acts):>7} steps  normalized "
+        f"{pt.normalized_score(rets.mean(), ref_min, ref_max):5.1f}  actions on +-1 (%): {np.round(on_bound, 1)}"
+    )
 
 
 def main(args: Args):
@@ -153,26 +174,40 @@ def main(args: Args):
         _, trajs, _, _ = pt.load_dataset("Hopper-v4", "local/hopper/medium-v0", None, 0, 0)
         obs = np.concatenate([t["observations"] for t in trajs])
         state_mean, state_std = obs.mean(0), obs.std(0) + 1e-6
-        policy = fit_bc_policy(torch.as_tensor((obs - state_mean) / state_std, dtype=torch.float32),
-                               torch.as_tensor(np.concatenate([t["actions"] for t in trajs])), args.bc_updates)
+        policy = fit_bc_policy(
+            torch.as_tensor((obs - state_mean) / state_std, dtype=torch.float32),
+            torch.as_tensor(np.concatenate([t["actions"] for t in trajs])),
+            args.bc_updates,
+        )
         env = pt.make_env("Hopper-v4")
         buffers = noisy_episodes(policy, env, state_mean, state_std, args.noise, args.episodes, rng)
         ref_min, ref_max = pt.D4RL_REF["hopper"]
         minari.create_dataset_from_buffers(
-            "generated/hopper/noisy-v0", buffers, env="Hopper-v4", algorithm_name=f"MLP BC + N(0, {args.noise}^2), clipped",
-            ref_min_score=ref_min, ref_max_score=ref_max,
-            description=f"bound-heavy: a BC policy of local/hopper/medium-v0 with Gaussian action noise {args.noise}, clipped")
+            "generated/hopper/noisy-v0",
+            buffers,
+            env="Hopper-v4",
+            algorithm_name=f"MLP BC + N(0, {args.noise}^2), clipped",
+            ref_min_score=ref_min,
+            ref_max_score=ref_max,
+            description=f"bound-heavy: a BC policy of local/hopper/medium-v0 with Gaussian action noise {args.noise}, clipped",
+        )
     if "generated/hopper/random-v0" not in minari.list_local_datasets():
         pt.generate_random_dataset("generated/hopper/random-v0", "Hopper-v4", "hopper", args.random_steps, args.seed)
     if args.teacher and "generated/hopper/teacher-noisy-v0" not in minari.list_local_datasets():
         buffers = teacher_episodes(args.teacher, args.teacher_noise, args.episodes, rng)
         ref_min, ref_max = pt.D4RL_REF["hopper"]
         minari.create_dataset_from_buffers(
-            "generated/hopper/teacher-noisy-v0", buffers, env="Hopper-v4", algorithm_name=f"DT teacher + N(0, "
-            f"{args.teacher_noise}^2), clipped", ref_min_score=ref_min, ref_max_score=ref_max,
-            description=f"bound-heavy: {args.teacher} with Gaussian action noise {args.teacher_noise}, clipped")
+            "generated/hopper/teacher-noisy-v0",
+            buffers,
+            env="Hopper-v4",
+            algorithm_name=f"DT teacher + N(0, {args.teacher_noise}^2), clipped",
+            ref_min_score=ref_min,
+            ref_max_score=ref_max,
+            description=f"bound-heavy: {args.teacher} with Gaussian action noise {args.teacher_noise}, clipped",
+        )
     sets = ["local/hopper/medium-v0", "local/door/human-v0", "generated/hopper/noisy-v0", "generated/hopper/random-v0"]
-    sets += ["generated/hopper/teacher-noisy-v0"] if "generated/hopper/teacher-noisy-v0" in minari.list_local_datasets() else []
+    teacher_set = "generated/hopper/teacher-noisy-v0"
+    sets += [teacher_set] if teacher_set in minari.list_local_datasets() else []
     for dataset_id in sets:
         describe(dataset_id, "AdroitHandDoor-v1" if "door" in dataset_id else "Hopper-v4")
     print(f"export MINARI_DATASETS_PATH={root}")

@@ -18,9 +18,19 @@ TINY_MODEL = dict(embed_dim=32, n_layers=1, n_heads=2)
 
 def make_tiny_checkpoint(path: Path, env_id: str, dataset: str, **overrides) -> Path:
     """A real pretrain_dt.py run at toy size: what the finetuning scripts' tests start from."""
-    args = pretrain_dt.Args(env_id=env_id, dataset=dataset, checkpoint=str(path), num_updates=20, batch_size=16,
-                            eval_every=0, eval_episodes=1, save_every=0, warmup_updates=5,
-                            runs_dir=str(path.parent / "runs"), **{**TINY_MODEL, **overrides})
+    args = pretrain_dt.Args(
+        env_id=env_id,
+        dataset=dataset,
+        checkpoint=str(path),
+        num_updates=20,
+        batch_size=16,
+        eval_every=0,
+        eval_episodes=1,
+        save_every=0,
+        warmup_updates=5,
+        runs_dir=str(path.parent / "runs"),
+        **{**TINY_MODEL, **overrides},
+    )
     pretrain_dt.main(args)
     return path
 
@@ -52,7 +62,11 @@ def check_checkpoint_loads(load_model, path: Path):
     ours.eval(), theirs.eval()
     g = torch.Generator().manual_seed(0)
     T, S, A = ckpt["model_config"]["c_offline"], cfg["state_dim"], cfg["act_dim"]
-    rtg, states, actions = torch.randn(3, T, 1, generator=g), torch.randn(3, T, S, generator=g), torch.randn(3, T, A, generator=g)
+    rtg, states, actions = (
+        torch.randn(3, T, 1, generator=g),
+        torch.randn(3, T, S, generator=g),
+        torch.randn(3, T, A, generator=g),
+    )
     mask = torch.ones(3, T, dtype=torch.bool)
     mask[0, : T // 2] = False
     device = next(theirs.parameters()).device

@@ -16,8 +16,9 @@ SCRIPTS = [grpo_dt, grpo_dt_qguided, odt_td3, ppo_dt]
 
 def head(n=5, act_dim=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, act_dim, generator=g, dtype=torch.float64) * 2, torch.rand(n, act_dim, generator=g,
-                                                                                    dtype=torch.float64) * 3 - 2
+    return torch.randn(n, act_dim, generator=g, dtype=torch.float64) * 2, torch.rand(
+        n, act_dim, generator=g, dtype=torch.float64
+    ) * 3 - 2
 
 
 # on the bounds, a hair inside them, just inside a 1e-2 margin, and interior
@@ -52,8 +53,12 @@ def test_grpo_pre_tanh_log_prob_agrees_near_the_bounds():
         edge = torch.atanh(torch.tensor(1 - margin, dtype=torch.float64))
         u = torch.stack([edge - 1e-3, -(edge - 1e-3), edge * 0.5, torch.tensor(0.1, dtype=torch.float64)])[:, None]
         u = u.repeat(1, 3)
-        torch.testing.assert_close(grpo_dt.squashed_logprob(mean, log_std, u),
-                                   pretrain_dt.action_log_prob(mean, log_std, torch.tanh(u), margin), rtol=1e-9, atol=1e-6)
+        torch.testing.assert_close(
+            grpo_dt.squashed_logprob(mean, log_std, u),
+            pretrain_dt.action_log_prob(mean, log_std, torch.tanh(u), margin),
+            rtol=1e-9,
+            atol=1e-6,
+        )
 
 
 def test_checkpoint_records_the_margin_and_odt_nll_uses_it(hopper_checkpoint):
@@ -64,8 +69,12 @@ def test_checkpoint_records_the_margin_and_odt_nll_uses_it(hopper_checkpoint):
     model.eval()  # the same forward twice: no dropout
     g = torch.Generator().manual_seed(0)
     T, S, A = 4, ckpt["model_config"]["state_dim"], ckpt["model_config"]["act_dim"]
-    batch = {"rtg": torch.randn(2, T, 1, generator=g), "states": torch.randn(2, T, S, generator=g),
-             "actions": torch.rand(2, T, A, generator=g) * 2 - 1, "mask": torch.ones(2, T, dtype=torch.bool)}
+    batch = {
+        "rtg": torch.randn(2, T, 1, generator=g),
+        "states": torch.randn(2, T, S, generator=g),
+        "actions": torch.rand(2, T, A, generator=g) * 2 - 1,
+        "mask": torch.ones(2, T, dtype=torch.bool),
+    }
     batch["actions"][:, ::2, 0] = 1.0  # exact bound actions
     nll = {}
     for margin in (1e-6, 1e-2):

@@ -71,8 +71,10 @@ def test_summary_and_plot(tmp_path):
 
 
 def test_failed_runs_are_reported_never_dropped_never_zero(tmp_path):
-    sections = make_runs(tmp_path, failed={("PPO-DT", 1): "exit 1: RuntimeError: boom", ("PPO-DT", 2): "exit 2: x",
-                                           ("ODT", 2): "exit 137: killed"})
+    sections = make_runs(
+        tmp_path,
+        failed={("PPO-DT", 1): "exit 1: RuntimeError: boom", ("PPO-DT", 2): "exit 2: x", ("ODT", 2): "exit 137: killed"},
+    )
     md = compare.format_summary("t", [], sections)
     ppo = row(md, "PPO-DT")
     assert "| FAILED | — | 0/2 |" in ppo and "exit 1: RuntimeError: boom" in ppo and "exit 2: x" in ppo
@@ -89,24 +91,33 @@ def test_failed_runs_are_reported_never_dropped_never_zero(tmp_path):
 
 def test_seed_band_interpolates_within_each_seed():
     grid = np.array([0.0, 1.0, 2.0, 3.0])
-    mean, std = compare.seed_band([(np.array([0.0, 2.0]), np.array([0.0, 2.0])),
-                                   (np.array([0.0, 3.0]), np.array([0.0, 6.0]))], grid)
+    mean, std = compare.seed_band(
+        [(np.array([0.0, 2.0]), np.array([0.0, 2.0])), (np.array([0.0, 3.0]), np.array([0.0, 6.0]))], grid
+    )
     np.testing.assert_allclose(mean, [0.0, 1.5, 3.0, np.nan])  # x=3: only one seed has data, so no mean
     np.testing.assert_allclose(std, [0.0, 0.5, 1.0, np.nan])
 
 
 def test_score_curves_env_steps_start_at_zero():
-    r = compare.Run("hopper", compare.DT, 1, returncode=0, scalars={
-        "charts/normalized_score": (np.array([0, 1, 2]), np.array([5.0, 6.0, 7.0])),
-        "charts/env_steps": (np.array([1, 2]), np.array([100.0, 250.0]))})  # iteration 0 not logged
+    r = compare.Run(
+        "hopper",
+        compare.DT,
+        1,
+        returncode=0,
+        scalars={
+            "charts/normalized_score": (np.array([0, 1, 2]), np.array([5.0, 6.0, 7.0])),
+            "charts/env_steps": (np.array([1, 2]), np.array([100.0, 250.0])),
+        },
+    )  # iteration 0 not logged
     (it, score), (env, score2) = compare.score_curves(r)
     np.testing.assert_allclose(env, [0, 100, 250])
     np.testing.assert_allclose(score2, [5, 6, 7])
 
 
 def test_last_line_finds_the_error():
-    tyro_box = ("╭─ Unrecognized options ──╮\n│ Unrecognized options: --foo, 4 │\n"
-                "│ For full helptext, run x.py --help │\n╰────╯\n")
+    tyro_box = (
+        "╭─ Unrecognized options ──╮\n│ Unrecognized options: --foo, 4 │\n│ For full helptext, run x.py --help │\n╰────╯\n"
+    )
     assert compare.last_line(tyro_box) == "Unrecognized options: --foo, 4"
     assert compare.last_line("Traceback (most recent call last):\n  File x\nValueError: bad\n") == "ValueError: bad"
     assert compare.last_line("it 1\rit 2\r") == "it 2" and compare.last_line("") == "(no stderr)"
@@ -139,13 +150,21 @@ def test_presets_dry_run(capsys):
 
 
 def test_iql_gets_the_same_seeds_budget_and_eval_episodes(capsys):
-    compare.main(compare.Args(preset="table1-cpu", seeds=2, budget_seconds=60, eval_episodes=7, tasks=("door",),
-                              methods=("iql", "odt"), dry_run=True))
+    compare.main(
+        compare.Args(
+            preset="table1-cpu",
+            seeds=2,
+            budget_seconds=60,
+            eval_episodes=7,
+            tasks=("door",),
+            methods=("iql", "odt"),
+            dry_run=True,
+        )
+    )
     lines = capsys.readouterr().out.splitlines()
     iql, odt = ([ln for ln in lines if f"--exp-name {m} " in ln] for m in ("iql", "odt"))
     for a, b in zip(iql, odt):
-        for flag in ("--env-id AdroitHandDoor-v1", "--dataset local/door/human-v0", "--max-seconds 60",
-                     "--eval-episodes 7"):
+        for flag in ("--env-id AdroitHandDoor-v1", "--dataset local/door/human-v0", "--max-seconds 60", "--eval-episodes 7"):
             assert flag in a and flag in b
     assert [ln.split("--seed ")[1][0] for ln in iql] == ["1", "2"]
     assert all("--online-steps 10000000" in ln for ln in iql)  # the wall-clock budget stops it
@@ -154,8 +173,13 @@ def test_iql_gets_the_same_seeds_budget_and_eval_episodes(capsys):
 
 
 def test_env_step_methods_plot_on_the_env_step_panel_only(tmp_path):
-    r = compare.Run("hopper", compare.IQL, 1, returncode=0, scalars={
-        "charts/normalized_score": (np.array([0, 1000, 2000]), np.array([30.0, 40.0, 50.0]))})
+    r = compare.Run(
+        "hopper",
+        compare.IQL,
+        1,
+        returncode=0,
+        scalars={"charts/normalized_score": (np.array([0, 1000, 2000]), np.array([30.0, 40.0, 50.0]))},
+    )
     it_curve, (env, score) = compare.score_curves(r)
     assert it_curve is None and env.tolist() == [0, 1000, 2000] and score.tolist() == [30.0, 40.0, 50.0]
     sections = make_runs(tmp_path)
@@ -211,12 +235,23 @@ FAKE_FAILING = "import sys\nsys.stderr.write('loading...\\nValueError: bad shape
 
 
 def test_end_to_end_with_fake_scripts(tmp_path, capsys):
-    for name, src in (("pretrain_dt.py", FAKE_PRETRAIN), ("grpo_dt.py", FAKE_FINETUNE), ("ppo_dt.py", FAKE_FAILING),
-                      ("iql.py", FAKE_IQL)):
+    for name, src in (
+        ("pretrain_dt.py", FAKE_PRETRAIN),
+        ("grpo_dt.py", FAKE_FINETUNE),
+        ("ppo_dt.py", FAKE_FAILING),
+        ("iql.py", FAKE_IQL),
+    ):
         (tmp_path / name).write_text(textwrap.dedent(src))
-    args = compare.Args(preset="table1-cpu", tasks=("hopper",), methods=("grpo-dt", "ppo-dt", "iql"), seeds=2,
-                        budget_env_steps=300, scripts_dir=str(tmp_path), results_dir=str(tmp_path / "results"),
-                        checkpoints_dir=str(tmp_path / "ckpt"))
+    args = compare.Args(
+        preset="table1-cpu",
+        tasks=("hopper",),
+        methods=("grpo-dt", "ppo-dt", "iql"),
+        seeds=2,
+        budget_env_steps=300,
+        scripts_dir=str(tmp_path),
+        results_dir=str(tmp_path / "results"),
+        checkpoints_dir=str(tmp_path / "ckpt"),
+    )
     out_dir = compare.main(args)
     md = (out_dir / "summary.md").read_text()
     assert "| GRPO-DT | 31.50 ± 0.50 | 1.50 | 2/2 | 300 | 12 |" in row(md, "GRPO-DT")  # stopped by the env-step budget

@@ -1,8 +1,12 @@
-"""Tests of grpo_dt.py: exact resets, group consistency, Eq. 2/3 pieces, active sampling, end to end."""
+"""Tests of grpo_dt.py: exact resets, group consistency, Eq. 2/3 pieces, active sampling, end to end, kill/resume."""
 
 import copy
+import dataclasses
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +16,31 @@ from conftest import ROOT, check_checkpoint_loads
 
 import grpo_dt
 
-TINY = dict(n_batch=8, trajs_per_iter=2, reset_points=2, group_size=2, subtraj_len=3, eval_len=5, updates_per_iter=2,
-            eval_episodes=1, max_episode_steps=40)
+TINY = dict(
+    n_batch=8,
+    trajs_per_iter=2,
+    reset_points=2,
+    group_size=2,
+    subtraj_len=3,
+    eval_len=5,
+    updates_per_iter=2,
+    eval_episodes=1,
+    max_episode_steps=40,
+)
 
 
 def tiny_args(env_id, dataset, checkpoint, tmp_path, **kw):
-    return grpo_dt.Args(env_id=env_id, dataset=dataset, checkpoint=str(checkpoint), runs_dir=str(tmp_path / "runs"),
-                        **{"num_iterations": 2, **TINY, **kw})
+    return grpo_dt.Args(
+        env_id=env_id,
+        dataset=dataset,
+        checkpoint=str(checkpoint),
+        runs_dir=str(tmp_path / "runs"),
+        **{"num_iterations": 2, **TINY, **kw},
+    )
+
+
+def with_(args, **kw):
+    return dataclasses.replace(args, **kw)
 
 
 def scalars(runs_dir):
@@ -69,21 +91,41 @@ def test_reset_replay_is_exact(env_id, at_start):
 @pytest.fixture(scope="module")
 def hopper_setup(hopper_checkpoint):
     model, ckpt = grpo_dt.load_model(hopper_checkpoint)
-    args = grpo_dt.Args(env_id="Hopper-v4", dataset="local/hopper/medium-v0", **{**TINY, "group_size": 4}, c_online=3,
-                        delta_r=-1.0)
+    args = grpo_dt.Args(
+        env_id="Hopper-v4",
+        dataset="local/hopper/medium-v0",
+        c_online=3,
+        delta_r=-1.0,
+        gamma=0.99,
+        **{**TINY, "group_size": 4, "eval_len": 4},
+    )
     grpo_dt.apply_presets(args, "mujoco", "hopper")
     envs = grpo_dt.Envs("Hopper-v4", 16, max_episode_steps=40)
     scale = ckpt["rtg_scale"]
-    norm = lambda o: (torch.as_tensor(o, dtype=torch.float32) - ckpt["state_mean"]) / ckpt["state_std"]  # noqa: E731
-    gen, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
-    out, params = grpo_dt.run_episodes(model, envs, [1, 2], args.g_online, True, 40, 3, norm, scale, gen, record_sim=True)
+    actor = grpo_dt.Actor(
+        model.eval(),
+        ckpt["state_mean"],
+        ckpt["state_std"],
+        rtg_scale=scale,
+        c=3,
+        max_steps=40,
+        gen=torch.Generator().manual_seed(0),
+    )
+    rng = np.random.default_rng(0)
+    out, params = grpo_dt.run_episodes(actor, envs, [1, 2], args.g_online, stochastic=True, record_sim=True)
     trajs = grpo_dt.store_trajectories(out, params, scale)
-    return dict(model=model, ckpt=ckpt, args=args, envs=envs, norm=norm, scale=scale, gen=gen, rng=rng, trajs=trajs)
+    return dict(model=model, actor=actor, ckpt=ckpt, args=args, envs=envs, norm=actor.norm, scale=scale, rng=rng, trajs=trajs)
+
+
+def collect(s, **kw):
+    """collect_groups on the fixture's trajectories, with Args fields overridden."""
+    return grpo_dt.collect_groups(s["actor"], s["envs"], s["trajs"], with_(s["args"], **kw), s["rng"])
 
 
 def test_checkpoint_loads_with_dropout_off(hopper_checkpoint):
     model, ckpt = grpo_dt.load_model(hopper_checkpoint)
-    assert not model.training and all(b.dropout == 0 for b in model.blocks)
+    assert all(b.dropout == 0 for b in model.blocks)
+    assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     check_checkpoint_loads(grpo_dt.load_model, hopper_checkpoint)
 
 
@@ -97,10 +139,12 @@ def test_rollout_rtg_tokens_are_the_ones_used(hopper_setup):
 def test_group_members_start_identically_and_replay_the_trajectory(hopper_setup):
     s = hopper_setup
     G = s["args"].group_size
-    items, rewards, keep, out = grpo_dt.collect_groups(s["model"], s["envs"], s["trajs"], s["args"], 3, 4, 0.99, 2,
-                                                       s["norm"], s["scale"], s["rng"], s["gen"])
+    items, rewards, keep, out = collect(s)
     assert keep.all() and rewards.shape == (4, G)
-    groups = lambda x: x.reshape(-1, G, *x.shape[1:])  # noqa: E731
+
+    def groups(x):
+        return x.reshape(-1, G, *x.shape[1:])
+
     c = s["args"].c_online
     for k, n in (("rtg", c), ("states", c), ("mask", c), ("actions", c - 1)):  # reset context + first RTG/state
         first = groups(items[k][:, :n])
@@ -108,10 +152,9 @@ def test_group_members_start_identically_and_replay_the_trajectory(hopper_setup)
     acts = groups(out["actions"][:, 0])
     assert (np.abs(acts - acts[:, :1]).max(-1) > 0).sum() > 0  # members then sample different actions
     # RTG tokens stored for training are exactly the rollout's (no relabeling)
-    np.testing.assert_array_equal(items["rtg"][:, s["args"].c_online - 1:, 0], out["rtg"][:, :3])
+    np.testing.assert_array_equal(items["rtg"][:, s["args"].c_online - 1 :, 0], out["rtg"][:, :3])
     # Deterministic policy from the same reset points: every member of a group follows the same path
-    _, rewards_det, _, out_det = grpo_dt.collect_groups(s["model"], s["envs"], s["trajs"], s["args"], 0, 6, 0.99, 2,
-                                                        s["norm"], s["scale"], s["rng"], s["gen"])
+    _, rewards_det, _, out_det = collect(s, subtraj_len=0, eval_len=6)
     np.testing.assert_array_equal(rewards_det, rewards_det[:, :1].repeat(G, 1))
     states = groups(out_det["states"])
     np.testing.assert_array_equal(states, states[:, :1].repeat(G, 1))
@@ -136,18 +179,18 @@ def test_restored_members_replay_stored_trajectory(hopper_setup):
 
 def test_sequence_ratio_is_one_before_update_and_kl_zero(hopper_setup):
     s = hopper_setup
-    items, *_ = grpo_dt.collect_groups(s["model"], s["envs"], s["trajs"], s["args"], 3, 2, 0.99, 2, s["norm"],
-                                       s["scale"], s["rng"], s["gen"])
+    items, *_ = collect(s, eval_len=2)
     buf = grpo_dt.SubtrajBuffer(64, "cpu")
     buf.add(items)
     batch = buf.sample(16, s["rng"])
     ref = copy.deepcopy(s["model"])
-    _, _, stats = grpo_dt.grpo_objective(s["model"], ref, batch, s["args"].c_online, 0.2, 1e-3, 0.1)
+    args = with_(s["args"], clip_coef=0.2, kl_coef=1e-3)
+    _, _, stats = grpo_dt.grpo_objective(s["model"], ref, batch, args, 0.1)
     assert abs(stats["ratio_mean"] - 1) < 1e-4 and abs(stats["ratio_max"] - 1) < 1e-4 and stats["clipfrac"] == 0
     assert stats["kl"] == 0.0
     with torch.no_grad():
         ref.mean_head.bias.add_(0.3)
-    _, _, stats = grpo_dt.grpo_objective(s["model"], ref, batch, s["args"].c_online, 0.2, 1e-3, 0.1)
+    _, _, stats = grpo_dt.grpo_objective(s["model"], ref, batch, args, 0.1)
     assert stats["kl"] > 1e-3
 
 
@@ -155,8 +198,7 @@ def test_one_update_moves_log_probs_in_the_advantage_direction(hopper_setup):
     """Learning direction: one small Eq. 3 step (surrogate only: no KL, no entropy) on a sub-trajectory with a known
     advantage sign raises its log pi when A > 0 and lowers it when A < 0; on a mixed batch sum_i A_i dlog pi_i > 0."""
     s = hopper_setup
-    items, *_ = grpo_dt.collect_groups(s["model"], s["envs"], s["trajs"], s["args"], 3, 2, 0.99, 2, s["norm"],
-                                       s["scale"], s["rng"], s["gen"])
+    items, *_ = collect(s, eval_len=2)
     n = len(items["adv"])
     items["adv"] = np.where(np.arange(n) % 2 == 0, 1.0, -1.0).astype(np.float32)  # known signs
     buf = grpo_dt.SubtrajBuffer(64, "cpu")
@@ -173,7 +215,8 @@ def test_one_update_moves_log_probs_in_the_advantage_direction(hopper_setup):
                 return (grpo_dt.squashed_logprob(mean, log_std, batch["u"]) * batch["valid"]).sum(1)
 
         before = seq_logp()
-        loss, _, _ = grpo_dt.grpo_objective(model, copy.deepcopy(model), batch, s["args"].c_online, 0.2, 0.0, 0.0)
+        args = with_(s["args"], clip_coef=0.2, kl_coef=0.0)
+        loss, _, _ = grpo_dt.grpo_objective(model, copy.deepcopy(model), batch, args, 0.0)
         loss.backward()
         grad_norm = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters()))
         with torch.no_grad():
@@ -204,10 +247,7 @@ def test_buffer_counts_draws_and_reports_evicted_items():
 
 def test_relabel_replaces_rtg_tokens(hopper_setup):
     s = hopper_setup
-    args = copy.copy(s["args"])
-    args.relabel = True
-    items, _, _, out = grpo_dt.collect_groups(s["model"], s["envs"], s["trajs"], args, 3, 4, 0.99, 2, s["norm"],
-                                              s["scale"], s["rng"], s["gen"])
+    items, _, _, out = collect(s, relabel=True)
     hindsight = np.cumsum(out["reward"][:, ::-1], 1)[:, ::-1][:, :3] * s["scale"]
     np.testing.assert_allclose(items["rtg"][:, 2:, 0], hindsight, rtol=1e-5)
     assert not np.allclose(items["rtg"][:, 2:, 0], out["rtg"][:, :3])
@@ -240,8 +280,9 @@ def test_clipping_follows_eq3():
     # diagnostics: the clip fraction split by sample age and advantage sign
     born = torch.tensor([3.0, 3.0, 2.0, 2.0, 3.0])
     split = grpo_dt.clip_breakdown(clipped, born, adv, iteration=3)
-    assert split == pytest.approx({"clipfrac_fresh": 2 / 3, "clipfrac_stale": 1.0, "clipfrac_adv_pos": 2 / 3,
-                                   "clipfrac_adv_neg": 1.0})
+    assert split == pytest.approx(
+        {"clipfrac_fresh": 2 / 3, "clipfrac_stale": 1.0, "clipfrac_adv_pos": 2 / 3, "clipfrac_adv_neg": 1.0}
+    )
 
 
 def test_group_advantages_and_delta_r_filter():
@@ -272,8 +313,15 @@ def test_active_sampling_is_softmax_of_variances():
 def test_presets_follow_table6():
     a = grpo_dt.Args(env_id="Hopper-v4", dataset="local/hopper/medium-v0", eval_len=7)
     assert grpo_dt.apply_presets(a, "mujoco", "hopper") == "medium"
-    assert (a.g_online, a.subtraj_len, a.eval_len, a.gamma, a.clip_eps, a.kappa_initial, a.full_trajs_per_iter) == \
-        (7200, 15, 7, 0.995, 0.2, 0.2, 1)
+    assert (a.g_online, a.subtraj_len, a.eval_len, a.gamma, a.clip_coef, a.kappa_initial, a.full_trajs_per_iter) == (
+        7200,
+        15,
+        7,
+        0.995,
+        0.2,
+        0.2,
+        1,
+    )
     d = grpo_dt.Args(env_id="AdroitHandDoor-v1", dataset="whatever")
     assert grpo_dt.apply_presets(d, "adroit", "door") == "human"
     assert (d.n_batch, d.delta_r, d.learning_rate, d.full_trajs_per_iter) == (512, 0.4, 3e-5, 5)
@@ -291,12 +339,31 @@ def test_end_to_end_hopper_workers_resume_budget(hopper_checkpoint, tmp_path):
     tags = scalars(tmp_path / "a" / "runs")
     for tag in ("charts/normalized_score", "charts/eval_return"):
         assert tags[tag] == [0, 1, 2]
-    for tag in ("charts/episodic_return", "charts/env_steps", "charts/grad_updates", "charts/SPS", "losses/policy_loss",
-                "losses/kl", "losses/entropy", "losses/clipfrac", "losses/kappa", "losses/ratio_mean",
-                "losses/ratio_max", "losses/group_reward_std", "losses/dropped_fraction", "charts/episodic_length",
-                "charts/reset_step_mean", "charts/reset_step_max", "charts/rollout_sigma", "charts/rollout_mu_abs",
-                "charts/draws_per_subtraj", "losses/clipfrac_fresh", "losses/clipfrac_stale", "losses/clipfrac_adv_pos",
-                "losses/clipfrac_adv_neg"):
+    for tag in (
+        "charts/episodic_return",
+        "charts/env_steps",
+        "charts/grad_updates",
+        "charts/SPS",
+        "losses/policy_loss",
+        "losses/kl",
+        "losses/entropy",
+        "losses/clipfrac",
+        "losses/kappa",
+        "losses/ratio_mean",
+        "losses/ratio_max",
+        "losses/group_reward_std",
+        "losses/dropped_fraction",
+        "charts/episodic_length",
+        "charts/reset_step_mean",
+        "charts/reset_step_max",
+        "charts/rollout_sigma",
+        "charts/rollout_mu_abs",
+        "charts/draws_per_subtraj",
+        "losses/clipfrac_fresh",
+        "losses/clipfrac_stale",
+        "losses/clipfrac_adv_pos",
+        "losses/clipfrac_adv_neg",
+    ):
         assert tags[tag] == [1, 2], tag
     for tag in ("charts/normalized_score_se", "charts/eval_length", "charts/eval_reward_per_step"):
         assert tags[tag] == [0, 1, 2], tag
@@ -306,15 +373,33 @@ def test_end_to_end_hopper_workers_resume_budget(hopper_checkpoint, tmp_path):
     assert any(not torch.equal(ft["state_dict"][k], pre["state_dict"][k]) for k in pre["state_dict"])
     check_checkpoint_loads(grpo_dt.load_model, save)
     # Worker processes give the same run as in-process stepping (seeded, exact)
-    b = tiny_args("Hopper-v4", ds, hopper_checkpoint, tmp_path / "b", num_workers=2, save_every=1,
-                  save_path=str(tmp_path / "b.pt"), delta_r=0.0)
+    b = tiny_args(
+        "Hopper-v4",
+        ds,
+        hopper_checkpoint,
+        tmp_path / "b",
+        num_workers=2,
+        save_every=1,
+        save_path=str(tmp_path / "b.pt"),
+        delta_r=0.0,
+    )
     assert grpo_dt.main(b) == score_a
     fb = torch.load(tmp_path / "b.pt", weights_only=False)
     assert fb["finetune"]["env_steps"] == ft["finetune"]["env_steps"]
     assert all(torch.equal(fb["state_dict"][k], ft["state_dict"][k]) for k in ft["state_dict"])
     # Resume continues the killed run; a step budget stops after the first iteration
-    grpo_dt.main(tiny_args("Hopper-v4", ds, hopper_checkpoint, tmp_path / "c", resume=str(save), num_iterations=3,
-                           save_every=1, save_path=str(save)))
+    grpo_dt.main(
+        tiny_args(
+            "Hopper-v4",
+            ds,
+            hopper_checkpoint,
+            tmp_path / "c",
+            resume=str(save),
+            num_iterations=3,
+            save_every=1,
+            save_path=str(save),
+        )
+    )
     assert torch.load(save, weights_only=False)["finetune"]["iteration"] == 3
     grpo_dt.main(tiny_args("Hopper-v4", ds, hopper_checkpoint, tmp_path / "d", num_iterations=5, total_env_steps=1))
     assert scalars(tmp_path / "d" / "runs")["charts/env_steps"] == [1]
@@ -329,22 +414,38 @@ def test_full_rollout_actions_flag_picks_sampled_or_mean_actions(hopper_checkpoi
     calls = {}
     real = grpo_dt.run_episodes
 
-    def spy(model, envs, seeds, rtg, stochastic, *rest, record_sim=False, **kw):
+    def spy(actor, envs, seeds, rtg, stochastic, record_sim=False):
         if record_sim:  # the full trajectories (evaluation does not record the simulator)
             calls.setdefault("stochastic", []).append(stochastic)
-        return real(model, envs, seeds, rtg, stochastic, *rest, record_sim=record_sim, **kw)
+        return real(actor, envs, seeds, rtg, stochastic, record_sim=record_sim)
 
     monkeypatch.setattr(grpo_dt, "run_episodes", spy)
     for mode, expected in (("sampled", True), ("mean", False)):
         calls.clear()
-        grpo_dt.main(tiny_args("Hopper-v4", "local/hopper/medium-v0", hopper_checkpoint, tmp_path / mode,
-                               num_iterations=1, full_rollout_actions=mode))
+        grpo_dt.main(
+            tiny_args(
+                "Hopper-v4",
+                "local/hopper/medium-v0",
+                hopper_checkpoint,
+                tmp_path / mode,
+                num_iterations=1,
+                full_rollout_actions=mode,
+            )
+        )
         assert calls["stochastic"] == [expected]
 
 
 def test_end_to_end_door(door_checkpoint, tmp_path):
-    args = tiny_args("AdroitHandDoor-v1", "local/door/human-v0", door_checkpoint, tmp_path, full_trajs_per_iter=2,
-                     n_batch=4, token_level_ratio=True, delta_r=0.0)
+    args = tiny_args(
+        "AdroitHandDoor-v1",
+        "local/door/human-v0",
+        door_checkpoint,
+        tmp_path,
+        full_trajs_per_iter=2,
+        n_batch=4,
+        ratio="token",
+        delta_r=0.0,
+    )
     score = grpo_dt.main(args)
     assert np.isfinite(score)
     assert scalars(tmp_path / "runs")["losses/clipfrac"] == [1, 2]
@@ -353,11 +454,13 @@ def test_end_to_end_door(door_checkpoint, tmp_path):
 def test_user_errors(door_checkpoint, tmp_path):
     with pytest.raises(grpo_dt.UserError, match="dims"):
         grpo_dt.main(tiny_args("Hopper-v4", "medium", door_checkpoint, tmp_path))
-    with pytest.raises(grpo_dt.UserError, match="exclusive"):
-        grpo_dt.main(tiny_args("Hopper-v4", "medium", door_checkpoint, tmp_path, token_level_ratio=True,
-                               geometric_mean_ratio=True))
-    res = subprocess.run([sys.executable, str(ROOT / "grpo_dt.py"), "--env-id", "Foo-v0"], capture_output=True,
-                         text=True, cwd=tmp_path)
+    with pytest.raises(grpo_dt.UserError, match="does not exist"):
+        grpo_dt.main(tiny_args("Hopper-v4", "medium", door_checkpoint, tmp_path, resume=str(tmp_path / "nope.pt")))
+    with pytest.raises(grpo_dt.UserError, match="not a run state"):
+        grpo_dt.main(tiny_args("AdroitHandDoor-v1", "human", door_checkpoint, tmp_path, resume=str(door_checkpoint)))
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "grpo_dt.py"), "--env-id", "Foo-v0"], capture_output=True, text=True, cwd=tmp_path
+    )
     assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith("error: unknown --env-id 'Foo-v0'")
 
 
@@ -371,6 +474,176 @@ def test_missing_checkpoint_runs_pretraining(tmp_path):
 def test_iteration_zero_is_the_pretrained_score(hopper_checkpoint, tmp_path):
     """pretrain_dt.py scores at c_online, so its reported score is where finetuning starts."""
     ckpt = torch.load(hopper_checkpoint, weights_only=False)
-    score = grpo_dt.main(tiny_args("Hopper-v4", "local/hopper/medium-v0", hopper_checkpoint, tmp_path,
-                                   num_iterations=0, max_episode_steps=None))
+    score = grpo_dt.main(
+        tiny_args("Hopper-v4", "local/hopper/medium-v0", hopper_checkpoint, tmp_path, num_iterations=0, max_episode_steps=None)
+    )
     assert score == pytest.approx(ckpt["eval_normalized_score"], abs=1e-6)
+
+
+# ---------------------------------------------------------------- renamed flags, run state, non-finite guard
+def test_renamed_flags_change_behaviour(hopper_setup, monkeypatch):
+    """--clip-coef, --ratio, --no-consistent-reset and --reset-sampling each change what the algorithm computes."""
+    s = hopper_setup
+    G = s["args"].group_size
+    _, _, _, out = collect(s, consistent_reset=True)
+    assert (out["reset_step"].reshape(-1, G) == out["reset_step"].reshape(-1, G)[:, :1]).all()
+    _, _, _, out = collect(s, consistent_reset=False)
+    assert (out["reset_step"].reshape(-1, G) != out["reset_step"].reshape(-1, G)[:, :1]).any()
+    seen, real = [], grpo_dt.sample_reset_points
+
+    def spy(*a, **kw):
+        seen.append(kw["uniform"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(grpo_dt, "sample_reset_points", spy)
+    collect(s, reset_sampling="uniform")
+    collect(s, reset_sampling="variance")
+    assert seen == [True, False]  # reset_probs(uniform=...) is tested in test_active_sampling_is_softmax_of_variances
+    items, *_ = collect(s, eval_len=2)
+    buf = grpo_dt.SubtrajBuffer(64, "cpu")
+    buf.add(items)
+    batch = buf.sample(16, s["rng"])
+    moved = copy.deepcopy(s["model"])
+    with torch.no_grad():
+        moved.mean_head.bias.add_(0.05)
+    stats = {
+        (c, r): grpo_dt.grpo_objective(moved, s["model"], batch, with_(s["args"], clip_coef=c, ratio=r), 0.1)[2]
+        for c in (1e-4, 10.0)
+        for r in ("sequence", "token", "geometric")
+    }
+    assert stats[(1e-4, "sequence")]["clipfrac"] > stats[(10.0, "sequence")]["clipfrac"] == 0
+    assert len({round(stats[(1e-4, r)]["ratio_mean"], 6) for r in ("sequence", "token", "geometric")}) == 3
+
+
+def test_save_model_writes_a_loadable_checkpoint(hopper_checkpoint, tmp_path):
+    grpo_dt.main(
+        tiny_args("Hopper-v4", "local/hopper/medium-v0", hopper_checkpoint, tmp_path, num_iterations=1, save_model=True)
+    )
+    (run,) = list((tmp_path / "runs").iterdir())
+    assert (run / "state.pt").exists()  # the run state is saved by default
+    ckpt = check_checkpoint_loads(grpo_dt.load_model, run / "grpo_dt.pt")
+    assert "finetune" not in ckpt and ckpt["finetune_args"]["save_model"]
+
+
+def same(a, b) -> bool:
+    """Bit-exact equality of nested run states (tensors, arrays, dicts, lists)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a):
+        return torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
+    return a == b or (a != a and b != b)
+
+
+def test_killed_run_resumes_bit_exactly(hopper_checkpoint, tmp_path):
+    """SIGKILL a run once its state shows iteration >= 2, --resume it, compare with an uninterrupted run."""
+    flags = dict(
+        n_batch=8,
+        trajs_per_iter=2,
+        reset_points=2,
+        group_size=2,
+        subtraj_len=3,
+        eval_len=5,
+        updates_per_iter=2,
+        eval_episodes=1,
+        max_episode_steps=40,
+        delta_r=0.0,
+    )
+    cli = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    cmd = [
+        sys.executable,
+        str(ROOT / "grpo_dt.py"),
+        "--env-id",
+        "Hopper-v4",
+        "--dataset",
+        "local/hopper/medium-v0",
+        "--checkpoint",
+        str(hopper_checkpoint),
+        "--save-every",
+        "1",
+        *cli,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen(
+        cmd + ["--num-iterations", "200", "--runs-dir", str(tmp_path / "k")], stdout=log, stderr=subprocess.STDOUT, env=env
+    )
+    saved, deadline = 0, time.time() + 120
+    while saved < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+        states = list((tmp_path / "k").glob("*/state.pt"))
+        if states:
+            saved = torch.load(states[0], weights_only=False)["finetune"]["iteration"]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert saved >= 2, (tmp_path / "killed.log").read_text()[-2000:]
+    (state,) = list((tmp_path / "k").glob("*/state.pt"))
+    saved = torch.load(state, weights_only=False)["finetune"]["iteration"]
+    assert f"run state (for --resume): {state}" in (tmp_path / "killed.log").read_text()
+    end = saved + 2
+    res = subprocess.run(
+        cmd + ["--num-iterations", str(end), "--runs-dir", str(tmp_path / "k"), "--resume", str(state)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [x for x in res.stdout.splitlines() if x.startswith("iteration ")]
+    assert lines[0].startswith(f"iteration {saved}: eval return") and lines[1].startswith(f"iteration {saved + 1}: score")
+    resumed = torch.load(state, weights_only=False)  # the resumed run kept its name, so it wrote the same file
+    uninterrupted = tiny_args(
+        "Hopper-v4",
+        "local/hopper/medium-v0",
+        hopper_checkpoint,
+        tmp_path / "u",
+        num_iterations=end,
+        save_every=1,
+        **{**TINY, **flags},
+    )
+    grpo_dt.main(uninterrupted)
+    (ref_state,) = list((tmp_path / "u" / "runs").glob("*/state.pt"))
+    reference = torch.load(ref_state, weights_only=False)
+    assert resumed["finetune"]["iteration"] == reference["finetune"]["iteration"] == end
+    for key in ("state_dict", "eval_normalized_score"):
+        assert same(resumed[key], reference[key]), key
+    for key in reference["finetune"]:
+        if key != "run_name":
+            assert same(resumed["finetune"][key], reference["finetune"][key]), key
+
+
+def test_non_finite_stops_with_one_line_and_keeps_the_state(hopper_checkpoint, tmp_path, monkeypatch):
+    state = tmp_path / "state.pt"
+    args = tiny_args(
+        "Hopper-v4",
+        "local/hopper/medium-v0",
+        hopper_checkpoint,
+        tmp_path,
+        num_iterations=1,
+        save_every=1,
+        save_path=str(state),
+        delta_r=0.0,
+    )
+    grpo_dt.main(args)
+    good = state.read_bytes()
+    real = grpo_dt.grpo_objective
+
+    def nan_loss(*a, **kw):
+        loss, entropy, stats = real(*a, **kw)
+        return loss * float("nan"), entropy, stats
+
+    monkeypatch.setattr(grpo_dt, "grpo_objective", nan_loss)
+    with pytest.raises(grpo_dt.UserError) as e:
+        grpo_dt.main(with_(args, resume=str(state), num_iterations=3))
+    assert str(e.value) == f"non-finite loss at iteration 2; stopped, last good state kept at {state}"
+    assert state.read_bytes() == good
+    monkeypatch.setattr(grpo_dt, "grpo_objective", real)
+    bad = torch.load(state, weights_only=False)  # a NaN weight: the first rollout's actions are NaN
+    bad["state_dict"]["mean_head.bias"][0] = float("nan")
+    torch.save(bad, tmp_path / "bad.pt")
+    before = (tmp_path / "bad.pt").read_bytes()
+    with pytest.raises(grpo_dt.UserError, match=r"^non-finite action at iteration 1; stopped, last good state kept at"):
+        grpo_dt.main(with_(args, resume=str(tmp_path / "bad.pt"), save_path=str(tmp_path / "bad.pt"), num_iterations=3))
+    assert (tmp_path / "bad.pt").read_bytes() == before

@@ -2,6 +2,12 @@
 
 import copy
 import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import gymnasium as gym
 import mujoco
@@ -9,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import tyro
 from conftest import check_checkpoint_loads
 from gymnasium.envs.mujoco.mujoco_env import MujocoEnv
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -24,12 +31,28 @@ def restore_torch_threads():
     torch.set_num_threads(threads)
 
 
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(
+    dataset="local/hopper/medium-v0",
+    num_iterations=2,
+    n_batch=8,
+    group_size=4,
+    critic_updates=4,
+    critic_warmup_updates=4,
+    critic_batch_size=32,
+    updates_per_iter=2,
+    eval_episodes=1,
+    max_episode_steps=30,
+    trajs_per_iter=4,
+    reset_points=2,
+    delta_r=0.0,
+    torch_threads=1,
+)
+
+
 def tiny_args(ckpt, tmp_path, **overrides):
     env_id = "AdroitHandDoor-v1" if "door" in str(ckpt) else "Hopper-v4"
-    base = dict(env_id=env_id, dataset="local/hopper/medium-v0", checkpoint=str(ckpt), num_iterations=2, n_batch=8,
-                group_size=4, critic_updates=4, critic_warmup_updates=4, critic_batch_size=32, updates_per_iter=2,
-                eval_episodes=1, max_episode_steps=30, trajs_per_iter=4, reset_points=2,
-                delta_r=0.0, runs_dir=str(tmp_path / "runs"), torch_threads=1)
+    base = dict(env_id=env_id, checkpoint=str(ckpt), runs_dir=str(tmp_path / "runs"), **TINY)
     return qg.Args(**{**base, **overrides})
 
 
@@ -53,7 +76,9 @@ def test_checkpoint_loads(hopper_checkpoint):
     ckpt = check_checkpoint_loads(qg.load_model, hopper_checkpoint)
     model, _ = qg.load_model(hopper_checkpoint)
     assert ckpt["model_config"]["dropout"] > 0  # pretrained with dropout, which the loader switches off
-    assert not model.training and all(b.dropout == 0.0 for b in model.blocks)
+    assert all(b.dropout == 0.0 for b in model.blocks) and all(
+        m.p == 0.0 for m in model.modules() if isinstance(m, nn.Dropout)
+    )
 
 
 def test_group_advantages_normalised_and_filtered():
@@ -97,32 +122,50 @@ def test_ratio_is_one_before_the_update_and_kl_zero_at_reference(hopper_checkpoi
     adv, keep = qg.group_advantages(scores, 0.0)
     rows, cols = keep.nonzero(as_tuple=True)
     buf = qg.FifoBuffer(64)
-    buf.push(rtg=ctx[0][rows], states=ctx[1][rows], ctx_actions=ctx[2][rows], mask=ctx[3][rows],
-             action=actions[rows, cols], old_log_prob=old_lp[rows, cols], advantage=adv[rows, cols])
+    buf.push(
+        rtg=ctx[0][rows],
+        states=ctx[1][rows],
+        ctx_actions=ctx[2][rows],
+        mask=ctx[3][rows],
+        action=actions[rows, cols],
+        old_log_prob=old_lp[rows, cols],
+        advantage=adv[rows, cols],
+    )
     batch = buf.sample(16, np.random.default_rng(0))
-    terms = qg.policy_objective(model, ref, batch, clip_eps=0.2)
+    terms = qg.policy_objective(model, ref, batch, clip_coef=0.2)
     torch.testing.assert_close(terms["ratio"], torch.ones(16), atol=1e-5, rtol=0)
     assert terms["clipfrac"].item() == 0.0 and terms["kl"].item() == pytest.approx(0.0, abs=1e-7)
     # After a real step the policy has moved: the ratio leaves 1 and the KL becomes positive.
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     terms["pg_loss"].backward()
     opt.step()
-    after = qg.policy_objective(model, ref, batch, clip_eps=0.2)
+    after = qg.policy_objective(model, ref, batch, clip_coef=0.2)
     assert (after["ratio"] - 1).abs().max() > 1e-4 and after["kl"].item() > 0
+    # --clip-coef: the same ratios, clipped or not by the coefficient
+    tight, wide = (qg.policy_objective(model, ref, batch, clip_coef=c) for c in (1e-6, 1e6))
+    torch.testing.assert_close(tight["ratio"], wide["ratio"])
+    assert tight["clipfrac"].item() == 1.0 and wide["clipfrac"].item() == 0.0
+    assert tight["pg_loss"].item() != wide["pg_loss"].item()
 
 
 def test_td_target_truncation_bootstraps_termination_cuts(hopper_checkpoint):
-    y = qg.td_target(torch.tensor([1.0, 1.0]), torch.tensor([True, False]), torch.tensor([10.0, 10.0]),
-                     torch.tensor([12.0, 8.0]), gamma=0.9)
+    y = qg.td_target(
+        torch.tensor([1.0, 1.0]), torch.tensor([True, False]), torch.tensor([10.0, 10.0]), torch.tensor([12.0, 8.0]), gamma=0.9
+    )
     torch.testing.assert_close(y, torch.tensor([1.0, 1.0 + 0.9 * 8.0]))
     # The dataset marks only the last step of a terminated episode; a truncated one bootstraps from its final obs.
     model, _ = qg.load_model(hopper_checkpoint)
     S, A = 11, 3
 
     def traj(T, terminated):
-        return {"states": np.random.randn(T + 1, S).astype(np.float32), "rtg": np.arange(T + 1, dtype=np.float32),
-                "actions": np.vstack([np.random.uniform(-1, 1, (T, A)), np.zeros((1, A))]).astype(np.float32),
-                "rewards": np.ones(T, np.float32), "var": np.ones(T), "terminated": terminated}
+        return {
+            "states": np.random.randn(T + 1, S).astype(np.float32),
+            "rtg": np.arange(T + 1, dtype=np.float32),
+            "actions": np.vstack([np.random.uniform(-1, 1, (T, A)), np.zeros((1, A))]).astype(np.float32),
+            "rewards": np.ones(T, np.float32),
+            "var": np.ones(T),
+            "terminated": terminated,
+        }
 
     trajs = [traj(4, True), traj(3, False)]
     data = qg.critic_dataset(trajs, model, 2, reward_scale=0.5, reward_shift=0.0, device="cpu")
@@ -191,9 +234,19 @@ def forbid_state_resets(monkeypatch):
 def check_run(logs, iterations, critic_updates, policy_updates):
     for tag in ("charts/normalized_score", "charts/eval_return", "charts/env_steps", "charts/grad_updates"):
         assert sorted(logs[tag]) == list(range(iterations + 1)), tag
-    for tag in ("charts/episodic_return", "charts/SPS", "losses/critic_loss", "losses/q_values",
-                "losses/group_score_std", "losses/policy_loss", "losses/ratio_mean", "losses/clipfrac", "losses/kl",
-                "losses/entropy", "losses/kappa"):
+    for tag in (
+        "charts/episodic_return",
+        "charts/SPS",
+        "losses/critic_loss",
+        "losses/q_values",
+        "losses/group_score_std",
+        "losses/policy_loss",
+        "losses/ratio_mean",
+        "losses/clipfrac",
+        "losses/kl",
+        "losses/entropy",
+        "losses/kappa",
+    ):
         assert sorted(logs[tag]) == list(range(1, iterations + 1)), tag
         assert all(np.isfinite(v) for v in logs[tag].values()), tag
     steps = [logs["charts/env_steps"][i] for i in range(iterations + 1)]
@@ -202,18 +255,19 @@ def check_run(logs, iterations, critic_updates, policy_updates):
     assert abs(logs["losses/ratio_mean"][1] - 1) < 0.05 and logs["losses/kappa"][1] == pytest.approx(1e-2, rel=0.05)
 
 
-def test_end_to_end_hopper_never_resets_to_a_state_and_resumes_exactly(hopper_checkpoint, tmp_path,
-                                                                        forbid_state_resets):
+def test_end_to_end_hopper_never_resets_to_a_state_and_resumes_exactly(hopper_checkpoint, tmp_path, forbid_state_resets):
     straight = tiny_args(hopper_checkpoint, tmp_path / "a", save_every=2, save_path=str(tmp_path / "a.pt"))
     qg.main(straight)
     logs = scalars(straight.runs_dir)
     check_run(logs, 2, critic_updates=4, policy_updates=2)
     assert NoStateResets.resets == 5  # 3 evaluations + 2 training episodes, all after the previous episode ended
     # 1 iteration, save, resume to 2: the same numbers and weights as the straight run.
-    qg.main(tiny_args(hopper_checkpoint, tmp_path / "b", num_iterations=1, save_every=1,
-                      save_path=str(tmp_path / "b.pt")))
-    qg.main(tiny_args(hopper_checkpoint, tmp_path / "c", resume=str(tmp_path / "b.pt"), save_every=1,
-                      save_path=str(tmp_path / "c.pt")))
+    qg.main(tiny_args(hopper_checkpoint, tmp_path / "b", num_iterations=1, save_every=1, save_path=str(tmp_path / "b.pt")))
+    qg.main(
+        tiny_args(
+            hopper_checkpoint, tmp_path / "c", resume=str(tmp_path / "b.pt"), save_every=1, save_path=str(tmp_path / "c.pt")
+        )
+    )
     resumed = scalars(tmp_path / "c" / "runs")
     for tag in ("charts/normalized_score", "charts/env_steps", "losses/critic_loss", "losses/policy_loss"):
         assert resumed[tag][2] == logs[tag][2], tag
@@ -224,8 +278,7 @@ def test_end_to_end_hopper_never_resets_to_a_state_and_resumes_exactly(hopper_ch
 
 
 def test_end_to_end_door_never_resets_to_a_state(door_checkpoint, tmp_path, forbid_state_resets):
-    args = tiny_args(door_checkpoint, tmp_path, dataset="local/door/human-v0", full_trajs_per_iter=2,
-                     max_episode_steps=15)
+    args = tiny_args(door_checkpoint, tmp_path, dataset="local/door/human-v0", full_trajs_per_iter=2, max_episode_steps=15)
     qg.main(args)
     check_run(scalars(args.runs_dir), 2, critic_updates=4, policy_updates=2)
     assert NoStateResets.resets == 3 + 2 * 2
@@ -238,9 +291,10 @@ def test_zero_iterations_only_evaluates(hopper_checkpoint, tmp_path):
 
 
 def test_table6_defaults_and_bad_input(hopper_checkpoint, door_checkpoint, tmp_path):
-    hop = qg.resolve_defaults(qg.Args(env_id="Hopper-v4"))
-    assert (hop.n_batch, hop.c_online, hop.g_online, hop.clip_eps, hop.delta_r, hop.gamma) == (256, 1, 7200, 0.2, 2.0, 0.99)
-    door = qg.resolve_defaults(qg.Args(env_id="AdroitHandDoor-v1", dataset="cloned"))
+    hop = qg.apply_presets(qg.Args(env_id="Hopper-v4"))
+    assert (hop.n_batch, hop.c_online, hop.g_online, hop.clip_coef, hop.delta_r, hop.gamma) == (256, 1, 7200, 0.2, 2.0, 0.99)
+    assert qg.apply_presets(tyro.cli(qg.Args, args=["--clip-coef", "0.05"])).clip_coef == 0.05
+    door = qg.apply_presets(qg.Args(env_id="AdroitHandDoor-v1", dataset="cloned"))
     assert (door.n_batch, door.delta_r, door.full_trajs_per_iter, door.critic_lr) == (512, 0.5, 5, 2e-4)
     with pytest.raises(qg.UserError, match="supported: MuJoCo"):
         qg.main(qg.Args(env_id="Pong-v5"))
@@ -255,10 +309,18 @@ def test_table6_defaults_and_bad_input(hopper_checkpoint, door_checkpoint, tmp_p
 def test_missing_checkpoint_is_pretrained_in_a_subprocess(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the pretraining child: one torch thread is faster on a busy CPU
-    extra = (f"--num-updates 2 --batch-size 4 --embed-dim 8 --n-layers 1 --n-heads 1 --warmup-updates 1 "
-             f"--eval-episodes 1 --runs-dir {tmp_path / 'pre'}")
-    args = qg.Args(dataset="local/hopper/medium-v0", num_iterations=0, eval_episodes=1, max_episode_steps=10,
-                   runs_dir=str(tmp_path / "runs"), pretrain_extra_args=extra)
+    extra = (
+        f"--num-updates 2 --batch-size 4 --embed-dim 8 --n-layers 1 --n-heads 1 --warmup-updates 1 "
+        f"--eval-episodes 1 --runs-dir {tmp_path / 'pre'}"
+    )
+    args = qg.Args(
+        dataset="local/hopper/medium-v0",
+        num_iterations=0,
+        eval_episodes=1,
+        max_episode_steps=10,
+        runs_dir=str(tmp_path / "runs"),
+        pretrain_extra_args=extra,
+    )
     qg.main(args)
     assert (tmp_path / qg.default_checkpoint_path("Hopper-v4", "local/hopper/medium-v0", 1)).is_file()
     with pytest.raises(qg.UserError, match="pretraining failed"):
@@ -270,3 +332,101 @@ def test_iteration_zero_is_the_pretrained_score(hopper_checkpoint, tmp_path):
     ckpt = torch.load(hopper_checkpoint, weights_only=False)
     score = qg.main(tiny_args(hopper_checkpoint, tmp_path, num_iterations=0, max_episode_steps=None))
     assert score == pytest.approx(ckpt["eval_normalized_score"], abs=1e-6)
+
+
+def test_default_run_state_and_save_model(hopper_checkpoint, tmp_path):
+    """By default the run state goes to {runs_dir}/{run_name}/state.pt; --save-model adds a format-1 checkpoint."""
+    qg.main(tiny_args(hopper_checkpoint, tmp_path, num_iterations=1, save_model=True))
+    (run,) = glob.glob(f"{tmp_path / 'runs'}/*/")
+    state = torch.load(Path(run) / "state.pt", weights_only=False)
+    assert state["finetune"]["state"]["iteration"] == 1  # the last iteration is always saved
+    model, saved = qg.load_model(Path(run) / "grpo_dt_qguided.pt")
+    assert saved["format_version"] == qg.CHECKPOINT_FORMAT_VERSION and "finetune" not in saved
+    check_checkpoint_loads(qg.load_model, Path(run) / "grpo_dt_qguided.pt")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state["state_dict"][k], rtol=0, atol=0)
+    assert not torch.equal(
+        state["state_dict"]["mean_head.weight"],
+        torch.load(hopper_checkpoint, weights_only=False)["state_dict"]["mean_head.weight"],
+    )
+
+
+def saved_iteration(path):
+    try:
+        return torch.load(path, weights_only=False)["finetune"]["state"]["iteration"]
+    except (FileNotFoundError, EOFError, RuntimeError):
+        return -1
+
+
+def test_killed_run_resumes_exactly(hopper_checkpoint, tmp_path):
+    """SIGKILL a run once its state shows iteration >= 2; --resume it and finish bit-exactly as an uninterrupted run."""
+    n, state = 8, tmp_path / "killed" / "state.pt"
+    flags = {**TINY, "num_iterations": n, "save_every": 1, "save_path": state, "runs_dir": tmp_path / "killed"}
+    cmd = [sys.executable, str(ROOT / "grpo_dt_qguided.py"), "--checkpoint", str(hopper_checkpoint)]
+    cmd += [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while saved_iteration(state) < 2:
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = saved_iteration(state)
+    assert 2 <= killed_at < n
+    qg.main(
+        tiny_args(
+            hopper_checkpoint,
+            tmp_path / "resumed",
+            num_iterations=n,
+            resume=str(state),
+            save_every=1,
+            save_path=str(tmp_path / "resumed.pt"),
+        )
+    )
+    resumed_logs = scalars(tmp_path / "resumed" / "runs")
+    assert sorted(resumed_logs["charts/env_steps"]) == list(range(killed_at + 1, n + 1))  # starts at the saved iteration
+    qg.main(
+        tiny_args(
+            hopper_checkpoint, tmp_path / "straight", num_iterations=n, save_every=n, save_path=str(tmp_path / "straight.pt")
+        )
+    )
+    straight_logs = scalars(tmp_path / "straight" / "runs")
+    for tag in ("charts/normalized_score", "losses/critic_loss", "losses/policy_loss", "losses/kappa"):
+        assert resumed_logs[tag][n] == straight_logs[tag][n], tag
+    a, b = (torch.load(tmp_path / f"{name}.pt", weights_only=False) for name in ("straight", "resumed"))
+    torch.testing.assert_close(b["state_dict"], a["state_dict"], rtol=0, atol=0)
+    for k in (*qg.Run.NETS, "log_kappa"):
+        torch.testing.assert_close(b["finetune"][k], a["finetune"][k], rtol=0, atol=0)
+    torch.testing.assert_close(b["finetune"]["sample_buffer"], a["finetune"]["sample_buffer"], rtol=0, atol=0)
+    assert b["finetune"]["state"] == a["finetune"]["state"] and b["finetune"]["numpy_rng"] == a["finetune"]["numpy_rng"]
+    assert torch.equal(b["finetune"]["torch_rng"], a["finetune"]["torch_rng"])
+
+
+def test_non_finite_stops_and_keeps_the_last_good_state(hopper_checkpoint, tmp_path, monkeypatch):
+    state = tmp_path / "state.pt"
+    calls = []
+    critic_dataset = qg.critic_dataset
+
+    def nan_in_iteration_2(buffer, model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                model.mean_head.weight[0, 0] = float("nan")
+        return critic_dataset(buffer, model, *args, **kwargs)
+
+    monkeypatch.setattr(qg, "critic_dataset", nan_in_iteration_2)
+    with pytest.raises(qg.UserError) as error:
+        qg.main(tiny_args(hopper_checkpoint, tmp_path, num_iterations=3, save_every=1, save_path=str(state)))
+    assert str(error.value) == f"non-finite critic loss at iteration 2; stopped, last good state kept at {state}"
+    saved = torch.load(state, weights_only=False)
+    assert saved["finetune"]["state"]["iteration"] == 1
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
+    # a NaN weight in the checkpoint: the first evaluation's actions are caught, nothing is written
+    ckpt = torch.load(hopper_checkpoint, weights_only=False)
+    ckpt["state_dict"]["mean_head.bias"][0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    with pytest.raises(qg.UserError, match=r"^non-finite action at iteration 0; stopped, no state saved yet$"):
+        qg.main(tiny_args(tmp_path / "nan.pt", tmp_path, save_path=str(tmp_path / "never.pt")))
+    assert not (tmp_path / "never.pt").exists()

@@ -2,8 +2,10 @@
 replay, offline transitions, exact resume, non-finite losses, bad input, and end-to-end runs on the shared data."""
 
 import inspect
+import signal
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -124,16 +126,17 @@ def test_buffer_mixes_offline_and_online_and_keeps_offline_data():
         np.testing.assert_array_equal(buf.offline[k], v)
     restored = M.ReplayBuffer({k: v.copy() for k, v in offline.items()}, capacity=58)
     restored.load_state_dict(buf.state_dict())
-    np.testing.assert_array_equal(restored.sample(100, np.random.default_rng(1))["rewards"],
-                                  buf.sample(100, np.random.default_rng(1))["rewards"])
+    np.testing.assert_array_equal(
+        restored.sample(100, np.random.default_rng(1))["rewards"], buf.sample(100, np.random.default_rng(1))["rewards"]
+    )
 
 
 def test_family_presets_and_reward_transform():
-    door = M.with_family_defaults(M.Args(), "adroit")
+    door = M.apply_presets(M.Args(), "adroit")
     assert (door.expectile, door.beta, door.actor_dropout, door.normalize_reward) == (0.8, 3.0, 0.1, False)
-    ant = M.with_family_defaults(M.Args(), "antmaze")
+    ant = M.apply_presets(M.Args(), "antmaze")
     assert (ant.expectile, ant.beta, ant.normalize_reward) == (0.9, 10.0, True)
-    assert M.with_family_defaults(M.Args(expectile=0.6), "mujoco").expectile == 0.6  # a flag wins over the preset
+    assert M.apply_presets(M.Args(expectile=0.6), "mujoco").expectile == 0.6  # a flag wins over the preset
     returns = np.array([100.0, 600.0, 300.0])
     assert M.reward_transform("mujoco", returns, True) == (2.0, 0.0)  # 1000 / (600 - 100)
     assert M.reward_transform("antmaze", returns, True) == (1.0, -1.0)
@@ -147,9 +150,20 @@ def test_eval_seeds_differ_across_run_seeds():
 
 
 def test_shared_code_is_a_verbatim_copy_of_pretrain_dt():
-    for name in ("UserError", "env_family", "flatten_antmaze_obs", "make_env", "remote_reachable",
-                 "episodes_to_trajectories", "load_d4rl_hdf5", "generate_random_dataset", "load_dataset",
-                 "normalized_score", "fix_malloc_mmap_threshold", "save_checkpoint"):
+    for name in (
+        "UserError",
+        "env_family",
+        "flatten_antmaze_obs",
+        "make_env",
+        "remote_reachable",
+        "episodes_to_trajectories",
+        "load_d4rl_hdf5",
+        "generate_random_dataset",
+        "load_dataset",
+        "normalized_score",
+        "fix_malloc_mmap_threshold",
+        "save_checkpoint",
+    ):
         assert inspect.getsource(getattr(M, name)) == inspect.getsource(getattr(pretrain_dt, name)), name
     for name in ("MUJOCO_ENVS", "ADROIT_ENVS", "SUPPORTED", "D4RL_REF", "SHORT_NAMES"):
         assert getattr(M, name) == getattr(pretrain_dt, name), name
@@ -190,25 +204,105 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_state(tmp_p
     with pytest.raises(M.UserError) as err:
         run(tmp_path, online_steps=40)
     msg = str(err.value)
-    assert "\n" not in msg and msg.startswith("non-finite qf_loss at losses step 26") and "last good state kept" in msg
+    assert "\n" not in msg and msg.startswith("non-finite qf_loss at online step 26") and "last good state kept" in msg
     state = torch.load(next((tmp_path / "runs").glob("*/state.pt")), weights_only=False)
     assert state["counters"]["env_steps"] == 20
     assert all(torch.isfinite(v).all() for v in state["agent"].values())
 
 
+def test_non_finite_action_stops_with_one_line_and_keeps_the_last_good_state(tmp_path, monkeypatch):
+    real, calls = M.act, []
+
+    def poisoned(actor, obs, *a, sample, **kw):  # a NaN exploration action at online env step 33
+        calls.append(sample)
+        return real(actor, obs, *a, sample=sample, **kw) * (float("nan") if sum(calls) == 33 else 1.0)
+
+    monkeypatch.setattr(M, "act", poisoned)
+    save_path = tmp_path / "mine" / "run.pt"
+    with pytest.raises(M.UserError) as err:
+        run(tmp_path, online_steps=40, save_path=str(save_path))  # --save-path: the state goes there, not to runs/
+    msg = str(err.value)
+    assert "\n" not in msg and msg == f"non-finite action at online step 33; stopped, last good state kept at {save_path}"
+    assert torch.load(save_path, weights_only=False)["counters"]["env_steps"] == 20
+    assert not list((tmp_path / "runs").glob("*/state.pt"))
+
+
+def test_kill_and_resume_continues_exactly(tmp_path, capsys):
+    """SIGKILL a run once its state shows env step >= 40; --resume continues from that state, at most one evaluation
+    period (20 steps) of work lost, and ends with the state of an uninterrupted run, bit for bit."""
+    flags = dict(HOPPER, **TINY, seed=3, save_every=1)
+    cli = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    state_path = tmp_path / "killed.pt"
+    cmd = [
+        sys.executable,
+        str(ROOT / "iql.py"),
+        *cli,
+        "--online-steps=100000",
+        f"--save-path={state_path}",
+        f"--runs-dir={tmp_path / 'runs'}",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, saved = time.time() + 120, 0
+    while saved < 40 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        if state_path.is_file():
+            saved = torch.load(state_path, weights_only=False)["counters"]["env_steps"]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert saved >= 40 and proc.returncode == -signal.SIGKILL, "the run did not save env step 40 before the kill"
+    at_kill = torch.load(state_path, weights_only=False)["counters"]["env_steps"]
+    assert at_kill >= 40 and at_kill % 20 == 0
+    M.main(M.Args(resume=str(state_path), online_steps=100, eval_every=20, eval_episodes=1))
+    assert f"resumed {state_path} at env step {at_kill}" in capsys.readouterr().out
+    straight = run(tmp_path / "straight", seed=3, online_steps=100, save_every=1)
+    a, b = (torch.load(p, weights_only=False) for p in (straight["state_path"], state_path))
+    assert a["counters"]["env_steps"] == b["counters"]["env_steps"] == 100
+    for k, v in a["agent"].items():
+        torch.testing.assert_close(b["agent"][k], v, rtol=0, atol=0, msg=k)
+    for k, v in a["buffer"]["online"].items():
+        np.testing.assert_array_equal(b["buffer"]["online"][k], v)
+    assert a["numpy_rng"] == b["numpy_rng"] and torch.equal(a["torch_rng"], b["torch_rng"])
+    assert a["optimizers"]["q"]["state"][0]["step"] == b["optimizers"]["q"]["state"][0]["step"]
+    for k, v in a["counters"].items():
+        np.testing.assert_array_equal(np.asarray(b["counters"][k]), np.asarray(v), err_msg=k)
+
+
 @pytest.mark.parametrize("task", [HOPPER, DOOR], ids=["hopper", "door"])
 def test_end_to_end(tmp_path, task):
-    out = M.main(M.Args(**task, hidden_dim=32, batch_size=32, offline_updates=300, online_steps=100, eval_every=50,
-                        eval_episodes=2, max_episode_steps=40, runs_dir=str(tmp_path), save_model=True))
+    out = M.main(
+        M.Args(
+            **task,
+            hidden_dim=32,
+            batch_size=32,
+            offline_updates=300,
+            online_steps=100,
+            eval_every=50,
+            eval_episodes=2,
+            max_episode_steps=40,
+            runs_dir=str(tmp_path),
+            save_model=True,
+        )
+    )
     assert np.isfinite(out["score"]) and out["grad_updates"] == 400
     s = scalars(out["run_dir"])
-    for tag in ("charts/normalized_score", "charts/episodic_return", "charts/eval_return", "charts/env_steps",
-                "charts/SPS", "charts/grad_updates", "losses/qf_loss", "losses/vf_loss", "losses/actor_loss",
-                "losses/adv_mean", "losses/q_mean", "offline/qf_loss"):
+    for tag in (
+        "charts/normalized_score",
+        "charts/episodic_return",
+        "charts/eval_return",
+        "charts/env_steps",
+        "charts/SPS",
+        "charts/grad_updates",
+        "losses/qf_loss",
+        "losses/vf_loss",
+        "losses/actor_loss",
+        "losses/adv_mean",
+        "losses/q_mean",
+        "offline/qf_loss",
+    ):
         assert tag in s, tag
     assert sorted(s["charts/normalized_score"]) == [0, 50, 100]  # iteration 0 (after pretraining), then env steps
     assert s["charts/grad_updates"][100] == 400 and all(np.isfinite(v) for v in s["losses/qf_loss"].values())
-    actor = torch.load(out["run_dir"] / "actor.pt", weights_only=False)
+    actor = torch.load(out["run_dir"] / "iql.pt", weights_only=False)  # --save-model: {exp_name}.pt
     assert actor["args"]["actor_dropout"] == (0.1 if task is DOOR else 0.0)
 
 
@@ -221,10 +315,13 @@ def test_bad_sizes_are_one_line_errors(tmp_path):
         M.main(M.Args(resume=str(tmp_path / "nope.pt")))
 
 
-@pytest.mark.parametrize("flags,match", [
-    (["--env-id", "Humanoid-v4"], "error: unknown --env-id 'Humanoid-v4'; supported: MuJoCo"),
-    (["--env-id", "Hopper-v4", "--dataset", "bogus"], "error: unknown --dataset 'bogus' for mujoco; use one of"),
-])
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (["--env-id", "Humanoid-v4"], "error: unknown --env-id 'Humanoid-v4'; supported: MuJoCo"),
+        (["--env-id", "Hopper-v4", "--dataset", "bogus"], "error: unknown --dataset 'bogus' for mujoco; use one of"),
+    ],
+)
 def test_bad_input_is_one_line_error(flags, match):
     proc = subprocess.run([sys.executable, str(ROOT / "iql.py"), *flags], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1

@@ -1,8 +1,11 @@
 """odt_td3.py: relabeling, TD targets, Polyak, the alpha = 0 actor gradient, the loader contract, end to end."""
 
 import copy
+import signal
 import subprocess
 import sys
+import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,8 +14,16 @@ from conftest import ROOT, check_checkpoint_loads
 
 import odt_td3 as M
 
-TINY = dict(actor_updates=3, critic_updates=3, batch_size=8, critic_pretrain_updates=3, eval_episodes=1,
-            max_episode_steps=25, replay_size=40, num_iterations=2)
+TINY = dict(
+    actor_updates=3,
+    critic_updates=3,
+    n_batch=8,
+    critic_pretrain_updates=3,
+    eval_episodes=1,
+    max_episode_steps=25,
+    replay_size=40,
+    num_iterations=2,
+)
 
 
 _offline = {}
@@ -34,8 +45,7 @@ def offline_data_loaded_once(monkeypatch):
 
 def run(ckpt, tmp_path, env_id, **kw):
     dataset = "local/hopper/medium-v0" if env_id.startswith("Hopper") else "local/door/human-v0"
-    args = M.Args(env_id=env_id, dataset=dataset, checkpoint=str(ckpt), runs_dir=str(tmp_path / "runs"),
-                  **{**TINY, **kw})
+    args = M.Args(env_id=env_id, dataset=dataset, checkpoint=str(ckpt), runs_dir=str(tmp_path / "runs"), **{**TINY, **kw})
     return M.main(args)
 
 
@@ -48,8 +58,15 @@ def test_relabeled_rtg_is_suffix_sum_times_scale():
     rewards = np.array([1.0, -2.0, 3.0, 0.5], np.float32)
     np.testing.assert_allclose(M.relabel_rtg(rewards, 1e-3), 1e-3 * np.array([2.5, 1.5, 3.5, 0.5]), rtol=1e-6)
     # The buffer's RTG tokens are the achieved returns, whatever RTG the rollout was conditioned on.
-    trajs = [dict(observations=np.zeros((n + 1, 2), np.float32), actions=np.zeros((n, 1), np.float32),
-                  rewards=np.arange(1, n + 1, dtype=np.float32), terminated=n == 3) for n in (3, 2)]
+    trajs = [
+        dict(
+            observations=np.zeros((n + 1, 2), np.float32),
+            actions=np.zeros((n, 1), np.float32),
+            rewards=np.arange(1, n + 1, dtype=np.float32),
+            terminated=n == 3,
+        )
+        for n in (3, 2)
+    ]
     flat = M.flatten_buffer(trajs, np.zeros(2), np.ones(2), 0.5, lambda r: r / 100)
     np.testing.assert_allclose(flat["rtg"], 0.5 * np.array([6, 5, 3, 0, 3, 2, 0]))
     np.testing.assert_allclose(flat["rewards"], np.array([1, 2, 3, 0, 1, 2, 0]) / 100, rtol=1e-6)
@@ -66,8 +83,14 @@ def test_td_target_truncation_bootstraps_termination_cuts():
 def test_sampled_next_context_is_the_shifted_context():
     n, K = 6, 3
     obs = np.arange(n + 1, dtype=np.float32)[:, None].repeat(2, 1)
-    trajs = [dict(observations=obs, actions=np.arange(n, dtype=np.float32)[:, None] / 10,
-                  rewards=np.ones(n, np.float32), terminated=False)]
+    trajs = [
+        dict(
+            observations=obs,
+            actions=np.arange(n, dtype=np.float32)[:, None] / 10,
+            rewards=np.ones(n, np.float32),
+            terminated=False,
+        )
+    ]
     flat = M.flatten_buffer(trajs, np.zeros(2), np.ones(2), 1.0, lambda r: r)
     b = M.sample_segments(flat, K, 64, np.random.default_rng(0), "cpu")
     m = b["mask"]
@@ -85,9 +108,16 @@ def test_twin_min_target_hand_computed():
     critic = M.TwinCritic(2, 1, hidden=4)
     model = M.DecisionTransformer(2, 1, embed_dim=8, n_layers=1, n_heads=1, dropout=0.0)
     mask = torch.tensor([[False, True]])
-    batch = dict(states=torch.randn(1, 2, 2), actions=torch.rand(1, 2, 1), rewards=torch.tensor([[0.0, 3.0]]),
-                 terminals=torch.tensor([[0, 0]]), next_states=torch.randn(1, 2, 2), next_actions=torch.rand(1, 2, 1),
-                 next_rtg=torch.randn(1, 2, 1), mask=mask)
+    batch = dict(
+        states=torch.randn(1, 2, 2),
+        actions=torch.rand(1, 2, 1),
+        rewards=torch.tensor([[0.0, 3.0]]),
+        terminals=torch.tensor([[0, 0]]),
+        next_states=torch.randn(1, 2, 2),
+        next_actions=torch.rand(1, 2, 1),
+        next_rtg=torch.randn(1, 2, 1),
+        mask=mask,
+    )
     # Zero smoothing noise makes the target exact: y = r + gamma * min(Q1', Q2')(s', tanh(mean'(next context))).
     loss, q = M.critic_loss(critic, critic, model, batch, 0.99, policy_noise=0.0, noise_clip=0.5)
     with torch.no_grad():
@@ -112,15 +142,23 @@ def test_polyak_moves_target_by_tau():
 def test_alpha_zero_critic_does_not_change_actor_gradient(algo):
     torch.manual_seed(0)
     model = M.DecisionTransformer(3, 2, embed_dim=8, n_layers=1, n_heads=1, dropout=0.0)
-    batch = dict(rtg=torch.randn(4, 5, 1), states=torch.randn(4, 5, 3), actions=torch.rand(4, 5, 2) * 2 - 1,
-                 mask=torch.ones(4, 5, dtype=torch.bool))
+    batch = dict(
+        rtg=torch.randn(4, 5, 1),
+        states=torch.randn(4, 5, 3),
+        actions=torch.rand(4, 5, 2) * 2 - 1,
+        mask=torch.ones(4, 5, dtype=torch.bool),
+    )
 
     def grads(critic, rl_coef):
         model.zero_grad()
         torch.manual_seed(1)  # the same entropy sample for odt
         M.actor_loss(model, critic, batch, algo, rl_coef, torch.tensor(0.1))[0].backward()
-        return torch.cat([torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten()  # log-std head: no
-                          for p in model.parameters()])  # gradient in the deterministic odt_td3 actor
+        return torch.cat(
+            [
+                torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten()  # log-std head: no
+                for p in model.parameters()
+            ]
+        )  # gradient in the deterministic odt_td3 actor
 
     c1, c2 = M.TwinCritic(3, 2, hidden=8), M.TwinCritic(3, 2, hidden=8)
     torch.testing.assert_close(grads(c1, 0.0), grads(None, 0.0))
@@ -140,8 +178,9 @@ def test_buffer_seeds_best_and_replaces_worst_first():
 
 def test_iteration_zero_reproduces_checkpoint_score(hopper_checkpoint, tmp_path):
     ckpt = torch.load(hopper_checkpoint, weights_only=False)
-    hist = run(hopper_checkpoint, tmp_path, "Hopper-v4", num_iterations=0, max_episode_steps=None,
-               eval_context_len=ckpt["eval_context_len"])
+    hist = run(
+        hopper_checkpoint, tmp_path, "Hopper-v4", num_iterations=0, max_episode_steps=None, c_online=ckpt["eval_context_len"]
+    )
     assert len(hist) == 1 and hist[0]["normalized_score"] == pytest.approx(ckpt["eval_normalized_score"], abs=1e-3)
 
 
@@ -164,11 +203,19 @@ def test_end_to_end(hopper_checkpoint, door_checkpoint, tmp_path, env_id, algo):
 
 
 def test_resume_continues_exactly(door_checkpoint, tmp_path):
-    straight = run(door_checkpoint, tmp_path, "AdroitHandDoor-v1", num_iterations=2, save_every=1,
-                   save_path=str(tmp_path / "a.pt"))
+    straight = run(
+        door_checkpoint, tmp_path, "AdroitHandDoor-v1", num_iterations=2, save_every=1, save_path=str(tmp_path / "a.pt")
+    )
     run(door_checkpoint, tmp_path, "AdroitHandDoor-v1", num_iterations=1, save_every=1, save_path=str(tmp_path / "b.pt"))
-    resumed = run(door_checkpoint, tmp_path, "AdroitHandDoor-v1", num_iterations=2, save_every=1,
-                  save_path=str(tmp_path / "b.pt"), resume=str(tmp_path / "b.pt"))
+    resumed = run(
+        door_checkpoint,
+        tmp_path,
+        "AdroitHandDoor-v1",
+        num_iterations=2,
+        save_every=1,
+        save_path=str(tmp_path / "b.pt"),
+        resume=str(tmp_path / "b.pt"),
+    )
     assert [h["iteration"] for h in resumed] == [2]
     assert resumed[0]["env_steps"] == straight[-1]["env_steps"]
     a, b = (torch.load(tmp_path / f, weights_only=False)["state_dict"] for f in ("a.pt", "b.pt"))
@@ -178,7 +225,9 @@ def test_resume_continues_exactly(door_checkpoint, tmp_path):
 
 def test_bad_input_is_a_one_line_error(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "odt_td3.py"), "--algo", "ppo"], capture_output=True, text=True)
-    assert out.returncode != 0 and out.stderr.strip() == "error: unknown --algo 'ppo'; choose one of odt_td3, odt"
+    assert out.returncode != 0 and "--algo" in out.stderr and "odt_td3" in out.stderr  # tyro rejects the choice
+    with pytest.raises(M.UserError, match="unknown --algo 'ppo'; choose one of odt_td3, odt"):
+        M.main(M.Args(algo="ppo", runs_dir=str(tmp_path)))
     with pytest.raises(M.UserError, match="unknown --env-id 'Foo-v0'; supported: MuJoCo"):
         M.main(M.Args(env_id="Foo-v0", runs_dir=str(tmp_path)))
 
@@ -208,9 +257,123 @@ def test_rollout_keeps_each_trajectorys_first_observation(hopper_checkpoint):
     model, ckpt = M.load_model(hopper_checkpoint)
     meta = dict(rtg_scale=ckpt["rtg_scale"], state_mean=ckpt["state_mean"], state_std=ckpt["state_std"])
     envs = [M.make_env("Hopper-v4", max_episode_steps=15) for _ in range(2)]
-    trajs = M.rollout(model, envs, [3, 4], meta, 3600.0, 2, lambda mean, log_std: torch.tanh(mean), "cpu")
+    trajs = M.rollout(model, envs, [3, 4], meta, target_return=3600.0, context_len=2, act_fn=M.greedy_action, device="cpu")
     for traj, seed in zip(trajs, (3, 4)):
         first = M.make_env("Hopper-v4").reset(seed=seed)[0].astype(np.float32)
         np.testing.assert_array_equal(traj["observations"][0], first)
         assert len(traj["observations"]) == len(traj["actions"]) + 1
         assert not np.array_equal(traj["observations"][0], traj["observations"][-1])
+
+
+# ---------------------------------------------------------------- flags, run state, non-finite guard
+_baseline = {}
+
+
+@pytest.mark.parametrize(
+    "flag, changes",
+    [
+        (dict(n_batch=4), "sup_loss"),  # fewer segments per update
+        (dict(c_online=1), "eval_return"),  # the rollout and evaluation context
+        (dict(g_online=10.0), "episodic_return"),  # the RTG that conditions training rollouts
+        (dict(algo="odt", kappa_lr=1e-1), "temperature"),  # the temperature's dual step size
+    ],
+)
+def test_renamed_flags_change_behaviour(hopper_checkpoint, tmp_path, flag, changes):
+    algo = flag.get("algo", "odt_td3")
+    if algo not in _baseline:
+        _baseline[algo] = run(hopper_checkpoint, tmp_path / "base", "Hopper-v4", num_iterations=1, algo=algo)[-1]
+    changed = run(hopper_checkpoint, tmp_path, "Hopper-v4", num_iterations=1, **flag)[-1]
+    assert changed[changes] != _baseline[algo][changes]
+
+
+def test_run_state_is_saved_by_default_and_save_model_writes_a_checkpoint(hopper_checkpoint, tmp_path, capsys):
+    assert M.Args().save_every == 5 and M.Args().save_path is None
+    run(hopper_checkpoint, tmp_path, "Hopper-v4", save_model=True)
+    (state,) = (tmp_path / "runs").glob("*/state.pt")
+    assert f"run state: {state}" in capsys.readouterr().out
+    assert torch.load(state, weights_only=False)["finetune"]["iteration"] == 2  # the last iteration is always saved
+    check_checkpoint_loads(M.load_model, state.parent / "odt_td3.pt")
+    assert "finetune" not in torch.load(state.parent / "odt_td3.pt", weights_only=False)
+
+
+def test_killed_run_resumes_bit_exactly(door_checkpoint, tmp_path, capsys):
+    n, threads = 8, torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocess (OMP_NUM_THREADS=1)
+    try:
+        args = M.Args(
+            env_id="AdroitHandDoor-v1",
+            dataset="local/door/human-v0",
+            checkpoint=str(door_checkpoint),
+            runs_dir=str(tmp_path / "a"),
+            save_path=str(tmp_path / "a.pt"),
+            **{**TINY, "num_iterations": n, "save_every": 1},
+        )
+        M.main(args)
+        state = tmp_path / "b.pt"
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "num_iterations": n, "save_every": 1}.items()]
+        cmd = [
+            sys.executable,
+            str(ROOT / "odt_td3.py"),
+            "--env-id",
+            "AdroitHandDoor-v1",
+            "--dataset",
+            "local/door/human-v0",
+            "--checkpoint",
+            str(door_checkpoint),
+            "--runs-dir",
+            str(tmp_path / "b"),
+            "--save-path",
+            str(state),
+            *flags,
+        ]
+        env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        saved, deadline = 0, time.time() + 120
+        while saved < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+            if state.exists():
+                saved = torch.load(state, weights_only=False)["finetune"]["iteration"]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        saved = torch.load(state, weights_only=False)["finetune"]["iteration"]
+        assert 2 <= saved < n, "the run was not killed mid-way"
+        hist = M.main(replace(args, resume=str(state), save_path=str(state), runs_dir=str(tmp_path / "b")))
+    finally:
+        torch.set_num_threads(threads)
+    assert hist[0]["iteration"] == saved + 1  # at most the iteration in flight is lost
+    a, b = (torch.load(p, weights_only=False) for p in (tmp_path / "a.pt", state))
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for k in ("iteration", "env_steps", "grad_updates", "numpy_rng", "buffer_next"):
+        assert a["finetune"][k] == b["finetune"][k], k
+    for k, v in a["finetune"]["critic"].items():
+        assert torch.equal(v, b["finetune"]["critic"][k]), k
+
+
+@pytest.mark.parametrize("what", ["loss", "action"])
+def test_non_finite_stops_and_keeps_the_last_good_state(hopper_checkpoint, tmp_path, monkeypatch, what):
+    state = tmp_path / "state.pt"
+    if what == "loss":  # the critic loss turns NaN in iteration 2 (3 pretraining + 3 updates per iteration)
+        calls, real = [], M.critic_loss
+
+        def nan_loss(*a, **kw):
+            calls.append(1)
+            loss, q = real(*a, **kw)
+            return (loss * float("nan") if len(calls) > 6 else loss), q
+
+        monkeypatch.setattr(M, "critic_loss", nan_loss)
+    else:  # a NaN weight right after the state of iteration 1 is saved
+        real_save = M.save_state
+
+        def save_then_poison(path, learner, *a, **kw):
+            real_save(path, learner, *a, **kw)
+            with torch.no_grad():
+                learner.model.mean_head.bias.fill_(float("nan"))
+
+        monkeypatch.setattr(M, "save_state", save_then_poison)
+    with pytest.raises(M.UserError) as e:
+        run(hopper_checkpoint, tmp_path, "Hopper-v4", num_iterations=3, save_every=1, save_path=str(state))
+    assert str(e.value) == f"non-finite {what} at iteration 2; stopped, last good state kept at {state}"
+    kept = torch.load(state, weights_only=False)
+    assert kept["finetune"]["iteration"] == 1
+    assert all(torch.isfinite(v).all() for v in kept["state_dict"].values())

@@ -1,11 +1,15 @@
 """Tests of ppo_dt.py: the algorithm pieces against slow references, rollout bookkeeping, and tiny end-to-end runs."""
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import check_checkpoint_loads
+from conftest import ROOT, check_checkpoint_loads
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import ppo_dt
@@ -28,15 +32,30 @@ def scalars(runs_dir: Path) -> dict:
 
 
 def tiny_args(ckpt: Path, tmp_path: Path, env_id: str, dataset: str, **kw) -> ppo_dt.Args:
-    tiny = dict(runs_dir=str(tmp_path / "runs"), num_iterations=2, k_ppo=2, n_batch=8, updates_per_iteration=3,
-                eval_episodes=1, max_episode_steps=25, value_hidden=32)
+    tiny = dict(
+        runs_dir=str(tmp_path / "runs"),
+        num_iterations=2,
+        k_ppo=2,
+        n_batch=8,
+        updates_per_iter=3,
+        eval_episodes=1,
+        max_episode_steps=25,
+        value_hidden=32,
+    )
     return ppo_dt.Args(env_id=env_id, dataset=dataset, checkpoint=str(ckpt), **{**tiny, **kw})
 
 
 def small_rollout(model, ckpt, n=2, context_len=3, max_steps=12, seed=0):
     envs = [ppo_dt.make_env("Hopper-v4", max_episode_steps=max_steps) for _ in range(n)]
-    return ppo_dt.rollout(model, envs, [seed + i for i in range(n)], 7200.0, ckpt["rtg_scale"], context_len,
-                          ckpt["state_mean"], ckpt["state_std"], deterministic=False, device="cpu")
+    meta = dict(
+        rtg_scale=ckpt["rtg_scale"],
+        context_len=context_len,
+        state_mean=ckpt["state_mean"],
+        state_std=ckpt["state_std"],
+        device="cpu",
+        action_margin=1e-6,
+    )
+    return ppo_dt.rollout(model, envs, [seed + i for i in range(n)], 7200.0, meta, deterministic=False)
 
 
 # ---------------------------------------------------------------- start
@@ -59,9 +78,13 @@ def test_dim_mismatch_is_a_one_line_error(hopper_checkpoint, tmp_path):
 def test_missing_checkpoint_is_pretrained_by_subprocess(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     path = tmp_path / "auto.pt"
-    args = ppo_dt.Args(env_id="Hopper-v4", dataset="local/hopper/medium-v0", checkpoint=str(path),
-                       pretrain_extra_args=f"--num-updates 2 --batch-size 4 --warmup-updates 1 --embed-dim 16 "
-                                           f"--n-layers 1 --n-heads 1 --eval-episodes 1 --runs-dir {tmp_path}")
+    args = ppo_dt.Args(
+        env_id="Hopper-v4",
+        dataset="local/hopper/medium-v0",
+        checkpoint=str(path),
+        pretrain_extra_args=f"--num-updates 2 --batch-size 4 --warmup-updates 1 --embed-dim 16 "
+        f"--n-layers 1 --n-heads 1 --eval-episodes 1 --runs-dir {tmp_path}",
+    )
     assert ppo_dt.ensure_checkpoint(args) == path
     _, ckpt = ppo_dt.load_model(path)
     assert ckpt["num_updates"] == 2 and ckpt["model_config"]["embed_dim"] == 16
@@ -69,22 +92,40 @@ def test_missing_checkpoint_is_pretrained_by_subprocess(tmp_path, monkeypatch):
 
 def test_failed_pretraining_subprocess_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.setattr(ppo_dt.sys, "executable", "false")  # a pretraining process that exits 1
-    args = ppo_dt.Args(env_id="Hopper-v4", dataset="local/hopper/medium-v0", checkpoint=str(tmp_path / "x.pt"),
-                       pretrain_extra_args="--num-updates 3")
-    with pytest.raises(ppo_dt.UserError, match="pretraining failed: false .*pretrain_dt.py.*--num-updates 3"):
+    args = ppo_dt.Args(
+        env_id="Hopper-v4",
+        dataset="local/hopper/medium-v0",
+        checkpoint=str(tmp_path / "x.pt"),
+        pretrain_extra_args="--num-updates 3",
+    )
+    with pytest.raises(ppo_dt.UserError, match="failed, no checkpoint at .*x.pt: false .*pretrain_dt.py.*--num-updates 3"):
         ppo_dt.ensure_checkpoint(args)
 
 
+def preset(env_id, dataset, **kw):
+    return ppo_dt.apply_presets(ppo_dt.Args(env_id=env_id, dataset=dataset, **kw))
+
+
 def test_table7_presets():
-    hop = ppo_dt.table7_preset("Hopper-v4", "local/hopper/medium-v0")
-    assert hop == dict(n_batch=256, c_online=1, g_online=7200, k_ppo=8, lr_policy=5e-5, lr_value=1e-3,
-                       kappa_initial=0.02)
-    assert ppo_dt.table7_preset("Hopper-v4", "random")["kappa_initial"] == 0.04
-    assert ppo_dt.table7_preset("Walker2d-v4", "mujoco/walker2d/random-v0")["kappa_initial"] == 0.20
-    door = ppo_dt.table7_preset("AdroitHandDoor-v1", "local/door/human-v0")
-    assert (door["n_batch"], door["k_ppo"], door["lr_value"], door["kappa_initial"]) == (512, 16, 2e-4, 0.002)
-    assert ppo_dt.table7_preset("AdroitHandHammer-v1", "cloned")["c_online"] == 5
-    assert ppo_dt.table7_preset("AntMaze_UMaze-v4", "umaze-diverse")["c_online"] == 5
+    hop = preset("Hopper-v4", "local/hopper/medium-v0")
+    assert (hop.n_batch, hop.c_online, hop.g_online, hop.k_ppo, hop.learning_rate, hop.lr_value, hop.kappa_initial) == (
+        256,
+        1,
+        7200,
+        8,
+        5e-5,
+        1e-3,
+        0.02,
+    )
+    assert hop.c_train == 1
+    assert preset("Hopper-v4", "random").kappa_initial == 0.04
+    assert preset("Walker2d-v4", "mujoco/walker2d/random-v0").kappa_initial == 0.20
+    door = preset("AdroitHandDoor-v1", "local/door/human-v0")
+    assert (door.n_batch, door.k_ppo, door.lr_value, door.kappa_initial) == (512, 16, 2e-4, 0.002)
+    assert preset("AdroitHandHammer-v1", "cloned").c_online == 5
+    assert preset("AntMaze_UMaze-v4", "umaze-diverse").c_online == 5
+    given = preset("Hopper-v4", "medium", learning_rate=1e-3, g_online=100.0, c_online=3)  # flags beat the row
+    assert (given.learning_rate, given.g_online, given.c_online, given.c_train) == (1e-3, 100.0, 3, 3)
 
 
 # ---------------------------------------------------------------- GAE and advantages
@@ -92,8 +133,9 @@ def gae_reference(rewards, values, last_value, terminated, gamma, lam):
     """Eq. 4 written out as its double sum."""
     T = len(rewards)
     v = np.append(values, 0.0 if terminated else last_value)
-    return np.array([sum((gamma * lam) ** l * (rewards[h + l] + gamma * v[h + l + 1] - v[h + l])
-                         for l in range(T - h)) for h in range(T)])
+    return np.array(
+        [sum((gamma * lam) ** l * (rewards[h + l] + gamma * v[h + l + 1] - v[h + l]) for l in range(T - h)) for h in range(T)]
+    )
 
 
 @pytest.mark.parametrize("terminated", [False, True])
@@ -101,14 +143,14 @@ def test_gae_matches_slow_reference(terminated):
     rng = np.random.default_rng(0)
     for T in (1, 7, 60):
         r, v, last = rng.normal(size=T), rng.normal(size=T), rng.normal()
-        got = ppo_dt.compute_gae(r, v, last, terminated, 0.99, 0.95)
+        got = ppo_dt.compute_gae(r, v, last, terminated, gamma=0.99, lam=0.95)
         np.testing.assert_allclose(got, gae_reference(r, v, last, terminated, 0.99, 0.95), rtol=1e-5, atol=1e-5)
 
 
 def test_gae_bootstraps_truncation_not_termination():
     r, v, last, gamma = np.array([1.0, 2.0]), np.array([0.5, 3.0]), 10.0, 0.9
-    truncated = ppo_dt.compute_gae(r, v, last, False, gamma, 1.0)
-    terminated = ppo_dt.compute_gae(r, v, last, True, gamma, 1.0)
+    truncated = ppo_dt.compute_gae(r, v, last, terminated=False, gamma=gamma, lam=1.0)
+    terminated = ppo_dt.compute_gae(r, v, last, terminated=True, gamma=gamma, lam=1.0)
     assert truncated[-1] == pytest.approx(2.0 + gamma * 10.0 - 3.0)  # bootstraps from V(s_T)
     assert terminated[-1] == pytest.approx(2.0 - 3.0)  # V(s_T) = 0 after a true termination
     assert truncated[0] - terminated[0] == pytest.approx(gamma * gamma * 10.0)
@@ -162,16 +204,17 @@ def test_rollout_keeps_rollout_rtgs_and_ratio_is_one(hopper_checkpoint):
         np.testing.assert_allclose(t["rtg"], fed, rtol=0, atol=1e-6)
         expected = 7.2 - ckpt["rtg_scale"] * np.concatenate([[0], np.cumsum(t["rewards"])[:-1]])
         np.testing.assert_allclose(t["rtg"], expected, atol=1e-5)
-    value_net = ppo_dt.ValueNet(11, 32, False, 1.0)
-    kept = ppo_dt.flatten_buffer(trajs, value_net, 0.99, 0.95, False, ckpt["rtg_scale"], "cpu")
+    value_net = ppo_dt.ValueNet(11, 32, layer_norm=False, scale=1.0)
+    gae = dict(gamma=0.99, lam=0.95, rtg_scale=ckpt["rtg_scale"], device="cpu")
+    kept = ppo_dt.flatten_buffer(trajs, value_net, **gae, relabel=False)
     np.testing.assert_array_equal(kept["rtg"], np.concatenate([t["rtg"] for t in trajs]))
-    relabeled = ppo_dt.flatten_buffer(trajs, value_net, 0.99, 0.95, True, ckpt["rtg_scale"], "cpu")
+    relabeled = ppo_dt.flatten_buffer(trajs, value_net, **gae, relabel=True)
     suffix = np.concatenate([np.cumsum(t["rewards"][::-1])[::-1] * ckpt["rtg_scale"] for t in trajs])
     np.testing.assert_allclose(relabeled["rtg"], suffix, rtol=1e-5)
     assert np.abs(relabeled["rtg"] - kept["rtg"]).min() > 1.0  # g_actual is far below g_online = 7200
 
     # Every token of sampled sub-trajectories, scored under its rollout context, reproduces the rollout log-prob.
-    b = ppo_dt.sample_batch(kept, 16, 4, 3, np.random.default_rng(0), "cpu")
+    b = ppo_dt.sample_batch(kept, 16, sub_len=4, context_len=3, rng=np.random.default_rng(0), device="cpu")
     assert b["rtg"].shape[1:] == (3, 1) and not b["mask"][:, -1].logical_not().any()
     mean, log_std = (x[:, -1] for x in model(b["rtg"], b["states"], b["actions"], b["mask"]))
     new_logp = ppo_dt.squashed_gaussian(mean, log_std).log_prob(b["act"])
@@ -179,7 +222,7 @@ def test_rollout_keeps_rollout_rtgs_and_ratio_is_one(hopper_checkpoint):
     _, approx_kl, clipfrac = ppo_dt.ppo_policy_loss(new_logp, b["old_logp"], b["adv"], 0.2)
     assert approx_kl.abs() < 1e-6 and clipfrac == 0
     # The same batch under relabeled RTG tokens no longer matches the rollout log-probs: the paper's failure.
-    rb = ppo_dt.sample_batch(relabeled, 16, 4, 3, np.random.default_rng(0), "cpu")
+    rb = ppo_dt.sample_batch(relabeled, 16, sub_len=4, context_len=3, rng=np.random.default_rng(0), device="cpu")
     mean, log_std = (x[:, -1] for x in model(rb["rtg"], rb["states"], rb["actions"], rb["mask"]))
     assert not torch.allclose(ppo_dt.squashed_gaussian(mean, log_std).log_prob(rb["act"]), rb["old_logp"], atol=1e-3)
 
@@ -198,13 +241,11 @@ def test_rollouts_reproduce_with_the_seed(hopper_checkpoint):
 # ---------------------------------------------------------------- end to end
 def test_end_to_end_hopper_with_save_and_resume(hopper_checkpoint, tmp_path):
     save = tmp_path / "ft.pt"
-    args = tiny_args(hopper_checkpoint, tmp_path, "Hopper-v4", "local/hopper/medium-v0", save_every=1,
-                     save_path=str(save))
+    args = tiny_args(hopper_checkpoint, tmp_path, "Hopper-v4", "local/hopper/medium-v0", save_every=1, save_path=str(save))
     score = ppo_dt.main(args)
     s = scalars(tmp_path / "runs")
     assert sorted(s["charts/normalized_score"]) == [0, 1, 2] and s["charts/normalized_score"][2] == pytest.approx(score)
-    for tag in ("policy_loss", "value_loss", "explained_variance", "approx_kl", "clipfrac", "entropy", "kappa",
-                "kl_ref"):
+    for tag in ("policy_loss", "value_loss", "explained_variance", "approx_kl", "clipfrac", "entropy", "kappa", "kl_ref"):
         assert sorted(s[f"losses/{tag}"]) == [1, 2] and np.isfinite(list(s[f"losses/{tag}"].values())).all()
     assert s["charts/grad_updates"] == {1: 3, 2: 6}
     assert 0 < s["charts/env_steps"][1] <= 50 and s["charts/env_steps"][2] > s["charts/env_steps"][1]
@@ -213,8 +254,17 @@ def test_end_to_end_hopper_with_save_and_resume(hopper_checkpoint, tmp_path):
     assert ckpt["finetune"]["iteration"] == 2 and len(ckpt["finetune"]["buffer"]) == 4  # 2 x K_PPO, buffer 4 x K_PPO
     ppo_dt.load_model(save)  # the finetuned checkpoint keeps the pretrained format
 
-    resumed = tiny_args(hopper_checkpoint, tmp_path, "Hopper-v4", "local/hopper/medium-v0", num_iterations=3,
-                        resume=str(save), save_every=1, save_path=str(save), runs_dir=str(tmp_path / "runs2"))
+    resumed = tiny_args(
+        hopper_checkpoint,
+        tmp_path,
+        "Hopper-v4",
+        "local/hopper/medium-v0",
+        num_iterations=3,
+        resume=str(save),
+        save_every=1,
+        save_path=str(save),
+        runs_dir=str(tmp_path / "runs2"),
+    )
     ppo_dt.main(resumed)
     ckpt = torch.load(save, weights_only=False)
     assert ckpt["finetune"]["iteration"] == 3 and ckpt["finetune"]["grad_updates"] == 9
@@ -239,6 +289,148 @@ def test_zero_iterations_only_evaluates(hopper_checkpoint, tmp_path):
 def test_iteration_zero_is_the_pretrained_score(hopper_checkpoint, tmp_path):
     """pretrain_dt.py scores at c_online, so its reported score is where finetuning starts."""
     ckpt = torch.load(hopper_checkpoint, weights_only=False)
-    score = ppo_dt.main(tiny_args(hopper_checkpoint, tmp_path, "Hopper-v4", "local/hopper/medium-v0",
-                                  num_iterations=0, max_episode_steps=None))
+    score = ppo_dt.main(
+        tiny_args(hopper_checkpoint, tmp_path, "Hopper-v4", "local/hopper/medium-v0", num_iterations=0, max_episode_steps=None)
+    )
     assert score == pytest.approx(ckpt["eval_normalized_score"], abs=1e-6)
+
+
+# ---------------------------------------------------------------- flags, run state, non-finite guard
+@pytest.mark.parametrize("flag", [dict(learning_rate=1e-2), dict(kl_coef=100.0), dict(updates_per_iter=1)])
+def test_renamed_flags_change_the_finetuned_policy(hopper_checkpoint, tmp_path, flag):
+    def final_state(sub, **kw):
+        args = tiny_args(
+            hopper_checkpoint,
+            tmp_path / sub,
+            "Hopper-v4",
+            "local/hopper/medium-v0",
+            num_iterations=1,
+            save_path=str(tmp_path / sub / "state.pt"),
+            ref_update_every=100,
+            **kw,
+        )
+        ppo_dt.main(args)
+        return torch.load(tmp_path / sub / "state.pt", weights_only=False)
+
+    base, changed = final_state("base"), final_state("changed", **flag)
+    assert any(not torch.equal(base["state_dict"][k], v) for k, v in changed["state_dict"].items())
+    if "updates_per_iter" in flag:
+        assert (base["finetune"]["grad_updates"], changed["finetune"]["grad_updates"]) == (3, 1)
+
+
+def test_run_state_is_saved_by_default_and_save_model_writes_a_checkpoint(hopper_checkpoint, tmp_path, capsys):
+    args = tiny_args(hopper_checkpoint, tmp_path, "Hopper-v4", "local/hopper/medium-v0", save_model=True)
+    assert args.save_every == 5 and args.save_path is None
+    ppo_dt.main(args)
+    (state,) = (tmp_path / "runs").glob("*/state.pt")
+    assert f"run state: {state}" in capsys.readouterr().out
+    assert torch.load(state, weights_only=False)["finetune"]["iteration"] == 2  # the last iteration is always saved
+    model, ckpt = ppo_dt.load_model(state.parent / "ppo_dt.pt")
+    assert "finetune" not in ckpt and torch.equal(ckpt["state_dict"]["mean_head.bias"], model.mean_head.bias)
+
+
+def test_killed_run_resumes_bit_exactly(hopper_checkpoint, tmp_path, capsys):
+    n = 8
+    flags = dict(num_iterations=n, save_every=1, torch_threads=1)
+    straight = tiny_args(
+        hopper_checkpoint, tmp_path / "a", "Hopper-v4", "local/hopper/medium-v0", save_path=str(tmp_path / "a.pt"), **flags
+    )
+    ppo_dt.main(straight)
+    state = tmp_path / "b.pt"
+    cmd = [
+        sys.executable,
+        str(ROOT / "ppo_dt.py"),
+        "--env-id",
+        "Hopper-v4",
+        "--dataset",
+        "local/hopper/medium-v0",
+        "--checkpoint",
+        str(hopper_checkpoint),
+        "--runs-dir",
+        str(tmp_path / "b"),
+        "--save-path",
+        str(state),
+        "--num-iterations",
+        str(n),
+        "--save-every",
+        "1",
+        "--torch-threads",
+        "1",
+        "--k-ppo",
+        "2",
+        "--n-batch",
+        "8",
+        "--updates-per-iter",
+        "3",
+        "--eval-episodes",
+        "1",
+        "--max-episode-steps",
+        "25",
+        "--value-hidden",
+        "32",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    saved, deadline = 0, time.time() + 120
+    while saved < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+        if state.exists():
+            saved = torch.load(state, weights_only=False)["finetune"]["iteration"]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = torch.load(state, weights_only=False)["finetune"]["iteration"]
+    assert 2 <= saved < n, "the run was not killed mid-way"
+    capsys.readouterr()
+    ppo_dt.main(replace_args(straight, resume=str(state), save_path=str(state), runs_dir=str(tmp_path / "b")))
+    assert capsys.readouterr().out.count(f"iteration {saved}: eval return") == 1  # it restarts after the saved one
+    a, b = (torch.load(p, weights_only=False) for p in (tmp_path / "a.pt", state))
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for k in ("iteration", "env_steps", "grad_updates", "numpy_rng"):
+        assert a["finetune"][k] == b["finetune"][k], k
+    assert torch.equal(a["finetune"]["log_kappa"], b["finetune"]["log_kappa"])
+    for k, v in a["finetune"]["value_net"].items():
+        assert torch.equal(v, b["finetune"]["value_net"][k]), k
+
+
+def replace_args(args, **kw):
+    from dataclasses import replace
+
+    return replace(args, **kw)
+
+
+@pytest.mark.parametrize("what", ["loss", "action"])
+def test_non_finite_stops_and_keeps_the_last_good_state(hopper_checkpoint, tmp_path, monkeypatch, what):
+    state = tmp_path / "state.pt"
+    if what == "loss":  # the policy loss turns NaN in iteration 2 (3 updates per iteration)
+        calls, real = [], ppo_dt.ppo_policy_loss
+
+        def nan_loss(*a, **kw):
+            calls.append(1)
+            loss, kl, clipfrac = real(*a, **kw)
+            return (loss * float("nan") if len(calls) > 3 else loss), kl, clipfrac
+
+        monkeypatch.setattr(ppo_dt, "ppo_policy_loss", nan_loss)
+    else:  # a NaN weight right after the state of iteration 1 is saved
+        real_save = ppo_dt.save_state
+
+        def save_then_poison(path, learner, *a, **kw):
+            real_save(path, learner, *a, **kw)
+            with torch.no_grad():
+                learner.model.mean_head.bias.fill_(float("nan"))
+
+        monkeypatch.setattr(ppo_dt, "save_state", save_then_poison)
+    args = tiny_args(
+        hopper_checkpoint,
+        tmp_path,
+        "Hopper-v4",
+        "local/hopper/medium-v0",
+        num_iterations=3,
+        save_every=1,
+        save_path=str(state),
+    )
+    with pytest.raises(ppo_dt.UserError) as e:
+        ppo_dt.main(args)
+    assert str(e.value) == f"non-finite {what} at iteration 2; stopped, last good state kept at {state}"
+    kept = torch.load(state, weights_only=False)
+    assert kept["finetune"]["iteration"] == 1
+    assert all(torch.isfinite(v).all() for v in kept["state_dict"].values())

@@ -4,16 +4,19 @@ and an end-to-end run on the shared hopper data whose checkpoint loads back."""
 import math
 import socket
 import time
+from dataclasses import asdict
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+import tyro
+from conftest import TINY_MODEL, check_checkpoint_loads
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributions import Normal
 
 import pretrain_dt as pt
-from conftest import TINY_MODEL, check_checkpoint_loads
 
 
 @pytest.fixture
@@ -99,12 +102,15 @@ def test_random_is_generated_as_a_minari_dataset(minari_root):
     assert (ref_min, ref_max) == pt.D4RL_REF["hopper"]
 
 
-@pytest.mark.parametrize("env_id,dataset,match", [
-    ("Hopper-v4", "medium-replay", "--dataset-path"),
-    ("Hopper-v4", "bogus", "expert.*medium.*random"),
-    ("AdroitHandDoor-v1", "medium", "cloned.*expert.*human"),
-    ("Humanoid-v4", "medium", "supported: MuJoCo"),
-])
+@pytest.mark.parametrize(
+    "env_id,dataset,match",
+    [
+        ("Hopper-v4", "medium-replay", "--dataset-path"),
+        ("Hopper-v4", "bogus", "expert.*medium.*random"),
+        ("AdroitHandDoor-v1", "medium", "cloned.*expert.*human"),
+        ("Humanoid-v4", "medium", "supported: MuJoCo"),
+    ],
+)
 def test_bad_input_is_one_clear_error(minari_root, env_id, dataset, match):
     with pytest.raises(pt.UserError, match=match):
         pt.load_dataset(env_id, dataset, None, 0, 0)
@@ -129,8 +135,9 @@ def test_dataset_env_dim_mismatch_is_an_error(tmp_path):
     with h5py.File(path, "w") as f:
         f["observations"], f["actions"] = np.zeros((5, 39)), np.zeros((5, 28))
         f["rewards"], f["terminals"], f["timeouts"] = np.zeros(5), np.zeros(5, bool), np.ones(5, bool)
-    args = pt.Args(env_id="Hopper-v4", dataset_path=str(path), checkpoint=str(tmp_path / "x.pt"),
-                   runs_dir=str(tmp_path / "runs"))
+    args = pt.Args(
+        env_id="Hopper-v4", dataset_path=str(path), checkpoint=str(tmp_path / "x.pt"), runs_dir=str(tmp_path / "runs")
+    )
     with pytest.raises(pt.UserError, match=r"dims \(39, 28\).*\(11, 3\)"):
         pt.main(args)
 
@@ -163,8 +170,12 @@ def tiny_batch(B=3, T=5, S=4, A=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[0, :3], mask[1, :1] = False, False
-    return (torch.randn(B, T, 1, generator=g), torch.randn(B, T, S, generator=g),
-            torch.rand(B, T, A, generator=g) * 2 - 1, mask)
+    return (
+        torch.randn(B, T, 1, generator=g),
+        torch.randn(B, T, S, generator=g),
+        torch.rand(B, T, A, generator=g) * 2 - 1,
+        mask,
+    )
 
 
 @pytest.mark.parametrize("init_temperature,entropy_above_target", [(0.1, True), (0.1, False)])
@@ -240,22 +251,37 @@ def test_lamb_first_step_is_trust_ratio_times_weight_norm_and_it_converges():
 
 
 def test_segment_sampler_left_pads_and_matches_rtg():
-    trajs = [{"observations": np.arange(3, dtype=np.float32)[:, None], "actions": np.zeros((3, 1), np.float32),
-              "rewards": np.array([1.0, 2.0, 3.0], np.float32), "terminals": np.zeros(3, bool)}]
-    sampler = pt.SegmentSampler(trajs, 4, np.zeros(1, np.float32), np.ones(1, np.float32), 0.5,
-                                np.random.default_rng(0))
+    trajs = [
+        {
+            "observations": np.arange(3, dtype=np.float32)[:, None],
+            "actions": np.zeros((3, 1), np.float32),
+            "rewards": np.array([1.0, 2.0, 3.0], np.float32),
+            "terminals": np.zeros(3, bool),
+        }
+    ]
+    sampler = pt.SegmentSampler(trajs, 4, np.zeros(1, np.float32), np.ones(1, np.float32), 0.5, np.random.default_rng(0))
     rtg, states, _, mask = sampler.sample(64)
     for r, s, m in zip(rtg[..., 0], states[..., 0], mask):
         assert m.sum() >= 1 and not m[: 4 - m.sum()].any()  # left padding only
         start = int(s[m][0])
-        np.testing.assert_allclose(r[m], 0.5 * np.array([6.0, 5.0, 3.0])[start:start + m.sum()])
+        np.testing.assert_allclose(r[m], 0.5 * np.array([6.0, 5.0, 3.0])[start : start + m.sum()])
 
 
 # ---------------------------------------------------------------- end to end
 def tiny_args(tmp_path, **kw):
-    base = dict(env_id="Hopper-v4", dataset="local/hopper/medium-v0", checkpoint=str(tmp_path / "h.pt"),
-                batch_size=16, num_updates=10, eval_every=0, eval_episodes=1, save_every=0, warmup_updates=5,
-                runs_dir=str(tmp_path / "runs"), **TINY_MODEL)
+    base = dict(
+        env_id="Hopper-v4",
+        dataset="local/hopper/medium-v0",
+        checkpoint=str(tmp_path / "h.pt"),
+        batch_size=16,
+        num_updates=10,
+        eval_every=0,
+        eval_episodes=1,
+        save_every=0,
+        warmup_updates=5,
+        runs_dir=str(tmp_path / "runs"),
+        **TINY_MODEL,
+    )
     return pt.Args(**{**base, **kw})
 
 
@@ -267,8 +293,7 @@ def test_same_seed_same_weights(tmp_path):
 
 
 def test_end_to_end_nll_falls_and_checkpoint_round_trips(tmp_path):
-    path, score, model = pt.main(tiny_args(tmp_path, num_updates=300, batch_size=32, warmup_updates=50,
-                                           learning_rate=1e-3))
+    path, score, model = pt.main(tiny_args(tmp_path, num_updates=300, batch_size=32, warmup_updates=50, learning_rate=1e-3))
     acc = EventAccumulator(str(next((tmp_path / "runs").iterdir())))
     acc.Reload()
     nll = [e.value for e in acc.Scalars("losses/nll")]
@@ -289,8 +314,13 @@ def test_end_to_end_nll_falls_and_checkpoint_round_trips(tmp_path):
     assert ckpt["target_entropy"] == -3.0 and ckpt["num_updates"] == 300
     # The reported score is measured at c_online = 1, the context the finetuning scripts start from.
     assert ckpt["eval_context_len"] == 1 and ckpt["eval_normalized_score"] == score
-    meta = dict(context_len=1, state_mean=ckpt["state_mean"].numpy(), state_std=ckpt["state_std"].numpy(),
-                rtg_scale=ckpt["rtg_scale"], eval_rtg=ckpt["eval_rtg"])
+    meta = dict(
+        context_len=1,
+        state_mean=ckpt["state_mean"].numpy(),
+        state_std=ckpt["state_std"].numpy(),
+        rtg_scale=ckpt["rtg_scale"],
+        eval_rtg=ckpt["eval_rtg"],
+    )
     rets = pt.evaluate(model, [pt.make_env("Hopper-v4")], meta, 1, 1 + 10_000, "cpu")
     assert pt.normalized_score(rets, ckpt["ref_min_score"], ckpt["ref_max_score"]).mean() == pytest.approx(score)
     loaded = load(path)[0].eval()
@@ -299,20 +329,58 @@ def test_end_to_end_nll_falls_and_checkpoint_round_trips(tmp_path):
     torch.testing.assert_close(loaded(*batch)[0], model(*batch)[0], rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("env_id,dataset,contexts", [
-    ("Hopper-v4", "mujoco/hopper/medium-v0", (20, 1)), ("AdroitHandDoor-v1", "D4RL/door/human-v2", (5, 1)),
-    ("AdroitHandHammer-v1", "D4RL/hammer/cloned-v2", (5, 5)), ("AntMaze_UMaze-v4", "D4RL/antmaze/umaze-v1", (5, 1)),
-    ("AntMaze_UMaze-v4", "D4RL/antmaze/umaze-diverse-v1", (1, 5)),
-])
+README_CPU_FLAGS = (
+    "--embed-dim 128 --n-layers 2 --n-heads 1 --batch-size 32 --context-len 10 --learning-rate 1e-3 "
+    "--warmup-updates 150 --num-updates 3000"
+)
+
+
+def test_model_size_cpu_is_the_readme_cpu_command():
+    preset = pt.apply_presets(tyro.cli(pt.Args, args=["--model-size", "cpu"]))
+    flags = pt.apply_presets(tyro.cli(pt.Args, args=README_CPU_FLAGS.split()))
+    assert {**asdict(preset), "model_size": "paper"} == asdict(flags)
+    assert pt.apply_presets(pt.Args()).embed_dim == 512 and pt.apply_presets(pt.Args()).context_len is None  # Table 6
+    assert pt.default_checkpoint_path("Hopper-v4", "local/hopper/medium-v0", 1, "cpu").name == (
+        "Hopper-v4__local-hopper-medium-v0__s1__cpu.pt"
+    )
+
+
+def test_an_explicit_size_flag_overrides_the_preset():
+    args = pt.apply_presets(tyro.cli(pt.Args, args=["--model-size", "cpu", "--embed-dim", "64", "--num-updates", "7"]))
+    assert (args.embed_dim, args.num_updates) == (64, 7)
+    assert (args.n_layers, args.batch_size, args.learning_rate) == (2, 32, 1e-3)  # the rest still from the preset
+
+
+def test_model_size_names_the_default_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path, _, model = pt.main(tiny_args(tmp_path, checkpoint=None, model_size="cpu", num_updates=2, warmup_updates=1))
+    assert path == Path("checkpoints/Hopper-v4__local-hopper-medium-v0__s1__cpu.pt") and path.is_file()
+    assert model.embed_state.out_features == TINY_MODEL["embed_dim"]  # the explicit flags of tiny_args won
+    assert torch.load(path, weights_only=False)["model_config"]["c_offline"] == 10  # the cpu preset's context
+
+
+@pytest.mark.parametrize(
+    "env_id,dataset,contexts",
+    [
+        ("Hopper-v4", "mujoco/hopper/medium-v0", (20, 1)),
+        ("AdroitHandDoor-v1", "D4RL/door/human-v2", (5, 1)),
+        ("AdroitHandHammer-v1", "D4RL/hammer/cloned-v2", (5, 5)),
+        ("AntMaze_UMaze-v4", "D4RL/antmaze/umaze-v1", (5, 1)),
+        ("AntMaze_UMaze-v4", "D4RL/antmaze/umaze-diverse-v1", (1, 5)),
+    ],
+)
 def test_context_defaults_follow_table6(env_id, dataset, contexts):
     assert pt.default_contexts(*pt.env_family(env_id), dataset) == contexts
 
 
-@pytest.mark.parametrize("flags,match", [
-    (dict(n_heads=3), "--embed-dim 32 is not divisible by --n-heads 3"),
-    (dict(batch_size=0, context_len=0), "--batch-size 0, --context-len 0"),
-    (dict(eval_context_len=-1), "--eval-context-len -1"),
-])
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (dict(n_heads=3), "--embed-dim 32 is not divisible by --n-heads 3"),
+        (dict(batch_size=0, context_len=0), "--batch-size 0, --context-len 0"),
+        (dict(eval_context_len=-1), "--eval-context-len -1"),
+    ],
+)
 def test_bad_sizes_are_one_clear_error(tmp_path, flags, match):
     with pytest.raises(pt.UserError, match=match):
         pt.main(tiny_args(tmp_path, **flags))
@@ -352,9 +420,14 @@ def test_action_margin_moves_bound_targets_only():
     assert not torch.isclose(nll[1e-6], nll[1e-2])
 
 
-@pytest.mark.parametrize("flags,match", [(dict(action_margin=0.0), "--action-margin"),
-                                         (dict(action_margin=1.0), "--action-margin"),
-                                         (dict(action_mse_coef=-1.0), "--action-mse-coef")])
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (dict(action_margin=0.0), "--action-margin"),
+        (dict(action_margin=1.0), "--action-margin"),
+        (dict(action_mse_coef=-1.0), "--action-mse-coef"),
+    ],
+)
 def test_bad_action_flags_are_one_clear_error(tmp_path, flags, match):
     with pytest.raises(pt.UserError, match=match):
         pt.main(tiny_args(tmp_path, **flags))
@@ -375,16 +448,30 @@ def test_bound_heavy_data_does_not_saturate_interior_actions(tmp_path):
     with h5py.File(path, "w") as f:
         f["observations"], f["actions"], f["rewards"] = obs, actions.astype(np.float32), np.ones(n)
         f["terminals"], f["timeouts"] = np.zeros(n, bool), timeouts
-    ckpt_path, _, model = pt.main(tiny_args(tmp_path, dataset_path=str(path), num_updates=300, context_len=1,
-                                            learning_rate=3e-3, warmup_updates=20, batch_size=64))
+    ckpt_path, _, model = pt.main(
+        tiny_args(
+            tmp_path,
+            dataset_path=str(path),
+            num_updates=300,
+            context_len=1,
+            learning_rate=3e-3,
+            warmup_updates=20,
+            batch_size=64,
+        )
+    )
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     assert ckpt["action_margin"] == pt.Args.action_margin
     model.eval()
-    interior = torch.as_tensor(((obs[~on_bound][:200] - ckpt["state_mean"].numpy()) / ckpt["state_std"].numpy()),
-                               dtype=torch.float32)[:, None]
+    interior = torch.as_tensor(
+        ((obs[~on_bound][:200] - ckpt["state_mean"].numpy()) / ckpt["state_std"].numpy()), dtype=torch.float32
+    )[:, None]
     with torch.no_grad():
-        mean, _ = model(torch.ones(len(interior), 1, 1) * 0.1, interior, torch.zeros(len(interior), 1, 3),
-                        torch.ones(len(interior), 1, dtype=torch.bool))
+        mean, _ = model(
+            torch.ones(len(interior), 1, 1) * 0.1,
+            interior,
+            torch.zeros(len(interior), 1, 3),
+            torch.ones(len(interior), 1, dtype=torch.bool),
+        )
     action = torch.tanh(mean[:, -1])
     assert (action.abs() < 0.9).float().mean() > 0.9, action.abs().mean()
     assert (action - 0.2).abs().mean() < 0.25
