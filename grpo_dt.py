@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -79,9 +79,17 @@ class Args:
     total_env_steps: int = 0
     """stop after the iteration at which env steps (full + group rollouts, not evaluation) reach this; 0 = no budget"""
     max_seconds: float = 0
-    """stop after the iteration at which this much wall-clock time has passed; 0 = no budget"""
+    """wall-clock budget in seconds, counted from the start of main (before loading; 0: none); stop after the iteration
+    that reaches it"""
+    # ---- shared: eval-args (identical in every finetuning DT script; tests/test_shared_blocks.py) ----
     eval_episodes: int = 10
-    """deterministic tanh(mean) evaluation episodes after every iteration (and at iteration 0), at the eval RTG"""
+    """deterministic tanh(mean) evaluation episodes (dropout off) at iteration 0 and after each iteration, reset with
+    `eval_seeds(seed, n)`"""
+    eval_rtg: Optional[float] = None
+    """RTG conditioning the evaluation episodes (raw return units); default the checkpoint's `eval_rtg`"""
+    eval_context_len: Optional[int] = None
+    """DT context of the evaluation episodes; default c_online of Table 6, the rollout context (odt_td3.py: --c-online)"""
+    # ---- end shared: eval-args ----
     save_every: int = 5
     """write the run state (atomically) every this many iterations and at the end; 0 = never"""
     save_path: Optional[str] = None
@@ -252,6 +260,11 @@ def fix_malloc_mmap_threshold():
             ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
         except OSError:  # not glibc
             pass
+
+
+def eval_seeds(seed: int, n: int) -> np.ndarray:
+    """Evaluation reset seeds of run seed `seed`: disjoint across run seeds, the same at every evaluation of a run."""
+    return 100_000 * seed + np.arange(n)
 
 
 # ---- end shared: envs ----
@@ -916,6 +929,7 @@ def setup(args: Args):
     resumed) DT as an `Actor`, and its checkpoint dict."""
     family, key = env_family(args.env_id)
     row = apply_presets(args, family, key)
+    args.eval_context_len = args.eval_context_len or args.c_online
     if args.num_workers < 0 or min(args.c_online, args.group_size, args.reset_points, args.subtraj_len) < 1:
         raise UserError("--num-workers must be >= 0 and --c-online, --group-size, --reset-points, --subtraj-len >= 1")
     random.seed(args.seed)
@@ -941,7 +955,7 @@ def setup(args: Args):
     model, ckpt = load_model(path, device)
     if args.resume and "finetune" not in ckpt:
         raise UserError(f"--resume {path} is a checkpoint, not a run state (`state.pt`)")
-    cfg = ckpt["model_config"]
+    cfg, args.eval_rtg = ckpt["model_config"], ckpt["eval_rtg"] if args.eval_rtg is None else args.eval_rtg
     if (cfg["state_dim"], cfg["act_dim"]) != (S, A):
         raise UserError(
             f"checkpoint {path} ({ckpt['env_id']}) has state/action dims ({cfg['state_dim']}, {cfg['act_dim']}) "
@@ -972,11 +986,11 @@ def start_logging(args: Args, run_name: str) -> SummaryWriter:
 
 
 def evaluate(actor: Actor, envs, args: Args, ckpt: dict, writer, iteration: int) -> dict:
-    """Deterministic tanh(mean) episodes at the checkpoint's eval RTG, logged at `iteration`."""
+    """Deterministic tanh(mean) episodes at --eval-rtg with context --eval-context-len, logged at `iteration`."""
     rets, lengths = np.array([np.nan]), np.array([np.nan])
     if args.eval_episodes:
-        seeds = args.seed + 10_000 + np.arange(args.eval_episodes)
-        ev, _ = run_episodes(actor, envs, seeds, ckpt["eval_rtg"], stochastic=False)
+        seeds = eval_seeds(args.seed, args.eval_episodes)
+        ev, _ = run_episodes(replace(actor, c=args.eval_context_len), envs, seeds, args.eval_rtg, stochastic=False)
         rets, lengths = ev["reward"].sum(1), ev["valid"].sum(1)
     scores = 100 * (rets - ckpt["ref_min_score"]) / (ckpt["ref_max_score"] - ckpt["ref_min_score"])
     ev = {"normalized_score": scores.mean(), "normalized_score_se": scores.std() / np.sqrt(len(scores))}
@@ -1030,6 +1044,7 @@ def log_iteration(writer, iteration: int, st: RunState, full, groups, stats: lis
 
 # ---------------------------------------------------------------- main
 def main(args: Args):
+    t_launch = time.time()  # --max-seconds counts from here, loading included
     fix_malloc_mmap_threshold()
     envs, actor, ckpt = setup(args)
     st = RunState(actor, args, run_name=f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
@@ -1094,7 +1109,7 @@ def main(args: Args):
             log_iteration(writer, iteration, st, full=full, groups=groups, stats=stats, timing=timing, ev=ev)
             pbar.set_postfix(score=f"{ev['normalized_score']:.1f}", steps=st.env_steps)
             done = (args.total_env_steps and st.env_steps >= args.total_env_steps) or iteration == args.num_iterations
-            done = done or (args.max_seconds and time.time() - start >= args.max_seconds)
+            done = done or (args.max_seconds and time.time() - t_launch >= args.max_seconds)
             if args.save_every and (iteration % args.save_every == 0 or done):
                 save_checkpoint(state_path, ckpt, st, args, ev["normalized_score"])
             if done:

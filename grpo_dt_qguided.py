@@ -75,9 +75,17 @@ class Args:
     total_env_steps: int = 0
     """training env-step budget (0 = none), counted across resumes: stop after the iteration that reaches it"""
     max_seconds: float = 0
-    """wall-clock budget in seconds (0 = none): stop after the iteration that reaches it"""
+    """wall-clock budget in seconds, counted from the start of main (before loading; 0: none); stop after the iteration
+    that reaches it"""
+    # ---- shared: eval-args (identical in every finetuning DT script; tests/test_shared_blocks.py) ----
     eval_episodes: int = 10
-    """deterministic evaluation episodes after every iteration, stepped as one batch"""
+    """deterministic tanh(mean) evaluation episodes (dropout off) at iteration 0 and after each iteration, reset with
+    `eval_seeds(seed, n)`"""
+    eval_rtg: Optional[float] = None
+    """RTG conditioning the evaluation episodes (raw return units); default the checkpoint's `eval_rtg`"""
+    eval_context_len: Optional[int] = None
+    """DT context of the evaluation episodes; default c_online of Table 6, the rollout context (odt_td3.py: --c-online)"""
+    # ---- end shared: eval-args ----
     torch_threads: int = 0
     """CPU threads of torch (0 = torch's default); 1 is fastest for this small-batch loop on a busy CPU"""
     max_episode_steps: Optional[int] = None
@@ -113,7 +121,10 @@ class Args:
     clip_coef: Optional[float] = None
     """epsilon of the clipped ratio; default Table 6"""
     delta_r: Optional[float] = None
-    """drop candidates whose score is within this of the group mean (raw reward units); default Table 6"""
+    """Table 6's Delta_r (raw return units); filters the Q scores only with --delta-r-q None"""
+    delta_r_q: Optional[float] = 0.0
+    """drop candidates whose Q score is within this many group stds of the group mean (scale-free; 0 drops only exact
+    ties); None applies --delta-r to the Q scores as the paper does, which on Hopper kept a median 7.8% of candidates"""
     learning_rate: float = 1e-5
     """LAMB learning rate of the DT (B.1, Q-guided variant)"""
     kappa_initial: float = 1e-2
@@ -206,6 +217,11 @@ def fix_malloc_mmap_threshold():
             pass
 
 
+def eval_seeds(seed: int, n: int) -> np.ndarray:
+    """Evaluation reset seeds of run seed `seed`: disjoint across run seeds, the same at every evaluation of a run."""
+    return 100_000 * seed + np.arange(n)
+
+
 # ---- end shared: envs ----
 
 
@@ -244,6 +260,7 @@ def apply_presets(args: Args) -> Args:
         gamma=0.998 if family == "antmaze" else 0.99,
     )
     args = replace(args, **{k: v for k, v in table.items() if getattr(args, k) is None})
+    args.eval_context_len = args.eval_context_len or args.c_online
     if args.group_size < 2 or min(args.eval_episodes, args.full_trajs_per_iter, args.c_online) < 1:
         raise UserError(
             "need --group-size >= 2 (a group of one has no advantage) and --eval-episodes, "
@@ -502,11 +519,12 @@ def policy_head(model, ctx):
     return mean[:, -1], log_std[:, -1]
 
 
-def group_advantages(scores, delta_r):
-    """Eq. 2 per group (row of `scores`, (N, G)) and the Delta_r filter: keep |score - group mean| > Delta_r."""
+def group_advantages(scores, delta_r, delta_r_q=None):
+    """Eq. 2 per group (row of `scores`, (N, G)) and the filter: keep |adv| > delta_r_q (in group stds), or with
+    delta_r_q None the paper's |score - group mean| > Delta_r."""
     centred = scores - scores.mean(dim=1, keepdim=True)
     adv = centred / (scores.std(dim=1, correction=0, keepdim=True) + 1e-8)
-    return adv, centred.abs() > delta_r
+    return adv, centred.abs() > delta_r if delta_r_q is None else adv.abs() > delta_r_q
 
 
 @torch.no_grad()
@@ -610,7 +628,7 @@ def run_episodes(model, envs, seeds, target_rtg, meta, device, deterministic):
     rec = [{"states": [], "rtg": [], "actions": [], "rewards": [], "var": []} for _ in range(n)]
     trajs, alive = [None] * n, np.ones(n, dtype=bool)
     while alive.any():
-        s_norm = ((obs - meta["state_mean"]) / meta["state_std"]).astype(np.float32)
+        s_norm = (obs.astype(np.float32) - meta["state_mean"]) / meta["state_std"]  # float32, as every script
         # Shift the context one step left and write the newest state and RTG in the last slot.
         states, actions, rtg, mask = (x.roll(-1, dims=1) for x in (states, actions, rtg, mask))
         states[:, -1], rtg[:, -1, 0] = torch.as_tensor(s_norm, device=device), torch.as_tensor(rtg_now, device=device)
@@ -628,7 +646,7 @@ def run_episodes(model, envs, seeds, target_rtg, meta, device, deterministic):
             rtg_now[i] -= np.float32(r * rtg_scale)
             if term or trunc:
                 alive[i] = False
-                final = ((o - meta["state_mean"]) / meta["state_std"]).astype(np.float32)
+                final = (o.astype(np.float32) - meta["state_mean"]) / meta["state_std"]
                 r_i = rec[i]
                 trajs[i] = {
                     "states": np.stack(r_i["states"] + [final]),
@@ -643,8 +661,8 @@ def run_episodes(model, envs, seeds, target_rtg, meta, device, deterministic):
 
 
 def evaluate(model, envs, meta, seed, device) -> tuple[float, float]:
-    """(normalised score, mean return) of deterministic episodes from fixed seeds, conditioned on the eval RTG."""
-    seeds = seed + 10_000 + np.arange(len(envs))
+    """(normalised score, mean return) of tanh(mean) episodes from `eval_seeds`, at --eval-rtg and --eval-context-len."""
+    seeds, meta = eval_seeds(seed, len(envs)), {**meta, "context_len": meta["eval_context_len"]}
     trajs = run_episodes(model, envs, seeds=seeds, target_rtg=meta["eval_rtg"], meta=meta, device=device, deterministic=True)
     rets = np.array([t["return"] for t in trajs])
     return float(np.mean(100.0 * (rets - meta["ref_min"]) / (meta["ref_max"] - meta["ref_min"]))), float(rets.mean())
@@ -715,7 +733,7 @@ def collect_candidates(run, args: Args, meta: dict) -> dict:
         reward_scale=meta["reward_scale"],
         action_margin=meta["action_margin"],
     )
-    adv, keep = group_advantages(scores, args.delta_r)
+    adv, keep = group_advantages(scores, args.delta_r, args.delta_r_q)
     rows, cols = keep.nonzero(as_tuple=True)
     run.sample_buffer.push(
         rtg=ctx[0][rows],
@@ -877,7 +895,8 @@ def load_start(args: Args, device):
         rtg_scale=ckpt["rtg_scale"],
         state_mean=ckpt["state_mean"].numpy(),
         state_std=ckpt["state_std"].numpy(),
-        eval_rtg=ckpt["eval_rtg"],
+        eval_rtg=ckpt["eval_rtg"] if args.eval_rtg is None else args.eval_rtg,
+        eval_context_len=args.eval_context_len,
         ref_min=ckpt["ref_min_score"],
         ref_max=ckpt["ref_max_score"],
         action_margin=ckpt.get("action_margin", 1e-6),
@@ -956,6 +975,7 @@ def out_of_budget(args: Args, env_steps: int, start_time: float) -> bool:
 
 # ---------------------------------------------------------------- main
 def main(args: Args) -> float:
+    start_time = time.time()  # --max-seconds counts from here, loading included
     args = apply_presets(args)
     device = seed_everything(args)
 
@@ -980,7 +1000,7 @@ def main(args: Args) -> float:
             score, eval_return = evaluate(model, eval_envs, meta, args.seed, device)
             log_evaluation(writer, 0, score, eval_return, counters)
             tqdm.write(f"iteration 0: normalized score {score:.1f} (loaded checkpoint)")
-        start_time, start_steps = time.time(), counters["env_steps"]
+        t_loop, start_steps = time.time(), counters["env_steps"]
         pbar = tqdm(range(counters["iteration"] + 1, args.num_iterations + 1), desc="grpo-dt-qguided", mininterval=2.0)
         for iteration in pbar:
             counters["iteration"] = iteration
@@ -1013,7 +1033,7 @@ def main(args: Args) -> float:
 
             # Evaluate, log, save, budgets
             score, eval_return = evaluate(model, eval_envs, meta, args.seed, device)
-            sps = int((counters["env_steps"] - start_steps) / max(time.time() - start_time, 1e-9))
+            sps = int((counters["env_steps"] - start_steps) / max(time.time() - t_loop, 1e-9))
             log_evaluation(writer, iteration, score, eval_return, counters, SPS=sps)
             pbar.set_postfix(score=f"{score:.1f}", steps=counters["env_steps"], buf=len(run.sample_buffer))
             stop = out_of_budget(args, counters["env_steps"], start_time)

@@ -191,6 +191,11 @@ def fix_malloc_mmap_threshold():
             pass
 
 
+def eval_seeds(seed: int, n: int) -> np.ndarray:
+    """Evaluation reset seeds of run seed `seed`: disjoint across run seeds, the same at every evaluation of a run."""
+    return 100_000 * seed + np.arange(n)
+
+
 # ---- end shared: envs ----
 
 
@@ -600,11 +605,6 @@ def evaluate(actor, envs, seeds, state_mean, state_std, device) -> np.ndarray:
             returns[i] += reward
             alive[i] = not (terminated or truncated)
     return returns
-
-
-def eval_seeds(seed: int, n: int) -> np.ndarray:
-    """Evaluation reset seeds: disjoint across run seeds, the same at every evaluation of one run."""
-    return 100_000 * seed + np.arange(n)
 
 
 def train_episode_seed(seed: int, episode: int) -> int:

@@ -84,29 +84,33 @@ class Args:
     total_env_steps: int = 0
     """training env-step budget (0: none); stop after the iteration that reaches it; eval steps do not count"""
     max_seconds: float = 0
-    """wall-clock budget in seconds from launch (0: none); stop after the iteration that reaches it"""
+    """wall-clock budget in seconds, counted from the start of main (before loading; 0: none); stop after the iteration
+    that reaches it"""
     actor_updates: int = 300
     """DT (actor) updates per iteration (ODT, ODT+TD3)"""
     critic_updates: Optional[int] = None
     """critic updates per iteration; default 600 MuJoCo (actor every 2nd, TD3's delay), 300 Adroit/AntMaze"""
-    critic_pretrain_updates: int = 5000
-    """critic updates on the offline data before the online phase, DT frozen (the original trains it while pretraining)"""
+    critic_pretrain_updates: Optional[int] = None
+    """critic updates on the offline data before the online phase, DT frozen; default as many as ODT+TD3's critic gets
+    while pretraining the DT (10000 MuJoCo, 40000 Adroit, 200000 AntMaze)"""
     n_batch: int = 256
     """segments per update (actor and critic)"""
     context_len: Optional[int] = None
     """training context; default the checkpoint's c_offline"""
-    c_online: int = 5
-    """context of rollouts and evaluation (ODT's eval_context_length); pretrain_dt.py scores at its `eval_context_len`"""
+    c_online: Optional[int] = None
+    """context of the training rollouts (ODT's eval_context_length); default ODT+TD3's: 5 MuJoCo and pen, 1 door, hammer
+    and AntMaze"""
     learning_rate: float = 1e-4
     """peak LAMB learning rate of the DT (ODT's online lr)"""
-    warmup_updates: int = 1000
-    """linear lr warm-up of the fresh LAMB state, in DT updates (ODT's 10k warm-up spans pretraining and finetuning)"""
-    weight_decay: float = 1e-4
-    """LAMB weight decay (Table 5; ODT's code used 5e-4)"""
-    max_grad_norm: float = 0.5
-    """DT gradient-norm clip (Table 5; ODT's code used 0.25)"""
-    dropout: float = 0.0
-    """DT dropout while finetuning: Table 5 disables it (the original codebases keep 0.1)"""
+    warmup_updates: int = 0
+    """linear lr warm-up of the fresh LAMB state, in DT updates; 0 as ODT+TD3, whose one 10k-update warm-up runs from
+    the start of pretraining (pretrain_dt.py's is over by the end of pretraining)"""
+    weight_decay: Optional[float] = None
+    """LAMB weight decay; default ODT+TD3's: 5e-4 Hopper, 1e-3 Walker2d, 1e-4 HalfCheetah, Ant, Adroit, AntMaze"""
+    max_grad_norm: float = 0.25
+    """DT gradient-norm clip (ODT+TD3; Table 5 of the GRPO-DT paper says 0.5)"""
+    dropout: float = 0.1
+    """DT dropout in the finetuning updates (ODT+TD3); rollouts, targets and evaluation run with dropout off"""
     kappa_lr: float = 1e-4
     """Adam lr of log(kappa), ODT's temperature dual variable (--algo odt), initialised from the checkpoint"""
     critic_lr: Optional[float] = None
@@ -127,12 +131,22 @@ class Args:
     """clip of the target-policy smoothing noise"""
     g_online: Optional[float] = None
     """RTG conditioning training rollouts; default ODT / Table 6 (Hopper 7200, Walker 10000, Ant 12000, door 3000...)"""
-    replay_size: int = 1000
-    """trajectories in the FIFO replay buffer (ODT)"""
+    replay_size: Optional[int] = None
+    """trajectories in the FIFO replay buffer; default ODT+TD3's: 1000 MuJoCo, 5000 Adroit, 2000 AntMaze"""
+    min_steps_per_iter: Optional[int] = None
+    """roll out training episodes until an iteration has this many env steps (ODT+TD3's --minimum_sapairs_per_iter);
+    default 1000 for Adroit, AntMaze and random MuJoCo data, else 0 (one episode per iteration)"""
     max_episode_steps: Optional[int] = None
     """cap on the env's time limit, for rollouts and evaluation (tests, quick runs); default the env's own"""
+    # ---- shared: eval-args (identical in every finetuning DT script; tests/test_shared_blocks.py) ----
     eval_episodes: int = 10
-    """deterministic tanh(mean) evaluation episodes per iteration, stepped as one batch"""
+    """deterministic tanh(mean) evaluation episodes (dropout off) at iteration 0 and after each iteration, reset with
+    `eval_seeds(seed, n)`"""
+    eval_rtg: Optional[float] = None
+    """RTG conditioning the evaluation episodes (raw return units); default the checkpoint's `eval_rtg`"""
+    eval_context_len: Optional[int] = None
+    """DT context of the evaluation episodes; default c_online of Table 6, the rollout context (odt_td3.py: --c-online)"""
+    # ---- end shared: eval-args ----
     save_every: int = 5
     """write the run state every this many iterations and at the end (0: never)"""
     save_path: Optional[str] = None
@@ -197,6 +211,11 @@ def fix_malloc_mmap_threshold():
             pass
 
 
+def eval_seeds(seed: int, n: int) -> np.ndarray:
+    """Evaluation reset seeds of run seed `seed`: disjoint across run seeds, the same at every evaluation of a run."""
+    return 100_000 * seed + np.arange(n)
+
+
 # ---- end shared: envs ----
 
 
@@ -211,13 +230,28 @@ def critic_reward(key: str, rewards):
     return rewards / CRITIC_REWARD_DIVISOR[key] if key in CRITIC_REWARD_DIVISOR else rewards
 
 
+# ODT+TD3's settings per env family (Yan et al.: get_args.py defaults, the README's commands, trainer.py), then the
+# per-env exceptions of those commands; README.md lists each value with its source.
+PRESETS = {
+    "mujoco": dict(c_online=5, replay_size=1000, min_steps_per_iter=0, weight_decay=5e-4, critic_pretrain_updates=10_000),
+    "adroit": dict(c_online=1, replay_size=5000, min_steps_per_iter=1000, weight_decay=1e-4, critic_pretrain_updates=40_000),
+    "antmaze": dict(c_online=1, replay_size=2000, min_steps_per_iter=1000, weight_decay=1e-4, critic_pretrain_updates=200_000),
+}
+PRESETS_BY_KEY = {"pen": dict(c_online=5), "walker2d": dict(weight_decay=1e-3), "halfcheetah": dict(weight_decay=1e-4)}
+PRESETS_BY_KEY["ant"] = dict(weight_decay=1e-4)
+
+
 def apply_presets(args: Args) -> Args:
     """A copy of args with the per-family defaults filled in where left at None (see each field's docstring)."""
     family, key = env_family(args.env_id)
     mujoco = family == "mujoco"
     presets = dict(critic_updates=600 if mujoco else 300, critic_lr=1e-3 if mujoco else 2e-4, critic_layer_norm=not mujoco)
     presets.update(gamma=0.998 if family == "antmaze" else 0.99, g_online=G_ONLINE[key])
-    return replace(args, **{k: v for k, v in presets.items() if getattr(args, k) is None})
+    presets.update(PRESETS[family], **PRESETS_BY_KEY.get(key, {}))
+    if mujoco and "random" in args.dataset:
+        presets["min_steps_per_iter"] = 1000
+    args = replace(args, **{k: v for k, v in presets.items() if getattr(args, k) is None})
+    return replace(args, eval_context_len=args.eval_context_len or args.c_online)
 
 
 def load_offline_trajectories(ckpt: dict) -> list[dict]:
@@ -627,7 +661,8 @@ def rollout(model, envs, seeds, meta, target_return, context_len, act_fn, device
             target[i] -= r * scale
             alive[i], t["terminated"] = not (term or trunc), bool(term)
     model.train()
-    return [{**t, **{k: np.asarray(t[k], np.float32) for k in ("observations", "actions", "rewards")}} for t in trajs]
+    arrays = ("observations", "actions", "rewards")
+    return [{**t, **{k: np.asarray(t[k], np.float32) for k in arrays}, "return": float(np.sum(t["rewards"]))} for t in trajs]
 
 
 def warmup_factor(update: int, warmup_updates: int) -> float:
@@ -653,11 +688,11 @@ class Learner:
         state_dim, act_dim = ckpt["model_config"]["state_dim"], ckpt["model_config"]["act_dim"]
         self.critic = TwinCritic(state_dim, act_dim, hidden=args.critic_hidden, layer_norm=args.critic_layer_norm).to(device)
         self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=args.critic_lr)
-        self.target_model = copy.deepcopy(model).requires_grad_(False)
+        self.target_model = copy.deepcopy(model).requires_grad_(False).eval()  # TD targets without dropout
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.buffer, self.rng = TrajectoryBuffer([], args.replay_size), np.random.default_rng(args.seed)
         self.reward_fn = partial(critic_reward, env_family(args.env_id)[1])
-        self.iteration = self.env_steps = self.grad_updates = 0
+        self.iteration = self.env_steps = self.grad_updates = self.episodes = 0
 
     def update(self, n_crit: int, n_act: int) -> dict:
         """n_crit critic and n_act actor updates over the same batches (the actor on every n_crit/n_act-th batch)."""
@@ -709,7 +744,7 @@ class Learner:
         state.update(buffer=self.buffer.trajs, buffer_next=self.buffer.next, numpy_rng=self.rng.bit_generator.state)
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         state.update(torch_rng=torch.get_rng_state(), cuda_rng=cuda_rng, iteration=self.iteration, env_steps=self.env_steps)
-        return state | {"grad_updates": self.grad_updates, "algo": self.args.algo}
+        return state | {"grad_updates": self.grad_updates, "episodes": self.episodes, "algo": self.args.algo}
 
     def load_state_dict(self, state: dict):
         """What `state_dict` wrote; log(kappa) comes back with the checkpoint's `log_temperature`."""
@@ -721,6 +756,7 @@ class Learner:
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.iteration, self.env_steps, self.grad_updates = state["iteration"], state["env_steps"], state["grad_updates"]
+        self.episodes = state.get("episodes", self.iteration)  # older run states: one episode per iteration
 
 
 # ---------------------------------------------------------------- run state
@@ -782,11 +818,11 @@ def start_run(args: Args, resumed: Optional[dict], t0: float) -> tuple[str, Path
 
 
 def evaluate(learner: Learner, eval_envs: list, roll: dict, writer, it: int) -> tuple[float, float]:
-    """Deterministic tanh(mean) episodes conditioned on the checkpoint's eval RTG (same seeds every iteration)."""
-    args, ckpt = learner.args, learner.ckpt
-    seeds = args.seed + 10_000 + np.arange(args.eval_episodes)
-    trajs = rollout(learner.model, eval_envs, seeds, target_return=ckpt["eval_rtg"], act_fn=greedy_action, **roll)
-    rets = np.array([t["rewards"].sum() for t in trajs])
+    """tanh(mean) episodes (dropout off) from `eval_seeds`, at --eval-rtg and --eval-context-len."""
+    args, ckpt, roll = learner.args, learner.ckpt, {**roll, "context_len": learner.args.eval_context_len}
+    seeds = eval_seeds(args.seed, args.eval_episodes)
+    trajs = rollout(learner.model, eval_envs, seeds, target_return=args.eval_rtg, act_fn=greedy_action, **roll)
+    rets = np.array([t["return"] for t in trajs])  # summed in float64, as every script
     score = float(np.mean(100.0 * (rets - ckpt["ref_min_score"]) / (ckpt["ref_max_score"] - ckpt["ref_min_score"])))
     writer.add_scalar("charts/eval_return", rets.mean(), it)
     writer.add_scalar("charts/normalized_score", score, it)
@@ -810,13 +846,13 @@ def make_envs(args: Args, run_name: str) -> tuple[gym.Env, list]:
 
 # ---------------------------------------------------------------- main
 def main(args: Args):
+    t_launch = time.time()  # --max-seconds counts from here, loading included
     fix_malloc_mmap_threshold()
     if args.algo not in ALGOS:
         raise UserError(f"unknown --algo {args.algo!r}; choose one of {', '.join(ALGOS)}")
     args = apply_presets(args)
     if min(args.n_batch, args.eval_episodes, args.replay_size, args.c_online) < 1:
         raise UserError("--n-batch, --eval-episodes, --replay-size and --c-online must be at least 1")
-    t_launch = time.time()  # --max-seconds counts from here, critic pretraining included
     device = seed_everything(args)
 
     # Checkpoint (or the run state to resume), the learner and the replay buffer
@@ -827,6 +863,7 @@ def main(args: Args):
         raise UserError(f"--resume {args.resume} is not a {args.algo} {args.env_id} checkpoint of odt_td3.py")
     if ckpt["env_id"] != args.env_id:
         raise UserError(f"checkpoint {ckpt_path} is for {ckpt['env_id']}, not --env-id {args.env_id}")
+    args.eval_rtg = ckpt["eval_rtg"] if args.eval_rtg is None else args.eval_rtg
     run_name, state_path, writer = start_run(args, resumed, t_launch)
     train_env, eval_envs = make_envs(args, run_name)
     meta = dict(rtg_scale=ckpt["rtg_scale"], state_mean=ckpt["state_mean"].to(device), state_std=ckpt["state_std"].to(device))
@@ -862,13 +899,16 @@ def main(args: Args):
     start, steps_at_start, it = time.time(), learner.env_steps, learner.iteration
     pbar = tqdm(range(it + 1, args.num_iterations + 1), desc=args.algo, initial=it, total=args.num_iterations)
     for it in pbar:
-        # ALGO LOGIC: a rollout with exploration into the FIFO buffer
-        check = partial(check_finite, it, state_path)
-        (traj,) = rollout(
-            model, [train_env], [args.seed + it], target_return=args.g_online, act_fn=explore, check=check, **roll
-        )
-        learner.buffer.add(traj)
-        learner.env_steps += len(traj["rewards"])
+        # ALGO LOGIC: rollouts with exploration into the FIFO buffer, until the iteration has --min-steps-per-iter steps
+        check, iter_steps, returns = partial(check_finite, it, state_path), 0, []
+        while not returns or iter_steps < args.min_steps_per_iter:
+            learner.episodes += 1
+            seed = [args.seed + learner.episodes]
+            (traj,) = rollout(model, [train_env], seed, target_return=args.g_online, act_fn=explore, check=check, **roll)
+            learner.buffer.add(traj)
+            iter_steps += len(traj["rewards"])
+            returns.append(float(traj["rewards"].sum()))
+        learner.env_steps += iter_steps
 
         # ALGO LOGIC: critic and actor updates on relabeled segments
         t0, u0 = time.time(), learner.grad_updates
@@ -880,9 +920,7 @@ def main(args: Args):
         # Evaluation and logging
         score, ret = evaluate(learner, eval_envs, roll, writer, it=it)
         sps = (learner.env_steps - steps_at_start) / (time.time() - start)
-        row = dict(
-            episodic_return=float(traj["rewards"].sum()), env_steps=learner.env_steps, grad_updates=learner.grad_updates
-        )
+        row = dict(episodic_return=float(np.mean(returns)), env_steps=learner.env_steps, grad_updates=learner.grad_updates)
         row.update(SPS=sps, updates_per_s=updates_per_s, learning_rate=learner.scheduler.get_last_lr()[0])
         stats.update(alpha=learner.rl_coef, temperature=learner.log_temperature.exp().item())
         for k, v in [*(("charts/" + k, v) for k, v in row.items()), *(("losses/" + k, v) for k, v in stats.items())]:

@@ -78,9 +78,17 @@ class Args:
     total_env_steps: int = 0
     """stop after the iteration at which training env steps reach this (0: no budget; eval steps do not count)"""
     max_seconds: float = 0
-    """stop after the iteration at which wall-clock seconds reach this (0: no budget)"""
+    """wall-clock budget in seconds, counted from the start of main (before loading; 0: none); stop after the iteration
+    that reaches it"""
+    # ---- shared: eval-args (identical in every finetuning DT script; tests/test_shared_blocks.py) ----
     eval_episodes: int = 10
-    """deterministic tanh(mean) evaluation episodes per iteration, stepped as one batch"""
+    """deterministic tanh(mean) evaluation episodes (dropout off) at iteration 0 and after each iteration, reset with
+    `eval_seeds(seed, n)`"""
+    eval_rtg: Optional[float] = None
+    """RTG conditioning the evaluation episodes (raw return units); default the checkpoint's `eval_rtg`"""
+    eval_context_len: Optional[int] = None
+    """DT context of the evaluation episodes; default c_online of Table 6, the rollout context (odt_td3.py: --c-online)"""
+    # ---- end shared: eval-args ----
     save_every: int = 5
     """write the run state every this many iterations and at the end (0: never)"""
     save_path: Optional[str] = None
@@ -198,6 +206,11 @@ def fix_malloc_mmap_threshold():
             pass
 
 
+def eval_seeds(seed: int, n: int) -> np.ndarray:
+    """Evaluation reset seeds of run seed `seed`: disjoint across run seeds, the same at every evaluation of a run."""
+    return 100_000 * seed + np.arange(n)
+
+
 # ---- end shared: envs ----
 
 
@@ -230,7 +243,7 @@ def apply_presets(args: Args) -> Args:
     row = TABLE7.get((key, kind)) or TABLE7[(key, FAMILY_DEFAULT_KIND[family])]
     names = ("n_batch", "c_online", "g_online", "k_ppo", "learning_rate", "lr_value", "kappa_initial")
     args = replace(args, **{k: v for k, v in zip(names, row) if getattr(args, k) is None})
-    return replace(args, c_train=args.c_train or args.c_online)
+    return replace(args, c_train=args.c_train or args.c_online, eval_context_len=args.eval_context_len or args.c_online)
 
 
 # ---------------------------------------------------------------- model
@@ -537,7 +550,8 @@ def rollout(model, envs, seeds, target_rtg, meta, deterministic, check=None):
                 alive[i], done[i] = False, (term, norm(o).cpu().numpy())
     keys = ("states", "rtg", "actions", "logp", "rewards")
     return [
-        {**{k: np.array(r[k], np.float32) for k in keys}, "terminated": bool(d[0]), "last_state": d[1]}
+        {**{k: np.array(r[k], np.float32) for k in keys}, "return": float(np.sum(r["rewards"])), "terminated": bool(d[0])}
+        | {"last_state": d[1]}
         for r, d in zip(rec, done)
     ]
 
@@ -689,10 +703,11 @@ def make_envs(args: Args, run_name: str) -> tuple[list, list]:
 
 
 def evaluate(model, eval_envs, args: Args, ckpt: dict, meta: dict, writer, it: int) -> tuple[float, float]:
-    """Deterministic episodes conditioned on the checkpoint's eval RTG (same seeds every iteration)."""
+    """tanh(mean) episodes (dropout off) from `eval_seeds`, at --eval-rtg and --eval-context-len."""
     model.eval()
-    seeds = [args.seed + 10_000 + i for i in range(len(eval_envs))]
-    rets = np.array([e["rewards"].sum() for e in rollout(model, eval_envs, seeds, ckpt["eval_rtg"], meta, deterministic=True)])
+    seeds, rtg = eval_seeds(args.seed, len(eval_envs)), ckpt["eval_rtg"] if args.eval_rtg is None else args.eval_rtg
+    trajs = rollout(model, eval_envs, seeds, rtg, {**meta, "context_len": args.eval_context_len}, deterministic=True)
+    rets = np.array([e["return"] for e in trajs])  # summed in float64, as every script
     score = float(np.mean(100.0 * (rets - ckpt["ref_min_score"]) / (ckpt["ref_max_score"] - ckpt["ref_min_score"])))
     writer.add_scalar("charts/normalized_score", score, it)
     writer.add_scalar("charts/eval_return", rets.mean(), it)
@@ -762,8 +777,8 @@ def start_run(args: Args, ckpt: dict, t0: float) -> tuple[str, Path, SummaryWrit
 
 # ---------------------------------------------------------------- main
 def main(args: Args):
+    t0 = time.time()  # --max-seconds counts from here, loading included
     fix_malloc_mmap_threshold()
-    t0 = time.time()  # the --max-seconds budget counts the whole run, start and evaluations included
     args = apply_presets(args)
     device = seed_everything(args)
 

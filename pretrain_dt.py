@@ -174,6 +174,11 @@ def fix_malloc_mmap_threshold():
             pass
 
 
+def eval_seeds(seed: int, n: int) -> np.ndarray:
+    """Evaluation reset seeds of run seed `seed`: disjoint across run seeds, the same at every evaluation of a run."""
+    return 100_000 * seed + np.arange(n)
+
+
 # ---- end shared: envs ----
 
 
@@ -556,15 +561,15 @@ def dt_loss(model, log_temperature, target_entropy, rtg, states, actions, mask, 
 
 
 @torch.no_grad()
-def evaluate(model, envs, ckpt_like, n_episodes, seed, device):
+def evaluate(model, envs, ckpt_like, seeds, device):
     """Deterministic (tanh(mean)) episodes, all envs stepped in lockstep with one batched forward per step; the returns.
 
     `ckpt_like` holds context_len, state_mean, state_std, rtg_scale and eval_rtg."""
     model.eval()
     K, S, A = ckpt_like["context_len"], len(ckpt_like["state_mean"]), envs[0].action_space.shape[0]
     mean_t, std_t = (torch.as_tensor(ckpt_like[k], device=device) for k in ("state_mean", "state_std"))
-    n = min(n_episodes, len(envs))
-    obs = np.stack([envs[i].reset(seed=seed + i)[0] for i in range(n)])
+    n = min(len(seeds), len(envs))
+    obs = np.stack([envs[i].reset(seed=int(seeds[i]))[0] for i in range(n)])
     states = torch.zeros(n, K, S, device=device)
     actions = torch.zeros(n, K, A, device=device)
     rtg = torch.zeros(n, K, 1, device=device)
@@ -774,7 +779,7 @@ def main(args: Args):
             writer.add_scalar("charts/updates_per_s", update / (time.time() - start), update)
             pbar.set_postfix(nll=f"{nll.item():.3f}", ent=f"{entropy.item():.2f}")
         if last or (args.eval_every and update % args.eval_every == 0):
-            returns = evaluate(model, eval_envs, meta, args.eval_episodes, args.seed + 10_000, device)
+            returns = evaluate(model, eval_envs, meta, eval_seeds(args.seed, args.eval_episodes), device)
             score = float(normalized_score(returns, data["ref_min"], data["ref_max"]).mean())
             writer.add_scalar("charts/episodic_return", returns.mean(), update)
             writer.add_scalar("charts/normalized_score", score, update)

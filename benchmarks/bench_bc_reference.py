@@ -77,7 +77,7 @@ def main(args: Args):
             loss.backward()
             opt.step()
             if update % args.eval_every == 0:
-                rets = pt.evaluate(policy, envs, meta, args.eval_episodes, seed + 10_000, "cpu")
+                rets = pt.evaluate(policy, envs, meta, pt.eval_seeds(seed, args.eval_episodes), "cpu")
                 scores[seed][update] = float(pt.normalized_score(rets, ref_min, ref_max).mean())
         print(f"seed {seed}: " + ", ".join(f"{u}: {s:.1f}" for u, s in scores[seed].items()), flush=True)
     last = np.array([list(s.values())[-3:] for s in scores.values()])

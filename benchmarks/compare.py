@@ -68,8 +68,10 @@ class Args:
     """per-run wall-clock budget, passed as --max-seconds (0 = none)"""
     num_iterations: Optional[int] = None
     """iteration cap per run; default 100000 when a budget is set (the budget stops the run), else the script's own"""
-    eval_episodes: Optional[int] = None
-    """evaluation episodes per evaluation; default 5 at cpu scale, the script's own at paper scale"""
+    eval_episodes: int = 20
+    """evaluation episodes per evaluation, the same for every method (IQL included)"""
+    eval_rtg: Optional[float] = None
+    """RTG of every DT method's evaluation; default the task's g_online (Table 6: 7200 Hopper, 3000 door)"""
     checkpoint: Optional[str] = None
     """use this pretrained checkpoint (one task only) instead of running pretrain_dt.py"""
     checkpoints_dir: str = "checkpoints/compare"
@@ -191,12 +193,28 @@ CPU_OVERRIDES: dict[str, tuple] = {
         "500",
         "--n-batch",
         "32",
-        "--warmup-updates",
-        "100",
     ),
     # IQL pretrains as many updates as the shared DT (App. B.1); it evaluates every 1000 env steps for the curves
     "iql.py": ("--offline-updates", CPU_PRETRAIN[CPU_PRETRAIN.index("--num-updates") + 1], "--eval-every", "1000"),
 }
+# The one evaluation protocol: every DT method is scored at the task's g_online (the RTG the pure-RL methods train
+# on) with Table 6's c_online, on the same episodes (`eval_seeds`); IQL has no RTG and gets the episodes only.
+G_ONLINE = dict(Hopper=7200, Walker2d=10000, Ant=12000, HalfCheetah=12000, AdroitHandDoor=3000, AdroitHandPen=6000)
+G_ONLINE.update(AdroitHandHammer=4000, AntMaze_UMaze=2)
+
+
+def eval_flags(args: Args, m: Method, env_id: str, dataset: str) -> list:
+    flags = ["--eval-episodes", str(args.eval_episodes)]
+    if not m.uses_checkpoint:  # IQL: no RTG, no context
+        return flags
+    name = env_id.rpartition("-")[0]
+    if args.eval_rtg is None and name not in G_ONLINE:
+        raise UserError(f"no g_online known for --env-id {env_id}; pass --eval-rtg")
+    rtg = args.eval_rtg if args.eval_rtg is not None else G_ONLINE[name]
+    c_online = 5 if name == "AdroitHandHammer" or "umaze-diverse" in dataset else 1  # Table 6
+    return flags + ["--eval-rtg", str(rtg), "--eval-context-len", str(c_online)]
+
+
 # iql.py's online length when only a wall-clock budget is given (--max-seconds then stops it).
 IQL_UNBOUNDED_STEPS = 10_000_000
 
@@ -264,9 +282,7 @@ def finetune_command(args: Args, m: Method, env_id: str, dataset: str, ckpt: Pat
     ]
     if args.scale == "cpu":
         cmd += list(CPU_OVERRIDES.get(m.script, ()))
-    eval_episodes = args.eval_episodes if args.eval_episodes is not None else (5 if args.scale == "cpu" else None)
-    if eval_episodes is not None:
-        cmd += ["--eval-episodes", str(eval_episodes)]
+    cmd += eval_flags(args, m, env_id, dataset)
     if not m.reference:
         budget = args.budget_env_steps > 0 or args.budget_seconds > 0
         iters = args.num_iterations if args.num_iterations is not None else (100_000 if budget else None)

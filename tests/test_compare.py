@@ -146,7 +146,7 @@ def test_presets_dry_run(capsys):
     iql = [ln for ln in out.splitlines() if ln.startswith("python iql.py")]
     assert len(iql) == 4 and all("--checkpoint" not in ln and "--num-iterations" not in ln for ln in iql)
     assert all("--online-steps 1000 --total-env-steps 1000" in ln for ln in iql)
-    assert sum("--offline-updates 1500" in ln for ln in iql) == 2 and sum("--eval-episodes 5" in ln for ln in iql) == 2
+    assert sum("--offline-updates 1500" in ln for ln in iql) == 2 and all("--eval-episodes 20" in ln for ln in iql)
 
 
 def test_iql_gets_the_same_seeds_budget_and_eval_episodes(capsys):
@@ -170,6 +170,27 @@ def test_iql_gets_the_same_seeds_budget_and_eval_episodes(capsys):
     assert all("--online-steps 10000000" in ln for ln in iql)  # the wall-clock budget stops it
     only_iql = compare.main(compare.Args(preset="table1-cpu", seeds=1, tasks=("door",), methods=("iql",), dry_run=True))
     assert only_iql and "# no DT checkpoint needed" in capsys.readouterr().out
+
+
+def test_every_dt_method_gets_the_same_eval_flags(capsys):
+    """One protocol: g_online of the task, Table 6's c_online, the same episodes; IQL gets the episodes only."""
+    expected = {
+        "hopper": "--eval-episodes 20 --eval-rtg 7200 --eval-context-len 1",
+        "door": "--eval-episodes 20 --eval-rtg 3000 --eval-context-len 1",
+    }
+    compare.main(compare.Args(preset="table1-cpu", seeds=2, dry_run=True))
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("python ") and "--exp-name" in ln]
+    for task, env_id in (("hopper", "Hopper-v4"), ("door", "AdroitHandDoor-v1")):
+        runs = [ln for ln in lines if f"--env-id {env_id}" in ln]
+        dt, iql = [ln for ln in runs if "iql.py" not in ln], [ln for ln in runs if "iql.py" in ln]
+        assert len(dt) == 2 * 6 and len(iql) == 2
+        assert all(expected[task] in ln for ln in dt) and all(
+            ln.count(f"{f} ") == 1 for ln in dt for f in ("--eval-episodes", "--eval-rtg", "--eval-context-len")
+        )
+        assert all("--eval-episodes 20" in ln and "--eval-rtg" not in ln for ln in iql)
+    compare.main(compare.Args(preset="table1-cpu", seeds=1, tasks=("door",), eval_rtg=40, eval_episodes=3, dry_run=True))
+    dt = [ln for ln in capsys.readouterr().out.splitlines() if "--exp-name" in ln and "iql.py" not in ln]
+    assert dt and all("--eval-episodes 3 --eval-rtg 40 --eval-context-len 1" in ln for ln in dt)
 
 
 def test_env_step_methods_plot_on_the_env_step_panel_only(tmp_path):

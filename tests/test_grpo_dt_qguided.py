@@ -430,3 +430,16 @@ def test_non_finite_stops_and_keeps_the_last_good_state(hopper_checkpoint, tmp_p
     with pytest.raises(qg.UserError, match=r"^non-finite action at iteration 0; stopped, no state saved yet$"):
         qg.main(tiny_args(tmp_path / "nan.pt", tmp_path, save_path=str(tmp_path / "never.pt")))
     assert not (tmp_path / "never.pt").exists()
+
+
+def test_delta_r_q_is_scale_free_and_the_paper_filter_is_one_flag_away():
+    """Q scores of a group differ by far less than Table 6's raw-return Delta_r (2.0 on Hopper): the paper's filter
+    drops nearly every candidate, the default (in group stds) keeps all but exact ties, at any scale of Q."""
+    scores = 300.0 + torch.randn(64, 8, generator=torch.Generator().manual_seed(0)) * 0.5
+    _, paper = qg.group_advantages(scores, 2.0, delta_r_q=None)
+    _, default = qg.group_advantages(scores, 2.0, delta_r_q=qg.Args().delta_r_q)
+    _, scaled = qg.group_advantages(scores * 1000, 2.0, delta_r_q=qg.Args().delta_r_q)
+    assert paper.float().mean() < 0.05 and default.all() and torch.equal(default, scaled)
+    _, one_std = qg.group_advantages(scores, 2.0, delta_r_q=1.0)
+    assert 0.1 < one_std.float().mean() < 0.6
+    assert tyro.cli(qg.Args, args=["--delta-r-q", "None"]).delta_r_q is None

@@ -22,6 +22,7 @@ TINY = dict(
     eval_episodes=1,
     max_episode_steps=25,
     replay_size=40,
+    min_steps_per_iter=0,
     num_iterations=2,
 )
 
@@ -377,3 +378,36 @@ def test_non_finite_stops_and_keeps_the_last_good_state(hopper_checkpoint, tmp_p
     kept = torch.load(state, weights_only=False)
     assert kept["finetune"]["iteration"] == 1
     assert all(torch.isfinite(v).all() for v in kept["state_dict"].values())
+
+
+# ---------------------------------------------------------------- ODT+TD3's reference settings (issue #13)
+@pytest.mark.parametrize(
+    "env_id, dataset, expected",
+    [
+        ("Hopper-v4", "medium", dict(c_online=5, replay_size=1000, min_steps_per_iter=0, weight_decay=5e-4)),
+        ("Hopper-v4", "random", dict(min_steps_per_iter=1000)),
+        ("Walker2d-v4", "medium", dict(weight_decay=1e-3)),
+        ("AdroitHandDoor-v1", "human", dict(c_online=1, replay_size=5000, min_steps_per_iter=1000, weight_decay=1e-4)),
+        ("AdroitHandHammer-v1", "human", dict(c_online=1)),
+        ("AdroitHandPen-v1", "human", dict(c_online=5)),
+        ("AntMaze_UMaze-v4", "umaze", dict(c_online=1, replay_size=2000, min_steps_per_iter=1000, gamma=0.998)),
+    ],
+)
+def test_presets_follow_odt_td3(env_id, dataset, expected):
+    args = M.apply_presets(M.Args(env_id=env_id, dataset=dataset))
+    assert {k: getattr(args, k) for k in expected} == expected
+    assert (args.dropout, args.max_grad_norm, args.warmup_updates) == (0.1, 0.25, 0)  # no fresh warm-up
+    assert args.eval_context_len == args.c_online
+
+
+def test_min_steps_per_iter_rolls_out_until_reached(door_checkpoint, tmp_path):
+    hist = run(door_checkpoint, tmp_path, "AdroitHandDoor-v1", num_iterations=2, min_steps_per_iter=30)
+    assert [h["env_steps"] for h in hist[1:]] == [50, 100]  # two capped 25-step episodes per iteration
+
+
+def test_finetuning_keeps_dropout_but_targets_and_rollouts_do_not(hopper_checkpoint):
+    args = M.apply_presets(M.Args(env_id="Hopper-v4", dataset="local/hopper/medium-v0"))
+    model, ckpt = M.load_model(hopper_checkpoint, "cpu", dropout=args.dropout)
+    learner = M.Learner(args, model.train(), ckpt, torch.device("cpu"))
+    assert not learner.target_model.training and learner.model.blocks[0].dropout == 0.1
+    assert learner.scheduler.get_last_lr()[0] == args.learning_rate  # full rate from the first update

@@ -19,6 +19,7 @@ EXPECTED = {
     "checkpoint": DT_SCRIPTS,
     "load-checkpoint": FINETUNING_DT,
     "datasets": ["pretrain_dt.py", "iql.py"],
+    "eval-args": FINETUNING_DT,
 }
 BLOCK = re.compile(r"^[ \t]*# ---- shared: ([\w-]+).*?^[ \t]*# ---- end shared: \1 ----$", re.M | re.S)
 
