@@ -267,6 +267,13 @@ def eval_seeds(seed: int, n: int) -> np.ndarray:
     return 100_000 * seed + np.arange(n)
 
 
+def train_seeds(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Reset seeds of training episodes from the run's generator: uniform over the integers below 2**31 whose last
+    five digits are at least 50_000, so never an `eval_seeds` value (100_000 * s + i, i < 50_000) of any run seed s."""
+    x = rng.integers(2**31 // 100_000 * 50_000, size=n)
+    return x // 50_000 * 100_000 + 50_000 + x % 50_000
+
+
 # ---- end shared: envs ----
 
 
@@ -1066,7 +1073,7 @@ def main(args: Args):
         for iteration in pbar:
             t_iter, envs.seconds = time.time(), 0.0
             # ALGO LOGIC: Alg. 1 line 2, full trajectories from g_online, stored with the RTG tokens used and MjData per step
-            seeds, sampled = st.rng.integers(0, 2**31, args.full_trajs_per_iter), args.full_rollout_actions == "sampled"
+            seeds, sampled = train_seeds(st.rng, args.full_trajs_per_iter), args.full_rollout_actions == "sampled"
             full, params = run_episodes(actor, envs, seeds, args.g_online, stochastic=sampled, record_sim=True)
             st.full_buffer.extend(store_trajectories(full, params, actor.rtg_scale))
 

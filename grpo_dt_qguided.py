@@ -2,10 +2,12 @@
 
 Paper: "Online Finetuning Decision Transformers with Pure RL Gradients" (Luo & Zhu), Sections 3.2 (Algorithm 1,
 Eqs. 2-3, active sampling) and 3.3.1 (Q-guided GRPO-DT), Appendix B.1, Tables 5-6. Algorithm 1 with line 6 replaced:
-at each sampled (s_h, g_h), G candidate actions drawn from the DT are scored by a TD3 critic learnt from the online
-trajectories, R(a_i) = Q_phi(s_h, a_i); the scores give Eq. 2 group advantages, and Eq. 3 is optimised with a
-per-action ratio. `env.reset()` only starts a new episode, never `set_state`: use this instead of grpo_dt.py when the
-environment cannot be put back into an arbitrary state (it also spends far fewer env steps per iteration).
+at each sampled (s_h, g_h), G candidate actions drawn from the DT are scored by a TD3 critic, R(a_i) = Q_phi(s_h, a_i);
+the scores give Eq. 2 group advantages, and Eq. 3 is optimised with a per-action ratio. The critic follows ODT+TD3
+(Yan et al. 2024), as App. B.1 says: its replay is seeded with the best offline trajectories, it is pretrained on them
+before iteration 1, and online trajectories replace the worst of them. `env.reset()` only starts a new episode, never
+`set_state`: use this instead of grpo_dt.py when the environment cannot be put back into an arbitrary state (it also
+spends far fewer env steps per iteration).
 
     MINARI_DATASETS_PATH=$(realpath ../shared/datasets) \
         python grpo_dt_qguided.py --env-id Hopper-v4 --dataset local/hopper/medium-v0 --num-iterations 200
@@ -103,7 +105,8 @@ class Args:
     full_trajs_per_iter: Optional[int] = None
     """full trajectories collected per iteration; default 1 (MuJoCo, AntMaze) or 5 (Adroit)"""
     full_buffer_size: int = 32
-    """capacity of the FIFO full-trajectory buffer (also the critic's replay)"""
+    """capacity of the FIFO buffer of online trajectories the scored points are drawn from (the critic has its own
+    replay, --replay-size)"""
     trajs_per_iter: int = 16
     """trajectories drawn per iteration, in proportion to length"""
     reset_points: int = 4
@@ -145,8 +148,14 @@ class Args:
     # TD3 critic (ODT+TD3, Yan et al. 2024)
     critic_updates: Optional[int] = None
     """critic updates per iteration; default 600 MuJoCo, 300 otherwise (ODT+TD3)"""
+    critic_pretrain_updates: Optional[int] = None
+    """critic updates on the offline data, DT frozen, before iteration 1 (ODT+TD3); default ODT+TD3's 10000 MuJoCo,
+    40000 Adroit, 200000 AntMaze"""
+    replay_size: Optional[int] = None
+    """trajectories in the critic's replay: seeded with the best offline ones by return, which the online ones replace
+    worst first, then oldest first (ODT+TD3); default ODT+TD3's 1000 MuJoCo, 5000 Adroit, 2000 AntMaze"""
     critic_warmup_updates: int = 3000
-    """critic updates done before the policy starts learning (and before any candidates are scored)"""
+    """critic updates, pretraining included, done before any candidates are scored and the policy starts learning"""
     critic_batch_size: int = 256
     """transitions per critic update"""
     critic_hidden: int = 256
@@ -222,6 +231,13 @@ def eval_seeds(seed: int, n: int) -> np.ndarray:
     return 100_000 * seed + np.arange(n)
 
 
+def train_seeds(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Reset seeds of training episodes from the run's generator: uniform over the integers below 2**31 whose last
+    five digits are at least 50_000, so never an `eval_seeds` value (100_000 * s + i, i < 50_000) of any run seed s."""
+    x = rng.integers(2**31 // 100_000 * 50_000, size=n)
+    return x // 50_000 * 100_000 + 50_000 + x % 50_000
+
+
 # ---- end shared: envs ----
 
 
@@ -244,6 +260,12 @@ TABLE6_BY_DATASET = {
 }
 # Critic rewards as ODT+TD3: Adroit scaled down, MuJoCo raw, AntMaze shifted by -1 per step.
 REWARD_SCALE = {"door": 1e-2, "pen": 1e-2, "hammer": 1e-3}
+# ODT+TD3's critic replay and pretraining per family (odt_td3.py's PRESETS).
+CRITIC_PRESETS = {
+    "mujoco": dict(replay_size=1000, critic_pretrain_updates=10_000),
+    "adroit": dict(replay_size=5000, critic_pretrain_updates=40_000),
+    "antmaze": dict(replay_size=2000, critic_pretrain_updates=200_000),
+}
 
 
 def apply_presets(args: Args) -> Args:
@@ -258,13 +280,14 @@ def apply_presets(args: Args) -> Args:
         critic_updates=600 if family == "mujoco" else 300,
         critic_lr=1e-3 if family == "mujoco" else 2e-4,
         gamma=0.998 if family == "antmaze" else 0.99,
+        **CRITIC_PRESETS[family],
     )
     args = replace(args, **{k: v for k, v in table.items() if getattr(args, k) is None})
     args.eval_context_len = args.eval_context_len or args.c_online
-    if args.group_size < 2 or min(args.eval_episodes, args.full_trajs_per_iter, args.c_online) < 1:
+    if args.group_size < 2 or min(args.eval_episodes, args.full_trajs_per_iter, args.c_online, args.replay_size) < 1:
         raise UserError(
             "need --group-size >= 2 (a group of one has no advantage) and --eval-episodes, "
-            "--full-trajs-per-iter, --c-online >= 1"
+            "--full-trajs-per-iter, --c-online, --replay-size >= 1"
         )
     return args
 
@@ -278,6 +301,53 @@ def make_envs(args: Args, run_name: str) -> tuple[list, list]:
     if args.capture_video:
         eval_envs[0] = gym.wrappers.RecordVideo(eval_envs[0], f"videos/{run_name}")
     return train_envs, eval_envs
+
+
+def load_offline_trajectories(ckpt: dict, meta: dict) -> list[dict]:
+    """The checkpoint's dataset as odt_td3.py loads it, in the rollouts' layout: T+1 normalised states (a truncated
+    trajectory bootstraps from its last), hindsight RTG tokens (the achieved return-to-go, as pretraining saw them),
+    T+1 actions (the last zero), rewards and whether the episode terminated."""
+    family, _ = env_family(ckpt["env_id"])
+    path = (ckpt.get("pretrain_args") or {}).get("dataset_path")
+    raw = []
+    if path:
+        import h5py
+
+        keys = ("observations", "next_observations", "actions", "rewards", "terminals", "timeouts")
+        with h5py.File(path, "r") as f:
+            d = {k: f[k][()] for k in f.keys() if k in keys}
+        ends = np.append(np.flatnonzero(d["terminals"] | d["timeouts"]) + 1, len(d["rewards"]))
+        nxt = d.get("next_observations", d["observations"])  # without next_observations the last obs is repeated
+        for a, b in [(a, b) for a, b in zip(np.concatenate([[0], ends[:-1]]), ends) if b > a]:
+            obs = np.concatenate([d["observations"][a:b], nxt[b - 1 : b]])
+            raw.append((obs, d["actions"][a:b], d["rewards"][a:b], bool(d["terminals"][b - 1])))
+    else:
+        import minari
+
+        if ckpt["dataset_id"] not in minari.list_local_datasets():
+            cache = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
+            raise UserError(
+                f"the checkpoint's dataset {ckpt['dataset_id']!r} is not in the local Minari cache ({cache}); "
+                "set MINARI_DATASETS_PATH"
+            )
+        for ep in minari.load_dataset(ckpt["dataset_id"]).iterate_episodes():
+            obs = flatten_antmaze_obs(ep.observations) if family == "antmaze" else ep.observations
+            raw.append((obs, ep.actions, ep.rewards, bool(ep.terminations[-1])))
+    trajs = []
+    for obs, actions, rewards, terminated in raw:
+        if family == "antmaze" and len(rewards) < 2:
+            continue  # as pretraining: 1-step trajectories dropped
+        rtg = np.append(np.cumsum(np.asarray(rewards, np.float64)[::-1])[::-1], 0.0) * meta["rtg_scale"]
+        trajs.append(
+            {
+                "states": (np.asarray(obs, np.float32) - meta["state_mean"]) / meta["state_std"],
+                "rtg": rtg.astype(np.float32),
+                "actions": np.concatenate([actions, np.zeros((1, actions.shape[1]))]).astype(np.float32),
+                "rewards": np.asarray(rewards, np.float32),
+                "terminated": terminated,
+            }
+        )
+    return trajs
 
 
 # ---------------------------------------------------------------- model
@@ -566,11 +636,12 @@ def td_target(rewards, terminated, next_q1, next_q2, gamma):
     return rewards + gamma * (1.0 - terminated.float()) * torch.min(next_q1, next_q2)
 
 
-def contexts(traj, hs, c):
+def contexts(traj, hs, c, starts=0):
     """DT inputs whose newest slot is step h (one per entry of hs): the last c tokens, left-padded, with the RTGs
-    of the rollout (no hindsight relabeling) and the action slot at h zeroed, exactly as the rollout fed them."""
+    of the rollout (no hindsight relabeling) and the action slot at h zeroed, exactly as the rollout fed them.
+    `traj` may also be several trajectories back to back, with `starts` the first row of each h's trajectory."""
     offs = hs[:, None] - (c - 1) + np.arange(c)[None]
-    mask = offs >= 0
+    mask = offs >= np.reshape(starts, (-1, 1))
     idx = np.where(mask, offs, 0)
     rtg = np.where(mask, traj["rtg"][idx], 0.0)[..., None]
     states = np.where(mask[..., None], traj["states"][idx], 0.0)
@@ -609,6 +680,22 @@ class FifoBuffer:
     def sample(self, n, rng):
         idx = torch.as_tensor(rng.choice(len(self), size=n, replace=n > len(self)))
         return {k: v[idx] for k, v in self.data.items()}
+
+
+class TrajectoryBuffer:
+    """The critic's replay, as ODT+TD3's: seeded with the top-`capacity` offline trajectories by return, held in
+    ascending return order so the first online trajectories replace the worst offline ones; after that, oldest first."""
+
+    def __init__(self, trajs: list[dict], capacity: int):
+        self.trajs = sorted(trajs, key=lambda t: float(t["rewards"].sum()))[-capacity:]
+        self.capacity, self.next = capacity, 0
+
+    def add(self, traj: dict):
+        if len(self.trajs) < self.capacity:
+            self.trajs.append(traj)
+        else:
+            self.trajs[self.next] = traj
+            self.next = (self.next + 1) % self.capacity
 
 
 @torch.no_grad()
@@ -668,36 +755,42 @@ def evaluate(model, envs, meta, seed, device) -> tuple[float, float]:
     return float(np.mean(100.0 * (rets - meta["ref_min"]) / (meta["ref_max"] - meta["ref_min"]))), float(rets.mean())
 
 
+def flatten_replay(trajs, reward_scale, reward_shift) -> dict:
+    """The critic's replay as flat arrays: each trajectory's T+1 rows (states, RTG tokens, actions) back to back, and
+    per transition its row, its trajectory's first row, the critic's reward and whether it ends the episode by
+    termination (the last step of a terminated trajectory; a truncated one bootstraps from its final observation)."""
+    lengths = np.array([len(t["rewards"]) for t in trajs])
+    firsts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
+    flat = {k: np.concatenate([t[k] for t in trajs]).astype(np.float32) for k in ("states", "rtg", "actions")}
+    flat["row"] = np.concatenate([f + np.arange(n) for f, n in zip(firsts, lengths)])
+    flat["first"] = np.repeat(firsts, lengths)
+    flat["r"] = np.concatenate([(t["rewards"] - reward_shift) * reward_scale for t in trajs]).astype(np.float32)
+    flat["term"] = np.concatenate([(np.arange(n) == n - 1) & t["terminated"] for n, t in zip(lengths, trajs)])
+    return flat
+
+
 @torch.no_grad()
-def critic_dataset(buffer, model, c, reward_scale, reward_shift, device, chunk=4096):
-    """All transitions of the trajectory buffer for TD3, with the target action for s_{t+1} precomputed once per
-    iteration: tanh(mean) of the current DT on the shifted next context (a target actor hard-updated per iteration;
-    the DT moves slowly at lr 1e-5, so this replaces ODT+TD3's Polyak copy of the whole transformer)."""
-    parts = {k: [] for k in ("s", "a", "r", "s2", "term", "ctx2")}
-    for traj in buffer:
-        T = len(traj["rewards"])
-        parts["s"].append(traj["states"][:T])
-        parts["a"].append(traj["actions"][:T])
-        parts["r"].append((traj["rewards"] - reward_shift) * reward_scale)
-        parts["s2"].append(traj["states"][1:])
-        parts["term"].append(np.arange(T) == T - 1 if traj["terminated"] else np.zeros(T, bool))
-        parts["ctx2"].append(contexts(traj, np.arange(1, T + 1), c))
-    ctx2 = [np.concatenate(x) for x in zip(*parts.pop("ctx2"))]
-    data = {k: torch.as_tensor(np.concatenate(v), device=device) for k, v in parts.items()}
-    next_actions = [
-        torch.tanh(policy_head(model, [torch.as_tensor(x[i : i + chunk], device=device) for x in ctx2])[0])
-        for i in range(0, len(ctx2[0]), chunk)
-    ]
-    data["a2"] = torch.cat(next_actions)
-    return data
+def critic_batch(flat: dict, idx, model, c: int, device) -> dict:
+    """Transitions `idx` of the flat replay as tensors, with the target action a2 for s_{t+1}: tanh(mean) of the
+    current DT on the shifted context (a target actor hard-updated per iteration: the DT moves slowly at lr 1e-5, so
+    this replaces ODT+TD3's Polyak copy of the whole transformer)."""
+    row = flat["row"][idx]
+    batch = dict(s=flat["states"][row], a=flat["actions"][row], r=flat["r"][idx], s2=flat["states"][row + 1])
+    batch = {k: torch.as_tensor(v, device=device) for k, v in {**batch, "term": flat["term"][idx]}.items()}
+    ctx2 = [torch.as_tensor(x, device=device) for x in contexts(flat, row + 1, c, starts=flat["first"][idx])]
+    batch["a2"] = torch.tanh(policy_head(model, ctx2)[0])
+    return batch
 
 
-def train_critic(run, data: dict, args: Args) -> dict:
-    """--critic-updates TD3 steps on minibatches of `data`: target policy smoothing, then a Polyak step of the targets."""
+def train_critic(run, args: Args, meta: dict, n_updates: int) -> dict:
+    """n_updates TD3 steps on uniform minibatches of the critic's replay: target policy smoothing, then a Polyak step
+    of the targets."""
+    flat = flatten_replay(run.replay.trajs, reward_scale=meta["reward_scale"], reward_shift=meta["reward_shift"])
+    device = next(run.model.parameters()).device
     stats = {"losses/critic_loss": [], "losses/q_values": []}
-    for _ in range(args.critic_updates):
-        idx = torch.as_tensor(run.rng.integers(len(data["r"]), size=args.critic_batch_size), device=data["r"].device)
-        batch = {k: v[idx] for k, v in data.items()}
+    for _ in range(n_updates):
+        idx = run.rng.integers(len(flat["r"]), size=args.critic_batch_size)
+        batch = critic_batch(flat, idx, run.model, args.c_online, device)
         with torch.no_grad():
             noise = (torch.randn_like(batch["a2"]) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
             next_q1, next_q2 = run.critic_target(batch["s2"], (batch["a2"] + noise).clamp(-1, 1))
@@ -713,9 +806,24 @@ def train_critic(run, data: dict, args: Args) -> dict:
                 tp.lerp_(p, args.tau)
         stats["losses/critic_loss"].append(loss.item())
         stats["losses/q_values"].append(q1.mean().item())
-    run.counters["critic_updates"] += args.critic_updates
-    run.counters["grad_updates"] += args.critic_updates
+    run.counters["critic_updates"] += n_updates
+    run.counters["grad_updates"] += n_updates
     return stats
+
+
+def pretrain_critic(run, ckpt: dict, args: Args, meta: dict, writer):
+    """ODT+TD3's start of the online phase: the critic's replay seeded with the best offline trajectories, then
+    --critic-pretrain-updates TD3 steps on it with the DT frozen (logged in chunks of 100 updates at steps 0, 100...)."""
+    run.replay = TrajectoryBuffer(load_offline_trajectories(ckpt, meta), args.replay_size)
+    if args.critic_pretrain_updates < 1:
+        return
+    t0 = time.time()
+    stats = train_critic(run, args, meta, args.critic_pretrain_updates)
+    for i in range(0, args.critic_pretrain_updates, 100):
+        log_scalars(writer, i, {k.replace("losses/", "pretrain/"): v[i : i + 100] for k, v in stats.items()})
+    loss, q = (np.mean(v[-100:]) for v in stats.values())
+    took = f"{args.critic_pretrain_updates} updates in {time.time() - t0:.0f}s"
+    tqdm.write(f"critic pretraining on {len(run.replay.trajs)} offline trajectories: {took}, loss {loss:.3f}, Q {q:.1f}")
 
 
 def collect_candidates(run, args: Args, meta: dict) -> dict:
@@ -791,7 +899,7 @@ def train_policy(run, args: Args, meta: dict) -> dict:
 @dataclass
 class Run:
     """What finetuning changes and --resume restores: the DT, pi_ref, the twin critics and their targets, log(kappa),
-    the optimisers, both FIFO buffers, the numpy RNG and the counters."""
+    the optimisers, both FIFO buffers, the critic's replay, the numpy RNG and the counters."""
 
     NETS = ("model", "ref_model", "critic", "critic_target", "policy_opt", "critic_opt", "kappa_opt")
     model: nn.Module
@@ -803,13 +911,14 @@ class Run:
     critic_opt: torch.optim.Optimizer
     kappa_opt: torch.optim.Optimizer
     traj_buffer: deque
+    replay: TrajectoryBuffer
     sample_buffer: FifoBuffer
     rng: np.random.Generator
     counters: dict
 
     @classmethod
     def start(cls, model, args: Args, device):
-        """pi_ref, fresh critics, kappa_initial and empty buffers around the loaded DT."""
+        """pi_ref, fresh critics, kappa_initial and empty buffers around the loaded DT (pretrain_critic seeds the replay)."""
         state_dim, act_dim = model.embed_state.in_features, model.embed_action.in_features
         layer_norm = env_family(args.env_id)[0] != "mujoco"
         critic = TwinCritic(state_dim, act_dim, args.critic_hidden, layer_norm=layer_norm).to(device)
@@ -824,6 +933,7 @@ class Run:
             critic_opt=torch.optim.AdamW(critic.parameters(), lr=args.critic_lr),
             kappa_opt=torch.optim.Adam([log_kappa], lr=args.kappa_lr),
             traj_buffer=deque(maxlen=args.full_buffer_size),
+            replay=TrajectoryBuffer([], args.replay_size),
             sample_buffer=FifoBuffer(args.sample_buffer_size),
             rng=np.random.default_rng(args.seed),
             counters=dict(iteration=0, env_steps=0, grad_updates=0, critic_updates=0, policy_updates=0),
@@ -838,6 +948,8 @@ class Run:
             state=dict(self.counters),
             log_kappa=self.log_kappa.detach().cpu(),
             traj_buffer=list(self.traj_buffer),
+            replay=self.replay.trajs,
+            replay_next=self.replay.next,
             sample_buffer=self.sample_buffer.data,
             numpy_rng=self.rng.bit_generator.state,
             torch_rng=torch.get_rng_state(),
@@ -852,6 +964,7 @@ class Run:
             getattr(self, k).load_state_dict(finetune[k])
         self.log_kappa.copy_(finetune["log_kappa"])
         self.traj_buffer.extend(finetune["traj_buffer"])
+        self.replay.trajs, self.replay.next = finetune["replay"], finetune["replay_next"]
         self.sample_buffer.data = {k: v.to(device) for k, v in finetune["sample_buffer"].items()}
         self.counters.update(finetune["state"])
         self.rng.bit_generator.state = finetune["numpy_rng"]
@@ -1000,29 +1113,26 @@ def main(args: Args) -> float:
             score, eval_return = evaluate(model, eval_envs, meta, args.seed, device)
             log_evaluation(writer, 0, score, eval_return, counters)
             tqdm.write(f"iteration 0: normalized score {score:.1f} (loaded checkpoint)")
+            # ALGO LOGIC: the critic's replay seeded with the best offline trajectories; the critic pretrained on it
+            if args.num_iterations > 0:
+                pretrain_critic(run, ckpt, args, meta, writer)
         t_loop, start_steps = time.time(), counters["env_steps"]
         pbar = tqdm(range(counters["iteration"] + 1, args.num_iterations + 1), desc="grpo-dt-qguided", mininterval=2.0)
         for iteration in pbar:
             counters["iteration"] = iteration
             # ALGO LOGIC line 2: full trajectories conditioned on g_online, sampled actions, no relabeling; FIFO buffer
-            seeds = run.rng.integers(2**31, size=len(train_envs))
+            seeds = train_seeds(run.rng, len(train_envs))
             trajs = run_episodes(
                 model, train_envs, seeds=seeds, target_rtg=args.g_online, meta=meta, device=device, deterministic=False
             )
             run.traj_buffer.extend(trajs)
+            for traj in trajs:  # the critic's replay: the worst offline trajectories go first, then the oldest
+                run.replay.add(traj)
             counters["env_steps"] += sum(len(t["rewards"]) for t in trajs)
             writer.add_scalar("charts/episodic_return", np.mean([t["return"] for t in trajs]), iteration)
 
-            # ALGO LOGIC: Q_phi by TD3 on the online transitions (twin critics, target nets, truncation bootstraps)
-            data = critic_dataset(
-                run.traj_buffer,
-                model,
-                args.c_online,
-                reward_scale=meta["reward_scale"],
-                reward_shift=meta["reward_shift"],
-                device=device,
-            )
-            log_scalars(writer, iteration, train_critic(run, data, args))
+            # ALGO LOGIC: Q_phi by TD3 on the replay (twin critics, target nets, truncation bootstraps)
+            log_scalars(writer, iteration, train_critic(run, args, meta, args.critic_updates))
 
             # ALGO LOGIC lines 3-8: G critic-scored candidate actions at K actively sampled points per trajectory
             if counters["critic_updates"] >= args.critic_warmup_updates:

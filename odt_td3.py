@@ -216,6 +216,13 @@ def eval_seeds(seed: int, n: int) -> np.ndarray:
     return 100_000 * seed + np.arange(n)
 
 
+def train_seeds(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Reset seeds of training episodes from the run's generator: uniform over the integers below 2**31 whose last
+    five digits are at least 50_000, so never an `eval_seeds` value (100_000 * s + i, i < 50_000) of any run seed s."""
+    x = rng.integers(2**31 // 100_000 * 50_000, size=n)
+    return x // 50_000 * 100_000 + 50_000 + x % 50_000
+
+
 # ---- end shared: envs ----
 
 
@@ -903,7 +910,7 @@ def main(args: Args):
         check, iter_steps, returns = partial(check_finite, it, state_path), 0, []
         while not returns or iter_steps < args.min_steps_per_iter:
             learner.episodes += 1
-            seed = [args.seed + learner.episodes]
+            seed = train_seeds(learner.rng, 1)
             (traj,) = rollout(model, [train_env], seed, target_return=args.g_online, act_fn=explore, check=check, **roll)
             learner.buffer.add(traj)
             iter_steps += len(traj["rewards"])

@@ -211,6 +211,13 @@ def eval_seeds(seed: int, n: int) -> np.ndarray:
     return 100_000 * seed + np.arange(n)
 
 
+def train_seeds(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Reset seeds of training episodes from the run's generator: uniform over the integers below 2**31 whose last
+    five digits are at least 50_000, so never an `eval_seeds` value (100_000 * s + i, i < 50_000) of any run seed s."""
+    x = rng.integers(2**31 // 100_000 * 50_000, size=n)
+    return x // 50_000 * 100_000 + 50_000 + x % 50_000
+
+
 # ---- end shared: envs ----
 
 
@@ -812,7 +819,7 @@ def main(args: Args):
     for it in pbar:
         # ALGO LOGIC, line 2: K_PPO stochastic rollouts conditioned on g_online; FIFO buffer update
         model.eval()
-        seeds = [args.seed * 1_000_003 + it * args.k_ppo + i for i in range(args.k_ppo)]
+        seeds = train_seeds(learner.rng, args.k_ppo)
         check = partial(check_finite, it, state_path)
         trajs = rollout(model, train_envs, seeds, args.g_online, meta, deterministic=False, check=check)
         learner.buffer.extend(trajs)

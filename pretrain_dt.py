@@ -179,6 +179,13 @@ def eval_seeds(seed: int, n: int) -> np.ndarray:
     return 100_000 * seed + np.arange(n)
 
 
+def train_seeds(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Reset seeds of training episodes from the run's generator: uniform over the integers below 2**31 whose last
+    five digits are at least 50_000, so never an `eval_seeds` value (100_000 * s + i, i < 50_000) of any run seed s."""
+    x = rng.integers(2**31 // 100_000 * 50_000, size=n)
+    return x // 50_000 * 100_000 + 50_000 + x % 50_000
+
+
 # ---- end shared: envs ----
 
 

@@ -7,7 +7,10 @@ The issue's target for the default arm: the mean over seeds of the last-5 mean i
 seed's last-5 mean is below its own start. Prints figures; it is not a test.
 
     MINARI_DATASETS_PATH=$(realpath ../shared/datasets) python benchmarks/bench_grpo_hold.py --checkpoint CKPT \
-        --arm "as-today=" --arm "updates-2=--updates-per-iter 2" --seeds 3 --iterations 40
+        --arm "as-today=" --arm "updates-2=--updates-per-iter 2" --seeds 1 2 3 --iterations 40
+
+A run whose `raw/<arm>/s<seed>.done` exists is not run again; `--report-only` runs nothing and reports every arm and
+seed found under `raw/` (arms may then differ in their seeds; an arm's own `--checkpoint` in its flags wins).
 """
 
 import os
@@ -26,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class Args:
-    checkpoint: str
+    checkpoint: str = ""
     """the fixed pretrained checkpoint every arm starts from (an arm may override it with its own --checkpoint)"""
     arm: list[str] = field(default_factory=lambda: ["as-today="])
     """arms as NAME=FLAGS (grpo_dt.py flags), repeatable"""
@@ -34,8 +37,8 @@ class Args:
     """gymnasium env id"""
     dataset: str = "local/hopper/medium-v0"
     """dataset id (picks the Table 6 row)"""
-    seeds: int = 3
-    """seeds 1..seeds per arm"""
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """run seeds of every arm"""
     iterations: int = 40
     """GRPO-DT iterations per run"""
     eval_episodes: int = 20
@@ -44,102 +47,97 @@ class Args:
     """runs at a time"""
     name: str = "grpo-hold-hopper"
     """results go to results/<name>; raw logs to results/<name>/raw (git-ignored)"""
+    report_only: bool = False
+    """run nothing; report every arm and seed found under results/<name>/raw"""
 
 
 def scores_of(runs_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(iterations, normalized scores) of the single run under `runs_dir`."""
-    (run,) = list(runs_dir.iterdir())
+    """(iterations, normalized scores) of the single TensorBoard run under `runs_dir`."""
+    (run,) = [d for d in runs_dir.iterdir() if d.is_dir()]
     acc = EventAccumulator(str(run))
     acc.Reload()
     events = acc.Scalars("charts/normalized_score")
     return np.array([e.step for e in events]), np.array([e.value for e in events])
 
 
-def main(args: Args):
-    out = ROOT / "results" / args.name
-    raw = out / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
+def run_command(args: Args, raw: Path, arm: str, flags: str, seed: int) -> list[str]:
+    checkpoint = [] if "--checkpoint" in flags else ["--checkpoint", args.checkpoint]
+    command = [sys.executable, "grpo_dt.py", "--env-id", args.env_id, "--dataset", args.dataset, *checkpoint]
+    command += ["--seed", str(seed), "--num-iterations", str(args.iterations), "--eval-episodes", str(args.eval_episodes)]
+    return command + ["--runs-dir", str(raw / arm / f"s{seed}"), *shlex.split(flags)]
+
+
+def run_all(args: Args, raw: Path, runs: list[tuple[str, int, list[str]]]):
+    """Run what has no `.done` marker, `--parallel` at a time; a failed run stops the benchmark with its log's path."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    bad = [a for a in args.arm if "=" not in a]
-    if bad:
-        sys.exit(f"error: --arm takes NAME=FLAGS (e.g. 'updates-2=--updates-per-iter 2'); got {bad}")
-    arms = dict(a.split("=", 1) for a in args.arm)
-    runs = []
-    for arm, flags in arms.items():
-        for seed in range(1, args.seeds + 1):
-            cmd = [
-                sys.executable,
-                "grpo_dt.py",
-                "--env-id",
-                args.env_id,
-                "--dataset",
-                args.dataset,
-                "--checkpoint",
-                args.checkpoint,
-                "--seed",
-                str(seed),
-                "--num-iterations",
-                str(args.iterations),
-                "--eval-episodes",
-                str(args.eval_episodes),
-                "--runs-dir",
-                str(raw / arm / f"s{seed}"),
-                *shlex.split(flags),
-            ]
-            runs.append((arm, seed, cmd))
-    pending, running = list(runs), []
+    pending = [r for r in runs if not (raw / r[0] / f"s{r[1]}.done").exists()]
+    running = []
     while pending or running:
         while pending and len(running) < args.parallel:
             arm, seed, cmd = pending.pop(0)
-            if (raw / arm / f"s{seed}.done").exists():
-                continue
+            (raw / arm).mkdir(parents=True, exist_ok=True)
             log = open(raw / f"{arm}_s{seed}.log", "w")
             running.append((arm, seed, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)))
-        if running:
-            arm, seed, proc = running.pop(0)
-            if proc.wait() != 0:
-                sys.exit(f"error: {arm} seed {seed} failed, see {raw / f'{arm}_s{seed}.log'}")
-            (raw / arm / f"s{seed}.done").touch()
+        arm, seed, proc = running.pop(0)
+        if proc.wait() != 0:
+            sys.exit(f"error: {arm} seed {seed} failed, see {raw / f'{arm}_s{seed}.log'}")
+        (raw / arm / f"s{seed}.done").touch()
 
+
+def report(args: Args, out: Path, arms: dict[str, dict[int, str]]):
+    """summary.md and curves.png over the arms' seeds: per seed (start, peak, last-5 mean) and the mean over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [
-        f"# {args.name}: does GRPO-DT hold its gains?",
-        "",
-        f"- env {args.env_id}, dataset {args.dataset}, {args.iterations} iterations, seeds 1..{args.seeds}, "
-        f"{args.eval_episodes} evaluation episodes per point",
-        f"- fixed checkpoint: `{args.checkpoint}`",
-        "- per seed: start (iteration 0) / peak / mean of the last 5 evaluations",
-        "",
-        "| arm | flags | start | peak | last-5 mean | last-5 minus start | per seed (start / peak / last 5) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for k, (arm, flags) in enumerate(arms.items()):
-        per_seed = []
-        for seed in range(1, args.seeds + 1):
-            it, sc = scores_of(raw / arm / f"s{seed}")
-            per_seed.append((sc[0], sc.max(), sc[-5:].mean()))
-            ax.plot(it, sc, color=f"C{k}", alpha=0.35)
-        ps = np.array(per_seed)
-        curves = np.array([scores_of(raw / arm / f"s{s}")[1] for s in range(1, args.seeds + 1)])
-        ax.plot(np.arange(curves.shape[1]), curves.mean(0), color=f"C{k}", label=f"{arm} (mean of {args.seeds})")
-        seeds_txt = "; ".join(f"{a:.1f} / {b:.1f} / {c:.1f}" for a, b, c in ps)
+    lines = [f"# {args.name}: does GRPO-DT hold its gains?", ""]
+    lines += [f"- env {args.env_id}, dataset {args.dataset}, {args.eval_episodes} evaluation episodes per point"]
+    lines += ["- per seed: start (iteration 0) / peak / mean of the last 5 evaluations; ± is the std over seeds", ""]
+    lines += ["| arm | seeds | start | peak | last-5 mean | last-5 minus start | per seed (start / peak / last 5) |"]
+    lines += ["|---|---|---|---|---|---|---|"]
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for k, (arm, commands) in enumerate(arms.items()):
+        curves = [scores_of(out / "raw" / arm / f"s{seed}") for seed in commands]
+        per_seed = np.array([(sc[0], sc.max(), sc[-5:].mean()) for _, sc in curves])
+        for j, (it, sc) in enumerate(curves):
+            ax.plot(it, sc, color=f"C{k}", alpha=0.6, label=arm if j == 0 else None)
+        seeds_txt = "; ".join(f"s{s}: {a:.1f} / {b:.1f} / {c:.1f}" for s, (a, b, c) in zip(commands, per_seed))
+        start, peak, last5 = per_seed.T
         lines.append(
-            f"| {arm} | `{flags or '(none)'}` | {ps[:, 0].mean():.1f} | {ps[:, 1].mean():.1f} | "
-            f"{ps[:, 2].mean():.1f} ± {ps[:, 2].std():.1f} | {(ps[:, 2] - ps[:, 0]).mean():+.1f} | {seeds_txt} |"
+            f"| {arm} | {len(commands)} | {start.mean():.1f} | {peak.mean():.1f} | {last5.mean():.1f} ± {last5.std():.1f} | "
+            f"{(last5 - start).mean():+.1f} | {seeds_txt} |"
         )
         print(lines[-1], flush=True)
-    lines += ["", "Commands:", ""] + [f"- `{shlex.join(cmd[1:])}`" for _, _, cmd in runs]
+    lines += ["", "Commands (run from the repository root):", ""]
+    lines += [f"- `{shlex.join(cmd[1:])}`" for commands in arms.values() for cmd in commands.values()]
     ax.set_xlabel("iteration")
-    ax.set_ylabel("normalized score")
-    ax.legend()
+    ax.set_ylabel("normalized score (deterministic evaluation)")
+    ax.legend(fontsize=8)
     fig.savefig(out / "curves.png", dpi=100, bbox_inches="tight")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / 'summary.md'} and {out / 'curves.png'}")
+
+
+def main(args: Args):
+    out = ROOT / "results" / args.name
+    raw = out / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    bad = [a for a in args.arm if "=" not in a]
+    if bad:
+        sys.exit(f"error: --arm takes NAME=FLAGS (e.g. 'updates-2=--updates-per-iter 2'); got {bad}")
+    if not args.report_only and not args.checkpoint:
+        sys.exit("error: --checkpoint is required unless --report-only")
+    flags_of = dict(a.split("=", 1) for a in args.arm)
+    if args.report_only:
+        found = {d.name: sorted(int(p.stem[1:]) for p in d.glob("s*.done")) for d in sorted(raw.iterdir()) if d.is_dir()}
+        seeds_of = {arm: seeds for arm, seeds in found.items() if seeds}
+    else:
+        seeds_of = {arm: args.seeds for arm in flags_of}
+    arms = {arm: {s: run_command(args, raw, arm, flags_of.get(arm, ""), s) for s in seeds} for arm, seeds in seeds_of.items()}
+    if not args.report_only:
+        run_all(args, raw, [(arm, s, cmd) for arm, commands in arms.items() for s, cmd in commands.items()])
+    report(args, out, arms)
 
 
 if __name__ == "__main__":

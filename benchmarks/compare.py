@@ -178,6 +178,8 @@ CPU_OVERRIDES: dict[str, tuple] = {
         "512",
         "--critic-updates",
         "50",
+        "--critic-pretrain-updates",
+        "500",
         "--critic-warmup-updates",
         "500",
         "--critic-batch-size",

@@ -139,6 +139,11 @@ def test_presets_dry_run(capsys):
     out = capsys.readouterr().out
     assert "--relabel" in out and "--full-trajectory" in out and "--subtraj-len 5" in out and "--eval-len" in out
     assert "grpo_dt_qguided.py" in out and "--algo odt" in out and "--total-env-steps 1000" in out
+    # Q-guided's critic is pretrained on the offline replay as ODT+TD3's: 500 updates at cpu scale, the default at paper
+    qg = [ln for ln in out.splitlines() if ln.startswith("python grpo_dt_qguided.py")]
+    cpu = [ln for ln in qg if "__cpu__" in ln]
+    assert cpu and all("--critic-pretrain-updates 500" in ln for ln in cpu)
+    assert len(cpu) < len(qg) and all("--critic-pretrain-updates" not in ln for ln in qg if ln not in cpu)
     dt = [ln for ln in out.splitlines() if "--exp-name dt " in ln]  # the pretrained DT only evaluates: no budget
     assert dt and all(ln.endswith("--num-iterations 0") and "--total-env-steps" not in ln for ln in dt)
     # IQL takes no checkpoint and no iterations: the env-step budget is its online length; at cpu scale it pretrains

@@ -39,6 +39,8 @@ TINY = dict(
     group_size=4,
     critic_updates=4,
     critic_warmup_updates=4,
+    critic_pretrain_updates=4,
+    replay_size=8,
     critic_batch_size=32,
     updates_per_iter=2,
     eval_episodes=1,
@@ -168,11 +170,17 @@ def test_td_target_truncation_bootstraps_termination_cuts(hopper_checkpoint):
         }
 
     trajs = [traj(4, True), traj(3, False)]
-    data = qg.critic_dataset(trajs, model, 2, reward_scale=0.5, reward_shift=0.0, device="cpu")
+    flat = qg.flatten_replay(trajs, reward_scale=0.5, reward_shift=0.0)
+    data = qg.critic_batch(flat, np.arange(7), model, 2, device="cpu")
     assert data["term"].tolist() == [False, False, False, True, False, False, False]
     torch.testing.assert_close(data["s2"][-1], torch.as_tensor(trajs[1]["states"][-1]))
+    torch.testing.assert_close(data["s"][4], torch.as_tensor(trajs[1]["states"][0]))
     torch.testing.assert_close(data["r"], torch.full((7,), 0.5))
     assert data["a2"].shape == (7, A) and data["a2"].abs().max() < 1
+    # the next action: tanh(mean) of the DT on the shifted context, which never reaches into the previous trajectory
+    for j, (traj_j, h) in enumerate([(0, 1), (0, 2), (0, 3), (0, 4), (1, 1), (1, 2), (1, 3)]):
+        ctx = [torch.as_tensor(x) for x in qg.contexts(trajs[traj_j], np.array([h]), 2)]
+        torch.testing.assert_close(data["a2"][j], torch.tanh(qg.policy_head(model, ctx)[0][0]))
 
 
 class NoStateResets(gym.Wrapper):
@@ -231,7 +239,7 @@ def forbid_state_resets(monkeypatch):
     NoStateResets.resets = 0
 
 
-def check_run(logs, iterations, critic_updates, policy_updates):
+def check_run(logs, iterations, critic_updates, policy_updates, pretrain_updates=TINY["critic_pretrain_updates"]):
     for tag in ("charts/normalized_score", "charts/eval_return", "charts/env_steps", "charts/grad_updates"):
         assert sorted(logs[tag]) == list(range(iterations + 1)), tag
     for tag in (
@@ -251,7 +259,7 @@ def check_run(logs, iterations, critic_updates, policy_updates):
         assert all(np.isfinite(v) for v in logs[tag].values()), tag
     steps = [logs["charts/env_steps"][i] for i in range(iterations + 1)]
     assert steps[0] == 0 and all(b > a for a, b in zip(steps, steps[1:]))
-    assert logs["charts/grad_updates"][iterations] == iterations * (critic_updates + policy_updates)
+    assert logs["charts/grad_updates"][iterations] == pretrain_updates + iterations * (critic_updates + policy_updates)
     assert abs(logs["losses/ratio_mean"][1] - 1) < 0.05 and logs["losses/kappa"][1] == pytest.approx(1e-2, rel=0.05)
 
 
@@ -400,6 +408,9 @@ def test_killed_run_resumes_exactly(hopper_checkpoint, tmp_path):
     for k in (*qg.Run.NETS, "log_kappa"):
         torch.testing.assert_close(b["finetune"][k], a["finetune"][k], rtol=0, atol=0)
     torch.testing.assert_close(b["finetune"]["sample_buffer"], a["finetune"]["sample_buffer"], rtol=0, atol=0)
+    assert b["finetune"]["replay_next"] == a["finetune"]["replay_next"]
+    for ta, tb in zip(a["finetune"]["replay"], b["finetune"]["replay"], strict=True):
+        assert ta.keys() == tb.keys() and all(np.array_equal(ta[k], tb[k]) for k in ta)
     assert b["finetune"]["state"] == a["finetune"]["state"] and b["finetune"]["numpy_rng"] == a["finetune"]["numpy_rng"]
     assert torch.equal(b["finetune"]["torch_rng"], a["finetune"]["torch_rng"])
 
@@ -407,16 +418,16 @@ def test_killed_run_resumes_exactly(hopper_checkpoint, tmp_path):
 def test_non_finite_stops_and_keeps_the_last_good_state(hopper_checkpoint, tmp_path, monkeypatch):
     state = tmp_path / "state.pt"
     calls = []
-    critic_dataset = qg.critic_dataset
+    critic_batch = qg.critic_batch
 
-    def nan_in_iteration_2(buffer, model, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
+    def nan_in_iteration_2(flat, idx, model, *args, **kwargs):
+        calls.append(1)  # critic pretraining's 4 updates, then iteration 1's 4
+        if len(calls) == 2 * 4 + 1:
             with torch.no_grad():
                 model.mean_head.weight[0, 0] = float("nan")
-        return critic_dataset(buffer, model, *args, **kwargs)
+        return critic_batch(flat, idx, model, *args, **kwargs)
 
-    monkeypatch.setattr(qg, "critic_dataset", nan_in_iteration_2)
+    monkeypatch.setattr(qg, "critic_batch", nan_in_iteration_2)
     with pytest.raises(qg.UserError) as error:
         qg.main(tiny_args(hopper_checkpoint, tmp_path, num_iterations=3, save_every=1, save_path=str(state)))
     assert str(error.value) == f"non-finite critic loss at iteration 2; stopped, last good state kept at {state}"
@@ -443,3 +454,79 @@ def test_delta_r_q_is_scale_free_and_the_paper_filter_is_one_flag_away():
     _, one_std = qg.group_advantages(scores, 2.0, delta_r_q=1.0)
     assert 0.1 < one_std.float().mean() < 0.6
     assert tyro.cli(qg.Args, args=["--delta-r-q", "None"]).delta_r_q is None
+
+
+def test_replay_keeps_the_best_offline_trajectories_and_online_ones_replace_the_worst(hopper_checkpoint, tmp_path):
+    buf = qg.TrajectoryBuffer([{"rewards": np.array([r], np.float32)} for r in (5, 1, 9, 3)], capacity=3)
+    assert [t["rewards"][0] for t in buf.trajs] == [3, 5, 9]
+    for r in (100, 101, 102, 103):  # the worst offline trajectory goes first, then the next worst, then the oldest
+        buf.add({"rewards": np.array([r], np.float32)})
+    assert [t["rewards"][0] for t in buf.trajs] == [103, 101, 102]
+    # in a run: the best --replay-size offline trajectories, iteration 1's online one in the worst one's place
+    state = tmp_path / "state.pt"
+    qg.main(tiny_args(hopper_checkpoint, tmp_path, num_iterations=1, save_path=str(state)))
+    finetune = torch.load(state, weights_only=False)["finetune"]
+    ckpt = torch.load(hopper_checkpoint, weights_only=False)
+    meta = dict(rtg_scale=ckpt["rtg_scale"], state_mean=ckpt["state_mean"].numpy(), state_std=ckpt["state_std"].numpy())
+    offline = sorted(qg.load_offline_trajectories(ckpt, meta), key=lambda t: float(t["rewards"].sum()))[-8:]
+    replay = finetune["replay"]
+    assert len(replay) == 8 and finetune["replay_next"] == 1
+    assert "var" in replay[0] and all("var" not in t for t in replay[1:])  # online trajectories carry their variances
+    for ours, theirs in zip(replay[1:], offline[1:], strict=True):
+        assert all(np.array_equal(ours[k], theirs[k]) for k in ("states", "rtg", "actions", "rewards"))
+    t = offline[-1]  # the rollouts' layout: T+1 states, RTG tokens from the achieved return down to 0, last action 0
+    T = len(t["rewards"])
+    assert t["states"].shape[0] == t["actions"].shape[0] == len(t["rtg"]) == T + 1 and not t["actions"][-1].any()
+    assert t["rtg"][0] == pytest.approx(t["rewards"].sum() * ckpt["rtg_scale"], rel=1e-5) and t["rtg"][-1] == 0
+
+
+@pytest.mark.parametrize("pretrain_updates", [200, 0])
+def test_critic_is_pretrained_before_iteration_1(hopper_checkpoint, tmp_path, monkeypatch, pretrain_updates):
+    """With --critic-pretrain-updates the critic has learnt from the offline replay before the first rollout of
+    iteration 1 (its Q on offline transitions moved); with 0 it is still the fresh critic there."""
+    runs, fresh, at_iteration_1 = [], [], []
+    start, run_episodes = qg.Run.start.__func__, qg.run_episodes
+
+    def keep_run(cls, *a, **kw):
+        runs.append(start(cls, *a, **kw))
+        fresh.append(copy.deepcopy(runs[0].critic))
+        return runs[0]
+
+    def snapshot_at_iteration_1(model, envs, **kw):
+        if not kw["deterministic"] and not at_iteration_1:
+            at_iteration_1.append(copy.deepcopy(runs[0].critic))
+        return run_episodes(model, envs, **kw)
+
+    monkeypatch.setattr(qg.Run, "start", classmethod(keep_run))
+    monkeypatch.setattr(qg, "run_episodes", snapshot_at_iteration_1)
+    qg.main(tiny_args(hopper_checkpoint, tmp_path, num_iterations=1, critic_pretrain_updates=pretrain_updates))
+    flat = qg.flatten_replay(runs[0].replay.trajs[1:], reward_scale=1.0, reward_shift=0.0)  # offline transitions
+    s, a = (torch.as_tensor(flat[k][flat["row"]]) for k in ("states", "actions"))
+    with torch.no_grad():
+        q_fresh, q_pretrained = (torch.min(*critic(s, a)).mean().item() for critic in (fresh[0], at_iteration_1[0]))
+    logs = scalars(tmp_path / "runs")
+    if pretrain_updates:
+        assert q_pretrained > q_fresh + 0.5  # rewards of about 3 per step: Q has moved towards them
+        assert sorted(logs["pretrain/critic_loss"]) == [0, 100] and logs["charts/grad_updates"][1] >= 200
+        assert logs["pretrain/q_values"][100] != logs["pretrain/q_values"][0]
+    else:
+        assert q_pretrained == q_fresh and "pretrain/critic_loss" not in logs
+        assert len(runs[0].replay.trajs) == 8  # the replay is seeded all the same
+
+
+def test_training_seeds_are_never_evaluation_seeds(hopper_checkpoint, tmp_path, monkeypatch):
+    evaluation = {int(x) for s in range(21) for x in qg.eval_seeds(s, 10_000)}
+    for s in range(21):
+        drawn = qg.train_seeds(np.random.default_rng(s), 10_000)
+        assert not evaluation & set(drawn.tolist()) and (drawn % 100_000 >= 50_000).all() and (drawn < 2**31).all()
+    used, run_episodes = [], qg.run_episodes
+
+    def record(model, envs, **kw):
+        if not kw["deterministic"]:
+            used.extend(int(x) for x in kw["seeds"])
+        return run_episodes(model, envs, **kw)
+
+    monkeypatch.setattr(qg, "run_episodes", record)
+    for seed in (0, 10):
+        qg.main(tiny_args(hopper_checkpoint, tmp_path / str(seed), seed=seed, critic_pretrain_updates=0))
+    assert len(used) == 4 and not evaluation & set(used)

@@ -411,3 +411,23 @@ def test_finetuning_keeps_dropout_but_targets_and_rollouts_do_not(hopper_checkpo
     learner = M.Learner(args, model.train(), ckpt, torch.device("cpu"))
     assert not learner.target_model.training and learner.model.blocks[0].dropout == 0.1
     assert learner.scheduler.get_last_lr()[0] == args.learning_rate  # full rate from the first update
+
+
+def test_training_seeds_are_never_evaluation_seeds(hopper_checkpoint, tmp_path, monkeypatch):
+    """Training episodes reset from the run's generator, outside every run seed's `eval_seeds` (--seed 0 used to
+    train on its own evaluation episodes: seed + episode)."""
+    evaluation = {int(x) for s in range(21) for x in M.eval_seeds(s, 10_000)}
+    for s in range(21):
+        drawn = M.train_seeds(np.random.default_rng(s), 10_000)
+        assert not evaluation & set(drawn.tolist()) and (drawn % 100_000 >= 50_000).all() and (drawn < 2**31).all()
+    used, rollout = [], M.rollout
+
+    def record(model, envs, seeds, **kw):
+        if kw["act_fn"] is not M.greedy_action:
+            used.extend(int(x) for x in seeds)
+        return rollout(model, envs, seeds, **kw)
+
+    monkeypatch.setattr(M, "rollout", record)
+    for seed in (0, 10):
+        run(hopper_checkpoint, tmp_path / str(seed), "Hopper-v4", seed=seed)
+    assert len(used) == 4 and not evaluation & set(used)

@@ -434,3 +434,23 @@ def test_non_finite_stops_and_keeps_the_last_good_state(hopper_checkpoint, tmp_p
     kept = torch.load(state, weights_only=False)
     assert kept["finetune"]["iteration"] == 1
     assert all(torch.isfinite(v).all() for v in kept["state_dict"].values())
+
+
+def test_training_seeds_are_never_evaluation_seeds(hopper_checkpoint, tmp_path, monkeypatch):
+    """Training episodes reset from the run's generator, outside every run seed's `eval_seeds` (seed * 1_000_003 + ...
+    used to put run seed 1's training episodes on run seed 10's evaluation episodes)."""
+    evaluation = {int(x) for s in range(21) for x in ppo_dt.eval_seeds(s, 10_000)}
+    for s in range(21):
+        drawn = ppo_dt.train_seeds(np.random.default_rng(s), 10_000)
+        assert not evaluation & set(drawn.tolist()) and (drawn % 100_000 >= 50_000).all() and (drawn < 2**31).all()
+    used, rollout = [], ppo_dt.rollout
+
+    def record(model, envs, seeds, *a, **kw):
+        if not kw["deterministic"]:
+            used.extend(int(x) for x in seeds)
+        return rollout(model, envs, seeds, *a, **kw)
+
+    monkeypatch.setattr(ppo_dt, "rollout", record)
+    for seed in (1, 10):
+        ppo_dt.main(tiny_args(hopper_checkpoint, tmp_path / str(seed), "Hopper-v4", "local/hopper/medium-v0", seed=seed))
+    assert len(used) == 2 * 2 * 2 and not evaluation & set(used)
