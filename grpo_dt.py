@@ -324,6 +324,75 @@ def reset_to_state(env, family: str, params: dict, prev_state, state, elapsed: i
     time_limit(env)._elapsed_steps = int(elapsed)
 
 
+class MujocoStep:
+    """gymnasium's `env.step` of MuJoCo v4 envs (Hopper, Walker2d, HalfCheetah, Ant without contact forces) for many
+    members at once, bit for bit: per member the same `ctrl`, `mj_step` x frame_skip and `mj_rnePostConstraint`
+    (so MjData ends up identical), then the v4 observation, reward and termination formulas in numpy over all members
+    (same operations, same dtypes), and the TimeLimit counter. It skips the wrapper stack (OrderEnforcing and
+    PassiveEnvChecker do nothing after the first step) and each env's Python reward code. Adroit, AntMaze and v5 envs
+    keep gymnasium's step: tests/test_fast_step.py checks both against plain `env.step`."""
+
+    FAMILIES = {"Hopper-v4": "hopper", "Walker2d-v4": "walker2d", "HalfCheetah-v4": "halfcheetah", "Ant-v4": "ant"}
+
+    @classmethod
+    def supports(cls, env_id: str) -> bool:
+        return env_id in cls.FAMILIES
+
+    def __init__(self, envs: list):
+        u = envs[0].unwrapped
+        self.key, self.limits = self.FAMILIES[u.spec.id], [time_limit(e) for e in envs]
+        self.sims = [(e.unwrapped.model, e.unwrapped.data) for e in envs]
+        self.views = [(d.qpos, d.qvel, d.ctrl, d.xipos) for _, d in self.sims]  # numpy views of each MjData, made once
+        self.frame_skip, self.dt, self.u = u.frame_skip, u.dt, u
+        self.torso = u.model.body("torso").id if self.key == "ant" else None
+        if self.key == "ant" and u._use_contact_forces:
+            raise ValueError("MujocoStep does not compute Ant's contact forces; use gymnasium's step")
+
+    def step(self, idx, actions):
+        n, m0 = len(idx), self.sims[0][0]
+        qpos, qvel, x0 = np.empty((n, m0.nq)), np.empty((n, m0.nv)), np.empty((n, 2))
+        elapsed = np.empty(n, np.int64)
+        for j, i in enumerate(idx):
+            model, data = self.sims[i]
+            qp, qv, ctrl, xipos = self.views[i]
+            x0[j] = xipos[self.torso, :2] if self.torso is not None else qp[0]
+            ctrl[:] = actions[j]
+            mujoco.mj_step(model, data, nstep=self.frame_skip)
+            mujoco.mj_rnePostConstraint(model, data)
+            qpos[j], qvel[j] = qp, qv
+            if self.torso is not None:
+                x0[j] = (xipos[self.torso, :2] - x0[j]) / self.dt
+            limit = self.limits[i]
+            limit._elapsed_steps += 1
+            elapsed[j] = limit._elapsed_steps - limit._max_episode_steps
+        ctrl_cost = self.u._ctrl_cost_weight * np.sum(np.square(actions), axis=1)  # in the actions' dtype, as gymnasium
+        obs, reward, healthy = self.formulas(qpos, qvel, x0, ctrl_cost)
+        terminated = ~healthy if getattr(self.u, "_terminate_when_unhealthy", False) else np.zeros(n, bool)
+        return obs, reward, terminated, elapsed >= 0
+
+    def formulas(self, qpos, qvel, x0, ctrl_cost):
+        """(obs, reward, healthy) per member after the step: hopper_v4.py, walker2d_v4.py, half_cheetah_v4.py, ant_v4.py."""
+        u, key = self.u, self.key
+        skip = (2 if key == "ant" else 1) if u._exclude_current_positions_from_observation else 0
+        if key == "ant":  # x0 holds the torso's xy velocity (its COM before the last substep's integration)
+            state = np.concatenate([qpos, qvel], 1)
+            healthy = np.isfinite(state).all(1) & (u._healthy_z_range[0] <= qpos[:, 2]) & (qpos[:, 2] <= u._healthy_z_range[1])
+            alive = (healthy | u._terminate_when_unhealthy).astype(np.float64) * u._healthy_reward
+            return np.concatenate([qpos[:, skip:], qvel], 1), (x0[:, 0] + alive) - ctrl_cost, healthy
+        forward = u._forward_reward_weight * ((qpos[:, 0] - x0[:, 0]) / self.dt)
+        if key == "halfcheetah":
+            return np.concatenate([qpos[:, skip:], qvel], 1), forward - ctrl_cost, np.ones(len(qpos), bool)
+        z, angle = qpos[:, 1], qpos[:, 2]
+        healthy = (u._healthy_z_range[0] < z) & (z < u._healthy_z_range[1])
+        healthy &= (u._healthy_angle_range[0] < angle) & (angle < u._healthy_angle_range[1])
+        if key == "hopper":
+            state = np.concatenate([qpos, qvel], 1)[:, 2:]
+            healthy &= ((u._healthy_state_range[0] < state) & (state < u._healthy_state_range[1])).all(1)
+        alive = (healthy | u._terminate_when_unhealthy).astype(np.float64) * u._healthy_reward
+        obs = np.concatenate([qpos[:, skip:], np.clip(qvel, -10, 10)], 1)
+        return obs, (forward + alive) - ctrl_cost, healthy
+
+
 class Envs:
     """Envs in this process; methods take member indices and return tuples of per-member arrays."""
 
@@ -336,6 +405,7 @@ class Envs:
         for e in self.envs:
             e.reset(seed=0)  # gymnasium's OrderEnforcing wants a reset before the first step
         self.state_size = mujoco.mj_stateSize(sim_of(self.envs[0]).model, STATE_SPEC)
+        self.fast = MujocoStep(self.envs) if MujocoStep.supports(env_id) and not video_dir else None
 
     def reset(self, idx, seeds):
         obs = np.stack([self.envs[i].reset(seed=int(s))[0] for i, s in zip(idx, seeds)])
@@ -344,6 +414,8 @@ class Envs:
         return obs, params
 
     def step(self, idx, actions):
+        if self.fast:
+            return self.fast.step(idx, actions)
         obs, rew, term, trunc = zip(*(self.envs[i].step(a)[:4] for i, a in zip(idx, actions)))
         return np.stack(obs), np.array(rew, np.float64), np.array(term), np.array(trunc)
 
@@ -363,10 +435,24 @@ class Envs:
             e.close()
 
 
-def env_worker(conn, env_id, n, kwargs):
-    envs = Envs(env_id, n, **kwargs)
+STEP_OUT = ("obs", "reward", "terminated", "truncated")
+
+
+def env_worker(conn, env_id, lo, n, kwargs, shared):
+    """Serve `Envs` calls for members lo..lo+n-1; a step reads its actions from and writes its results to `shared`
+    arrays (indexed by member, no pickling), the pipe carries only the member indices."""
+    envs, arrays = (
+        Envs(env_id, n, **kwargs),
+        {k: np.frombuffer(raw, dtype).reshape(shape) for k, (raw, dtype, shape) in shared.items()},
+    )
     while (msg := conn.recv()) is not None:
-        conn.send(getattr(envs, msg[0])(*msg[1]))
+        if msg[0] == "step_shared":
+            idx, dtype = msg[1]
+            for k, v in zip(STEP_OUT, envs.step(idx - lo, arrays["actions"][idx].astype(dtype))):
+                arrays[k][idx] = v
+            conn.send(None)
+        else:
+            conn.send(getattr(envs, msg[0])(*msg[1]))
     envs.close()
 
 
@@ -379,12 +465,38 @@ class EnvPool:
         self.local, self.seconds, self.conns, self.procs = None if workers else Envs(env_id, n, **kwargs), 0.0, [], []
         self.bounds = np.linspace(0, n, workers + 1).astype(int)
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        shared, self.arrays = {}, {}
+        if workers:  # step arguments and results live in shared memory, one row per member
+            probe = make_env(env_id)
+            S, A, obs_dtype = probe.observation_space.shape[0], probe.action_space.shape[0], probe.observation_space.dtype
+            probe.close()
+            spec = {"actions": (np.float64, (n, A)), "obs": (obs_dtype, (n, S)), "reward": (np.float64, (n,))}
+            spec.update(terminated=(np.bool_, (n,)), truncated=(np.bool_, (n,)))
+            for k, (dtype, shape) in spec.items():
+                raw = ctx.RawArray("b", int(np.prod(shape)) * np.dtype(dtype).itemsize)
+                shared[k], self.arrays[k] = (raw, dtype, shape), np.frombuffer(raw, dtype).reshape(shape)
         for w in range(workers):
             parent, child = ctx.Pipe()
-            size = self.bounds[w + 1] - self.bounds[w]
-            self.procs.append(ctx.Process(target=env_worker, args=(child, env_id, size, kwargs), daemon=True))
+            lo, size = self.bounds[w], self.bounds[w + 1] - self.bounds[w]
+            self.procs.append(ctx.Process(target=env_worker, args=(child, env_id, lo, size, kwargs, shared), daemon=True))
             self.procs[-1].start()
             self.conns.append(parent)
+
+    def step(self, idx, actions):
+        """`Envs.step` over the members `idx`; with workers through the shared arrays (actions exactly, in float64)."""
+        if self.local:
+            return self.call("step", idx, actions)
+        tic, idx, actions, sent = time.perf_counter(), np.asarray(idx), np.asarray(actions), []
+        self.arrays["actions"][idx] = actions
+        for w, conn in enumerate(self.conns):
+            sel = idx[(idx >= self.bounds[w]) & (idx < self.bounds[w + 1])]
+            if len(sel):
+                conn.send(("step_shared", (sel, actions.dtype)))
+                sent.append(conn)
+        for conn in sent:
+            conn.recv()
+        self.seconds += time.perf_counter() - tic
+        return tuple(self.arrays[k][idx] for k in STEP_OUT)
 
     def call(self, method, idx, *args):
         tic, idx, sent, parts = time.perf_counter(), np.asarray(idx), [], []
@@ -711,6 +823,33 @@ def subtraj_policy(model, batch, c: int):
     return mean[:, -1].view(B, -1, mean.shape[-1]), log_std[:, -1].view(B, -1, mean.shape[-1])
 
 
+def policy_step(model: DecisionTransformer, rtg, states, actions, pad_mask):
+    """`model(...)`'s mean and log_std at the last state token, without the work nothing reads: the current action
+    token (the last, seen by no state token) in every block, and in the last block the projection and MLP of every
+    token but that state token. Bit for bit the full forward's (tested on batch sizes 1-600): the same matmul rows and
+    elementwise ops; attention still runs over all queries, and below 16 members (other matmul kernels) or on a GPU,
+    or with dropout on, it is the full forward. Halves the rollout's forward at c_online 1."""
+    B, T, _ = states.shape
+    if B < 16 or states.device.type != "cpu" or model.training:
+        return tuple(x[:, -1] for x in model(rtg, states, actions, pad_mask))
+    tokens = torch.stack([model.embed_rtg(rtg), model.embed_state(states), model.embed_action(actions)], dim=2)
+    x, n = model.embed_ln(tokens.reshape(B, 3 * T, -1)[:, :-1]), 3 * T - 1
+    real = pad_mask.repeat_interleave(3, dim=1)[:, :-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+    mask = ((causal & real[:, None, :]) | torch.eye(n, dtype=torch.bool, device=x.device))[:, None]
+    for i, block in enumerate(model.blocks):
+        E = x.shape[-1]
+        qkv = block.qkv(block.ln1(x)).view(B, x.shape[1], 3, block.n_heads, E // block.n_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(*qkv, attn_mask=mask)
+        if i == len(model.blocks) - 1:  # only the last state token goes on
+            y, x = y[:, :, -1:], x[:, -1:]
+        x = x + block.proj(y.transpose(1, 2).reshape(B, x.shape[1], E))
+        x = x + block.mlp(block.ln2(x))
+    h = model.ln_f(x[:, -1])
+    log_std = torch.tanh(model.log_std_head(h))
+    return model.mean_head(h), model.log_std_min + 0.5 * (model.log_std_max - model.log_std_min) * (log_std + 1)
+
+
 @torch.inference_mode()
 def rollout(actor: Actor, envs, idx, state0, rtg0, prefix, n_stochastic, n_deterministic, record_sim=False):
     """Members `idx` of `envs` in lockstep: one batched forward per step, finished members masked, not stepped.
@@ -730,7 +869,7 @@ def rollout(actor: Actor, envs, idx, state0, rtg0, prefix, n_stochastic, n_deter
         live_t = torch.as_tensor(live, device=device)
         win = [x.roll(-1, 1) for x in win]
         win[0][:, -1, 0], win[1][:, -1], win[2][:, -1], win[3][:, -1] = rtg_cur, s_cur, 0.0, True
-        mean, log_std = (x[:, -1] for x in actor.model(*(x[live_t] for x in win)))  # finished members are not forwarded
+        mean, log_std = policy_step(actor.model, *(x[live_t] for x in win))  # finished members are not forwarded
         u = mean + log_std.exp() * torch.randn(mean.shape, generator=actor.gen, device=device) if t < n_stochastic else mean
         a = torch.tanh(u)
         win[2][live_t, -1] = a

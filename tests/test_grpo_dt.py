@@ -129,6 +129,25 @@ def test_checkpoint_loads_with_dropout_off(hopper_checkpoint):
     check_checkpoint_loads(grpo_dt.load_model, hopper_checkpoint)
 
 
+@pytest.mark.parametrize("c", [1, 3])
+def test_policy_step_is_the_full_forward_bit_for_bit(hopper_checkpoint, c):
+    """The rollout's pruned forward gives the full forward's last-token outputs exactly, with left padding, at every
+    batch size a rollout meets (members finish one by one), for this checkpoint and the README's CPU model."""
+    readme = ROOT / "benchmarks" / "grpo_dt_out" / "readme_cpu_pretrained_s1.pt"
+    g = torch.Generator().manual_seed(c)
+    for path in [hopper_checkpoint] + ([readme] if readme.exists() else []):
+        model = grpo_dt.load_model(path)[0].eval()
+        S, A = model.embed_state.in_features, model.mean_head.out_features
+        with torch.inference_mode():
+            for B in [*range(1, 40), 63, 64, 65, 255, 256, 511, 512, 600]:
+                win = [torch.randn(B, c, 1, generator=g), torch.randn(B, c, S, generator=g)]
+                win += [torch.randn(B, c, A, generator=g), torch.rand(B, c, generator=g) > 0.3]
+                win[2][:, -1], win[3][:, -1] = 0.0, True
+                full = [x[:, -1] for x in model(*win)]
+                for a, b in zip(full, grpo_dt.policy_step(model, *win)):
+                    assert torch.equal(a, b), (path.name, B)
+
+
 def test_rollout_rtg_tokens_are_the_ones_used(hopper_setup):
     s = hopper_setup
     for t in s["trajs"]:
