@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -94,6 +95,9 @@ class Args:
     """write the run state (atomically) every this many iterations and at the end; 0 = never"""
     save_path: Optional[str] = None
     """where the run state goes; default `{runs_dir}/{run_name}/state.pt`"""
+    keep_states: bool = False
+    """also keep every saved run state as `state_it{iteration:04d}.pt` beside it, for analysis over a run's history
+    (benchmarks/probe_grpo_objective.py)"""
     resume: Optional[str] = None
     """a run state written by --save-every: continue that run bit-exactly (model, optimisers, kappa, buffers, rngs)"""
     save_model: bool = False
@@ -1258,6 +1262,8 @@ def main(args: Args):
             done = done or (args.max_seconds and time.time() - t_launch >= args.max_seconds)
             if args.save_every and (iteration % args.save_every == 0 or done):
                 save_checkpoint(state_path, ckpt, st, args, ev["normalized_score"])
+                if args.keep_states:
+                    shutil.copyfile(state_path, state_path.with_name(f"state_it{iteration:04d}.pt"))
             if done:
                 break
     except NonFinite as e:

@@ -544,6 +544,19 @@ def test_save_model_writes_a_loadable_checkpoint(hopper_checkpoint, tmp_path):
     assert "finetune" not in ckpt and ckpt["finetune_args"]["save_model"]
 
 
+def test_keep_states_keeps_every_saved_state(hopper_checkpoint, tmp_path):
+    args = tiny_args("Hopper-v4", "local/hopper/medium-v0", hopper_checkpoint, tmp_path, num_iterations=3, save_every=1)
+    grpo_dt.main(args)
+    (run,) = list((tmp_path / "runs").iterdir())
+    assert sorted(p.name for p in run.glob("state*.pt")) == ["state.pt"]  # off by default: only the latest state
+    grpo_dt.main(with_(args, keep_states=True, runs_dir=str(tmp_path / "kept")))
+    (run,) = list((tmp_path / "kept").iterdir())
+    kept = sorted(p.name for p in run.glob("state_it*.pt"))
+    assert kept == ["state_it0001.pt", "state_it0002.pt", "state_it0003.pt"]
+    iterations = [torch.load(run / name, weights_only=False)["finetune"]["iteration"] for name in kept]
+    assert iterations == [1, 2, 3]
+
+
 def same(a, b) -> bool:
     """Bit-exact equality of nested run states (tensors, arrays, dicts, lists)."""
     if isinstance(a, dict):
