@@ -572,18 +572,7 @@ def same(a, b) -> bool:
 
 def test_killed_run_resumes_bit_exactly(hopper_checkpoint, tmp_path):
     """SIGKILL a run once its state shows iteration >= 2, --resume it, compare with an uninterrupted run."""
-    flags = dict(
-        n_batch=8,
-        trajs_per_iter=2,
-        reset_points=2,
-        group_size=2,
-        subtraj_len=3,
-        eval_len=5,
-        updates_per_iter=2,
-        eval_episodes=1,
-        max_episode_steps=40,
-        delta_r=0.0,
-    )
+    flags = {**TINY, "delta_r": 0.0}
     cli = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
     cmd = [
         sys.executable,
