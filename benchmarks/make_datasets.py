@@ -153,6 +153,22 @@ def describe(dataset_id: str, env_id: str):
     )
 
 
+def write_hopper_set(dataset_id: str, buffers, algorithm: str, description: str):
+    """A Hopper-v4 Minari dataset from episode buffers, with D4RL's Hopper reference scores."""
+    import minari
+
+    ref_min, ref_max = pt.D4RL_REF["hopper"]
+    minari.create_dataset_from_buffers(
+        dataset_id,
+        buffers,
+        env="Hopper-v4",
+        algorithm_name=algorithm,
+        ref_min_score=ref_min,
+        ref_max_score=ref_max,
+        description=description,
+    )
+
+
 def main(args: Args):
     import minari
 
@@ -180,29 +196,19 @@ def main(args: Args):
             args.bc_updates,
         )
         env = pt.make_env("Hopper-v4")
-        buffers = noisy_episodes(policy, env, state_mean, state_std, args.noise, args.episodes, rng)
-        ref_min, ref_max = pt.D4RL_REF["hopper"]
-        minari.create_dataset_from_buffers(
+        write_hopper_set(
             "generated/hopper/noisy-v0",
-            buffers,
-            env="Hopper-v4",
-            algorithm_name=f"MLP BC + N(0, {args.noise}^2), clipped",
-            ref_min_score=ref_min,
-            ref_max_score=ref_max,
+            noisy_episodes(policy, env, state_mean, state_std, args.noise, args.episodes, rng),
+            algorithm=f"MLP BC + N(0, {args.noise}^2), clipped",
             description=f"bound-heavy: a BC policy of local/hopper/medium-v0 with Gaussian action noise {args.noise}, clipped",
         )
     if "generated/hopper/random-v0" not in minari.list_local_datasets():
         pt.generate_random_dataset("generated/hopper/random-v0", "Hopper-v4", "hopper", args.random_steps, args.seed)
     if args.teacher and "generated/hopper/teacher-noisy-v0" not in minari.list_local_datasets():
-        buffers = teacher_episodes(args.teacher, args.teacher_noise, args.episodes, rng)
-        ref_min, ref_max = pt.D4RL_REF["hopper"]
-        minari.create_dataset_from_buffers(
+        write_hopper_set(
             "generated/hopper/teacher-noisy-v0",
-            buffers,
-            env="Hopper-v4",
-            algorithm_name=f"DT teacher + N(0, {args.teacher_noise}^2), clipped",
-            ref_min_score=ref_min,
-            ref_max_score=ref_max,
+            teacher_episodes(args.teacher, args.teacher_noise, args.episodes, rng),
+            algorithm=f"DT teacher + N(0, {args.teacher_noise}^2), clipped",
             description=f"bound-heavy: {args.teacher} with Gaussian action noise {args.teacher_noise}, clipped",
         )
     sets = ["local/hopper/medium-v0", "local/door/human-v0", "generated/hopper/noisy-v0", "generated/hopper/random-v0"]
