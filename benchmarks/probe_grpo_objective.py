@@ -16,8 +16,9 @@ Prints figures; it is not a test.
 
 import sys
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -45,6 +46,12 @@ class Args:
     """sampled episodes of the first checkpoint that give the fixed reset points (0: skip the objective)"""
     seed: int = 1
     """seed of the reset points, the action noise and the episodes' resets"""
+    eval_len: Optional[int] = None
+    """score the objective with this L_eval instead of Table 6's (e.g. to the time limit)"""
+    gamma: Optional[float] = None
+    """score the objective with this discount instead of Table 6's"""
+    hold_rtg: bool = False
+    """also run the deterministic episodes with the RTG token held at its start value (never decremented)"""
 
 
 def actor_of(path: str, c_online: int, max_steps: int, seed: int):
@@ -66,6 +73,9 @@ def main(args: Args):
     family, key = grpo_dt.env_family(args.env_id)
     run = grpo_dt.Args(env_id=args.env_id, dataset=args.dataset, seed=args.seed)
     grpo_dt.apply_presets(run, family, key)
+    run.eval_len = run.eval_len if args.eval_len is None else args.eval_len
+    run.gamma = run.gamma if args.gamma is None else args.gamma
+    print(f"objective: L_traj {run.subtraj_len} + L_eval {run.eval_len}, gamma {run.gamma}")
     max_steps = grpo_dt.make_env(args.env_id).spec.max_episode_steps
     n_members = run.trajs_per_iter * run.reset_points * run.group_size
     envs = grpo_dt.EnvPool(args.env_id, max(n_members, args.episodes, args.sampled_episodes, args.fixed_episodes))
@@ -84,6 +94,15 @@ def main(args: Args):
             scores = 100 * (ev["reward"].sum(1) - ckpt["ref_min_score"]) / (ckpt["ref_max_score"] - ckpt["ref_min_score"])
             row.append(
                 f"RTG {rtg:.0f}: {scores.mean():.1f} +- {scores.std() / np.sqrt(len(scores)):.1f} "
+                f"({ev['valid'].sum(1).mean():.0f} steps)"
+            )
+        for rtg in args.rtgs if args.hold_rtg else []:
+            # The token stays rtg * rtg_scale while each step subtracts reward * rtg_scale * 1e-9, i.e. nothing.
+            held = replace(actor, rtg_scale=actor.rtg_scale * 1e-9)
+            ev, _ = grpo_dt.run_episodes(held, envs, grpo_dt.eval_seeds(args.seed, args.episodes), rtg * 1e9, stochastic=False)
+            scores = 100 * (ev["reward"].sum(1) - ckpt["ref_min_score"]) / (ckpt["ref_max_score"] - ckpt["ref_min_score"])
+            row.append(
+                f"held RTG {rtg:.0f}: {scores.mean():.1f} +- {scores.std() / np.sqrt(len(scores)):.1f} "
                 f"({ev['valid'].sum(1).mean():.0f} steps)"
             )
         if args.sampled_episodes:
