@@ -122,6 +122,15 @@ class Args:
     """L_eval: extra tanh(mean) steps that only score a sub-trajectory (Table 6: 400 Hopper/Walker2d, 200, 100, 30)"""
     gamma: Optional[float] = None
     """discount of the sub-trajectory reward over L_traj + L_eval steps (Table 6: 0.995 MuJoCo, 0.99 Adroit, 1 AntMaze)"""
+    std_scale: float = 1.0
+    """GRPO-DT's policy is the DT's squashed Gaussian with sigma times this, in the sampled steps and in every log-prob,
+    ratio, KL and entropy (evaluation and L_eval use tanh(mean) either way); 1 is the paper's. The pretrained DT's sigma
+    is inflated by dataset actions on +-1 (issue #17), and GRPO-DT then improves that noisy sampled policy while its
+    mean, the evaluated policy, collapses (README, issue #12)"""
+    score_to_end: bool = False
+    """score sub-trajectories to the end of their episode, undiscounted (L_eval = the time limit, gamma = 1) instead of
+    Table 6's L_eval and gamma; an explicit --eval-len or --gamma wins. An experiment arm of issue #12 (it did not hold
+    Hopper's gain either)"""
     clip_coef: Optional[float] = None
     """epsilon of the clipped ratio in Eq. 3 (Table 6: 0.2 or 0.3)"""
     delta_r: Optional[float] = None
@@ -735,6 +744,8 @@ class Actor:
     c: int
     max_steps: int
     gen: torch.Generator
+    std_scale: float = 1.0
+    """the policy's sigma is the DT's times this (Args.std_scale)"""
 
     def norm(self, obs) -> torch.Tensor:
         return (torch.as_tensor(obs, dtype=torch.float32, device=self.gen.device) - self.state_mean) / self.state_std
@@ -818,12 +829,14 @@ def clip_breakdown(clipped, born, adv, iteration: int) -> dict:
     return {f"clipfrac_{k}": clipped[m].mean().item() if m.any() else float("nan") for k, m in split.items()}
 
 
-def subtraj_policy(model, batch, c: int):
-    """mean, log_std (B, L, A) at every step of buffered sub-trajectories, each from the c-token window it saw."""
+def subtraj_policy(model, batch, c: int, std_scale: float):
+    """mean, log_std (B, L, A) of the policy (sigma scaled by `std_scale`) at every step of buffered sub-trajectories,
+    each from the c-token window it saw."""
     B = batch["adv"].shape[0]
     # (B, c-1+L, ...) -> (B*L, c, ...): unfold gives (B, L, ..., c)
     keys = ("rtg", "states", "actions", "mask")
     mean, log_std = model(*(batch[k].unfold(1, c, 1).movedim(-1, 2).reshape(-1, c, *batch[k].shape[2:]) for k in keys))
+    log_std = log_std + math.log(std_scale)
     return mean[:, -1].view(B, -1, mean.shape[-1]), log_std[:, -1].view(B, -1, mean.shape[-1])
 
 
@@ -874,6 +887,7 @@ def rollout(actor: Actor, envs, idx, state0, rtg0, prefix, n_stochastic, n_deter
         win = [x.roll(-1, 1) for x in win]
         win[0][:, -1, 0], win[1][:, -1], win[2][:, -1], win[3][:, -1] = rtg_cur, s_cur, 0.0, True
         mean, log_std = policy_step(actor.model, *(x[live_t] for x in win))  # finished members are not forwarded
+        log_std = log_std + math.log(actor.std_scale)
         u = mean + log_std.exp() * torch.randn(mean.shape, generator=actor.gen, device=device) if t < n_stochastic else mean
         a = torch.tanh(u)
         win[2][live_t, -1] = a
@@ -968,11 +982,11 @@ def grpo_objective(model, ref_model, batch, args: Args, kappa, iteration=None):
     """Eq. 3 as a loss to minimise: clipped surrogate + beta KL(pi || pi_ref) - kappa entropy; and the stats (with
     `iteration`, also the clip fraction by sample age and advantage sign)."""
     valid = batch["valid"]
-    mean, log_std = subtraj_policy(model, batch, args.c_online)
+    mean, log_std = subtraj_policy(model, batch, args.c_online, args.std_scale)
     ratio = sequence_ratio(squashed_logprob(mean, log_std, batch["u"]), batch["logp_old"], valid, args.ratio)
     pg_loss, clipped = grpo_loss(ratio, batch["adv"], valid, args.clip_coef)
     with torch.no_grad():
-        ref_mean, ref_log_std = subtraj_policy(ref_model, batch, args.c_online)
+        ref_mean, ref_log_std = subtraj_policy(ref_model, batch, args.c_online, args.std_scale)
     # tanh is a bijection, so KL(pi || pi_ref) is the base Gaussians' KL; per step, averaged over real steps
     pi, pi_ref = Normal(mean, log_std.exp(), validate_args=False), Normal(ref_mean, ref_log_std.exp(), validate_args=False)
     kl = masked_mean(kl_divergence(pi, pi_ref).sum(-1), valid)
@@ -1078,10 +1092,17 @@ def setup(args: Args):
     """Presets, checks, seeds, device; the envs (worker processes fork before the model exists); the pretrained (or
     resumed) DT as an `Actor`, and its checkpoint dict."""
     family, key = env_family(args.env_id)
+    probe = make_env(args.env_id, **({"max_episode_steps": args.max_episode_steps} if args.max_episode_steps else {}))
+    S, A, T_max = probe.observation_space.shape[0], probe.action_space.shape[0], probe.spec.max_episode_steps
+    if args.score_to_end:  # members stop at the time limit (their TimeLimit counters are restored), so T_max reaches it
+        args.eval_len = T_max if args.eval_len is None else args.eval_len
+        args.gamma = 1.0 if args.gamma is None else args.gamma
     row = apply_presets(args, family, key)
     args.eval_context_len = args.eval_context_len or args.c_online
     if args.num_workers < 0 or min(args.c_online, args.group_size, args.reset_points, args.subtraj_len) < 1:
         raise UserError("--num-workers must be >= 0 and --c-online, --group-size, --reset-points, --subtraj-len >= 1")
+    if not args.std_scale > 0:
+        raise UserError(f"--std-scale must be > 0, got {args.std_scale}")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -1091,8 +1112,6 @@ def setup(args: Args):
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    probe = make_env(args.env_id, **({"max_episode_steps": args.max_episode_steps} if args.max_episode_steps else {}))
-    S, A, T_max = probe.observation_space.shape[0], probe.action_space.shape[0], probe.spec.max_episode_steps
     if args.full_trajectory:  # vanilla GRPO: whole episodes from the start state, one return per episode
         args.subtraj_len, args.eval_len, args.gamma, args.reset_points = T_max, 0, 1.0, 1
     args.target_entropy = -float(A) if args.target_entropy is None else args.target_entropy
@@ -1119,7 +1138,16 @@ def setup(args: Args):
     )
     gen = torch.Generator(device=device).manual_seed(args.seed)
     mean, std = ckpt["state_mean"].to(device), ckpt["state_std"].to(device)
-    actor = Actor(model.eval(), mean, std, rtg_scale=ckpt["rtg_scale"], c=args.c_online, max_steps=T_max, gen=gen)
+    actor = Actor(
+        model.eval(),
+        mean,
+        std,
+        rtg_scale=ckpt["rtg_scale"],
+        c=args.c_online,
+        max_steps=T_max,
+        gen=gen,
+        std_scale=args.std_scale,
+    )
     return envs, actor, ckpt
 
 

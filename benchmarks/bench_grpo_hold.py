@@ -3,11 +3,12 @@
 Each run is a `grpo_dt.py` subprocess (one torch thread, `--parallel` at a time) whose per-iteration normalized score is
 read back from its TensorBoard log. Prints per arm and seed (start, peak, mean of the last 5 evaluations) and the means
 over seeds, and writes `results/<name>/summary.md` (with every run's command) and `results/<name>/curves.png`.
-The issue's target for the default arm: the mean over seeds of the last-5 mean is at least start + 20 points, and no
-seed's last-5 mean is below its own start. Prints figures; it is not a test.
+Issue #12's target, printed for every arm: the mean over seeds of the last-5 mean is at least start + `--target-gain`
+(20 on Hopper), and no seed's last-5 mean is more than `--target-floor` below its own start (0 on Hopper; Door: 20
+iterations, gain -2, floor 2). Prints figures; it is not a test.
 
     MINARI_DATASETS_PATH=$(realpath ../shared/datasets) python benchmarks/bench_grpo_hold.py --checkpoint CKPT \
-        --arm "as-today=" --arm "updates-2=--updates-per-iter 2" --seeds 1 2 3 --iterations 40
+        --arm "default=" --arm "table6=--no-score-to-end" --seeds 1 2 3 --iterations 40
 
 A run whose `raw/<arm>/s<seed>.done` exists is not run again; `--report-only` runs nothing and reports every arm and
 seed found under `raw/` (arms may then differ in their seeds; an arm's own `--checkpoint` in its flags wins).
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class Args:
     checkpoint: str = ""
     """the fixed pretrained checkpoint every arm starts from (an arm may override it with its own --checkpoint)"""
-    arm: list[str] = field(default_factory=lambda: ["as-today="])
+    arm: list[str] = field(default_factory=lambda: ["default="])
     """arms as NAME=FLAGS (grpo_dt.py flags), repeatable"""
     env_id: str = "Hopper-v4"
     """gymnasium env id"""
@@ -49,6 +50,10 @@ class Args:
     """results go to results/<name>; raw logs to results/<name>/raw (git-ignored)"""
     report_only: bool = False
     """run nothing; report every arm and seed found under results/<name>/raw"""
+    target_gain: float = 20.0
+    """issue #12's target: the mean over seeds of (last-5 mean - start) is at least this (Hopper 20; Door: -2)"""
+    target_floor: float = 0.0
+    """issue #12's target: no seed's last-5 mean is more than this below its own start (Hopper 0, Door 2)"""
 
 
 def scores_of(runs_dir: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -97,6 +102,7 @@ def report(args: Args, out: Path, arms: dict[str, dict[int, str]]):
     lines += ["| arm | seeds | start | peak | last-5 mean | last-5 minus start | per seed (start / peak / last 5) |"]
     lines += ["|---|---|---|---|---|---|---|"]
     fig, ax = plt.subplots(figsize=(9, 5))
+    targets = ["", "Issue #12's target (last-5 mean against start, per seed):", ""]
     for k, (arm, commands) in enumerate(arms.items()):
         curves = [scores_of(out / "raw" / arm / f"s{seed}") for seed in commands]
         per_seed = np.array([(sc[0], sc.max(), sc[-5:].mean()) for _, sc in curves])
@@ -109,6 +115,14 @@ def report(args: Args, out: Path, arms: dict[str, dict[int, str]]):
             f"{(last5 - start).mean():+.1f} | {seeds_txt} |"
         )
         print(lines[-1], flush=True)
+        gain, worst = (last5 - start).mean(), (last5 - start).min()
+        met = gain >= args.target_gain and worst >= -args.target_floor
+        targets.append(
+            f"- {arm}: mean gain {gain:+.1f} (target >= {args.target_gain:+.1f}), worst seed {worst:+.1f} (target >= "
+            f"{0.0 - args.target_floor:+.1f}): **{'met' if met else 'not met'}**"
+        )
+    lines += targets
+    print("\n".join(targets[3:]))
     lines += ["", "Commands (run from the repository root):", ""]
     lines += [f"- `{shlex.join(cmd[1:])}`" for commands in arms.values() for cmd in commands.values()]
     ax.set_xlabel("iteration")

@@ -196,14 +196,15 @@ def test_restored_members_replay_stored_trajectory(hopper_setup):
         np.testing.assert_allclose(s["norm"](obs).numpy(), np.repeat(t["states"][h + j + 1][None], 3, 0), atol=1e-5)
 
 
-def test_sequence_ratio_is_one_before_update_and_kl_zero(hopper_setup):
-    s = hopper_setup
+@pytest.mark.parametrize("std_scale", [1.0, 0.5])
+def test_sequence_ratio_is_one_before_update_and_kl_zero(hopper_setup, std_scale):
+    s = {**hopper_setup, "actor": dataclasses.replace(hopper_setup["actor"], std_scale=std_scale)}
     items, *_ = collect(s, eval_len=2)
     buf = grpo_dt.SubtrajBuffer(64, "cpu")
     buf.add(items)
     batch = buf.sample(16, s["rng"])
     ref = copy.deepcopy(s["model"])
-    args = with_(s["args"], clip_coef=0.2, kl_coef=1e-3)
+    args = with_(s["args"], clip_coef=0.2, kl_coef=1e-3, std_scale=std_scale)
     _, _, stats = grpo_dt.grpo_objective(s["model"], ref, batch, args, 0.1)
     assert abs(stats["ratio_mean"] - 1) < 1e-4 and abs(stats["ratio_max"] - 1) < 1e-4 and stats["clipfrac"] == 0
     assert stats["kl"] == 0.0
@@ -230,7 +231,7 @@ def test_one_update_moves_log_probs_in_the_advantage_direction(hopper_setup):
 
         def seq_logp():
             with torch.no_grad():
-                mean, log_std = grpo_dt.subtraj_policy(model, batch, s["args"].c_online)
+                mean, log_std = grpo_dt.subtraj_policy(model, batch, s["args"].c_online, s["args"].std_scale)
                 return (grpo_dt.squashed_logprob(mean, log_std, batch["u"]) * batch["valid"]).sum(1)
 
         before = seq_logp()
@@ -249,6 +250,29 @@ def test_one_update_moves_log_probs_in_the_advantage_direction(hopper_setup):
     # a mixed batch shares one parameter step, so single items may conflict; the advantage-weighted change cannot
     change, adv = logp_change(list(range(n)))
     assert (adv * change).mean() > 0
+
+
+def test_std_scale_scales_the_sampled_noise_and_every_log_prob(hopper_setup):
+    """--std-scale s: a sampled step draws u = mean + s sigma eps, and its recorded sigma and log-prob are those of
+    N(mean, (s sigma)^2) squashed; the same noise eps at every scale."""
+    s = hopper_setup
+    state0, rtg0 = torch.zeros(4, 11), torch.full((4,), 0.5)
+    prefix = [torch.zeros(4, 0, 1), torch.zeros(4, 0, 11), torch.zeros(4, 0, 3), torch.zeros(4, 0, dtype=torch.bool)]
+    with torch.no_grad():  # the first step's window: rtg0, state0, an empty action slot
+        mean, log_std = grpo_dt.policy_step(
+            s["model"], rtg0[:, None, None], state0[:, None], torch.zeros(4, 1, 3), torch.ones(4, 1, dtype=torch.bool)
+        )
+    eps = {}
+    for scale in (1.0, 0.25):
+        s["envs"].reset(np.arange(4), seeds=[5, 6, 7, 8])
+        actor = dataclasses.replace(s["actor"], c=1, std_scale=scale, gen=torch.Generator().manual_seed(3))
+        out = grpo_dt.rollout(actor, s["envs"], np.arange(4), state0, rtg0, prefix, 1, 0)
+        u, sigma = torch.as_tensor(out["u"][:, 0]), scale * log_std.exp()
+        np.testing.assert_allclose(out["sigma"][:, 0], sigma.mean(-1).numpy(), rtol=1e-5)
+        expected = grpo_dt.squashed_logprob(mean, log_std + np.log(scale), u)
+        np.testing.assert_allclose(out["logp"][:, 0], expected.numpy(), rtol=1e-4, atol=1e-4)
+        eps[scale] = ((u - mean) / sigma).numpy()
+    np.testing.assert_allclose(eps[0.25], eps[1.0], atol=1e-4)
 
 
 def test_buffer_counts_draws_and_reports_evicted_items():
@@ -347,6 +371,29 @@ def test_presets_follow_table6():
     u = grpo_dt.Args(env_id="AntMaze_UMaze-v4", dataset="umaze-diverse")
     grpo_dt.apply_presets(u, "antmaze", "antmaze")
     assert (u.c_online, u.gamma, u.g_online) == (5, 1.0, 2)
+
+
+def test_score_to_end_scores_members_to_the_end_of_their_episode(hopper_setup, hopper_checkpoint):
+    """With --score-to-end L_eval reaches the time limit and gamma is 1, so a group reward is the member's undiscounted
+    return to the end of its episode; by default Table 6's L_eval and gamma; explicit values win."""
+
+    def resolved(**kw):
+        args = grpo_dt.Args(checkpoint=str(hopper_checkpoint), **{**TINY, "eval_len": None, **kw})
+        envs, _, _ = grpo_dt.setup(args)
+        envs.close()
+        return args.eval_len, args.gamma
+
+    assert resolved(score_to_end=True) == (40, 1.0)
+    assert resolved() == (400, 0.995)
+    assert resolved(score_to_end=True, eval_len=7, gamma=0.9) == (7, 0.9)
+    # The fixture's episodes fall at 11-12 steps: a time limit of 10 ends members first. Same reset points (rng) twice.
+    s = {**hopper_setup, "envs": grpo_dt.Envs("Hopper-v4", 16, max_episode_steps=10)}
+    _, rewards, _, out = collect({**s, "rng": np.random.default_rng(0)}, eval_len=10, gamma=1.0)
+    ends = out["reset_step"] + out["valid"].sum(1)
+    assert (ends <= 10).all() and (ends == 10).any()  # members stop at the time limit, not L_traj + L_eval after it
+    np.testing.assert_allclose(rewards.ravel(), out["reward"].sum(1))
+    _, short, _, _ = collect({**s, "rng": np.random.default_rng(0)}, eval_len=1, gamma=1.0)
+    assert short.mean() < rewards.mean() - 1
 
 
 # ---------------------------------------------------------------- end to end
