@@ -124,9 +124,9 @@ class Args:
     """discount of the sub-trajectory reward over L_traj + L_eval steps (Table 6: 0.995 MuJoCo, 0.99 Adroit, 1 AntMaze)"""
     std_scale: float = 1.0
     """GRPO-DT's policy is the DT's squashed Gaussian with sigma times this, in the sampled steps and in every log-prob,
-    ratio, KL and entropy (evaluation and L_eval use tanh(mean) either way); 1 is the paper's. The pretrained DT's sigma
-    is inflated by dataset actions on +-1 (issue #17), and GRPO-DT then improves that noisy sampled policy while its
-    mean, the evaluated policy, collapses (README, issue #12)"""
+    ratio, KL and entropy (evaluation and L_eval use tanh(mean) either way); 1 is the paper's. The CPU-sized Hopper
+    DT's pre-tanh sigma is about 1 on the states it visits, and GRPO-DT then improves that noisy sampled policy while
+    its mean, the evaluated policy, collapses (README, issue #12)"""
     score_to_end: bool = False
     """score sub-trajectories to the end of their episode, undiscounted (L_eval = the time limit, gamma = 1) instead of
     Table 6's L_eval and gamma; an explicit --eval-len or --gamma wins. An experiment arm of issue #12 (it did not hold

@@ -8,7 +8,7 @@ Issue #12's target, printed for every arm: the mean over seeds of the last-5 mea
 iterations, gain -2, floor 2). Prints figures; it is not a test.
 
     MINARI_DATASETS_PATH=$(realpath ../shared/datasets) python benchmarks/bench_grpo_hold.py --checkpoint CKPT \
-        --arm "default=" --arm "table6=--no-score-to-end" --seeds 1 2 3 --iterations 40
+        --arm "paper=" "std-0.5=--std-scale 0.5" --seeds 1 2 3 --iterations 40
 
 A run whose `raw/<arm>/s<seed>.done` exists is not run again; `--report-only` runs nothing and reports every arm and
 seed found under `raw/` (arms may then differ in their seeds; an arm's own `--checkpoint` in its flags wins).
@@ -33,7 +33,8 @@ class Args:
     checkpoint: str = ""
     """the fixed pretrained checkpoint every arm starts from (an arm may override it with its own --checkpoint)"""
     arm: list[str] = field(default_factory=lambda: ["default="])
-    """arms as NAME=FLAGS (grpo_dt.py flags), repeatable"""
+    """arms as NAME=FLAGS (grpo_dt.py flags), all after one --arm: `--arm "a=" "b=--std-scale 0.5"` (a second --arm
+    replaces the first)"""
     env_id: str = "Hopper-v4"
     """gymnasium env id"""
     dataset: str = "local/hopper/medium-v0"
