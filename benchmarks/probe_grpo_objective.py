@@ -68,6 +68,12 @@ def actor_of(path: str, c_online: int, max_steps: int, seed: int):
     return actor, ckpt
 
 
+def score_line(ev: dict, ckpt: dict) -> str:
+    """Normalized score +- s.e. and mean length of deterministic episodes."""
+    scores = 100 * (ev["reward"].sum(1) - ckpt["ref_min_score"]) / (ckpt["ref_max_score"] - ckpt["ref_min_score"])
+    return f"{scores.mean():.1f} +- {scores.std() / np.sqrt(len(scores)):.1f} ({ev['valid'].sum(1).mean():.0f} steps)"
+
+
 def main(args: Args):
     torch.set_num_threads(1)
     family, key = grpo_dt.env_family(args.env_id)
@@ -91,20 +97,12 @@ def main(args: Args):
         row = [f"{Path(path).name} (iteration {iteration})"]
         for rtg in args.rtgs:
             ev, _ = grpo_dt.run_episodes(actor, envs, grpo_dt.eval_seeds(args.seed, args.episodes), rtg, stochastic=False)
-            scores = 100 * (ev["reward"].sum(1) - ckpt["ref_min_score"]) / (ckpt["ref_max_score"] - ckpt["ref_min_score"])
-            row.append(
-                f"RTG {rtg:.0f}: {scores.mean():.1f} +- {scores.std() / np.sqrt(len(scores)):.1f} "
-                f"({ev['valid'].sum(1).mean():.0f} steps)"
-            )
+            row.append(f"RTG {rtg:.0f}: {score_line(ev, ckpt)}")
         for rtg in args.rtgs if args.hold_rtg else []:
             # The token stays rtg * rtg_scale while each step subtracts reward * rtg_scale * 1e-9, i.e. nothing.
             held = replace(actor, rtg_scale=actor.rtg_scale * 1e-9)
             ev, _ = grpo_dt.run_episodes(held, envs, grpo_dt.eval_seeds(args.seed, args.episodes), rtg * 1e9, stochastic=False)
-            scores = 100 * (ev["reward"].sum(1) - ckpt["ref_min_score"]) / (ckpt["ref_max_score"] - ckpt["ref_min_score"])
-            row.append(
-                f"held RTG {rtg:.0f}: {scores.mean():.1f} +- {scores.std() / np.sqrt(len(scores)):.1f} "
-                f"({ev['valid'].sum(1).mean():.0f} steps)"
-            )
+            row.append(f"held RTG {rtg:.0f}: {score_line(ev, ckpt)}")
         if args.sampled_episodes:
             seeds = grpo_dt.train_seeds(np.random.default_rng(args.seed + 1), args.sampled_episodes)
             out, _ = grpo_dt.run_episodes(actor, envs, seeds, run.g_online, stochastic=True)

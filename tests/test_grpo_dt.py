@@ -275,6 +275,11 @@ def test_std_scale_scales_the_sampled_noise_and_every_log_prob(hopper_setup):
     np.testing.assert_allclose(eps[0.25], eps[1.0], atol=1e-4)
 
 
+def test_std_scale_must_be_positive(hopper_checkpoint):
+    with pytest.raises(grpo_dt.UserError, match="--std-scale must be > 0"):
+        grpo_dt.setup(grpo_dt.Args(checkpoint=str(hopper_checkpoint), **TINY, std_scale=0.0))
+
+
 def test_buffer_counts_draws_and_reports_evicted_items():
     buf = grpo_dt.SubtrajBuffer(4, "cpu")
     buf.add({"adv": np.zeros(4, np.float32)})
