@@ -55,6 +55,8 @@ class Args:
     """issue #12's target: the mean over seeds of (last-5 mean - start) is at least this (Hopper 20; Door: -2)"""
     target_floor: float = 0.0
     """issue #12's target: no seed's last-5 mean is more than this below its own start (Hopper 0, Door 2)"""
+    plot_arms: tuple[str, ...] = ()
+    """the arms drawn in curves.png (all in summary.md); default all"""
 
 
 def scores_of(runs_dir: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +93,8 @@ def run_all(args: Args, raw: Path, runs: list[tuple[str, int, list[str]]]):
 
 
 def report(args: Args, out: Path, arms: dict[str, dict[int, str]]):
-    """summary.md and curves.png over the arms' seeds: per seed (start, peak, last-5 mean) and the mean over seeds."""
+    """summary.md and curves.png over the arms' seeds: per seed (start, peak, last-5 mean) and the mean over seeds;
+    the curves are each arm's mean over seeds, the band its lowest and highest seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,8 +110,11 @@ def report(args: Args, out: Path, arms: dict[str, dict[int, str]]):
     for k, (arm, commands) in enumerate(arms.items()):
         curves = [scores_of(out / "raw" / arm / f"s{seed}") for seed in commands]
         per_seed = np.array([(sc[0], sc.max(), sc[-5:].mean()) for _, sc in curves])
-        for j, (it, sc) in enumerate(curves):
-            ax.plot(it, sc, color=f"C{k}", alpha=0.6, label=arm if j == 0 else None)
+        if not args.plot_arms or arm in args.plot_arms:
+            n = min(len(sc) for _, sc in curves)  # the mean over seeds, with a band from the lowest to the highest seed
+            stacked = np.stack([sc[:n] for _, sc in curves])
+            ax.plot(curves[0][0][:n], stacked.mean(0), color=f"C{k}", label=f"{arm} (mean of {len(curves)} seeds)")
+            ax.fill_between(curves[0][0][:n], stacked.min(0), stacked.max(0), color=f"C{k}", alpha=0.15)
         seeds_txt = "; ".join(f"s{s}: {a:.1f} / {b:.1f} / {c:.1f}" for s, (a, b, c) in zip(commands, per_seed))
         start, peak, last5 = per_seed.T
         lines.append(

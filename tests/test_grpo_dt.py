@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import tyro
 from conftest import ROOT, check_checkpoint_loads
 
 import grpo_dt
@@ -97,6 +98,7 @@ def hopper_setup(hopper_checkpoint):
         c_online=3,
         delta_r=-1.0,
         gamma=0.99,
+        narrow_exploration=False,
         **{**TINY, "group_size": 4, "eval_len": 4},
     )
     grpo_dt.apply_presets(args, "mujoco", "hopper")
@@ -359,7 +361,7 @@ def test_active_sampling_is_softmax_of_variances():
 
 
 def test_presets_follow_table6():
-    a = grpo_dt.Args(env_id="Hopper-v4", dataset="local/hopper/medium-v0", eval_len=7)
+    a = grpo_dt.Args(env_id="Hopper-v4", dataset="local/hopper/medium-v0", eval_len=7, narrow_exploration=False)
     assert grpo_dt.apply_presets(a, "mujoco", "hopper") == "medium"
     assert (a.g_online, a.subtraj_len, a.eval_len, a.gamma, a.clip_coef, a.kappa_initial, a.full_trajs_per_iter) == (
         7200,
@@ -376,6 +378,23 @@ def test_presets_follow_table6():
     u = grpo_dt.Args(env_id="AntMaze_UMaze-v4", dataset="umaze-diverse")
     grpo_dt.apply_presets(u, "antmaze", "antmaze")
     assert (u.c_online, u.gamma, u.g_online) == (5, 1.0, 2)
+
+
+def test_narrow_exploration_scales_sigma_and_widens_the_clip_on_mujoco_only():
+    """--narrow-exploration (default): on MuJoCo sigma x 0.25 and 2x Table 6's epsilon; --no-narrow-exploration is the
+    paper's (sigma x 1, Table 6's epsilon); Adroit and AntMaze keep the paper's either way; given values win."""
+
+    def resolved(env_id, family, key, *flags):
+        a = tyro.cli(grpo_dt.Args, args=["--env-id", env_id, *flags])
+        grpo_dt.apply_presets(a, family, key)
+        return a.std_scale, a.clip_coef
+
+    assert resolved("Hopper-v4", "mujoco", "hopper") == (0.25, 0.4)
+    assert resolved("Walker2d-v4", "mujoco", "walker2d") == (0.25, 0.6)
+    assert resolved("Hopper-v4", "mujoco", "hopper", "--no-narrow-exploration") == (1.0, 0.2)
+    assert resolved("Hopper-v4", "mujoco", "hopper", "--std-scale", "0.5", "--clip-coef", "0.3") == (0.5, 0.3)
+    assert resolved("AdroitHandDoor-v1", "adroit", "door", "--dataset", "human") == (1.0, 0.3)
+    assert resolved("AntMaze_UMaze-v4", "antmaze", "antmaze", "--dataset", "umaze") == (1.0, 0.2)
 
 
 def test_score_to_end_scores_members_to_the_end_of_their_episode(hopper_setup, hopper_checkpoint):
