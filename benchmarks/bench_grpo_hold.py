@@ -8,10 +8,11 @@ Issue #12's target, printed for every arm: the mean over seeds of the last-5 mea
 iterations, gain -2, floor 2). Prints figures; it is not a test.
 
     MINARI_DATASETS_PATH=$(realpath ../shared/datasets) python benchmarks/bench_grpo_hold.py --checkpoint CKPT \
-        --arm "paper=" "std-0.5=--std-scale 0.5" --seeds 1 2 3 --iterations 40
+        --arm "default=" "paper=--no-narrow-exploration" --seeds 1 2 3 --iterations 40
 
-A run whose `raw/<arm>/s<seed>.done` exists is not run again; `--report-only` runs nothing and reports every arm and
-seed found under `raw/` (arms may then differ in their seeds; an arm's own `--checkpoint` in its flags wins).
+A finished run writes its command into `raw/<arm>/s<seed>.done` and is not run again; `--report-only` runs nothing
+and reports every arm and seed found under `raw/`, each with the command its marker recorded (arms may then differ in
+their seeds; an arm's own `--checkpoint` in its flags wins).
 """
 
 import os
@@ -75,6 +76,19 @@ def run_command(args: Args, raw: Path, arm: str, flags: str, seed: int) -> list[
     return command + ["--runs-dir", str(raw / arm / f"s{seed}"), *shlex.split(flags)]
 
 
+def shown(cmd: list[str]) -> str:
+    """A run's command as a user types it from the repository root (python, relative paths)."""
+    return shlex.join(["python", *cmd[1:]]).replace(f"{ROOT}/", "")
+
+
+def recorded(raw: Path, arm: str, seed: int, cmd: list[str]) -> str:
+    """The command a finished run recorded in its `.done` marker; runs from before markers held it are rebuilt from
+    this invocation's flags (right only if they are the flags it ran with)."""
+    done = raw / arm / f"s{seed}.done"
+    text = done.read_text().strip() if done.exists() else ""
+    return text or shown(cmd) + "  # (not recorded: rebuilt from this invocation's --arm)"
+
+
 def run_all(args: Args, raw: Path, runs: list[tuple[str, int, list[str]]]):
     """Run what has no `.done` marker, `--parallel` at a time; a failed run stops the benchmark with its log's path."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -89,10 +103,10 @@ def run_all(args: Args, raw: Path, runs: list[tuple[str, int, list[str]]]):
         arm, seed, proc = running.pop(0)
         if proc.wait() != 0:
             sys.exit(f"error: {arm} seed {seed} failed, see {raw / f'{arm}_s{seed}.log'}")
-        (raw / arm / f"s{seed}.done").touch()
+        (raw / arm / f"s{seed}.done").write_text(shown(proc.args) + "\n")  # the marker records the run's command
 
 
-def report(args: Args, out: Path, arms: dict[str, dict[int, str]]):
+def report(args: Args, out: Path, arms: dict[str, dict[int, list[str]]]):
     """summary.md and curves.png over the arms' seeds: per seed (start, peak, last-5 mean) and the mean over seeds;
     the curves are each arm's mean over seeds, the band its lowest and highest seed."""
     import matplotlib
@@ -131,7 +145,9 @@ def report(args: Args, out: Path, arms: dict[str, dict[int, str]]):
     lines += targets
     print("\n".join(targets[3:]))
     lines += ["", "Commands (run from the repository root):", ""]
-    lines += [f"- `{shlex.join(cmd[1:])}`" for commands in arms.values() for cmd in commands.values()]
+    lines += [
+        f"- `{recorded(out / 'raw', arm, seed, cmd)}`" for arm, commands in arms.items() for seed, cmd in commands.items()
+    ]
     ax.set_xlabel("iteration")
     ax.set_ylabel("normalized score (deterministic evaluation)")
     ax.legend(fontsize=8)
