@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -99,7 +99,8 @@ class Args:
     """also keep every saved run state as `state_it{iteration:04d}.pt` beside it, for analysis over a run's history
     (benchmarks/probe_grpo_objective.py)"""
     resume: Optional[str] = None
-    """a run state written by --save-every: continue that run bit-exactly (model, optimisers, kappa, buffers, rngs)"""
+    """a run state written by --save-every: continue that run bit-exactly (model, optimisers, kappa, buffers, rngs)
+    with its own settings; only the RUN_CONTROL flags come from this command"""
     save_model: bool = False
     """at the end, also write the finetuned DT as a checkpoint to `{runs_dir}/{run_name}/{exp_name}.pt`"""
     num_workers: int = 0
@@ -186,6 +187,13 @@ class Args:
     full_rollout_actions: Literal["sampled", "mean"] = "sampled"
     """actions of the full trajectories that supply reset points (Alg. 1 line 2): sampled (the paper) or tanh(mean),
     whose episodes reach the steady gait that noisy sampled ones fall before (an experiment of issue #12)"""
+
+
+# Flags a resumed run takes from its new command line; every other one comes from the saved run (resumed_args).
+RUN_CONTROL = (
+    "num_iterations total_env_steps max_seconds eval_episodes save_every save_path save_model resume runs_dir cuda track "
+    "wandb_project_name wandb_entity capture_video keep_states num_workers torch_threads"
+).split()
 
 
 # Table 6: n_batch, c_online, g_online, L_traj, L_eval, gamma, eps, Delta_r, lr, kappa_initial.
@@ -737,6 +745,30 @@ def ensure_checkpoint(args) -> Path:
     return path
 
 
+def resumed_args(args, run_control: tuple[str, ...]):
+    """With --resume, the Args the run goes on with: the run's own saved settings, and this command's `run_control`
+    flags (budgets, saving, logging, workers). A flag left at its default takes the run's value, so a run resumes as
+    it started even where a default has changed since; a setting given another value than the run's is an error."""
+    if not args.resume:
+        return args
+    if not Path(args.resume).is_file():
+        raise UserError(f"--resume {args.resume!r} is not a file")
+    state = torch.load(args.resume, map_location="cpu", weights_only=False, mmap=True)
+    # grpo_dt.py's states before 2026-11-22 kept the settings at the top level only
+    saved = state.get("finetune", {}).get("args", state.get("finetune_args")) if isinstance(state, dict) else None
+    if saved is None:
+        raise UserError(f"--resume {args.resume!r} is not a run state with saved settings (a --save-every state.pt)")
+    defaults, names = type(args)(), {f.name for f in fields(args)} - set(run_control)
+    clashes = [
+        f"--{k.replace('_', '-')} {getattr(args, k)!r} (the run's: {saved[k]!r})"
+        for k in sorted(names & saved.keys())
+        if getattr(args, k) != getattr(defaults, k) and getattr(args, k) != saved[k]
+    ]
+    if clashes:
+        raise UserError(f"--resume keeps the run's own settings, but this command sets {', '.join(clashes)}")
+    return replace(args, **{k: v for k, v in saved.items() if k in names})
+
+
 # ---- end shared: load-checkpoint ----
 
 
@@ -1089,7 +1121,7 @@ def save_checkpoint(path, ckpt: dict, st: RunState, args: Args, score: float, wi
     --resume reads; written atomically (tmp + os.replace), so a crash never truncates it."""
     out = {k: v for k, v in ckpt.items() if k != "finetune"}
     out.update(state_dict={k: v.detach().cpu() for k, v in st.model.state_dict().items()}, eval_normalized_score=score)
-    out.update(finetune_args=asdict(args), **({"finetune": st.state_dict()} if with_state else {}))
+    out.update(finetune_args=asdict(args), **({"finetune": st.state_dict() | {"args": asdict(args)}} if with_state else {}))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
@@ -1126,8 +1158,6 @@ def setup(args: Args):
     n_members = args.trajs_per_iter * args.reset_points * args.group_size
     n_envs = max(n_members, args.full_trajs_per_iter)
     envs = EnvPool(args.env_id, n_envs, args.num_workers, max_episode_steps=args.max_episode_steps)
-    if args.resume and not Path(args.resume).exists():
-        raise UserError(f"--resume {args.resume} does not exist")
     path = args.resume or ensure_checkpoint(args)
     model, ckpt = load_model(path, device)
     if args.resume and "finetune" not in ckpt:
@@ -1233,6 +1263,7 @@ def log_iteration(writer, iteration: int, st: RunState, full, groups, stats: lis
 def main(args: Args):
     t_launch = time.time()  # --max-seconds counts from here, loading included
     fix_malloc_mmap_threshold()
+    args = resumed_args(args, RUN_CONTROL)
     envs, actor, ckpt = setup(args)
     st = RunState(actor, args, run_name=f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
     if args.resume:  # the resumed run keeps its name: it logs to the same TensorBoard run and state file

@@ -23,7 +23,7 @@ import sys
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -99,7 +99,8 @@ class Args:
     save_model: bool = False
     """at the end, also write the finetuned DT as a format-1 checkpoint to `{runs_dir}/{run_name}/{exp_name}.pt`"""
     resume: Optional[str] = None
-    """a run state (state.pt): continue that run bit-exactly, in its run directory, up to --num-iterations"""
+    """a run state (state.pt): continue that run bit-exactly, in its run directory, up to --num-iterations, with its
+    own settings; only the RUN_CONTROL flags come from this command"""
 
     # Algorithm 1 and Appendix B.1
     full_trajs_per_iter: Optional[int] = None
@@ -170,6 +171,13 @@ class Args:
     """std of the target policy smoothing noise"""
     noise_clip: float = 0.5
     """clip of the target policy smoothing noise"""
+
+
+# Flags a resumed run takes from its new command line; every other one comes from the saved run (resumed_args).
+RUN_CONTROL = (
+    "num_iterations total_env_steps max_seconds eval_episodes save_every save_path save_model resume runs_dir cuda track "
+    "wandb_project_name wandb_entity capture_video torch_threads"
+).split()
 
 
 # ---------------------------------------------------------------- envs and presets
@@ -541,6 +549,30 @@ def ensure_checkpoint(args) -> Path:
     if subprocess.run(cmd).returncode != 0 or not path.exists():
         raise UserError(f"pretraining failed, no checkpoint at {path}: {shlex.join(cmd)}")
     return path
+
+
+def resumed_args(args, run_control: tuple[str, ...]):
+    """With --resume, the Args the run goes on with: the run's own saved settings, and this command's `run_control`
+    flags (budgets, saving, logging, workers). A flag left at its default takes the run's value, so a run resumes as
+    it started even where a default has changed since; a setting given another value than the run's is an error."""
+    if not args.resume:
+        return args
+    if not Path(args.resume).is_file():
+        raise UserError(f"--resume {args.resume!r} is not a file")
+    state = torch.load(args.resume, map_location="cpu", weights_only=False, mmap=True)
+    # grpo_dt.py's states before 2026-11-22 kept the settings at the top level only
+    saved = state.get("finetune", {}).get("args", state.get("finetune_args")) if isinstance(state, dict) else None
+    if saved is None:
+        raise UserError(f"--resume {args.resume!r} is not a run state with saved settings (a --save-every state.pt)")
+    defaults, names = type(args)(), {f.name for f in fields(args)} - set(run_control)
+    clashes = [
+        f"--{k.replace('_', '-')} {getattr(args, k)!r} (the run's: {saved[k]!r})"
+        for k in sorted(names & saved.keys())
+        if getattr(args, k) != getattr(defaults, k) and getattr(args, k) != saved[k]
+    ]
+    if clashes:
+        raise UserError(f"--resume keeps the run's own settings, but this command sets {', '.join(clashes)}")
+    return replace(args, **{k: v for k, v in saved.items() if k in names})
 
 
 # ---- end shared: load-checkpoint ----
@@ -990,8 +1022,6 @@ def finetuned_checkpoint(ckpt: dict, model, score: float) -> dict:
 
 def load_start(args: Args, device):
     """(DT, checkpoint dict, rollout constants): the run state to resume, or the pretrained checkpoint; dims checked."""
-    if args.resume and not Path(args.resume).is_file():
-        raise UserError(f"--resume {args.resume!r} is not a file")
     model, ckpt = load_model(args.resume or ensure_checkpoint(args), device)
     if args.resume and "finetune" not in ckpt:
         raise UserError(f"--resume {args.resume!r} is a pretrained checkpoint, not one written by --save-every")
@@ -1089,7 +1119,7 @@ def out_of_budget(args: Args, env_steps: int, start_time: float) -> bool:
 # ---------------------------------------------------------------- main
 def main(args: Args) -> float:
     start_time = time.time()  # --max-seconds counts from here, loading included
-    args = apply_presets(args)
+    args = apply_presets(resumed_args(args, RUN_CONTROL))
     device = seed_everything(args)
 
     # Start: the pretrained DT (or the run to resume) with dropout off; pi_ref, fresh critics, kappa, empty buffers

@@ -22,7 +22,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Literal, Optional
@@ -154,7 +154,15 @@ class Args:
     save_model: bool = False
     """if toggled, also write the finetuned DT as a checkpoint to `{runs_dir}/{run_name}/{exp_name}.pt` at the end"""
     resume: Optional[str] = None
-    """a run state written by --save-every: continue that run (same env and algo) bit-exactly up to --num-iterations"""
+    """a run state written by --save-every: continue that run bit-exactly up to --num-iterations, with its own
+    settings; only the RUN_CONTROL flags come from this command"""
+
+
+# Flags a resumed run takes from its new command line; every other one comes from the saved run (resumed_args).
+RUN_CONTROL = (
+    "num_iterations total_env_steps max_seconds eval_episodes save_every save_path save_model resume runs_dir cuda track "
+    "wandb_project_name wandb_entity capture_video"
+).split()
 
 
 # ---------------------------------------------------------------- envs and data
@@ -486,6 +494,30 @@ def ensure_checkpoint(args) -> Path:
     if subprocess.run(cmd).returncode != 0 or not path.exists():
         raise UserError(f"pretraining failed, no checkpoint at {path}: {shlex.join(cmd)}")
     return path
+
+
+def resumed_args(args, run_control: tuple[str, ...]):
+    """With --resume, the Args the run goes on with: the run's own saved settings, and this command's `run_control`
+    flags (budgets, saving, logging, workers). A flag left at its default takes the run's value, so a run resumes as
+    it started even where a default has changed since; a setting given another value than the run's is an error."""
+    if not args.resume:
+        return args
+    if not Path(args.resume).is_file():
+        raise UserError(f"--resume {args.resume!r} is not a file")
+    state = torch.load(args.resume, map_location="cpu", weights_only=False, mmap=True)
+    # grpo_dt.py's states before 2026-11-22 kept the settings at the top level only
+    saved = state.get("finetune", {}).get("args", state.get("finetune_args")) if isinstance(state, dict) else None
+    if saved is None:
+        raise UserError(f"--resume {args.resume!r} is not a run state with saved settings (a --save-every state.pt)")
+    defaults, names = type(args)(), {f.name for f in fields(args)} - set(run_control)
+    clashes = [
+        f"--{k.replace('_', '-')} {getattr(args, k)!r} (the run's: {saved[k]!r})"
+        for k in sorted(names & saved.keys())
+        if getattr(args, k) != getattr(defaults, k) and getattr(args, k) != saved[k]
+    ]
+    if clashes:
+        raise UserError(f"--resume keeps the run's own settings, but this command sets {', '.join(clashes)}")
+    return replace(args, **{k: v for k, v in saved.items() if k in names})
 
 
 # ---- end shared: load-checkpoint ----
@@ -855,6 +887,7 @@ def make_envs(args: Args, run_name: str) -> tuple[gym.Env, list]:
 def main(args: Args):
     t_launch = time.time()  # --max-seconds counts from here, loading included
     fix_malloc_mmap_threshold()
+    args = resumed_args(args, RUN_CONTROL)
     if args.algo not in ALGOS:
         raise UserError(f"unknown --algo {args.algo!r}; choose one of {', '.join(ALGOS)}")
     args = apply_presets(args)

@@ -544,7 +544,7 @@ def test_end_to_end_door(door_checkpoint, tmp_path):
 def test_user_errors(door_checkpoint, tmp_path):
     with pytest.raises(grpo_dt.UserError, match="dims"):
         grpo_dt.main(tiny_args("Hopper-v4", "medium", door_checkpoint, tmp_path))
-    with pytest.raises(grpo_dt.UserError, match="does not exist"):
+    with pytest.raises(grpo_dt.UserError, match="is not a file"):
         grpo_dt.main(tiny_args("Hopper-v4", "medium", door_checkpoint, tmp_path, resume=str(tmp_path / "nope.pt")))
     with pytest.raises(grpo_dt.UserError, match="not a run state"):
         grpo_dt.main(tiny_args("AdroitHandDoor-v1", "human", door_checkpoint, tmp_path, resume=str(door_checkpoint)))
@@ -702,8 +702,10 @@ def test_killed_run_resumes_bit_exactly(hopper_checkpoint, tmp_path):
     for key in ("state_dict", "eval_normalized_score"):
         assert same(resumed[key], reference[key]), key
     for key in reference["finetune"]:
-        if key != "run_name":
+        if key not in ("run_name", "args"):
             assert same(resumed["finetune"][key], reference["finetune"][key]), key
+    settings = [{k: v for k, v in s["finetune"]["args"].items() if k not in grpo_dt.RUN_CONTROL} for s in (resumed, reference)]
+    assert settings[0] == settings[1]  # the resumed run kept the run's settings; only run-control flags differ
 
 
 def test_non_finite_stops_with_one_line_and_keeps_the_state(hopper_checkpoint, tmp_path, monkeypatch):

@@ -310,7 +310,7 @@ def test_table6_defaults_and_bad_input(hopper_checkpoint, door_checkpoint, tmp_p
         qg.main(tiny_args(hopper_checkpoint, tmp_path, group_size=1))
     with pytest.raises(qg.UserError, match="dims"):
         qg.main(tiny_args(door_checkpoint, tmp_path, env_id="Hopper-v4"))
-    with pytest.raises(qg.UserError, match="not one written by --save-every"):
+    with pytest.raises(qg.UserError, match="not a run state"):
         qg.main(tiny_args(hopper_checkpoint, tmp_path, resume=str(hopper_checkpoint)))
 
 

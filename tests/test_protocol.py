@@ -5,6 +5,7 @@ are equal to each other and to pretrain_dt.py's own `evaluate` of that checkpoin
 """
 
 import ast
+import dataclasses
 
 import numpy as np
 import pytest
@@ -108,3 +109,25 @@ def test_max_seconds_is_documented_identically():
     docs = {s: field_doc(f"{s}.py", "max_seconds") for s in SCRIPTS}
     assert len(set(docs.values())) == 1, docs
     assert "from the start of main (before loading" in docs["grpo_dt"]
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_resume_keeps_the_runs_own_settings(name, tmp_path):
+    """--resume goes on with the saved run's settings (even where this command leaves a flag at a default that has
+    changed since), takes only RUN_CONTROL flags from the new command, and refuses a clashing setting."""
+    module = SCRIPTS[name]
+    saved = module.Args(seed=7, gamma=0.5, max_episode_steps=60, num_iterations=2, runs_dir="old")
+    state = tmp_path / "state.pt"
+    torch.save({"finetune": {"args": dataclasses.asdict(saved)}}, state)
+    resumed = module.resumed_args(module.Args(resume=str(state), num_iterations=9, runs_dir="new"), module.RUN_CONTROL)
+    assert (resumed.seed, resumed.gamma, resumed.max_episode_steps) == (7, 0.5, 60)  # the run's own
+    assert (resumed.num_iterations, resumed.runs_dir, resumed.resume) == (9, "new", str(state))  # this command's
+    assert module.resumed_args(module.Args(resume=str(state), gamma=0.5), module.RUN_CONTROL).gamma == 0.5
+    with pytest.raises(module.UserError, match=r"this command sets --gamma 0.9 \(the run's: 0.5\)"):
+        module.resumed_args(module.Args(resume=str(state), gamma=0.9), module.RUN_CONTROL)
+    torch.save({"state_dict": {}}, tmp_path / "checkpoint.pt")
+    with pytest.raises(module.UserError, match="not a run state"):
+        module.resumed_args(module.Args(resume=str(tmp_path / "checkpoint.pt")), module.RUN_CONTROL)
+    with pytest.raises(module.UserError, match="is not a file"):
+        module.resumed_args(module.Args(resume=str(tmp_path / "nope.pt")), module.RUN_CONTROL)
+    assert module.resumed_args(saved, module.RUN_CONTROL) is saved  # no --resume: the command's own Args
