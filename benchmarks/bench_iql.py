@@ -10,9 +10,12 @@ Each run's output goes to `--out-dir/<run>.log`; the snapshot and the TensorBoar
 
     MINARI_DATASETS_PATH=$(realpath ../shared/datasets) python benchmarks/bench_iql.py
     python benchmarks/bench_iql.py --budgets 5000 --online-steps 20000   # also online finetuning
+    python benchmarks/bench_iql.py --budgets 100000 --seeds 1 2 & python benchmarks/bench_iql.py --budgets 100000 --seeds 3
+    python benchmarks/bench_iql.py --budgets 100000 --report-only          # summarise seeds 1-3 from their .json
 """
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -35,8 +38,8 @@ class Args:
     """gymnasium env id"""
     dataset: str = "local/hopper/medium-v0"
     """Minari id of the offline data"""
-    seeds: int = 3
-    """runs per budget, seeds 1..seeds, one at a time"""
+    seeds: tuple[int, ...] = (1, 2, 3)
+    """run seeds per budget, one at a time (start two benchmarks with different seeds to use two cores)"""
     budgets: tuple[int, ...] = (5000, 30000)
     """offline-update budgets; each is its own run (the actor's cosine schedule spans the run's own budget)"""
     offline_eval_every: int = 5000
@@ -50,7 +53,9 @@ class Args:
     extra: str = ""
     """extra iql.py flags, one shell string"""
     out_dir: str = str(ROOT / "benchmarks" / "iql_out")
-    """where the per-run logs go"""
+    """where the per-run logs and results (`<run>.log`, `<run>.json`) go"""
+    report_only: bool = False
+    """run nothing; summarise the `<run>.json` results already in --out-dir for these budgets, seeds, online steps"""
 
 
 def scalars(run_dir: Path) -> dict:
@@ -71,11 +76,15 @@ def main(args: Args):
         "MKL_NUM_THREADS": "1",
         "MINARI_DATASETS_PATH": os.environ.get("MINARI_DATASETS_PATH", str(ROOT.parent / "shared" / "datasets")),
     }
-    print(f"iql.py sha1 {sha}; {args.env_id} on {args.dataset}; {args.eval_episodes} eval episodes", flush=True)
+    if not args.report_only:
+        print(f"iql.py sha1 {sha}; {args.env_id} on {args.dataset}; {args.eval_episodes} eval episodes", flush=True)
     results = {}
     for budget in args.budgets:
-        for seed in range(1, args.seeds + 1):
+        for seed in args.seeds:
             name = f"offline{budget}_online{args.online_steps}_s{seed}"
+            if args.report_only:
+                results[budget, seed] = json.loads((out / f"{name}.json").read_text())
+                continue
             runs = tmp / "runs" / name
             cmd = [
                 sys.executable,
@@ -117,10 +126,12 @@ def main(args: Args):
                 online=s["charts/normalized_score"][final_step],
                 online_sem=s["charts/normalized_score_sem"][final_step],
                 ups=s["offline/updates_per_s"][budget],
-                curve=s["offline/normalized_score"],
+                curve={str(k): v for k, v in s["offline/normalized_score"].items()},
                 wall=time.time() - start,
+                command=" ".join(cmd),
             )
             r = results[budget, seed]
+            (out / f"{name}.json").write_text(json.dumps(r, indent=1))
             print(
                 f"{budget:>7} offline updates, seed {seed}: score {r['offline']:.2f} +- {r['offline_sem']:.2f} (sem, "
                 f"{args.eval_episodes} episodes), {r['ups']:.1f} updates/s, {r['wall']:.0f} s"
@@ -133,11 +144,11 @@ def main(args: Args):
             )
 
     print(
-        f"\nsummary ({args.seeds} seeds; +- over seeds is np.std, ddof=0; sem: mean over seeds of each run's "
-        "standard error over its evaluation episodes):"
+        f"\nsummary (seeds {', '.join(map(str, args.seeds))}; +- over seeds is np.std, ddof=0; sem: mean over seeds of "
+        "each run's standard error over its evaluation episodes):"
     )
     for budget in args.budgets:
-        rows = [results[budget, s] for s in range(1, args.seeds + 1)]
+        rows = [results[budget, s] for s in args.seeds]
         for key in ("offline", "online") if args.online_steps else ("offline",):
             x = np.array([r[key] for r in rows])
             sem = np.mean([r[f"{key}_sem"] for r in rows])
@@ -146,7 +157,7 @@ def main(args: Args):
                 f"  {label}: {x.mean():.2f} +- {x.std():.2f} (per seed {', '.join(f'{v:.2f}' for v in x)}; "
                 f"eval sem {sem:.2f}); target 40.3"
             )
-        steps = sorted(rows[0]["curve"])
+        steps = sorted(rows[0]["curve"], key=int)
         if len(steps) > 1:
             curve = np.array([[r["curve"][k] for k in steps] for r in rows])
             print("  curve: " + ", ".join(f"{k}: {m:.1f}" for k, m in zip(steps, curve.mean(0))))
