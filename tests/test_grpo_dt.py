@@ -380,9 +380,10 @@ def test_presets_follow_table6():
     assert (u.c_online, u.gamma, u.g_online) == (5, 1.0, 2)
 
 
-def test_narrow_exploration_scales_sigma_and_widens_the_clip_on_mujoco_only():
-    """--narrow-exploration (default): on MuJoCo sigma x 0.25 and 2x Table 6's epsilon; --no-narrow-exploration is the
-    paper's (sigma x 1, Table 6's epsilon); Adroit and AntMaze keep the paper's either way; given values win."""
+def test_narrow_exploration_scales_sigma_and_widens_the_clip_on_mujoco_and_adroit():
+    """--narrow-exploration (default): on MuJoCo and Adroit sigma x 0.25 and 2x Table 6's epsilon;
+    --no-narrow-exploration is the paper's (sigma x 1, Table 6's epsilon); AntMaze keeps the paper's either way;
+    given values win."""
 
     def resolved(env_id, family, key, *flags):
         a = tyro.cli(grpo_dt.Args, args=["--env-id", env_id, *flags])
@@ -393,7 +394,8 @@ def test_narrow_exploration_scales_sigma_and_widens_the_clip_on_mujoco_only():
     assert resolved("Walker2d-v4", "mujoco", "walker2d") == (0.25, 0.6)
     assert resolved("Hopper-v4", "mujoco", "hopper", "--no-narrow-exploration") == (1.0, 0.2)
     assert resolved("Hopper-v4", "mujoco", "hopper", "--std-scale", "0.5", "--clip-coef", "0.3") == (0.5, 0.3)
-    assert resolved("AdroitHandDoor-v1", "adroit", "door", "--dataset", "human") == (1.0, 0.3)
+    assert resolved("AdroitHandDoor-v1", "adroit", "door", "--dataset", "human") == (0.25, 0.6)
+    assert resolved("AdroitHandDoor-v1", "adroit", "door", "--dataset", "human", "--no-narrow-exploration") == (1.0, 0.3)
     assert resolved("AntMaze_UMaze-v4", "antmaze", "antmaze", "--dataset", "umaze") == (1.0, 0.2)
 
 
