@@ -10,7 +10,8 @@ iterations, gain -2, floor 2). Prints figures; it is not a test.
     MINARI_DATASETS_PATH=$(realpath ../shared/datasets) python benchmarks/bench_grpo_hold.py --checkpoint CKPT \
         --arm "default=" "paper=--no-narrow-exploration" --seeds 1 2 3 --iterations 40
 
-A finished run writes its command into `raw/<arm>/s<seed>.done` and is not run again; `--report-only` runs nothing
+A finished run writes its command into `raw/<arm>/s<seed>.done` and is not run again; a killed one goes on from its
+last saved state (`--resume`) when the benchmark is started again; `--report-only` runs nothing
 and reports every arm and seed found under `raw/`, each with the command its marker recorded (arms may then differ in
 their seeds; an arm's own `--checkpoint` in its flags wins).
 """
@@ -65,8 +66,9 @@ def scores_of(runs_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     (run,) = [d for d in runs_dir.iterdir() if d.is_dir()]
     acc = EventAccumulator(str(run))
     acc.Reload()
-    events = acc.Scalars("charts/normalized_score")
-    return np.array([e.step for e in events]), np.array([e.value for e in events])
+    by_step = {e.step: e.value for e in acc.Scalars("charts/normalized_score")}  # a resumed run re-logs from its state
+    steps = sorted(by_step)
+    return np.array(steps), np.array([by_step[k] for k in steps])
 
 
 def run_command(args: Args, raw: Path, arm: str, flags: str, seed: int) -> list[str]:
@@ -90,7 +92,8 @@ def recorded(raw: Path, arm: str, seed: int, cmd: list[str]) -> str:
 
 
 def run_all(args: Args, raw: Path, runs: list[tuple[str, int, list[str]]]):
-    """Run what has no `.done` marker, `--parallel` at a time; a failed run stops the benchmark with its log's path."""
+    """Run what has no `.done` marker, `--parallel` at a time; a failed run stops the benchmark with its log's path.
+    A run that was killed goes on from its last saved state (`--resume`, grpo_dt.py saves every 5 iterations)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     pending = [r for r in runs if not (raw / r[0] / f"s{r[1]}.done").exists()]
     running = []
@@ -98,12 +101,16 @@ def run_all(args: Args, raw: Path, runs: list[tuple[str, int, list[str]]]):
         while pending and len(running) < args.parallel:
             arm, seed, cmd = pending.pop(0)
             (raw / arm).mkdir(parents=True, exist_ok=True)
-            log = open(raw / f"{arm}_s{seed}.log", "w")
-            running.append((arm, seed, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)))
-        arm, seed, proc = running.pop(0)
+            states = sorted((raw / arm / f"s{seed}").glob("*/state.pt"))
+            log = open(raw / f"{arm}_s{seed}.log", "a" if states else "w")
+            proc = subprocess.Popen(
+                cmd + ["--resume", str(states[-1])] if states else cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+            running.append((arm, seed, cmd, proc))
+        arm, seed, cmd, proc = running.pop(0)
         if proc.wait() != 0:
             sys.exit(f"error: {arm} seed {seed} failed, see {raw / f'{arm}_s{seed}.log'}")
-        (raw / arm / f"s{seed}.done").write_text(shown(proc.args) + "\n")  # the marker records the run's command
+        (raw / arm / f"s{seed}.done").write_text(shown(cmd) + "\n")  # the marker records the run's command
 
 
 def report(args: Args, out: Path, arms: dict[str, dict[int, list[str]]]):
