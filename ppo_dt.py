@@ -462,7 +462,10 @@ def resumed_args(args, run_control: tuple[str, ...]):
         return args
     if not Path(args.resume).is_file():
         raise UserError(f"--resume {args.resume!r} is not a file")
-    state = torch.load(args.resume, map_location="cpu", weights_only=False, mmap=True)
+    try:
+        state = torch.load(args.resume, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # not a torch.save file (a log, a truncated copy): one line, not a traceback
+        raise UserError(f"--resume {args.resume!r} is not a run state: torch.load failed ({type(e).__name__})") from None
     # grpo_dt.py's states before 2026-11-22 kept the settings at the top level only
     saved = state.get("finetune", {}).get("args", state.get("finetune_args")) if isinstance(state, dict) else None
     if saved is None:

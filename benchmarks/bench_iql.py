@@ -83,6 +83,8 @@ def main(args: Args):
         for seed in args.seeds:
             name = f"offline{budget}_online{args.online_steps}_s{seed}"
             if args.report_only:
+                if not (out / f"{name}.json").is_file():
+                    sys.exit(f"error: no result {out / f'{name}.json'}; run it first (without --report-only)")
                 results[budget, seed] = json.loads((out / f"{name}.json").read_text())
                 continue
             runs = tmp / "runs" / name

@@ -128,6 +128,9 @@ def test_resume_keeps_the_runs_own_settings(name, tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "checkpoint.pt")
     with pytest.raises(module.UserError, match="not a run state"):
         module.resumed_args(module.Args(resume=str(tmp_path / "checkpoint.pt")), module.RUN_CONTROL)
+    (tmp_path / "log.txt").write_text("not a state")
+    with pytest.raises(module.UserError, match="is not a run state: torch.load failed"):
+        module.resumed_args(module.Args(resume=str(tmp_path / "log.txt")), module.RUN_CONTROL)
     with pytest.raises(module.UserError, match="is not a file"):
         module.resumed_args(module.Args(resume=str(tmp_path / "nope.pt")), module.RUN_CONTROL)
     assert module.resumed_args(saved, module.RUN_CONTROL) is saved  # no --resume: the command's own Args
