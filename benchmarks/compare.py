@@ -18,9 +18,9 @@ Presets (CPU scale on local/hopper/medium-v0, plus local/door/human-v0 where the
 
 Examples:
     python benchmarks/compare.py --preset table1-cpu --seeds 1 --budget-env-steps 5000
-    python benchmarks/compare.py --preset table1-cpu --seeds 2 --budget-seconds 300 --tasks hopper
+    python benchmarks/compare.py --preset table1-cpu --seeds 1 2 --budget-seconds 300 --tasks hopper
     python benchmarks/compare.py --preset fig1-relabel --methods grpo-dt grpo-dt-relabel --dry-run
-    python benchmarks/compare.py --preset table1-cpu --scale paper --seeds 3 --tasks hopper   # GPU machine
+    python benchmarks/compare.py --preset table1-cpu --scale paper --seeds 1 2 3 --tasks hopper   # GPU machine
 """
 
 import hashlib
@@ -52,8 +52,9 @@ class Args:
     """results go to `{results_dir}/{name}`; default `{preset}` (`{preset}-paper` at paper scale)"""
     results_dir: str = "results"
     """root of the results folders"""
-    seeds: int = 2
-    """seeds 1..N for every method"""
+    seeds: tuple[int, ...] = (1, 2)
+    """run seeds, the same for every method (two comparisons with different seeds can share the cores; then
+    `--summarize-only` with all of them writes the joint table)"""
     methods: Optional[tuple[str, ...]] = None
     """only these method keys (see --dry-run for a preset's keys), e.g. `--methods dt grpo-dt`"""
     tasks: Optional[tuple[str, ...]] = None
@@ -86,6 +87,9 @@ class Args:
     """print the commands and exit"""
     summarize_only: bool = False
     """run nothing: rebuild summary.md and curves.png from the runs already recorded under `{name}/raw/`"""
+    rerun: bool = False
+    """run every run again; by default a run that already finished (exit 0, recorded under `{name}/raw/`) is kept and
+    only the missing or failed ones run, so a killed comparison goes on where it stopped"""
 
 
 class UserError(Exception):
@@ -354,21 +358,24 @@ def last_line(text: str) -> str:
     return (errors or lines or ["(no stderr)"])[-1][:200]
 
 
+def mean_or_none(xs: list) -> Optional[float]:
+    return float(np.mean(xs)) if xs else None
+
+
 def summarize(runs: list[Run]) -> dict:
     """Per method: final normalized score mean/std over the seeds that finished (np.std, ddof=0) and the failures."""
     ok, done = [r for r in runs if r.ok], [r for r in runs if r.returncode is not None]
-    mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
     scores = [r.last("charts/normalized_score") for r in ok]
     return dict(
         n=len(runs),
         n_ok=len(ok),
         pending=len(runs) - len(done),
-        mean=mean(scores),
+        mean=mean_or_none(scores),
         std=float(np.std(scores)) if ok else None,
-        start=mean([r.scalars["charts/normalized_score"][1][0] for r in ok]),
-        env_steps=mean([r.last("charts/env_steps") for r in ok]),
-        grad_updates=mean([r.last("charts/grad_updates") for r in ok]),
-        wall_time=mean([r.wall_time for r in done]),
+        start=mean_or_none([r.scalars["charts/normalized_score"][1][0] for r in ok]),
+        env_steps=mean_or_none([r.last("charts/env_steps") for r in ok]),
+        grad_updates=mean_or_none([r.last("charts/grad_updates") for r in ok]),
+        wall_time=mean_or_none([r.wall_time for r in done]),
         fails=[f"seed {r.seed}: {r.error or 'no charts/normalized_score logged'}" for r in done if not r.ok],
     )
 
@@ -535,8 +542,8 @@ def main(args: Args) -> Path:
                 f"unknown --methods {sorted(unknown)} for preset {args.preset}; valid: {', '.join(m.key for m in methods)}"
             )
         methods = [m for m in methods if m.key in args.methods]
-    if args.seeds < 1:
-        raise UserError("--seeds must be at least 1")
+    if not args.seeds or min(args.seeds) < 1 or len(set(args.seeds)) < len(args.seeds):
+        raise UserError(f"--seeds must be distinct positive integers, got {list(args.seeds)}")
     if args.checkpoint and len(tasks) != 1:
         raise UserError(f"--checkpoint is for one task; pick one with --tasks ({', '.join(tasks)})")
     if args.checkpoint and not Path(args.checkpoint).is_file():
@@ -582,7 +589,7 @@ def main(args: Args) -> Path:
                 str(raw / "runs" / task / "pretrain"),
             ]
         )
-        runs = [Run(task, m, seed) for m in methods for seed in range(1, args.seeds + 1)]
+        runs = [Run(task, m, seed) for m in methods for seed in args.seeds]
         for r in runs:
             r.cmd = finetune_command(
                 args, r.method, env_id, dataset, ckpt, r.seed, raw / "runs" / task / r.method.key / f"s{r.seed}"
@@ -612,7 +619,7 @@ def main(args: Args) -> Path:
             f"- {t}: {TASKS[t][0]} on {TASKS[t][1]}; shared checkpoint `{c}`" + (f", made by `{show(p)}`" if p else "")
             for t, c, p, _ in plan
         ),
-        f"- seeds: 1..{args.seeds}; budget per run: {budget or 'none (the scripts own iteration counts)'}",
+        f"- seeds: {', '.join(map(str, args.seeds))}; budget per run: {budget or 'none (the scripts own iteration counts)'}",
         "- score: D4RL normalized x100 at the run's last evaluation, by the script's own evaluation; the "
         "pretrained DT row is `grpo_dt.py --num-iterations 0` (GRPO-DT's evaluation); each run's iteration-0 "
         "score is its own script's evaluation of the same checkpoint; IQL uses no checkpoint: it pretrains "
@@ -658,12 +665,17 @@ def main(args: Args) -> Path:
         for r in runs:
             log_dir = Path(r.cmd[r.cmd.index("--runs-dir") + 1])
             record = raw / "logs" / task / f"{r.method.key}__s{r.seed}.json"  # exit code, wall time, error, script
+            if record.is_file():
+                r.returncode, r.wall_time, r.error, *sha = json.loads(record.read_text())
+                r.script_sha = sha[0] if sha else ""
+                r.scalars = read_scalars(log_dir)
             if args.summarize_only:
-                if record.is_file():
-                    r.returncode, r.wall_time, r.error, *sha = json.loads(record.read_text())
-                    r.script_sha = sha[0] if sha else ""
-                    r.scalars = read_scalars(log_dir)
                 continue
+            if r.ok and not args.rerun:
+                done += 1
+                print(f"[{done}/{total}] {task} {r.method.label} seed {r.seed}: finished earlier, kept", flush=True)
+                continue
+            r.returncode, r.wall_time, r.error, r.scalars = None, float("nan"), "", {}
             if log_dir.exists():  # a rerun into the same results folder starts clean
                 for f in log_dir.rglob("events.out.tfevents.*"):
                     f.unlink()

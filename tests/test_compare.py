@@ -135,7 +135,7 @@ def test_bad_input_is_one_line_error(tmp_path):
 def test_presets_dry_run(capsys):
     for preset in ("table1-cpu", "fig1-relabel", "fig2-ablations", "fig4-lengths", "fig4b-qguided"):
         for scale in ("cpu", "paper"):
-            compare.main(compare.Args(preset=preset, scale=scale, seeds=1, budget_env_steps=1000, dry_run=True))
+            compare.main(compare.Args(preset=preset, scale=scale, seeds=(1,), budget_env_steps=1000, dry_run=True))
     out = capsys.readouterr().out
     assert "--relabel" in out and "--full-trajectory" in out and "--subtraj-len 5" in out and "--eval-len" in out
     assert "grpo_dt_qguided.py" in out and "--algo odt" in out and "--total-env-steps 1000" in out
@@ -158,7 +158,7 @@ def test_iql_gets_the_same_seeds_budget_and_eval_episodes(capsys):
     compare.main(
         compare.Args(
             preset="table1-cpu",
-            seeds=2,
+            seeds=(1, 2),
             budget_seconds=60,
             eval_episodes=7,
             tasks=("door",),
@@ -173,7 +173,7 @@ def test_iql_gets_the_same_seeds_budget_and_eval_episodes(capsys):
             assert flag in a and flag in b
     assert [ln.split("--seed ")[1][0] for ln in iql] == ["1", "2"]
     assert all("--online-steps 10000000" in ln for ln in iql)  # the wall-clock budget stops it
-    only_iql = compare.main(compare.Args(preset="table1-cpu", seeds=1, tasks=("door",), methods=("iql",), dry_run=True))
+    only_iql = compare.main(compare.Args(preset="table1-cpu", seeds=(1,), tasks=("door",), methods=("iql",), dry_run=True))
     assert only_iql and "# no DT checkpoint needed" in capsys.readouterr().out
 
 
@@ -183,7 +183,7 @@ def test_every_dt_method_gets_the_same_eval_flags(capsys):
         "hopper": "--eval-episodes 20 --eval-rtg 7200 --eval-context-len 1",
         "door": "--eval-episodes 20 --eval-rtg 3000 --eval-context-len 1",
     }
-    compare.main(compare.Args(preset="table1-cpu", seeds=2, dry_run=True))
+    compare.main(compare.Args(preset="table1-cpu", seeds=(1, 2), dry_run=True))
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("python ") and "--exp-name" in ln]
     for task, env_id in (("hopper", "Hopper-v4"), ("door", "AdroitHandDoor-v1")):
         runs = [ln for ln in lines if f"--env-id {env_id}" in ln]
@@ -193,7 +193,7 @@ def test_every_dt_method_gets_the_same_eval_flags(capsys):
             ln.count(f"{f} ") == 1 for ln in dt for f in ("--eval-episodes", "--eval-rtg", "--eval-context-len")
         )
         assert all("--eval-episodes 20" in ln and "--eval-rtg" not in ln for ln in iql)
-    compare.main(compare.Args(preset="table1-cpu", seeds=1, tasks=("door",), eval_rtg=40, eval_episodes=3, dry_run=True))
+    compare.main(compare.Args(preset="table1-cpu", seeds=(1,), tasks=("door",), eval_rtg=40, eval_episodes=3, dry_run=True))
     dt = [ln for ln in capsys.readouterr().out.splitlines() if "--exp-name" in ln and "iql.py" not in ln]
     assert dt and all("--eval-episodes 3 --eval-rtg 40 --eval-context-len 1" in ln for ln in dt)
 
@@ -272,7 +272,7 @@ def test_end_to_end_with_fake_scripts(tmp_path, capsys):
         preset="table1-cpu",
         tasks=("hopper",),
         methods=("grpo-dt", "ppo-dt", "iql"),
-        seeds=2,
+        seeds=(1, 2),
         budget_env_steps=300,
         scripts_dir=str(tmp_path),
         results_dir=str(tmp_path / "results"),
@@ -292,3 +292,11 @@ def test_end_to_end_with_fake_scripts(tmp_path, capsys):
     assert (out_dir / "summary.md").read_text().split("## hopper")[1] == md.split("## hopper")[1]
     progress = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[") and "/6]" in ln]
     assert len(progress) == 6 and "[4/6] hopper PPO-DT seed 2: FAILED (exit 3: ValueError: bad shapes)" in progress[3]
+    # Started again, it keeps the finished runs and runs only the failed ones; --rerun runs everything.
+    compare.main(args)
+    progress = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[") and "/6]" in ln]
+    assert sum("finished earlier, kept" in ln for ln in progress) == 4 and sum("FAILED" in ln for ln in progress) == 2
+    again = (out_dir / "summary.md").read_text()
+    assert all(row(again, label) == row(md, label) for label in ("GRPO-DT", "IQL"))
+    compare.main(compare.Args(**{**vars(args), "rerun": True}))
+    assert not any("kept" in ln for ln in capsys.readouterr().out.splitlines())
