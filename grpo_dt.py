@@ -762,6 +762,11 @@ def resumed_args(args, run_control: tuple[str, ...]):
     saved = state.get("finetune", {}).get("args", state.get("finetune_args")) if isinstance(state, dict) else None
     if saved is None:
         raise UserError(f"--resume {args.resume!r} is not a run state with saved settings (a --save-every state.pt)")
+    foreign = sorted(saved.keys() - {f.name for f in fields(args)})
+    if foreign:  # another script's state (or a flag since removed): its run cannot go on here
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in foreign[:3])
+        script = Path(__file__).name
+        raise UserError(f"--resume {args.resume!r} was saved by another script or version ({flags} are not {script} flags)")
     defaults, names = type(args)(), {f.name for f in fields(args)} - set(run_control)
     clashes = [
         f"--{k.replace('_', '-')} {getattr(args, k)!r} (the run's: {saved[k]!r})"

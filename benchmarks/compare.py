@@ -129,79 +129,20 @@ ABLATIONS = {
     "uniform-reset-sampling": ("--reset-sampling", "uniform"),
     "geometric-mean-ratio": ("--ratio", "geometric"),
 }
-# (default L_traj, L_eval; other L_traj; other L_eval) per scale: the paper's Hopper row is 15, 400 (Table 6).
-LENGTHS = {"cpu": (15, 100, (5, 30), (25, 200)), "paper": (15, 400, (5, 50), (50, 200))}
+# (default L_traj, L_eval; other L_traj; other L_eval): the paper's Hopper row is 15, 400 (Table 6), at both scales.
+LENGTHS = (15, 400, (5, 50), (50, 200))
 
-# Sizes for --scale cpu. The finetuning scripts' overrides were set from each script's --help.
-CPU_PRETRAIN = (
-    "--embed-dim",
-    "64",
-    "--n-layers",
-    "2",
-    "--n-heads",
-    "2",
-    "--num-updates",
-    "1500",
-    "--batch-size",
-    "64",
-    "--warmup-updates",
-    "150",
-    "--learning-rate",
-    "1e-3",
-    "--eval-episodes",
-    "5",
-)
+# --scale cpu: the README's CPU-sized DT (pretrain_dt.py --model-size cpu: 128x2, 3000 updates) and each script's
+# own per-iteration sizes (Tables 5-7, the ODT+TD3 reference), except where one update would not fit a CPU: the
+# replay methods' batches of 256 DT segments (ODT+TD3: 0.6 s per critic update on one core, its 10k-update critic
+# pretraining 100 min; at 32, ~0.08 s) and ODT+TD3's critic pretraining (1000 updates, not 10k).
+CPU_DT_UPDATES = 3000  # pretrain_dt.MODEL_SIZES["cpu"]["num_updates"] (tested)
+CPU_PRETRAIN = ("--model-size", "cpu")
 CPU_OVERRIDES: dict[str, tuple] = {
-    # 4 trajectories x 2 reset points x groups of 4 = 32 sub-trajectories of 15 + 100 steps per iteration (paper: 512)
-    "grpo_dt.py": (
-        "--trajs-per-iter",
-        "4",
-        "--reset-points",
-        "2",
-        "--group-size",
-        "4",
-        "--eval-len",
-        "100",
-        "--n-batch",
-        "32",
-        "--updates-per-iter",
-        "4",
-        "--subtraj-buffer-size",
-        "256",
-    ),
-    "grpo_dt_qguided.py": (
-        "--trajs-per-iter",
-        "4",
-        "--reset-points",
-        "4",
-        "--n-batch",
-        "32",
-        "--updates-per-iter",
-        "4",
-        "--sample-buffer-size",
-        "512",
-        "--critic-updates",
-        "50",
-        "--critic-pretrain-updates",
-        "500",
-        "--critic-warmup-updates",
-        "500",
-        "--critic-batch-size",
-        "128",
-    ),
-    "ppo_dt.py": ("--k-ppo", "2", "--n-batch", "32", "--updates-per-iter", "4"),
-    "odt_td3.py": (
-        "--actor-updates",
-        "20",
-        "--critic-updates",
-        "40",
-        "--critic-pretrain-updates",
-        "500",
-        "--n-batch",
-        "32",
-    ),
+    "grpo_dt_qguided.py": ("--critic-batch-size", "32"),
+    "odt_td3.py": ("--n-batch", "32", "--critic-pretrain-updates", "1000"),
     # IQL pretrains as many updates as the shared DT (App. B.1); it evaluates every 1000 env steps for the curves
-    "iql.py": ("--offline-updates", CPU_PRETRAIN[CPU_PRETRAIN.index("--num-updates") + 1], "--eval-every", "1000"),
+    "iql.py": ("--offline-updates", str(CPU_DT_UPDATES), "--eval-every", "1000"),
 }
 # The one evaluation protocol: every DT method is scored at the task's g_online (the RTG the pure-RL methods train
 # on) with Table 6's c_online, on the same episodes (`eval_seeds`); IQL has no RTG and gets the episodes only.
@@ -217,8 +158,24 @@ def eval_flags(args: Args, m: Method, env_id: str, dataset: str) -> list:
     if args.eval_rtg is None and name not in G_ONLINE:
         raise UserError(f"no g_online known for --env-id {env_id}; pass --eval-rtg")
     rtg = args.eval_rtg if args.eval_rtg is not None else G_ONLINE[name]
-    c_online = 5 if name == "AdroitHandHammer" or "umaze-diverse" in dataset else 1  # Table 6
-    return flags + ["--eval-rtg", str(rtg), "--eval-context-len", str(c_online)]
+    return flags + ["--eval-rtg", str(rtg), "--eval-context-len", str(c_online(env_id, dataset))]
+
+
+def c_online(env_id: str, dataset: str) -> int:
+    return 5 if env_id.startswith("AdroitHandHammer") or "umaze-diverse" in dataset else 1  # Table 6
+
+
+def data_rtg_command(args: Args, run: "Run", env_id: str, dataset: str, model: Path, log_dir: Path) -> list:
+    """Issue #13 asks for both RTGs: each DT method's final model (`--save-model`; the pretrained DT row: the shared
+    checkpoint) is scored once more, by one script (`grpo_dt.py --num-iterations 0`) on the same episodes and
+    context, at the checkpoint's own eval RTG (the data's scale, ODT's target: 3600 Hopper) instead of g_online."""
+    return [
+        sys.executable,
+        str(Path(args.scripts_dir) / "grpo_dt.py"),
+        *("--env-id", env_id, "--dataset", dataset, "--checkpoint", str(model), "--seed", str(run.seed)),
+        *("--exp-name", f"{run.method.key}-data-rtg", "--runs-dir", str(log_dir), "--num-iterations", "0"),
+        *("--eval-episodes", str(args.eval_episodes), "--eval-context-len", str(c_online(env_id, dataset))),
+    ]
 
 
 # iql.py's online length when only a wall-clock budget is given (--max-seconds then stops it).
@@ -250,7 +207,7 @@ def grpo(key: str, label: str, *flags) -> Method:
     return Method(key, label, "grpo_dt.py", tuple(flags))
 
 
-def preset_runs(preset: str, scale: str) -> tuple[list[str], list[Method]]:
+def preset_runs(preset: str) -> tuple[list[str], list[Method]]:
     """(task names, methods) of a preset; a one-line error naming the valid presets otherwise."""
     if preset == "table1-cpu":
         return ["hopper", "door"], TABLE1
@@ -259,7 +216,7 @@ def preset_runs(preset: str, scale: str) -> tuple[list[str], list[Method]]:
     if preset == "fig2-ablations":
         return ["hopper"], [DT, GRPO] + [grpo(k, f"GRPO-DT {' '.join(f)}", *f) for k, f in ABLATIONS.items()]
     if preset == "fig4-lengths":
-        lt, le, trajs, evals = LENGTHS[scale]
+        lt, le, trajs, evals = LENGTHS
         return ["hopper"], [DT, Method("grpo-dt", f"GRPO-DT (L_traj={lt}, L_eval={le})", "grpo_dt.py")] + [
             grpo(f"ltraj-{n}", f"L_traj={n}, L_eval={le}", "--subtraj-len", str(n)) for n in trajs
         ] + [grpo(f"leval-{n}", f"L_traj={lt}, L_eval={n}", "--eval-len", str(n)) for n in evals]
@@ -289,6 +246,8 @@ def finetune_command(args: Args, m: Method, env_id: str, dataset: str, ckpt: Pat
     if args.scale == "cpu":
         cmd += list(CPU_OVERRIDES.get(m.script, ()))
     cmd += eval_flags(args, m, env_id, dataset)
+    if m.uses_checkpoint and not m.reference:
+        cmd += ["--save-model"]  # the final model, scored again at the data's RTG (data_rtg_command)
     if not m.reference:
         budget = args.budget_env_steps > 0 or args.budget_seconds > 0
         iters = args.num_iterations if args.num_iterations is not None else (100_000 if budget else None)
@@ -334,6 +293,7 @@ class Run:
     error: str = ""  # why it failed: "exit 1: <last stderr line>"
     script_sha: str = ""  # sha1 of the script file when the run started (scripts can change between runs)
     scalars: dict = field(default_factory=dict)
+    data_rtg_score: float = float("nan")  # the final model at the checkpoint's eval RTG (data_rtg_command)
 
     @property
     def ok(self) -> bool:
@@ -376,6 +336,7 @@ def summarize(runs: list[Run]) -> dict:
         env_steps=mean_or_none([r.last("charts/env_steps") for r in ok]),
         grad_updates=mean_or_none([r.last("charts/grad_updates") for r in ok]),
         wall_time=mean_or_none([r.wall_time for r in done]),
+        data_rtg=[r.data_rtg_score for r in ok if np.isfinite(r.data_rtg_score)],
         fails=[f"seed {r.seed}: {r.error or 'no charts/normalized_score logged'}" for r in done if not r.ok],
     )
 
@@ -395,8 +356,8 @@ def format_summary(title: str, header: list[str], sections: dict[str, dict[str, 
             f"## {task}",
             "",
             "| Method | Final normalized score | Iteration-0 score | Seeds OK | Env steps "
-            "| Grad updates | Wall time (s) | Status |" + extra,
-            "|---" * (9 if paper else 8) + "|",
+            "| Grad updates | Wall time (s) | Final at the data's RTG | Status |" + extra,
+            "|---" * (10 if paper else 9) + "|",
         ]
         for runs in by_method.values():
             s = summarize(runs)
@@ -407,9 +368,10 @@ def format_summary(title: str, header: list[str], sections: dict[str, dict[str, 
                 else ("FAILED: " if s["n_ok"] == 0 else "partly FAILED: ") + "; ".join(s["fails"]).replace("|", "/")
             )
             status += f" ({s['pending']} pending)" if s["pending"] else ""
+            at_data = s["data_rtg"] and f"{np.mean(s['data_rtg']):.2f} ± {np.std(s['data_rtg']):.2f}"
             out.append(
                 f"| {runs[0].method.label} | {score} | {fmt(s['start'], 2)} | {s['n_ok']}/{s['n']} | "
-                f"{fmt(s['env_steps'])} | {fmt(s['grad_updates'])} | {fmt(s['wall_time'], 1)} | {status} |"
+                f"{fmt(s['env_steps'])} | {fmt(s['grad_updates'])} | {fmt(s['wall_time'], 1)} | {at_data or '—'} | {status} |"
                 + (f" {paper.get(task, {}).get(runs[0].method.key, '—')} |" if paper else "")
             )
         out += [
@@ -523,8 +485,21 @@ def run_process(cmd: list, log_prefix: Path, timeout: float, env: dict) -> tuple
     return code, wall, (f"killed after --run-timeout {timeout:g} s" if code == -9 and timeout else tail)
 
 
+def score_at_data_rtg(args: Args, run: Run, env_id: str, dataset: str, model, log_dir: Path, logs: Path, env) -> float:
+    """`data_rtg_command`'s normalized score (NaN when the run wrote no model or the evaluation failed)."""
+    if model is None:
+        return float("nan")
+    out_dir = log_dir.with_name(f"{log_dir.name}-data-rtg")
+    for f in out_dir.rglob("events.out.tfevents.*"):
+        f.unlink()
+    cmd = data_rtg_command(args, run, env_id, dataset, model, out_dir)
+    run_process(cmd, logs / f"{run.method.key}__s{run.seed}-data-rtg", args.run_timeout, env)
+    scores = read_scalars(out_dir).get("charts/normalized_score")
+    return float(scores[1][-1]) if scores is not None else float("nan")
+
+
 def main(args: Args) -> Path:
-    tasks, methods = preset_runs(args.preset, args.scale)
+    tasks, methods = preset_runs(args.preset)
     if args.env_id or args.dataset:
         if not (args.env_id and args.dataset):
             raise UserError("--env-id and --dataset go together")
@@ -664,10 +639,11 @@ def main(args: Args) -> Path:
             print(f"[{task}] checkpoint {ckpt} in {wall:.0f} s", flush=True)
         for r in runs:
             log_dir = Path(r.cmd[r.cmd.index("--runs-dir") + 1])
-            record = raw / "logs" / task / f"{r.method.key}__s{r.seed}.json"  # exit code, wall time, error, script
+            # exit code, wall time, error, script sha1, score at the data's RTG
+            record = raw / "logs" / task / f"{r.method.key}__s{r.seed}.json"
             if record.is_file():
-                r.returncode, r.wall_time, r.error, *sha = json.loads(record.read_text())
-                r.script_sha = sha[0] if sha else ""
+                r.returncode, r.wall_time, r.error, *rest = json.loads(record.read_text())
+                r.script_sha, r.data_rtg_score = (rest + ["", float("nan")][len(rest) :])[:2]
                 r.scalars = read_scalars(log_dir)
             if args.summarize_only:
                 continue
@@ -687,7 +663,10 @@ def main(args: Args) -> Path:
             r.scalars = read_scalars(log_dir)
             if r.returncode != 0:
                 r.error = f"exit {r.returncode}: {tail}"
-            record.write_text(json.dumps([r.returncode, r.wall_time, r.error, r.script_sha]))
+            if r.ok and r.method.uses_checkpoint:
+                model = ckpt if r.method.reference else max(log_dir.rglob(f"{r.method.key}.pt"), default=None)
+                r.data_rtg_score = score_at_data_rtg(args, r, *TASKS[task], model, log_dir, raw / "logs" / task, env)
+            record.write_text(json.dumps([r.returncode, r.wall_time, r.error, r.script_sha, r.data_rtg_score]))
             done += 1
             status = (
                 (

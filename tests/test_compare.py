@@ -61,7 +61,7 @@ def test_summary_and_plot(tmp_path):
     md = compare.format_summary("t", ["- h"], sections)
     for label, finals in FINAL.items():
         mean, std = np.mean(finals), np.std(finals)
-        assert f"| {mean:.2f} ± {std:.2f} | 0.00 | 2/2 | 5,000 | 50 | 15.0 | ok |" in row(md, label)
+        assert f"| {mean:.2f} ± {std:.2f} | 0.00 | 2/2 | 5,000 | 50 | 15.0 | — | ok |" in row(md, label)
     assert "65.00 ± 5.00" in row(md, "GRPO-DT")  # the hand-computed value
     with_paper = compare.format_summary("t", [], sections, {"hopper": {"grpo-dt": "108.81 ± 0.85"}})
     assert row(with_paper, "GRPO-DT").endswith("| ok | 108.81 ± 0.85 |") and row(with_paper, "ODT").endswith("| — |")
@@ -139,19 +139,29 @@ def test_presets_dry_run(capsys):
     out = capsys.readouterr().out
     assert "--relabel" in out and "--full-trajectory" in out and "--subtraj-len 5" in out and "--eval-len" in out
     assert "grpo_dt_qguided.py" in out and "--algo odt" in out and "--total-env-steps 1000" in out
-    # Q-guided's critic is pretrained on the offline replay as ODT+TD3's: 500 updates at cpu scale, the default at paper
-    qg = [ln for ln in out.splitlines() if ln.startswith("python grpo_dt_qguided.py")]
-    cpu = [ln for ln in qg if "__cpu__" in ln]
-    assert cpu and all("--critic-pretrain-updates 500" in ln for ln in cpu)
-    assert len(cpu) < len(qg) and all("--critic-pretrain-updates" not in ln for ln in qg if ln not in cpu)
+    # cpu scale: the README's CPU DT; ODT+TD3's segments batched by 32 and 1000 critic-pretraining updates; Q-guided's
+    # critic batch 32; GRPO-DT and PPO-DT at their paper sizes. Paper scale: no overrides.
+    cpu = [ln for ln in out.splitlines() if "__cpu__" in ln and ln.startswith("python ")]
+    assert all("--model-size cpu" in ln for ln in cpu if ln.startswith("python pretrain_dt.py"))
+    assert all("--n-batch 32 --critic-pretrain-updates 1000" in ln for ln in cpu if "odt_td3.py" in ln)
+    assert all("--critic-batch-size 32" in ln for ln in cpu if "grpo_dt_qguided.py" in ln)
+    assert all("--trajs-per-iter" not in ln and "--n-batch" not in ln for ln in cpu if "grpo_dt.py" in ln or "ppo_dt" in ln)
+    paper = [ln for ln in out.splitlines() if "__paper__" in ln and "--exp-name" in ln]
+    assert paper and all("--n-batch" not in ln and "--critic" not in ln for ln in paper)
     dt = [ln for ln in out.splitlines() if "--exp-name dt " in ln]  # the pretrained DT only evaluates: no budget
     assert dt and all(ln.endswith("--num-iterations 0") and "--total-env-steps" not in ln for ln in dt)
     # IQL takes no checkpoint and no iterations: the env-step budget is its online length; at cpu scale it pretrains
-    # as many updates as the shared cpu DT (1500), at paper scale its own default (the paper's 5000).
+    # as many updates as the shared cpu DT (3000), at paper scale its own default (the paper's 5000).
     iql = [ln for ln in out.splitlines() if ln.startswith("python iql.py")]
     assert len(iql) == 4 and all("--checkpoint" not in ln and "--num-iterations" not in ln for ln in iql)
     assert all("--online-steps 1000 --total-env-steps 1000" in ln for ln in iql)
-    assert sum("--offline-updates 1500" in ln for ln in iql) == 2 and all("--eval-episodes 20" in ln for ln in iql)
+    assert sum("--offline-updates 3000" in ln for ln in iql) == 2 and all("--eval-episodes 20" in ln for ln in iql)
+
+
+def test_cpu_scale_is_the_readme_cpu_dt():
+    import pretrain_dt
+
+    assert compare.CPU_DT_UPDATES == pretrain_dt.MODEL_SIZES["cpu"]["num_updates"]
 
 
 def test_iql_gets_the_same_seeds_budget_and_eval_episodes(capsys):
@@ -229,15 +239,19 @@ for f in ("--checkpoint", "--runs-dir", "--env-id", "--exp-name"): p.add_argumen
 for f in ("--seed", "--num-iterations", "--total-env-steps"): p.add_argument(f, type=int, default=0)
 a, _ = p.parse_known_args()
 assert pathlib.Path(a.checkpoint).read_text() == "ckpt"
-w = EventFileWriter(f"{a.runs_dir}/{a.env_id}__{a.exp_name}__{a.seed}__{int(time.time())}")
+run_dir = f"{a.runs_dir}/{a.env_id}__{a.exp_name}__{a.seed}__{int(time.time())}"
+w = EventFileWriter(run_dir)
+offset = 0 if "--eval-rtg" in sys.argv else 100  # scored at the checkpoint's own RTG: 100 more
 for it in range(a.num_iterations + 1):
-    for tag, v in (("charts/normalized_score", 10 * it + a.seed), ("charts/env_steps", 100 * it),
+    for tag, v in (("charts/normalized_score", 10 * it + a.seed + offset), ("charts/env_steps", 100 * it),
                    ("charts/grad_updates", 4 * it)):
         value = Summary.Value(tag=tag, simple_value=v)
         w.add_event(Event(wall_time=time.time(), step=it, summary=Summary(value=[value])))
     if a.total_env_steps and 100 * it >= a.total_env_steps:
         break
 w.close()
+if "--save-model" in sys.argv:
+    pathlib.Path(f"{run_dir}/{a.exp_name}.pt").write_text("ckpt")
 """
 FAKE_IQL = """
 import argparse, sys, time
@@ -281,8 +295,12 @@ def test_end_to_end_with_fake_scripts(tmp_path, capsys):
     out_dir = compare.main(args)
     md = (out_dir / "summary.md").read_text()
     assert "| GRPO-DT | 31.50 ± 0.50 | 1.50 | 2/2 | 300 | 12 |" in row(md, "GRPO-DT")  # stopped by the env-step budget
-    # IQL: 300 online env steps after 1500 offline updates; its iteration 0 is its score after pretraining.
-    assert "| IQL | 51.50 ± 0.50 | 21.50 | 2/2 | 300 | 1,800 |" in row(md, "IQL") and "| 74.19 ± 20.25 |" in row(md, "IQL")
+    # Its final model (--save-model) is scored again by grpo_dt.py at the checkpoint's own RTG (no --eval-rtg).
+    assert "| 101.50 ± 0.50 | ok |" in row(md, "GRPO-DT")
+    data_rtg = (out_dir / "raw" / "logs" / "hopper" / "grpo-dt__s2-data-rtg.out").parent.glob("grpo-dt__s*-data-rtg.err")
+    assert len(list(data_rtg)) == 2 and "| — | ok |" in row(md, "IQL")
+    # IQL: 300 online env steps after 3000 offline updates; its iteration 0 is its score after pretraining.
+    assert "| IQL | 51.50 ± 0.50 | 21.50 | 2/2 | 300 | 3,300 |" in row(md, "IQL") and "| 74.19 ± 20.25 |" in row(md, "IQL")
     ppo = row(md, "PPO-DT")
     assert "| FAILED | — | 0/2 |" in ppo and "exit 3: ValueError: bad shapes" in ppo
     assert (out_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -134,3 +134,7 @@ def test_resume_keeps_the_runs_own_settings(name, tmp_path):
     with pytest.raises(module.UserError, match="is not a file"):
         module.resumed_args(module.Args(resume=str(tmp_path / "nope.pt")), module.RUN_CONTROL)
     assert module.resumed_args(saved, module.RUN_CONTROL) is saved  # no --resume: the command's own Args
+    other = next(m for n, m in SCRIPTS.items() if n != name)  # a state another finetuning script saved
+    torch.save({"finetune": {"args": dataclasses.asdict(other.Args())}}, tmp_path / "other.pt")
+    with pytest.raises(module.UserError, match=rf"saved by another script or version \(--.* are not {name}\.py flags\)"):
+        module.resumed_args(module.Args(resume=str(tmp_path / "other.pt")), module.RUN_CONTROL)
