@@ -15,6 +15,8 @@ Presets (CPU scale on local/hopper/medium-v0, plus local/door/human-v0 where the
     fig2-ablations  the five GRPO-DT design ablations (Fig. 2a-e)       hopper
     fig4-lengths    L_traj sweep (--subtraj-len), L_eval sweep (--eval-len) (Fig. 4c, 4d)  hopper
     fig4b-qguided   reset-based vs Q-guided GRPO-DT (Fig. 4b)           hopper
+    ppo-ctrain      PPO-DT's sub-trajectory length c_train = c_online (1) vs c_offline (the DT's context; issue #13)
+                                                                        hopper
 
 Examples:
     python benchmarks/compare.py --preset table1-cpu --seeds 1 --budget-env-steps 5000
@@ -45,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @dataclass
 class Args:
     preset: str = "table1-cpu"
-    """experiment preset: table1-cpu, fig1-relabel, fig2-ablations, fig4-lengths, fig4b-qguided"""
+    """experiment preset: table1-cpu, fig1-relabel, fig2-ablations, fig4-lengths, fig4b-qguided, ppo-ctrain"""
     scale: Literal["cpu", "paper"] = "cpu"
     """cpu: small model and per-script size overrides; paper: the scripts' own (paper) sizes, for a GPU machine"""
     name: Optional[str] = None
@@ -111,13 +113,14 @@ class Method:
 TASKS = {"hopper": ("Hopper-v4", "local/hopper/medium-v0"), "door": ("AdroitHandDoor-v1", "local/door/human-v0")}
 DT = Method("dt", "pretrained DT (no finetuning)", "grpo_dt.py", ("--num-iterations", "0"), reference=True)
 GRPO = Method("grpo-dt", "GRPO-DT", "grpo_dt.py")
+PPO = Method("ppo-dt", "PPO-DT", "ppo_dt.py")
 IQL = Method("iql", "IQL", "iql.py", uses_checkpoint=False, steps_are_env_steps=True)
 TABLE1 = [
     DT,
     IQL,
     Method("odt", "ODT", "odt_td3.py", ("--algo", "odt")),
     Method("odt-td3", "ODT+TD3", "odt_td3.py"),
-    Method("ppo-dt", "PPO-DT", "ppo_dt.py"),
+    PPO,
     GRPO,
     Method("qguided", "Q-guided GRPO-DT", "grpo_dt_qguided.py"),
 ]
@@ -207,7 +210,7 @@ def grpo(key: str, label: str, *flags) -> Method:
     return Method(key, label, "grpo_dt.py", tuple(flags))
 
 
-def preset_runs(preset: str) -> tuple[list[str], list[Method]]:
+def preset_runs(preset: str, scale: str) -> tuple[list[str], list[Method]]:
     """(task names, methods) of a preset; a one-line error naming the valid presets otherwise."""
     if preset == "table1-cpu":
         return ["hopper", "door"], TABLE1
@@ -222,8 +225,13 @@ def preset_runs(preset: str) -> tuple[list[str], list[Method]]:
         ] + [grpo(f"leval-{n}", f"L_traj={lt}, L_eval={n}", "--eval-len", str(n)) for n in evals]
     if preset == "fig4b-qguided":
         return ["hopper"], [DT, GRPO, TABLE1[-1]]
+    if preset == "ppo-ctrain":  # the paper leaves c_train open; c_offline is the pretrained DT's context length
+        c_offline = "10" if scale == "cpu" else "20"
+        label = f"PPO-DT c_train = c_offline ({c_offline})"
+        return ["hopper"], [DT, PPO, Method("ppo-dt-ctrain-offline", label, "ppo_dt.py", ("--c-train", c_offline))]
     raise UserError(
-        f"unknown --preset {preset!r}; valid: table1-cpu, fig1-relabel, fig2-ablations, fig4-lengths, fig4b-qguided"
+        f"unknown --preset {preset!r}; valid: table1-cpu, fig1-relabel, fig2-ablations, fig4-lengths, fig4b-qguided, "
+        "ppo-ctrain"
     )
 
 
@@ -499,7 +507,7 @@ def score_at_data_rtg(args: Args, run: Run, env_id: str, dataset: str, model, lo
 
 
 def main(args: Args) -> Path:
-    tasks, methods = preset_runs(args.preset)
+    tasks, methods = preset_runs(args.preset, args.scale)
     if args.env_id or args.dataset:
         if not (args.env_id and args.dataset):
             raise UserError("--env-id and --dataset go together")

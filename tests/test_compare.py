@@ -133,12 +133,14 @@ def test_bad_input_is_one_line_error(tmp_path):
 
 
 def test_presets_dry_run(capsys):
-    for preset in ("table1-cpu", "fig1-relabel", "fig2-ablations", "fig4-lengths", "fig4b-qguided"):
+    for preset in ("table1-cpu", "fig1-relabel", "fig2-ablations", "fig4-lengths", "fig4b-qguided", "ppo-ctrain"):
         for scale in ("cpu", "paper"):
             compare.main(compare.Args(preset=preset, scale=scale, seeds=(1,), budget_env_steps=1000, dry_run=True))
     out = capsys.readouterr().out
     assert "--relabel" in out and "--full-trajectory" in out and "--subtraj-len 5" in out and "--eval-len" in out
     assert "grpo_dt_qguided.py" in out and "--algo odt" in out and "--total-env-steps 1000" in out
+    ctrain = [ln for ln in out.splitlines() if "--exp-name ppo-dt-ctrain-offline " in ln]
+    assert [ln.endswith(f"--c-train {c}") for ln, c in zip(ctrain, (10, 20))] == [True, True]
     # cpu scale: the README's CPU DT; ODT+TD3's segments batched by 32 and 1000 critic-pretraining updates; Q-guided's
     # critic batch 32; GRPO-DT and PPO-DT at their paper sizes. Paper scale: no overrides.
     cpu = [ln for ln in out.splitlines() if "__cpu__" in ln and ln.startswith("python ")]
