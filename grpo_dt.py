@@ -104,7 +104,8 @@ class Args:
     save_model: bool = False
     """at the end, also write the finetuned DT as a checkpoint to `{runs_dir}/{run_name}/{exp_name}.pt`"""
     num_workers: int = 0
-    """step the envs in this many worker processes (pipes); 0 steps them in this process"""
+    """step the envs in this many worker processes, pipelined with the policy (it acts for one worker's members while
+    the others step; the same result as in-process); 0 steps them in this process"""
     torch_threads: int = 1
     """CPU threads of torch; 1 is fastest for batched small-model rollouts on a busy machine (0 = torch's default)"""
     max_episode_steps: Optional[int] = None
@@ -518,7 +519,11 @@ class EnvPool:
             self.conns.append(parent)
 
     def step(self, idx, actions):
-        """`Envs.step` over the members `idx`; with workers through the shared arrays (actions exactly, in float64)."""
+        return self.step_recv(self.step_send(idx, actions))
+
+    def step_send(self, idx, actions):
+        """Start `Envs.step` over the members `idx` (with workers through the shared arrays, actions exactly, in
+        float64) and return a ticket for `step_recv`; while it runs, the caller may act for other workers' members."""
         if self.local:
             return self.call("step", idx, actions)
         tic, idx, actions, sent = time.perf_counter(), np.asarray(idx), np.asarray(actions), []
@@ -528,10 +533,27 @@ class EnvPool:
             if len(sel):
                 conn.send(("step_shared", (sel, actions.dtype)))
                 sent.append(conn)
+        self.seconds += time.perf_counter() - tic
+        return idx, sent
+
+    def step_recv(self, ticket):
+        """(obs, reward, terminated, truncated) of the step `ticket` started."""
+        if self.local:
+            return ticket
+        tic, (idx, sent) = time.perf_counter(), ticket
         for conn in sent:
             conn.recv()
         self.seconds += time.perf_counter() - tic
         return tuple(self.arrays[k][idx] for k in STEP_OUT)
+
+    def stages(self, idx) -> list:
+        """Positions in `idx` grouped by the worker that holds them (one group in-process): the rollout's pipeline
+        stages."""
+        if self.local:
+            return [np.arange(len(idx))]
+        idx = np.asarray(idx)
+        groups = [np.flatnonzero((idx >= lo) & (idx < hi)) for lo, hi in zip(self.bounds[:-1], self.bounds[1:])]
+        return [g for g in groups if len(g)]
 
     def call(self, method, idx, *args):
         tic, idx, sent, parts = time.perf_counter(), np.asarray(idx), [], []
@@ -786,6 +808,9 @@ def resumed_args(args, run_control: tuple[str, ...]):
 # ---- end shared: load-checkpoint ----
 
 
+MIN_ROWS = 16  # below this many rows CPU matmuls take other kernels, which round differently (measured: 1-3 rows)
+
+
 @dataclass
 class Actor:
     """What a rollout needs besides the envs: the DT, its state normalisation and RTG scale, c_online, the time limit
@@ -800,6 +825,8 @@ class Actor:
     gen: torch.Generator
     std_scale: float = 1.0
     """the policy's sigma is the DT's times this (Args.std_scale)"""
+    pad_to: int = MIN_ROWS
+    """policy batches under this many rows are padded (`policy_step`); evaluation uses 1, the forward of every script"""
 
     def norm(self, obs) -> torch.Tensor:
         return (torch.as_tensor(obs, dtype=torch.float32, device=self.gen.device) - self.state_mean) / self.state_std
@@ -894,14 +921,20 @@ def subtraj_policy(model, batch, c: int, std_scale: float):
     return mean[:, -1].view(B, -1, mean.shape[-1]), log_std[:, -1].view(B, -1, mean.shape[-1])
 
 
-def policy_step(model: DecisionTransformer, rtg, states, actions, pad_mask):
+def policy_step(model: DecisionTransformer, rtg, states, actions, pad_mask, pad_to: int = MIN_ROWS):
     """`model(...)`'s mean and log_std at the last state token, without the work nothing reads: the current action
     token (the last, seen by no state token) in every block, and in the last block the projection and MLP of every
-    token but that state token. Bit for bit the full forward's (tested on batch sizes 1-600): the same matmul rows and
-    elementwise ops; attention still runs over all queries, and below 16 members (other matmul kernels) or on a GPU,
-    or with dropout on, it is the full forward. Halves the rollout's forward at c_online 1."""
+    token but that state token. Bit for bit the full forward's in any batch of MIN_ROWS or more, so a member's output
+    does not depend on its batch (tested on batches of 1-600): the same matmul rows and elementwise ops. Smaller
+    batches are padded to `pad_to` rows (rollouts: the pipelined rollout then equals the in-process one); below
+    MIN_ROWS without padding (evaluation, as every script evaluates), on a GPU or with dropout on, it is the full
+    forward on this batch. Halves the rollout's forward at c_online 1."""
     B, T, _ = states.shape
-    if B < 16 or states.device.type != "cpu" or model.training:
+    cpu_inference = states.device.type == "cpu" and not model.training
+    if B < pad_to and cpu_inference:
+        padded = (torch.cat([x, x[:1].expand(pad_to - B, *x.shape[1:])]) for x in (rtg, states, actions, pad_mask))
+        return tuple(y[:B] for y in policy_step(model, *padded, pad_to=pad_to))
+    if B < MIN_ROWS or not cpu_inference:
         return tuple(x[:, -1] for x in model(rtg, states, actions, pad_mask))
     tokens = torch.stack([model.embed_rtg(rtg), model.embed_state(states), model.embed_action(actions)], dim=2)
     x, n = model.embed_ln(tokens.reshape(B, 3 * T, -1)[:, :-1]), 3 * T - 1
@@ -923,33 +956,38 @@ def policy_step(model: DecisionTransformer, rtg, states, actions, pad_mask):
 
 @torch.inference_mode()
 def rollout(actor: Actor, envs, idx, state0, rtg0, prefix, n_stochastic, n_deterministic, record_sim=False):
-    """Members `idx` of `envs` in lockstep: one batched forward per step, finished members masked, not stepped.
+    """Members `idx` of `envs` in lockstep: batched forwards, finished members masked, not stepped.
 
     state0 (N,S) normalised, rtg0 (N,) scaled, prefix = (rtg, states, actions, mask) of the c_online-1 tokens before.
     `n_stochastic` steps of tanh(u), u ~ N(mean, std), then tanh(mean). Returns (N, T, ...) arrays: tokens as used, u,
     logp, action variance, mean sigma and |mean| (pre-tanh), reward, valid (+ MjData state, TimeLimit counter with
-    `record_sim`)."""
-    N, T, device = len(idx), n_stochastic + n_deterministic, state0.device
+    `record_sim`). With env workers, each worker's members are a pipeline stage: the policy acts for one stage while
+    the other stages' physics runs. The result does not depend on the workers: the noise is drawn for all N members
+    per step, and a member's policy output does not depend on the batch it is in (tested)."""
+    N, T, device, A = len(idx), n_stochastic + n_deterministic, state0.device, actor.model.mean_head.out_features
     win = [torch.cat([x.new_zeros(x.shape[0], 1, *x.shape[2:]), x], 1) for x in prefix]  # a slot for the current step
     s_cur, rtg_cur, alive, out = state0.clone(), rtg0.clone(), np.ones(N, bool), {}
     host = {"reward": np.zeros((N, T)), "valid": np.zeros((N, T), bool)}
     if record_sim:
         host.update(sim=np.zeros((N, T, envs.get_states(idx[:1])[0].shape[1])), elapsed=np.zeros((N, T), np.int64))
-    for t in range(T):
-        live = np.flatnonzero(alive)
+
+    def act(t, live, noise):
+        """Sample (or take the mean of) the actions of members `live` at step t, record them, return them on the host."""
         live_t = torch.as_tensor(live, device=device)
-        win = [x.roll(-1, 1) for x in win]
-        win[0][:, -1, 0], win[1][:, -1], win[2][:, -1], win[3][:, -1] = rtg_cur, s_cur, 0.0, True
-        mean, log_std = policy_step(actor.model, *(x[live_t] for x in win))  # finished members are not forwarded
+        for x in win:
+            x[live_t] = x[live_t].roll(-1, 1)
+        win[0][live_t, -1, 0] = rtg_cur[live_t]
+        win[1][live_t, -1] = s_cur[live_t]
+        win[2][live_t, -1] = 0.0  # the current action token: filled below, seen by no state token
+        win[3][live_t, -1] = True
+        mean, log_std = policy_step(actor.model, *(x[live_t] for x in win), pad_to=actor.pad_to)  # only live members
         log_std = log_std + math.log(actor.std_scale)
-        u = mean + log_std.exp() * torch.randn(mean.shape, generator=actor.gen, device=device) if t < n_stochastic else mean
+        u = mean + log_std.exp() * noise[live_t] if noise is not None else mean
         a = torch.tanh(u)
         win[2][live_t, -1] = a
-        step = {"rtg": rtg_cur[live_t], "states": s_cur[live_t], "actions": a, "u": u}
-        step.update(logp=squashed_logprob(mean, log_std, u), var=(2 * log_std).exp().mean(-1), sigma=log_std.exp().mean(-1))
-        step["mu_abs"] = mean.abs().mean(-1)
-        if t == 0:  # recorded on the device, copied to the host once at the end
-            out = {k: v.new_zeros((N, T, *v.shape[1:])) for k, v in step.items()}
+        step = {"rtg": rtg_cur[live_t], "states": s_cur[live_t], "actions": a, "u": u, "mean": mean, "log_std": log_std}
+        if not out:  # recorded on the device, copied to the host once at the end
+            out.update({k: v.new_zeros((N, T, *v.shape[1:])) for k, v in step.items()})
         for k, v in step.items():
             out[k][live_t, t] = v
         actions = a.cpu().numpy()
@@ -957,13 +995,34 @@ def rollout(actor: Actor, envs, idx, state0, rtg0, prefix, n_stochastic, n_deter
             raise NonFinite("action")
         if record_sim:
             host["sim"][live, t], host["elapsed"][live, t] = envs.get_states(idx[live])
-        obs, rew, term, trunc = envs.step(idx[live], actions)
+        return actions
+
+    def observe(t, live, obs, rew, term, trunc):
+        live_t = torch.as_tensor(live, device=device)
         host["reward"][live, t], host["valid"][live, t] = rew, True
         s_cur[live_t] = actor.norm(obs)
         rtg_cur[live_t] -= torch.as_tensor(rew * actor.rtg_scale, dtype=torch.float32, device=device)
         alive[live] = ~(term | trunc)
-        if not alive.any():
+
+    stages, in_flight = envs.stages(idx), {}  # stage -> (step, members, ticket) of its step under way
+    for t in range(T):
+        noise = torch.randn((N, A), generator=actor.gen, device=device) if t < n_stochastic else None
+        for s, members in enumerate(stages):
+            if s in in_flight:
+                step_t, live, ticket = in_flight.pop(s)
+                observe(step_t, live, *envs.step_recv(ticket))
+            live = members[alive[members]]
+            if len(live):
+                in_flight[s] = (t, live, envs.step_send(idx[live], act(t, live, noise)))
+        if not in_flight:
             break
+    for step_t, live, ticket in in_flight.values():
+        observe(step_t, live, *envs.step_recv(ticket))
+    if out:  # per-step statistics in one call: elementwise kernels round by position in the batch, not by member
+        mean, log_std, valid = out.pop("mean"), out.pop("log_std"), torch.as_tensor(host["valid"], device=device)
+        stats = {"logp": squashed_logprob(mean, log_std, out["u"]), "var": (2 * log_std).exp().mean(-1)}
+        stats.update(sigma=log_std.exp().mean(-1), mu_abs=mean.abs().mean(-1))
+        out.update({k: torch.where(valid, v, 0.0) for k, v in stats.items()})
     return {**{k: v.cpu().numpy() for k, v in out.items()}, **host}
 
 
@@ -1221,7 +1280,8 @@ def evaluate(actor: Actor, envs, args: Args, ckpt: dict, writer, iteration: int)
     rets, lengths = np.array([np.nan]), np.array([np.nan])
     if args.eval_episodes:
         seeds = eval_seeds(args.seed, args.eval_episodes)
-        ev, _ = run_episodes(replace(actor, c=args.eval_context_len), envs, seeds, args.eval_rtg, stochastic=False)
+        policy = replace(actor, c=args.eval_context_len, pad_to=1)
+        ev, _ = run_episodes(policy, envs, seeds, args.eval_rtg, stochastic=False)
         rets, lengths = ev["reward"].sum(1), ev["valid"].sum(1)
     scores = 100 * (rets - ckpt["ref_min_score"]) / (ckpt["ref_max_score"] - ckpt["ref_min_score"])
     ev = {"normalized_score": scores.mean(), "normalized_score_se": scores.std() / np.sqrt(len(scores))}

@@ -6,8 +6,10 @@ throughput: env-steps/s of GRPO-DT's grouped sub-trajectory rollouts (exact grou
     mj_step on exactly the states and controls the rollout visits, and the efficiency is physics seconds / (cores x
     wall). The older yardstick, bare mj_step from a reset with zero ctrl, is printed beside it: a fallen hopper has
     more contacts, so that rate is 25-35% below the rollout's and it overstates the efficiency. Per --workers setting
-    (0 = in-process, one core): the median of --repeats group collections, the time split into physics / policy (all
-    time outside env calls) / overhead, and the CPU targets of issue #15 (0.85 in-process, 0.8 with 2 workers).
+    (0 = in-process, one core): the median of --repeats group collections, the cores' time split into physics /
+    policy (this process's time outside env calls) / overhead or idle, and the CPU targets of issue #15 (0.85
+    in-process, 0.8 with 2 workers). With workers the rollout is pipelined: the policy acts for one worker's members
+    while the others step.
 learn: a GRPO-DT run on local/hopper/medium-v0 from a pretrained checkpoint; prints the normalized score per
     iteration against the pretrained (iteration 0) score.
 
@@ -153,7 +155,8 @@ def throughput(b: Bench):
             wall = time.perf_counter() - tic
             steps, physics = int(out["valid"].sum()), clock.take()
             raw = steps / physics  # bare mj_step on the rollout's own states, env-steps/s per core
-            policy = (wall - envs.seconds) / wall  # env calls as seen from this process (workers: including the pipes)
+            # this process's time outside env calls (the policy), as a share of all cores' time like the physics
+            policy = (wall - envs.seconds) / wall / cores
             rows.append((physics / cores / wall, steps / wall, raw, zero_ctrl, steps / wall / cores / zero_ctrl, policy))
         ratio, rate, raw, zero_ctrl, zero_ratio, policy = np.median(np.array(rows), axis=0)
         ceiling = env_step_rate(b.env_id, b.raw_steps // 2) / raw_rate(b.env_id, b.raw_steps // 2)
@@ -162,9 +165,9 @@ def throughput(b: Bench):
         print(
             f"workers {workers or 'in-process'}: {rate:,.0f} env-steps/s, raw mj_step on the same states "
             f"{raw:,.0f}/s per core -> {ratio:.2f}x raw per core = efficiency (median of {b.repeats}: "
-            f"{', '.join(f'{r[0]:.2f}' for r in rows)}; time: physics {ratio:.0%}, policy {policy:.0%}, "
-            f"overhead {1 - ratio - policy:.0%}){verdict}; zero-ctrl yardstick {zero_ctrl:,.0f}/s -> {zero_ratio:.2f}x; "
-            f"gymnasium env.step alone: {ceiling:.2f}x the zero-ctrl rate"
+            f"{', '.join(f'{r[0]:.2f}' for r in rows)}; cores' time: physics {ratio:.0%}, policy {policy:.0%}, "
+            f"overhead or idle {1 - ratio - policy:.0%}){verdict}; zero-ctrl yardstick {zero_ctrl:,.0f}/s -> "
+            f"{zero_ratio:.2f}x; gymnasium env.step alone: {ceiling:.2f}x the zero-ctrl rate"
         )
         envs.close()
 

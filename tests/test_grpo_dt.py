@@ -102,7 +102,7 @@ def hopper_setup(hopper_checkpoint):
         **{**TINY, "group_size": 4, "eval_len": 4},
     )
     grpo_dt.apply_presets(args, "mujoco", "hopper")
-    envs = grpo_dt.Envs("Hopper-v4", 16, max_episode_steps=40)
+    envs = grpo_dt.EnvPool("Hopper-v4", 16, max_episode_steps=40)
     scale = ckpt["rtg_scale"]
     actor = grpo_dt.Actor(
         model.eval(),
@@ -134,7 +134,8 @@ def test_checkpoint_loads_with_dropout_off(hopper_checkpoint):
 @pytest.mark.parametrize("c", [1, 3])
 def test_policy_step_is_the_full_forward_bit_for_bit(hopper_checkpoint, c):
     """The rollout's pruned forward gives the full forward's last-token outputs exactly, with left padding, at every
-    batch size a rollout meets (members finish one by one), for this checkpoint and the README's CPU model."""
+    batch size a rollout meets (members finish one by one), for this checkpoint and the README's CPU model; the full
+    forward runs on a larger batch (64 more rows), so a member's output also does not depend on its batch."""
     readme = ROOT / "benchmarks" / "grpo_dt_out" / "readme_cpu_pretrained_s1.pt"
     g = torch.Generator().manual_seed(c)
     for path in [hopper_checkpoint] + ([readme] if readme.exists() else []):
@@ -145,9 +146,15 @@ def test_policy_step_is_the_full_forward_bit_for_bit(hopper_checkpoint, c):
                 win = [torch.randn(B, c, 1, generator=g), torch.randn(B, c, S, generator=g)]
                 win += [torch.randn(B, c, A, generator=g), torch.rand(B, c, generator=g) > 0.3]
                 win[2][:, -1], win[3][:, -1] = 0.0, True
-                full = [x[:, -1] for x in model(*win)]
+                extra = [
+                    torch.randn(64, *x.shape[1:], generator=g) if x.dtype != torch.bool else x[:1].expand(64, -1) for x in win
+                ]
+                full = [x[:B, -1] for x in model(*(torch.cat([x, e]) for x, e in zip(win, extra)))]
                 for a, b in zip(full, grpo_dt.policy_step(model, *win)):
                     assert torch.equal(a, b), (path.name, B)
+                if B < grpo_dt.MIN_ROWS:  # unpadded (evaluation): the full forward on this very batch
+                    for a, b in zip(model(*win), grpo_dt.policy_step(model, *win, pad_to=1)):
+                        assert torch.equal(a[:, -1], b), (path.name, B)
 
 
 def test_rollout_rtg_tokens_are_the_ones_used(hopper_setup):
@@ -266,7 +273,7 @@ def test_std_scale_scales_the_sampled_noise_and_every_log_prob(hopper_setup):
         )
     eps = {}
     for scale in (1.0, 0.25):
-        s["envs"].reset(np.arange(4), seeds=[5, 6, 7, 8])
+        s["envs"].reset(np.arange(4), [5, 6, 7, 8])
         actor = dataclasses.replace(s["actor"], c=1, std_scale=scale, gen=torch.Generator().manual_seed(3))
         out = grpo_dt.rollout(actor, s["envs"], np.arange(4), state0, rtg0, prefix, 1, 0)
         u, sigma = torch.as_tensor(out["u"][:, 0]), scale * log_std.exp()
@@ -275,6 +282,30 @@ def test_std_scale_scales_the_sampled_noise_and_every_log_prob(hopper_setup):
         np.testing.assert_allclose(out["logp"][:, 0], expected.numpy(), rtol=1e-4, atol=1e-4)
         eps[scale] = ((u - mean) / sigma).numpy()
     np.testing.assert_allclose(eps[0.25], eps[1.0], atol=1e-4)
+
+
+def test_pipelined_workers_roll_out_bit_exactly_as_in_process(hopper_setup):
+    """With 2 env workers the rollout is pipelined (the policy acts for one worker's members while the other worker
+    steps); sampled and mean-action episodes, with members finishing at different steps, are bit-identical to
+    in-process stepping: the same noise, the same policy rows at every batch size, the same physics."""
+    s, n = hopper_setup, 40
+    runs = []
+    for workers in (0, 2):
+        envs = grpo_dt.EnvPool("Hopper-v4", n, workers, max_episode_steps=40)
+        try:
+            actor = dataclasses.replace(s["actor"], gen=torch.Generator().manual_seed(3))
+            seeds = np.arange(n) + 100
+            runs.append(
+                [grpo_dt.run_episodes(actor, envs, seeds, 7200, stochastic=st, record_sim=True)[0] for st in (True, False)]
+            )
+        finally:
+            envs.close()
+    for local, pooled in zip(*runs):
+        assert local.keys() == pooled.keys()
+        for k in local:
+            np.testing.assert_array_equal(local[k], pooled[k], err_msg=k)
+    lengths = runs[0][0]["valid"].sum(1)
+    assert lengths.min() < lengths.max()  # members finished at different steps, so batches shrank unevenly
 
 
 def test_std_scale_must_be_positive(hopper_checkpoint):
@@ -413,7 +444,7 @@ def test_score_to_end_scores_members_to_the_end_of_their_episode(hopper_setup, h
     assert resolved() == (400, 0.995)
     assert resolved(score_to_end=True, eval_len=7, gamma=0.9) == (7, 0.9)
     # The fixture's episodes fall at 11-12 steps: a time limit of 10 ends members first. Same reset points (rng) twice.
-    s = {**hopper_setup, "envs": grpo_dt.Envs("Hopper-v4", 16, max_episode_steps=10)}
+    s = {**hopper_setup, "envs": grpo_dt.EnvPool("Hopper-v4", 16, max_episode_steps=10)}
     _, rewards, _, out = collect({**s, "rng": np.random.default_rng(0)}, eval_len=10, gamma=1.0)
     ends = out["reset_step"] + out["valid"].sum(1)
     assert (ends <= 10).all() and (ends == 10).any()  # members stop at the time limit, not L_traj + L_eval after it
