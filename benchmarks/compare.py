@@ -11,7 +11,7 @@ DT, logs against env steps (so it is drawn on the env-step panel only) and gets 
 
 Presets (CPU scale on local/hopper/medium-v0, plus local/door/human-v0 where the paper shows Door):
     table1-cpu      all methods on the same budget (Table 1)            hopper, door
-    fig1-relabel    GRPO-DT with and without --relabel (Fig. 1)         hopper, door
+    fig1-relabel    PPO-DT and GRPO-DT with and without --relabel (Fig. 1)  hopper, door
     fig2-ablations  the five GRPO-DT design ablations (Fig. 2a-e)       hopper
     fig4-lengths    L_traj sweep (--subtraj-len), L_eval sweep (--eval-len) (Fig. 4c, 4d)  hopper
     fig4b-qguided   reset-based vs Q-guided GRPO-DT (Fig. 4b)           hopper
@@ -215,7 +215,8 @@ def preset_runs(preset: str, scale: str) -> tuple[list[str], list[Method]]:
     if preset == "table1-cpu":
         return ["hopper", "door"], TABLE1
     if preset == "fig1-relabel":
-        return ["hopper", "door"], [DT, GRPO, grpo("grpo-dt-relabel", "GRPO-DT --relabel", "--relabel")]
+        relabel_ppo = Method("ppo-dt-relabel", "PPO-DT --relabel", "ppo_dt.py", ("--relabel",))
+        return ["hopper", "door"], [DT, PPO, relabel_ppo, GRPO, grpo("grpo-dt-relabel", "GRPO-DT --relabel", "--relabel")]
     if preset == "fig2-ablations":
         return ["hopper"], [DT, GRPO] + [grpo(k, f"GRPO-DT {' '.join(f)}", *f) for k, f in ABLATIONS.items()]
     if preset == "fig4-lengths":

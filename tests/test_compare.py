@@ -139,6 +139,8 @@ def test_presets_dry_run(capsys):
     out = capsys.readouterr().out
     assert "--relabel" in out and "--full-trajectory" in out and "--subtraj-len 5" in out and "--eval-len" in out
     assert "grpo_dt_qguided.py" in out and "--algo odt" in out and "--total-env-steps 1000" in out
+    relabeled = [ln.split()[1] for ln in out.splitlines() if ln.startswith("python ") and ln.endswith("--relabel")]
+    assert {"ppo_dt.py", "grpo_dt.py"} <= set(relabeled)  # Fig. 1: both pure-RL methods with and without --relabel
     ctrain = [ln for ln in out.splitlines() if "--exp-name ppo-dt-ctrain-offline " in ln]
     assert [ln.endswith(f"--c-train {c}") for ln, c in zip(ctrain, (10, 20))] == [True, True]
     # cpu scale: the README's CPU DT; ODT+TD3's segments batched by 32 and 1000 critic-pretraining updates; Q-guided's
