@@ -183,6 +183,9 @@ def data_rtg_command(args: Args, run: "Run", env_id: str, dataset: str, model: P
 
 # iql.py's online length when only a wall-clock budget is given (--max-seconds then stops it).
 IQL_UNBOUNDED_STEPS = 10_000_000
+# The late-window score: every evaluation logged in the last quarter of a run's logging time, averaged. Single
+# evaluations of one run swing by tens of points between checkpoints minutes apart (README, Table 1 at CPU scale).
+LATE_WINDOW = 0.25
 
 
 # The paper's Table 1 (normalized score, 3 seeds, paper-scale models and budgets), shown beside table1-cpu results.
@@ -273,8 +276,9 @@ def finetune_command(args: Args, m: Method, env_id: str, dataset: str, ckpt: Pat
 
 
 # ---------------------------------------------------------------- reading and summarising logs
-def read_scalars(log_dir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """All scalars under a TensorBoard run folder: tag -> (steps, values), read by tensorboard's EventAccumulator."""
+def read_scalars(log_dir) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """All scalars under a TensorBoard run folder: tag -> (steps, values, wall-clock times), by tensorboard's
+    EventAccumulator."""
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
     files = sorted(Path(log_dir).rglob("events.out.tfevents.*"))
@@ -285,7 +289,8 @@ def read_scalars(log_dir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     out = {}
     for tag in acc.Tags()["scalars"]:
         events = acc.Scalars(tag)
-        out[tag] = (np.array([e.step for e in events]), np.array([e.value for e in events], dtype=float))
+        steps, values = np.array([e.step for e in events]), np.array([e.value for e in events], dtype=float)
+        out[tag] = (steps, values, np.array([e.wall_time for e in events]))
     return out
 
 
@@ -312,6 +317,12 @@ class Run:
         if tag not in self.scalars:  # the checkpoint-only evaluation takes no training steps or updates
             return 0.0 if self.method.reference and tag in ("charts/env_steps", "charts/grad_updates") else float("nan")
         return float(self.scalars[tag][1][-1])
+
+    def late_mean(self, tag: str = "charts/normalized_score") -> float:
+        """Mean of the values logged in the last LATE_WINDOW of the run's logging time: a score that one lucky or
+        unlucky final evaluation cannot decide, over the same share of the budget for every method."""
+        _, values, wall = self.scalars[tag]
+        return float(values[wall >= wall[0] + (1 - LATE_WINDOW) * (wall[-1] - wall[0])].mean())
 
 
 def show(cmd: list) -> str:
@@ -341,6 +352,8 @@ def summarize(runs: list[Run]) -> dict:
         pending=len(runs) - len(done),
         mean=mean_or_none(scores),
         std=float(np.std(scores)) if ok else None,
+        late=mean_or_none([r.late_mean() for r in ok]),
+        late_std=float(np.std([r.late_mean() for r in ok])) if ok else None,
         start=mean_or_none([r.scalars["charts/normalized_score"][1][0] for r in ok]),
         env_steps=mean_or_none([r.last("charts/env_steps") for r in ok]),
         grad_updates=mean_or_none([r.last("charts/grad_updates") for r in ok]),
@@ -364,13 +377,14 @@ def format_summary(title: str, header: list[str], sections: dict[str, dict[str, 
         out += [
             f"## {task}",
             "",
-            "| Method | Final normalized score | Iteration-0 score | Seeds OK | Env steps "
-            "| Grad updates | Wall time (s) | Final at the data's RTG | Status |" + extra,
-            "|---" * (10 if paper else 9) + "|",
+            f"| Method | Final normalized score | Mean of the last {LATE_WINDOW:.0%} | Iteration-0 score | Seeds OK "
+            "| Env steps | Grad updates | Wall time (s) | Final at the data's RTG | Status |" + extra,
+            "|---" * (11 if paper else 10) + "|",
         ]
         for runs in by_method.values():
             s = summarize(runs)
             score = f"{s['mean']:.2f} ± {s['std']:.2f}" if s["n_ok"] else "FAILED" if s["fails"] else "pending"
+            late = f"{s['late']:.2f} ± {s['late_std']:.2f}" if s["n_ok"] else "—"
             status = (
                 "ok"
                 if not s["fails"]
@@ -379,7 +393,7 @@ def format_summary(title: str, header: list[str], sections: dict[str, dict[str, 
             status += f" ({s['pending']} pending)" if s["pending"] else ""
             at_data = s["data_rtg"] and f"{np.mean(s['data_rtg']):.2f} ± {np.std(s['data_rtg']):.2f}"
             out.append(
-                f"| {runs[0].method.label} | {score} | {fmt(s['start'], 2)} | {s['n_ok']}/{s['n']} | "
+                f"| {runs[0].method.label} | {score} | {late} | {fmt(s['start'], 2)} | {s['n_ok']}/{s['n']} | "
                 f"{fmt(s['env_steps'])} | {fmt(s['grad_updates'])} | {fmt(s['wall_time'], 1)} | {at_data or '—'} | {status} |"
                 + (f" {paper.get(task, {}).get(runs[0].method.key, '—')} |" if paper else "")
             )
@@ -387,8 +401,8 @@ def format_summary(title: str, header: list[str], sections: dict[str, dict[str, 
             "",
             "<details><summary>runs</summary>",
             "",
-            "| Method | Seed | Exit | Score | Env steps | Updates | Wall (s) | Command |",
-            "|---|---|---|---|---|---|---|---|",
+            f"| Method | Seed | Exit | Score | Last {LATE_WINDOW:.0%} | Env steps | Updates | Wall (s) | Command |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for runs in by_method.values():
             for r in runs:
@@ -396,7 +410,7 @@ def format_summary(title: str, header: list[str], sections: dict[str, dict[str, 
                     f"{r.last('charts/normalized_score'):.2f}" if r.ok else "FAILED" if r.returncode is not None else "pending"
                 )
                 out.append(
-                    f"| {r.method.label} | {r.seed} | {r.returncode} | {score} | "
+                    f"| {r.method.label} | {r.seed} | {r.returncode} | {score} | {fmt(r.late_mean(), 2) if r.ok else '—'} | "
                     f"{fmt(r.last('charts/env_steps'))} | {fmt(r.last('charts/grad_updates'))} | "
                     f"{fmt(r.wall_time, 1)} | `{show(r.cmd)}` |"
                 )
@@ -417,10 +431,10 @@ def seed_band(curves: list[tuple[np.ndarray, np.ndarray]], grid: np.ndarray):
 def score_curves(run: Run) -> tuple[tuple, tuple]:
     """(iteration, score) and (env steps, score); env steps at each evaluated iteration, interpolated by iteration.
     A method logged against env steps has no iteration curve: (None, (env steps, score))."""
-    it, score = run.scalars["charts/normalized_score"]
+    it, score = run.scalars["charts/normalized_score"][:2]
     if run.method.steps_are_env_steps:
         return None, (it, score)
-    steps_it, steps = run.scalars.get("charts/env_steps", (np.zeros(1), np.zeros(1)))
+    steps_it, steps = run.scalars.get("charts/env_steps", (np.zeros(1), np.zeros(1)))[:2]
     if steps_it[0] > 0:  # iteration 0 (the checkpoint) has taken no env steps, logged or not
         steps_it, steps = np.concatenate([[0], steps_it]), np.concatenate([[0.0], steps])
     env = np.interp(it, steps_it, steps)

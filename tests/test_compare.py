@@ -12,16 +12,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import compare  # noqa: E402
 
-# method -> per-seed final scores; every curve rises linearly to its final score over 5 iterations.
+# method -> per-seed final scores; every curve rises linearly to its final score over 5 iterations, one per 10 s, so
+# the last quarter of a run's logging time (LATE_WINDOW) holds iterations 4 and 5: a late mean of 0.9 x final.
 FINAL = {"ODT": [40.0, 50.0], "GRPO-DT": [60.0, 70.0], "PPO-DT": [55.0, 65.0]}
 
 
 def write_log(run_dir: Path, final: float, n_iter: int = 5, steps_per_iter: int = 1000):
     w = SummaryWriter(str(run_dir / "Hopper-v4__x__1__123"))
     for it in range(n_iter + 1):
-        w.add_scalar("charts/normalized_score", final * it / n_iter, it)
-        w.add_scalar("charts/env_steps", it * steps_per_iter, it)
-        w.add_scalar("charts/grad_updates", it * 10, it)
+        wall = 1000.0 + 10 * it
+        w.add_scalar("charts/normalized_score", final * it / n_iter, it, walltime=wall)
+        w.add_scalar("charts/env_steps", it * steps_per_iter, it, walltime=wall)
+        w.add_scalar("charts/grad_updates", it * 10, it, walltime=wall)
     w.close()
 
 
@@ -50,8 +52,9 @@ def row(md: str, label: str) -> str:
 def test_read_scalars(tmp_path):
     write_log(tmp_path, 50.0)
     s = compare.read_scalars(tmp_path)
-    steps, values = s["charts/normalized_score"]
+    steps, values, wall = s["charts/normalized_score"]
     assert list(steps) == [0, 1, 2, 3, 4, 5] and values[-1] == pytest.approx(50.0)
+    np.testing.assert_allclose(wall, 1000 + 10 * steps)
     assert s["charts/env_steps"][1][-1] == 5000
     assert compare.read_scalars(tmp_path / "nothing") == {}
 
@@ -61,8 +64,10 @@ def test_summary_and_plot(tmp_path):
     md = compare.format_summary("t", ["- h"], sections)
     for label, finals in FINAL.items():
         mean, std = np.mean(finals), np.std(finals)
-        assert f"| {mean:.2f} ± {std:.2f} | 0.00 | 2/2 | 5,000 | 50 | 15.0 | — | ok |" in row(md, label)
-    assert "65.00 ± 5.00" in row(md, "GRPO-DT")  # the hand-computed value
+        late = f"{0.9 * mean:.2f} ± {0.9 * std:.2f}"
+        assert f"| {mean:.2f} ± {std:.2f} | {late} | 0.00 | 2/2 | 5,000 | 50 | 15.0 | — | ok |" in row(md, label)
+    assert "| 65.00 ± 5.00 | 58.50 ± 4.50 |" in row(md, "GRPO-DT")  # hand-computed: (48 + 60) / 2, (56 + 70) / 2
+    assert "| GRPO-DT | 2 | 0 | 70.00 | 63.00 |" in md
     with_paper = compare.format_summary("t", [], sections, {"hopper": {"grpo-dt": "108.81 ± 0.85"}})
     assert row(with_paper, "GRPO-DT").endswith("| ok | 108.81 ± 0.85 |") and row(with_paper, "ODT").endswith("| — |")
     png = tmp_path / "curves.png"
@@ -77,13 +82,13 @@ def test_failed_runs_are_reported_never_dropped_never_zero(tmp_path):
     )
     md = compare.format_summary("t", [], sections)
     ppo = row(md, "PPO-DT")
-    assert "| FAILED | — | 0/2 |" in ppo and "exit 1: RuntimeError: boom" in ppo and "exit 2: x" in ppo
+    assert "| FAILED | — | — | 0/2 |" in ppo and "exit 1: RuntimeError: boom" in ppo and "exit 2: x" in ppo
     assert "0.00" not in ppo
     odt = row(md, "ODT")  # partly failed: the mean is over the finished seed only, and the failure is listed
-    assert "| 40.00 ± 0.00 | 0.00 | 1/2 |" in odt and "partly FAILED" in odt and "exit 137: killed" in odt
+    assert "| 40.00 ± 0.00 | 36.00 ± 0.00 | 0.00 | 1/2 |" in odt and "partly FAILED" in odt and "exit 137: killed" in odt
     assert "| PPO-DT | 1 | 1 | FAILED |" in md  # the per-run table keeps it too
     sections["hopper"]["grpo-dt"][1].returncode = None  # not run yet (the table is rewritten after every run)
-    assert "| 60.00 ± 0.00 | 0.00 | 1/2 |" in row(compare.format_summary("t", [], sections), "GRPO-DT")
+    assert "| 60.00 ± 0.00 | 54.00 ± 0.00 | 0.00 | 1/2 |" in row(compare.format_summary("t", [], sections), "GRPO-DT")
     assert "ok (1 pending)" in row(compare.format_summary("t", [], sections), "GRPO-DT")
     compare.plot_curves(sections, tmp_path / "curves.png", "t")  # a failed method does not break the plot
     assert (tmp_path / "curves.png").stat().st_size > 0
@@ -298,15 +303,20 @@ def test_end_to_end_with_fake_scripts(tmp_path, capsys):
     )
     out_dir = compare.main(args)
     md = (out_dir / "summary.md").read_text()
-    assert "| GRPO-DT | 31.50 ± 0.50 | 1.50 | 2/2 | 300 | 12 |" in row(md, "GRPO-DT")  # stopped by the env-step budget
+    grpo = row(md, "GRPO-DT")
+    assert "| GRPO-DT | 31.50 ± 0.50 |" in grpo and "| 1.50 | 2/2 | 300 | 12 |" in grpo  # stopped by the env-step budget
     # Its final model (--save-model) is scored again by grpo_dt.py at the checkpoint's own RTG (no --eval-rtg).
     assert "| 101.50 ± 0.50 | ok |" in row(md, "GRPO-DT")
     data_rtg = (out_dir / "raw" / "logs" / "hopper" / "grpo-dt__s2-data-rtg.out").parent.glob("grpo-dt__s*-data-rtg.err")
     assert len(list(data_rtg)) == 2 and "| — | ok |" in row(md, "IQL")
     # IQL: 300 online env steps after 3000 offline updates; its iteration 0 is its score after pretraining.
-    assert "| IQL | 51.50 ± 0.50 | 21.50 | 2/2 | 300 | 3,300 |" in row(md, "IQL") and "| 74.19 ± 20.25 |" in row(md, "IQL")
+    assert (
+        "| IQL | 51.50 ± 0.50 |" in row(md, "IQL")
+        and "| 21.50 | 2/2 | 300 | 3,300 |" in row(md, "IQL")
+        and "| 74.19 ± 20.25 |" in row(md, "IQL")
+    )
     ppo = row(md, "PPO-DT")
-    assert "| FAILED | — | 0/2 |" in ppo and "exit 3: ValueError: bad shapes" in ppo
+    assert "| FAILED | — | — | 0/2 |" in ppo and "exit 3: ValueError: bad shapes" in ppo
     assert (out_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "- script versions (sha1 of the file at each run's start): grpo_dt.py " in md and "changed" not in md
     (out_dir / "summary.md").unlink()
