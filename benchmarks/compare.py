@@ -442,8 +442,9 @@ def score_curves(run: Run) -> tuple[tuple, tuple]:
     return (it, score), (env[order], score[order])
 
 
-def plot_curves(sections: dict[str, dict[str, list[Run]]], path: Path, title: str):
-    """One row per task: normalized score vs iteration and vs env steps; a line per method, mean ± std band."""
+def plot_curves(sections: dict[str, dict[str, list[Run]]], path: Path, title: str) -> np.ndarray:
+    """One row per task: normalized score vs iteration and vs env steps; a line per method, mean ± std band.
+    Returns the (tasks, 2) axes (for tests)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -460,7 +461,7 @@ def plot_curves(sections: dict[str, dict[str, list[Run]]], path: Path, title: st
                 continue
             if m.steps_are_env_steps:  # no iterations: drawn on the env-step panel only, named in the legend
                 row[0].plot([], [], color=color, label=label + " (env-step panel only)")
-            for ax, j in zip(row, (1,) if m.steps_are_env_steps else (0, 1)):
+            for ax, j in ((row[1], 1),) if m.steps_are_env_steps else ((row[0], 0), (row[1], 1)):
                 curves = [score_curves(r)[j] for r in ok]
                 if m.reference:  # a horizontal reference: the checkpoint's score, mean ± std over seeds
                     y = np.array([c[1][-1] for c in curves])
@@ -491,6 +492,7 @@ def plot_curves(sections: dict[str, dict[str, list[Run]]], path: Path, title: st
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return axes
 
 
 # ---------------------------------------------------------------- running

@@ -229,8 +229,11 @@ def test_env_step_methods_plot_on_the_env_step_panel_only(tmp_path):
     assert it_curve is None and env.tolist() == [0, 1000, 2000] and score.tolist() == [30.0, 40.0, 50.0]
     sections = make_runs(tmp_path)
     sections["hopper"]["iql"] = [r]
-    compare.plot_curves(sections, tmp_path / "curves.png", "t")
+    ((by_iteration, by_env_steps),) = compare.plot_curves(sections, tmp_path / "curves.png", "t")
     assert (tmp_path / "curves.png").stat().st_size > 10_000
+    # IQL's x is env steps (up to 2000): never on the iteration panel (iterations 0-5), always on the env-step one
+    assert max((ln.get_xdata().max() for ln in by_iteration.lines if len(ln.get_xdata())), default=0) <= 5
+    assert any(len(ln.get_xdata()) and ln.get_xdata().max() == 2000 for ln in by_env_steps.lines)
 
 
 FAKE_PRETRAIN = """
