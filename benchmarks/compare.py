@@ -345,15 +345,15 @@ def mean_or_none(xs: list) -> Optional[float]:
 def summarize(runs: list[Run]) -> dict:
     """Per method: final normalized score mean/std over the seeds that finished (np.std, ddof=0) and the failures."""
     ok, done = [r for r in runs if r.ok], [r for r in runs if r.returncode is not None]
-    scores = [r.last("charts/normalized_score") for r in ok]
+    scores, late = [r.last("charts/normalized_score") for r in ok], [r.late_mean() for r in ok]
     return dict(
         n=len(runs),
         n_ok=len(ok),
         pending=len(runs) - len(done),
         mean=mean_or_none(scores),
         std=float(np.std(scores)) if ok else None,
-        late=mean_or_none([r.late_mean() for r in ok]),
-        late_std=float(np.std([r.late_mean() for r in ok])) if ok else None,
+        late=mean_or_none(late),
+        late_std=float(np.std(late)) if ok else None,
         start=mean_or_none([r.scalars["charts/normalized_score"][1][0] for r in ok]),
         env_steps=mean_or_none([r.last("charts/env_steps") for r in ok]),
         grad_updates=mean_or_none([r.last("charts/grad_updates") for r in ok]),
@@ -624,6 +624,8 @@ def main(args: Args) -> Path:
         "pretrained DT row is `grpo_dt.py --num-iterations 0` (GRPO-DT's evaluation); each run's iteration-0 "
         "score is its own script's evaluation of the same checkpoint; IQL uses no checkpoint: it pretrains "
         "itself on the same data for as many updates as the DT, and its iteration 0 is the score after that",
+        f"- mean of the last {LATE_WINDOW:.0%}: the mean of every evaluation a run logged in the last {LATE_WINDOW:.0%} of "
+        "its logging time (first to last scalar), then mean ± std over seeds; read it rather than one final evaluation",
         "- ± is the std over seeds (np.std, ddof=0); env steps and updates: the last logged `charts/env_steps`, "
         "`charts/grad_updates`, mean over the seeds that finished; wall time: process start to exit",
     ]
