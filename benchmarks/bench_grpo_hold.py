@@ -11,11 +11,14 @@ iterations, gain -2, floor 2). Prints figures; it is not a test.
         --arm "default=" "paper=--no-narrow-exploration" --seeds 1 2 3 --iterations 40
 
 A finished run writes its command into `raw/<arm>/s<seed>.done` and is not run again; a killed one goes on from its
-last saved state (`--resume`) when the benchmark is started again; `--report-only` runs nothing
-and reports every arm and seed found under `raw/`, each with the command its marker recorded (arms may then differ in
-their seeds; an arm's own `--checkpoint` in its flags wins).
+last saved state (`--resume`) when the benchmark is started again. Each finished run's command and curve are also kept
+in `results/<name>/records/<arm>/s<seed>.json`, which is committed: `raw/` is git-ignored and is lost with the machine,
+the records are not. `--report-only` runs nothing and reports every arm and seed that has a record (or a finished run
+under `raw/`), each with the command it recorded (arms may then differ in their seeds; an arm's own `--checkpoint` in
+its flags wins).
 """
 
+import json
 import os
 import shlex
 import subprocess
@@ -71,6 +74,25 @@ def scores_of(runs_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.array(steps), np.array([by_step[k] for k in steps])
 
 
+def record_path(out: Path, arm: str, seed: int) -> Path:
+    return out / "records" / arm / f"s{seed}.json"
+
+
+def write_record(out: Path, arm: str, seed: int, command: str):
+    """Keep a finished run's command and curve where git sees them (`raw/` is ignored and dies with the machine)."""
+    iterations, scores = scores_of(out / "raw" / arm / f"s{seed}")
+    record = {"command": command, "iterations": iterations.tolist(), "scores": [round(float(x), 4) for x in scores]}
+    record_path(out, arm, seed).parent.mkdir(parents=True, exist_ok=True)
+    record_path(out, arm, seed).write_text(json.dumps(record) + "\n")
+
+
+def load_record(out: Path, arm: str, seed: int, cmd: list[str]) -> dict:
+    """A run's record; a run finished before records existed gets one from its marker and TensorBoard log."""
+    if not record_path(out, arm, seed).exists():
+        write_record(out, arm, seed, recorded(out / "raw", arm, seed, cmd))
+    return json.loads(record_path(out, arm, seed).read_text())
+
+
 def run_command(args: Args, raw: Path, arm: str, flags: str, seed: int) -> list[str]:
     checkpoint = [] if "--checkpoint" in flags else ["--checkpoint", args.checkpoint]
     command = [sys.executable, "grpo_dt.py", "--env-id", args.env_id, "--dataset", args.dataset, *checkpoint]
@@ -111,6 +133,7 @@ def run_all(args: Args, raw: Path, runs: list[tuple[str, int, list[str]]]):
         if proc.wait() != 0:
             sys.exit(f"error: {arm} seed {seed} failed, see {raw / f'{arm}_s{seed}.log'}")
         (raw / arm / f"s{seed}.done").write_text(shown(cmd) + "\n")  # the marker records the run's command
+        write_record(raw.parent, arm, seed, shown(cmd))
 
 
 def report(args: Args, out: Path, arms: dict[str, dict[int, list[str]]]):
@@ -129,7 +152,8 @@ def report(args: Args, out: Path, arms: dict[str, dict[int, list[str]]]):
     fig, ax = plt.subplots(figsize=(9, 5))
     targets = ["", "Issue #12's target (last-5 mean against start, per seed):", ""]
     for k, (arm, commands) in enumerate(arms.items()):
-        curves = [scores_of(out / "raw" / arm / f"s{seed}") for seed in commands]
+        records = [load_record(out, arm, seed, cmd) for seed, cmd in commands.items()]
+        curves = [(np.array(r["iterations"]), np.array(r["scores"])) for r in records]
         per_seed = np.array([(sc[0], sc.max(), sc[-5:].mean()) for _, sc in curves])
         if not args.plot_arms or arm in args.plot_arms:
             n = min(len(sc) for _, sc in curves)  # the mean over seeds, with a band from the lowest to the highest seed
@@ -152,9 +176,8 @@ def report(args: Args, out: Path, arms: dict[str, dict[int, list[str]]]):
     lines += targets
     print("\n".join(targets[3:]))
     lines += ["", "Commands (run from the repository root):", ""]
-    lines += [
-        f"- `{recorded(out / 'raw', arm, seed, cmd)}`" for arm, commands in arms.items() for seed, cmd in commands.items()
-    ]
+    for arm, commands in arms.items():
+        lines += [f"- `{load_record(out, arm, seed, cmd)['command']}`" for seed, cmd in commands.items()]
     ax.set_xlabel("iteration")
     ax.set_ylabel("normalized score (deterministic evaluation)")
     ax.legend(fontsize=8)
@@ -174,8 +197,12 @@ def main(args: Args):
         sys.exit("error: --checkpoint is required unless --report-only")
     flags_of = dict(a.split("=", 1) for a in args.arm)
     if args.report_only:
-        found = {d.name: sorted(int(p.stem[1:]) for p in d.glob("s*.done")) for d in sorted(raw.iterdir()) if d.is_dir()}
-        seeds_of = {arm: seeds for arm, seeds in found.items() if seeds}
+        finished = [*raw.glob("*/s*.done"), *(out / "records").glob("*/s*.json")]
+        seeds_of = {}
+        for path in sorted(finished, key=lambda p: (p.parent.name, int(p.stem[1:]))):
+            seeds_of.setdefault(path.parent.name, [])
+            if int(path.stem[1:]) not in seeds_of[path.parent.name]:
+                seeds_of[path.parent.name].append(int(path.stem[1:]))
     else:
         seeds_of = {arm: args.seeds for arm in flags_of}
     arms = {arm: {s: run_command(args, raw, arm, flags_of.get(arm, ""), s) for s in seeds} for arm, seeds in seeds_of.items()}

@@ -5,7 +5,9 @@ log is read back with tensorboard's `EventAccumulator`. Writes `results/<name>/s
 mean ± std over seeds, env steps, gradient updates, wall time; a failed run is shown as FAILED, never dropped and
 never as zero) and `results/<name>/curves.png` (normalized score vs iteration and vs env steps, seed bands).
 TensorBoard logs and per-run stdout/stderr go to `results/<name>/raw/`, the shared checkpoint (made once per task
-and pretraining flags, reused by every preset) to `checkpoints/compare/`; both are git-ignored. IQL (iql.py) is the
+and pretraining flags, reused by every preset) to `checkpoints/compare/`; both are git-ignored. Each finished run's
+outcome and the scalars the summary reads are also kept in `results/<name>/records/<task>/<method>__s<seed>.json`,
+which is committed, so seeds run on different machines or sessions summarize together (`--summarize-only`). IQL (iql.py) is the
 one method that takes no checkpoint: it pretrains itself on the same env and data for as many updates as the shared
 DT, logs against env steps (so it is drawn on the env-step panel only) and gets the env-step budget as --online-steps.
 
@@ -323,6 +325,27 @@ class Run:
         unlucky final evaluation cannot decide, over the same share of the budget for every method."""
         _, values, wall = self.scalars[tag]
         return float(values[wall >= wall[0] + (1 - LATE_WINDOW) * (wall[-1] - wall[0])].mean())
+
+
+KEPT_TAGS = ("charts/normalized_score", "charts/env_steps", "charts/grad_updates")  # what the summary and plot read
+KEPT_FIELDS = ("returncode", "wall_time", "error", "script_sha", "data_rtg_score")
+
+
+def keep_run(run: Run, path: Path):
+    """Write a finished (or failed) run's outcome and summary scalars where git sees them (raw/ dies with the
+    machine)."""
+    kept = {k: getattr(run, k) for k in KEPT_FIELDS}
+    kept["command"] = show(run.cmd)
+    kept["scalars"] = {t: [a.tolist() for a in run.scalars[t]] for t in KEPT_TAGS if t in run.scalars}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(kept) + "\n")
+
+
+def load_kept(run: Run, path: Path):
+    kept = json.loads(path.read_text())
+    for k in KEPT_FIELDS:
+        setattr(run, k, kept[k])
+    run.scalars = {t: tuple(np.array(x) for x in v) for t, v in kept["scalars"].items()}
 
 
 def show(cmd: list) -> str:
@@ -668,10 +691,14 @@ def main(args: Args) -> Path:
             log_dir = Path(r.cmd[r.cmd.index("--runs-dir") + 1])
             # exit code, wall time, error, script sha1, score at the data's RTG
             record = raw / "logs" / task / f"{r.method.key}__s{r.seed}.json"
+            kept = out_dir / "records" / task / f"{r.method.key}__s{r.seed}.json"
             if record.is_file():
                 r.returncode, r.wall_time, r.error, *rest = json.loads(record.read_text())
                 r.script_sha, r.data_rtg_score = (rest + ["", float("nan")][len(rest) :])[:2]
                 r.scalars = read_scalars(log_dir)
+                keep_run(r, kept)
+            elif kept.is_file():  # run elsewhere: its raw logs are gone, its kept record is not
+                load_kept(r, kept)
             if args.summarize_only:
                 continue
             if r.ok and not args.rerun:
@@ -694,6 +721,7 @@ def main(args: Args) -> Path:
                 model = ckpt if r.method.reference else max(log_dir.rglob(f"{r.method.key}.pt"), default=None)
                 r.data_rtg_score = score_at_data_rtg(args, r, *TASKS[task], model, log_dir, raw / "logs" / task, env)
             record.write_text(json.dumps([r.returncode, r.wall_time, r.error, r.script_sha, r.data_rtg_score]))
+            keep_run(r, kept)
             done += 1
             status = (
                 (

@@ -1,5 +1,6 @@
 """benchmarks/compare.py: the summary table and the plot from synthetic TensorBoard logs, failed runs, bad input."""
 
+import shutil
 import sys
 import textwrap
 from pathlib import Path
@@ -325,6 +326,10 @@ def test_end_to_end_with_fake_scripts(tmp_path, capsys):
     (out_dir / "summary.md").unlink()
     compare.main(compare.Args(**{**vars(args), "summarize_only": True}))  # rebuilt from the recorded runs alone
     assert (out_dir / "summary.md").read_text().split("## hopper")[1] == md.split("## hopper")[1]
+    shutil.rmtree(out_dir / "raw")  # a fresh machine: the git-ignored logs are gone, the kept records are not
+    compare.main(compare.Args(**{**vars(args), "summarize_only": True}))
+    assert (out_dir / "summary.md").read_text().split("## hopper")[1] == md.split("## hopper")[1]
+    assert sorted(p.name for p in (out_dir / "records" / "hopper").iterdir())[:2] == ["grpo-dt__s1.json", "grpo-dt__s2.json"]
     progress = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[") and "/6]" in ln]
     assert len(progress) == 6 and "[4/6] hopper PPO-DT seed 2: FAILED (exit 3: ValueError: bad shapes)" in progress[3]
     # Started again, it keeps the finished runs and runs only the failed ones; --rerun runs everything.
