@@ -342,9 +342,12 @@ def keep_run(run: Run, path: Path):
 
 
 def load_kept(run: Run, path: Path):
+    """A kept run as it ran, its own command included (a record may come from another comparison of the same
+    checkpoint and flags, e.g. fig1-relabel's runs without --relabel are table1-cpu's)."""
     kept = json.loads(path.read_text())
     for k in KEPT_FIELDS:
         setattr(run, k, kept[k])
+    run.cmd = [sys.executable, *shlex.split(kept["command"])[1:]]
     run.scalars = {t: tuple(np.array(x) for x in v) for t, v in kept["scalars"].items()}
 
 
@@ -688,6 +691,7 @@ def main(args: Args) -> Path:
                 raise UserError(f"pretraining for {task} failed (exit {code}: {tail}); see {raw / 'logs' / task}")
             print(f"[{task}] checkpoint {ckpt} in {wall:.0f} s", flush=True)
         for r in runs:
+            planned = r.cmd  # a kept record brings back the command it ran with; a rerun runs this one
             log_dir = Path(r.cmd[r.cmd.index("--runs-dir") + 1])
             # exit code, wall time, error, script sha1, score at the data's RTG
             record = raw / "logs" / task / f"{r.method.key}__s{r.seed}.json"
@@ -705,7 +709,7 @@ def main(args: Args) -> Path:
                 done += 1
                 print(f"[{done}/{total}] {task} {r.method.label} seed {r.seed}: finished earlier, kept", flush=True)
                 continue
-            r.returncode, r.wall_time, r.error, r.scalars = None, float("nan"), "", {}
+            r.cmd, r.returncode, r.wall_time, r.error, r.scalars = planned, None, float("nan"), "", {}
             if log_dir.exists():  # a rerun into the same results folder starts clean
                 for f in log_dir.rglob("events.out.tfevents.*"):
                     f.unlink()

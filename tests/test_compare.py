@@ -330,6 +330,15 @@ def test_end_to_end_with_fake_scripts(tmp_path, capsys):
     compare.main(compare.Args(**{**vars(args), "summarize_only": True}))
     assert (out_dir / "summary.md").read_text().split("## hopper")[1] == md.split("## hopper")[1]
     assert sorted(p.name for p in (out_dir / "records" / "hopper").iterdir())[:2] == ["grpo-dt__s1.json", "grpo-dt__s2.json"]
+    # Another comparison of the same checkpoint and flags may reuse kept runs; each shows the command it ran with.
+    fig1_records = tmp_path / "results" / "fig1-relabel" / "records" / "hopper"
+    fig1_records.mkdir(parents=True)
+    for kept in (out_dir / "records" / "hopper").glob("grpo-dt__s*.json"):
+        shutil.copy(kept, fig1_records)
+    fig1 = compare.Args(**{**vars(args), "preset": "fig1-relabel", "methods": ("grpo-dt",), "summarize_only": True})
+    fig1_md = (compare.main(fig1) / "summary.md").read_text()
+    assert "| GRPO-DT | 31.50 ± 0.50 |" in row(fig1_md, "GRPO-DT")
+    assert "--runs-dir " + str(tmp_path / "results" / "table1-cpu" / "raw" / "runs" / "hopper" / "grpo-dt" / "s1") in fig1_md
     progress = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[") and "/6]" in ln]
     assert len(progress) == 6 and "[4/6] hopper PPO-DT seed 2: FAILED (exit 3: ValueError: bad shapes)" in progress[3]
     # Started again, it keeps the finished runs and runs only the failed ones; --rerun runs everything.
