@@ -106,6 +106,10 @@ class Args:
     num_workers: int = 0
     """step the envs in this many worker processes, pipelined with the policy (it acts for one worker's members while
     the others step; the same result as in-process); 0 steps them in this process"""
+    update_chunk_steps: int = 16384
+    """memory, not the algorithm: a gradient update runs its n_batch sub-trajectories in chunks of at most this many
+    policy steps, whose gradients add up to the whole batch's (--full-trajectory's 256 x 1000 steps would need ~20 GB
+    at once; Table 6's 256 x 15 is one chunk); 0 = one chunk"""
     torch_threads: int = 1
     """CPU threads of torch; 1 is fastest for batched small-model rollouts on a busy machine (0 = torch's default)"""
     max_episode_steps: Optional[int] = None
@@ -194,7 +198,7 @@ class Args:
 # Flags a resumed run takes from its new command line; every other one comes from the saved run (resumed_args).
 RUN_CONTROL = (
     "num_iterations total_env_steps max_seconds eval_episodes save_every save_path save_model resume runs_dir cuda track "
-    "wandb_project_name wandb_entity capture_video keep_states num_workers torch_threads"
+    "wandb_project_name wandb_entity capture_video keep_states num_workers torch_threads update_chunk_steps"
 ).split()
 
 
@@ -1091,10 +1095,14 @@ def collect_groups(actor: Actor, envs, full_buffer, args: Args, rng):
     return {k: v[keep] for k, v in items.items()}, rewards, keep, out
 
 
-def grpo_objective(model, ref_model, batch, args: Args, kappa, iteration=None):
-    """Eq. 3 as a loss to minimise: clipped surrogate + beta KL(pi || pi_ref) - kappa entropy; and the stats (with
-    `iteration`, also the clip fraction by sample age and advantage sign)."""
+def grpo_objective(model, ref_model, batch, args: Args, kappa, n_items=None, n_steps=None):
+    """Eq. 3 as a loss to minimise: clipped surrogate (a mean over sub-trajectories) + beta KL(pi || pi_ref) - kappa
+    entropy (means over real steps); and its terms, detached, with each sub-trajectory's ratio(s) and clip fraction.
+    A chunk of a larger batch passes the batch's counts `n_items`, `n_steps`, which scale its terms by its share of
+    them: the chunks' losses then add up to the whole batch's (`grpo_backward`)."""
     valid = batch["valid"]
+    item_share = 1.0 if n_items is None else len(valid) / n_items
+    step_share = 1.0 if n_steps is None else valid.sum().item() / n_steps
     mean, log_std = subtraj_policy(model, batch, args.c_online, args.std_scale)
     ratio = sequence_ratio(squashed_logprob(mean, log_std, batch["u"]), batch["logp_old"], valid, args.ratio)
     pg_loss, clipped = grpo_loss(ratio, batch["adv"], valid, args.clip_coef)
@@ -1102,15 +1110,45 @@ def grpo_objective(model, ref_model, batch, args: Args, kappa, iteration=None):
         ref_mean, ref_log_std = subtraj_policy(ref_model, batch, args.c_online, args.std_scale)
     # tanh is a bijection, so KL(pi || pi_ref) is the base Gaussians' KL; per step, averaged over real steps
     pi, pi_ref = Normal(mean, log_std.exp(), validate_args=False), Normal(ref_mean, ref_log_std.exp(), validate_args=False)
-    kl = masked_mean(kl_divergence(pi, pi_ref).sum(-1), valid)
+    kl = masked_mean(kl_divergence(pi, pi_ref).sum(-1), valid) * step_share
     # single-sample entropy (tanh-Gaussian has no closed form); log_prob sums over the action dims
     dist = squashed_gaussian(mean, log_std)
-    entropy = masked_mean(-dist.log_prob(dist.rsample()), valid)
-    stats = {"policy_loss": pg_loss.item(), "kl": kl.item(), "entropy": entropy.item(), "clipfrac": clipped.mean().item()}
-    stats.update(kappa=float(kappa), ratio_mean=ratio.mean().item(), ratio_max=ratio.max().item())
+    entropy = masked_mean(-dist.log_prob(dist.rsample()), valid) * step_share
+    pg_loss = pg_loss * item_share
+    terms = {"policy_loss": pg_loss, "kl": kl, "entropy": entropy, "ratio": ratio, "clipped": clipped}
+    return pg_loss + args.kl_coef * kl - kappa * entropy, {k: v.detach() for k, v in terms.items()}
+
+
+def grpo_backward(model, ref_model, batch, args: Args, kappa, iteration=None):
+    """Backpropagate Eq. 3 on a batch, in chunks of whole sub-trajectories of at most --update-chunk-steps policy
+    steps (--full-trajectory's 256 x 1000 steps would hold ~20 GB of activations at once); the chunks' gradients add
+    up to the whole batch's. Returns the batch's entropy and stats (with `iteration`, also the clip fraction by sample
+    age and advantage sign)."""
+    valid = batch["valid"]
+    n_items, L = valid.shape
+    size = max(1, args.update_chunk_steps // L) if args.update_chunk_steps else n_items
+    # chunks of similar lengths, each cut after its last real step: whole episodes are mostly padding
+    order = valid.sum(1).argsort(stable=True) if size < n_items else torch.arange(n_items)
+    parts = []
+    for rows in order.split(size):
+        chunk = {k: v[rows] for k, v in batch.items()}
+        cut = L - int(chunk["valid"].any(0).nonzero().max()) - 1 if size < n_items and chunk["valid"].any() else 0
+        chunk = {k: v[:, : v.shape[1] - cut] if v.dim() > 1 else v for k, v in chunk.items()}
+        loss, terms = grpo_objective(model, ref_model, chunk, args, kappa, n_items=n_items, n_steps=valid.sum().item())
+        if not torch.isfinite(loss):
+            raise NonFinite("loss")
+        loss.backward()
+        terms["ratio"] = F.pad(terms["ratio"], (0, cut), value=1.0) if terms["ratio"].dim() == 2 else terms["ratio"]
+        parts.append(terms)
+    terms = {k: sum(p[k] for p in parts) for k in ("policy_loss", "kl", "entropy")}
+    ratio, clipped = (torch.cat([p[k] for p in parts]) for k in ("ratio", "clipped"))
+    stats = {k: v.item() for k, v in terms.items()}
+    stats.update(
+        clipfrac=clipped.mean().item(), kappa=float(kappa), ratio_mean=ratio.mean().item(), ratio_max=ratio.max().item()
+    )
     if iteration is not None:
-        stats.update(clip_breakdown(clipped, batch["born"], batch["adv"], iteration))
-    return pg_loss + args.kl_coef * kl - kappa * entropy, entropy, stats
+        stats.update(clip_breakdown(clipped, batch["born"][order], batch["adv"][order], iteration))
+    return terms["entropy"], stats
 
 
 class SubtrajBuffer:
@@ -1374,14 +1412,11 @@ def main(args: Args):
             for _ in range(args.updates_per_iter if st.sub_buffer.size else 0):
                 kappa = st.log_kappa.exp()
                 batch = st.sub_buffer.sample(args.n_batch, st.rng)
-                loss, entropy, step_stats = grpo_objective(model, st.ref_model, batch, args, kappa.detach(), iteration)
-                if not torch.isfinite(loss):
-                    raise NonFinite("loss")
                 st.optimizer.zero_grad()
-                loss.backward()
+                entropy, step_stats = grpo_backward(model, st.ref_model, batch, args, kappa.detach(), iteration)
                 nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 st.optimizer.step()
-                kappa_loss = kappa * (entropy.detach() - args.target_entropy)
+                kappa_loss = kappa * (entropy - args.target_entropy)
                 st.kappa_opt.zero_grad()
                 kappa_loss.backward()
                 st.kappa_opt.step()

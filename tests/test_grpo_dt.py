@@ -214,13 +214,55 @@ def test_sequence_ratio_is_one_before_update_and_kl_zero(hopper_setup, std_scale
     batch = buf.sample(16, s["rng"])
     ref = copy.deepcopy(s["model"])
     args = with_(s["args"], clip_coef=0.2, kl_coef=1e-3, std_scale=std_scale)
-    _, _, stats = grpo_dt.grpo_objective(s["model"], ref, batch, args, 0.1)
+    _, stats = grpo_dt.grpo_backward(s["model"], ref, batch, args, 0.1)
     assert abs(stats["ratio_mean"] - 1) < 1e-4 and abs(stats["ratio_max"] - 1) < 1e-4 and stats["clipfrac"] == 0
     assert stats["kl"] == 0.0
     with torch.no_grad():
         ref.mean_head.bias.add_(0.3)
-    _, _, stats = grpo_dt.grpo_objective(s["model"], ref, batch, args, 0.1)
+    _, stats = grpo_dt.grpo_backward(s["model"], ref, batch, args, 0.1)
     assert stats["kl"] > 1e-3
+
+
+@pytest.mark.parametrize("ratio", ["sequence", "token"])
+def test_update_chunks_add_up_to_the_whole_batch(hopper_setup, ratio, monkeypatch):
+    """--update-chunk-steps (memory) splits a gradient update into chunks of whole sub-trajectories, each weighted by
+    its share of sub-trajectories (surrogate) and of real steps (KL, entropy): the same gradient and stats as one
+    chunk, here with uneven chunks and sub-trajectories of different lengths. Entropy is a one-sample estimate, so
+    kappa is 0 and its stat is left out."""
+    s = hopper_setup
+    items, *_ = collect(s, eval_len=2)
+    buf = grpo_dt.SubtrajBuffer(64, "cpu")
+    buf.add({**items, "born": np.arange(len(items["adv"])) % 2})
+    # float64: chunked and whole agree up to the order of the sums
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in buf.sample(16, s["rng"]).items()}
+    batch["valid"][::3, -1] = False  # sub-trajectories of 2 and 3 real steps
+    batch["adv"][:8] *= -1  # both advantage signs
+    ref, moved = copy.deepcopy(s["model"]).double(), copy.deepcopy(s["model"]).double()
+    with torch.no_grad():
+        moved.mean_head.bias.add_(0.05)
+    calls = []  # each chunk's steps: a chunk is cut after its last real step
+    real = grpo_dt.grpo_objective
+    monkeypatch.setattr(grpo_dt, "grpo_objective", lambda *a, **kw: calls.append(a[2]["valid"].shape[1]) or real(*a, **kw))
+
+    def grad_and_stats(chunk_steps):
+        model = copy.deepcopy(moved)
+        args = with_(s["args"], clip_coef=0.5, kl_coef=0.1, ratio=ratio, update_chunk_steps=chunk_steps)
+        _, stats = grpo_dt.grpo_backward(model, ref, batch, args, 0.0, iteration=1)
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]), stats
+
+    whole, whole_stats = grad_and_stats(0)
+    L = batch["valid"].shape[1]
+    assert calls == [L]
+    real_steps = sorted(batch["valid"].sum(1).tolist())  # chunks run shortest first
+    assert real_steps[0] < L
+    for n in (1, 3):
+        calls.clear()
+        grad, stats = grad_and_stats(n * L + 1)
+        assert calls == [max(real_steps[i : i + n]) for i in range(0, 16, n)]
+        torch.testing.assert_close(grad, whole, rtol=1e-9, atol=1e-12)
+        for k in whole_stats.keys() - {"entropy"}:
+            assert stats[k] == pytest.approx(whole_stats[k], rel=1e-6, nan_ok=True), k  # float32 fractions
+    assert 0 < whole_stats["clipfrac"] < 1 and whole_stats["kl"] > 0
 
 
 def test_one_update_moves_log_probs_in_the_advantage_direction(hopper_setup):
@@ -245,8 +287,7 @@ def test_one_update_moves_log_probs_in_the_advantage_direction(hopper_setup):
 
         before = seq_logp()
         args = with_(s["args"], clip_coef=0.2, kl_coef=0.0)
-        loss, _, _ = grpo_dt.grpo_objective(model, copy.deepcopy(model), batch, args, 0.0)
-        loss.backward()
+        grpo_dt.grpo_backward(model, copy.deepcopy(model), batch, args, 0.0)
         grad_norm = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters()))
         with torch.no_grad():
             for p in model.parameters():
@@ -630,7 +671,7 @@ def test_renamed_flags_change_behaviour(hopper_setup, monkeypatch):
     with torch.no_grad():
         moved.mean_head.bias.add_(0.05)
     stats = {
-        (c, r): grpo_dt.grpo_objective(moved, s["model"], batch, with_(s["args"], clip_coef=c, ratio=r), 0.1)[2]
+        (c, r): grpo_dt.grpo_backward(moved, s["model"], batch, with_(s["args"], clip_coef=c, ratio=r), 0.1)[1]
         for c in (1e-4, 1e6)  # 1e6: no ratio of a shifted mean over L_traj steps reaches it
         for r in ("sequence", "token", "geometric")
     }
@@ -758,8 +799,8 @@ def test_non_finite_stops_with_one_line_and_keeps_the_state(hopper_checkpoint, t
     real = grpo_dt.grpo_objective
 
     def nan_loss(*a, **kw):
-        loss, entropy, stats = real(*a, **kw)
-        return loss * float("nan"), entropy, stats
+        loss, terms = real(*a, **kw)
+        return loss * float("nan"), terms
 
     monkeypatch.setattr(grpo_dt, "grpo_objective", nan_loss)
     with pytest.raises(grpo_dt.UserError) as e:
