@@ -696,12 +696,14 @@ def main(args: Args) -> Path:
             # exit code, wall time, error, script sha1, score at the data's RTG
             record = raw / "logs" / task / f"{r.method.key}__s{r.seed}.json"
             kept = out_dir / "records" / task / f"{r.method.key}__s{r.seed}.json"
-            if record.is_file():
+            # a local failure redone elsewhere: the kept success wins over the raw record
+            redone = record.is_file() and kept.is_file() and json.loads(kept.read_text())["returncode"] == 0
+            if record.is_file() and not (redone and json.loads(record.read_text())[0] != 0):
                 r.returncode, r.wall_time, r.error, *rest = json.loads(record.read_text())
                 r.script_sha, r.data_rtg_score = (rest + ["", float("nan")][len(rest) :])[:2]
                 r.scalars = read_scalars(log_dir)
                 keep_run(r, kept)
-            elif kept.is_file():  # run elsewhere: its raw logs are gone, its kept record is not
+            elif kept.is_file():  # run elsewhere: its raw logs are gone (or failed here), its kept record is not
                 load_kept(r, kept)
             if args.summarize_only:
                 continue

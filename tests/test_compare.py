@@ -1,5 +1,6 @@
 """benchmarks/compare.py: the summary table and the plot from synthetic TensorBoard logs, failed runs, bad input."""
 
+import json
 import shutil
 import sys
 import textwrap
@@ -347,5 +348,11 @@ def test_end_to_end_with_fake_scripts(tmp_path, capsys):
     assert sum("finished earlier, kept" in ln for ln in progress) == 4 and sum("FAILED" in ln for ln in progress) == 2
     again = (out_dir / "summary.md").read_text()
     assert all(row(again, label) == row(md, label) for label in ("GRPO-DT", "IQL"))
+    # A run that failed here and was redone elsewhere: its copied-in record beats the local failure, and stays.
+    redone = json.loads((out_dir / "records" / "hopper" / "grpo-dt__s1.json").read_text())
+    (out_dir / "records" / "hopper" / "ppo-dt__s1.json").write_text(json.dumps(redone) + "\n")
+    compare.main(compare.Args(**{**vars(args), "summarize_only": True}))
+    assert "| 1/2 |" in row((out_dir / "summary.md").read_text(), "PPO-DT")
+    assert json.loads((out_dir / "records" / "hopper" / "ppo-dt__s1.json").read_text()) == redone
     compare.main(compare.Args(**{**vars(args), "rerun": True}))
     assert not any("kept" in ln for ln in capsys.readouterr().out.splitlines())
