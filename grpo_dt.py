@@ -1125,7 +1125,7 @@ def grpo_backward(model, ref_model, batch, args: Args, kappa, iteration=None):
     up to the whole batch's. Returns the batch's entropy and stats (with `iteration`, also the clip fraction by sample
     age and advantage sign)."""
     valid = batch["valid"]
-    n_items, L = valid.shape
+    (n_items, L), n_steps = valid.shape, valid.sum().item()
     size = max(1, args.update_chunk_steps // L) if args.update_chunk_steps else n_items
     # chunks of similar lengths, each cut after its last real step: whole episodes are mostly padding
     order = valid.sum(1).argsort(stable=True) if size < n_items else torch.arange(n_items)
@@ -1134,7 +1134,7 @@ def grpo_backward(model, ref_model, batch, args: Args, kappa, iteration=None):
         chunk = {k: v[rows] for k, v in batch.items()}
         cut = L - int(chunk["valid"].any(0).nonzero().max()) - 1 if size < n_items and chunk["valid"].any() else 0
         chunk = {k: v[:, : v.shape[1] - cut] if v.dim() > 1 else v for k, v in chunk.items()}
-        loss, terms = grpo_objective(model, ref_model, chunk, args, kappa, n_items=n_items, n_steps=valid.sum().item())
+        loss, terms = grpo_objective(model, ref_model, chunk, args, kappa, n_items=n_items, n_steps=n_steps)
         if not torch.isfinite(loss):
             raise NonFinite("loss")
         loss.backward()
@@ -1250,8 +1250,13 @@ def setup(args: Args):
         args.gamma = 1.0 if args.gamma is None else args.gamma
     row = apply_presets(args, family, key)
     args.eval_context_len = args.eval_context_len or args.c_online
-    if args.num_workers < 0 or min(args.c_online, args.group_size, args.reset_points, args.subtraj_len) < 1:
-        raise UserError("--num-workers must be >= 0 and --c-online, --group-size, --reset-points, --subtraj-len >= 1")
+    if (
+        min(args.num_workers, args.update_chunk_steps) < 0
+        or min(args.c_online, args.group_size, args.reset_points, args.subtraj_len) < 1
+    ):
+        raise UserError(
+            "--num-workers, --update-chunk-steps must be >= 0; --c-online, --group-size, --reset-points, --subtraj-len >= 1"
+        )
     if not args.std_scale > 0:
         raise UserError(f"--std-scale must be > 0, got {args.std_scale}")
     random.seed(args.seed)

@@ -696,10 +696,11 @@ def main(args: Args) -> Path:
             # exit code, wall time, error, script sha1, score at the data's RTG
             record = raw / "logs" / task / f"{r.method.key}__s{r.seed}.json"
             kept = out_dir / "records" / task / f"{r.method.key}__s{r.seed}.json"
+            outcome = json.loads(record.read_text()) if record.is_file() else None
             # a local failure redone elsewhere: the kept success wins over the raw record
-            redone = record.is_file() and kept.is_file() and json.loads(kept.read_text())["returncode"] == 0
-            if record.is_file() and not (redone and json.loads(record.read_text())[0] != 0):
-                r.returncode, r.wall_time, r.error, *rest = json.loads(record.read_text())
+            redone = outcome and outcome[0] != 0 and kept.is_file() and json.loads(kept.read_text())["returncode"] == 0
+            if outcome and not redone:
+                r.returncode, r.wall_time, r.error, *rest = outcome
                 r.script_sha, r.data_rtg_score = (rest + ["", float("nan")][len(rest) :])[:2]
                 r.scalars = read_scalars(log_dir)
                 keep_run(r, kept)

@@ -349,9 +349,11 @@ def test_pipelined_workers_roll_out_bit_exactly_as_in_process(hopper_setup):
     assert lengths.min() < lengths.max()  # members finished at different steps, so batches shrank unevenly
 
 
-def test_std_scale_must_be_positive(hopper_checkpoint):
+def test_std_scale_positive_and_chunk_steps_not_negative(hopper_checkpoint):
     with pytest.raises(grpo_dt.UserError, match="--std-scale must be > 0"):
         grpo_dt.setup(grpo_dt.Args(checkpoint=str(hopper_checkpoint), **TINY, std_scale=0.0))
+    with pytest.raises(grpo_dt.UserError, match="--update-chunk-steps must be >= 0"):
+        grpo_dt.setup(grpo_dt.Args(checkpoint=str(hopper_checkpoint), **TINY, update_chunk_steps=-1))
 
 
 def test_buffer_counts_draws_and_reports_evicted_items():
