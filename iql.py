@@ -345,16 +345,17 @@ def load_dataset(env_id: str, dataset: str, dataset_path: Optional[str], random_
             )
         local = minari.list_local_datasets()
         if dataset_id not in local:
-            if dataset_id.startswith("generated/"):
+            made_here = f"generated/{key}/random-v0"  # the one set this script makes; other generated/ sets are
+            if dataset_id == made_here:  # made by benchmarks/make_datasets.py and are on no remote
                 generate_random_dataset(dataset_id, env_id, key, random_steps, seed)
-            elif remote_reachable():
+            elif not dataset_id.startswith("generated/") and remote_reachable():
                 minari.download_dataset(dataset_id)
             else:
                 root = os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")
                 raise UserError(
-                    f"dataset {dataset_id!r} is not in the local Minari cache ({root}) and Minari's remote cannot be "
-                    f"reached; local datasets: {sorted(local) or 'none'}. Set MINARI_DATASETS_PATH to a datasets root, "
-                    "pass a D4RL file with --dataset-path, or use --dataset random to generate one"
+                    f"dataset {dataset_id!r} is not in the local Minari cache ({root}) and cannot be downloaded or "
+                    f"made here; local datasets: {sorted(local) or 'none'}. Set MINARI_DATASETS_PATH to a datasets "
+                    f"root, pass a D4RL file with --dataset-path, or use --dataset random to generate {made_here}"
                 )
         ds = minari.load_dataset(dataset_id)
         trajs = episodes_to_trajectories(ds.iterate_episodes(), antmaze=family == "antmaze")

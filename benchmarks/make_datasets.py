@@ -11,7 +11,8 @@ The shared root is read-only, so this makes `data/minari/` (git-ignored): a syml
   tanh(mean) at its evaluation context and RTG) with Gaussian action noise `--teacher-noise`, clipped to +-1: the
   shape of "expert rollouts with action noise", whose saturated actions put many targets on the bounds.
 
-Everything is seeded, so the sets are the same on every machine. Prints the sets' statistics.
+Everything is seeded, but the sets are not bit-identical across machines: a re-run with one torch thread gave
+another noisy set (README, Actions on the bounds). Prints the sets' statistics.
 
     MINARI_DATASETS_PATH=$(realpath ../shared/datasets) python benchmarks/make_datasets.py
     export MINARI_DATASETS_PATH=$(realpath data/minari)   # then every script sees all four sets

@@ -327,3 +327,10 @@ def test_bad_input_is_one_line_error(flags, match):
     assert proc.returncode == 1
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and lines[0].startswith(match) and "Traceback" not in proc.stderr
+
+
+def test_a_missing_generated_set_is_an_error_not_random_data(tmp_path, monkeypatch):
+    """iql.py's copy of the loader: a missing generated/ id other than the random set stops with one line."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "datasets"))
+    with pytest.raises(M.UserError, match="teacher-noisy-v0.*not in the local Minari cache.*random-v0"):
+        M.load_dataset("Hopper-v4", "generated/hopper/teacher-noisy-v0", None, 200, 0)

@@ -102,6 +102,16 @@ def test_random_is_generated_as_a_minari_dataset(minari_root):
     assert (ref_min, ref_max) == pt.D4RL_REF["hopper"]
 
 
+def test_a_missing_generated_set_is_an_error_not_random_data(minari_root):
+    """Only `generated/<env>/random-v0` is made here; any other missing generated/ id (e.g. a set of
+    benchmarks/make_datasets.py not yet made) must stop, not silently become a uniform-random dataset."""
+    with pytest.raises(pt.UserError, match="teacher-noisy-v0.*not in the local Minari cache.*random-v0"):
+        pt.load_dataset("Hopper-v4", "generated/hopper/teacher-noisy-v0", None, 200, 0)
+    import minari
+
+    assert "generated/hopper/teacher-noisy-v0" not in minari.list_local_datasets()
+
+
 @pytest.mark.parametrize(
     "env_id,dataset,match",
     [
