@@ -54,15 +54,15 @@ def scalars(run_dir):
     return {t: {e.step: e.value for e in acc.Scalars(t)} for t in acc.Tags()["scalars"]}
 
 
+TASK = ("--env-id", "Hopper-v4", "--dataset", "local/hopper/medium-v0")  # the one task this benchmark runs
+
+
 def launch(script, name, args, extra):
     runs = Path(args.out_dir) / name
     cmd = [
         sys.executable,
         str(ROOT / script),
-        "--env-id",
-        "Hopper-v4",
-        "--dataset",
-        "local/hopper/medium-v0",
+        *TASK,
         "--checkpoint",
         args.checkpoint,
         "--num-iterations",
@@ -115,10 +115,7 @@ def main(args: Args):
             [
                 sys.executable,
                 str(ROOT / "pretrain_dt.py"),
-                "--env-id",
-                "Hopper-v4",
-                "--dataset",
-                "local/hopper/medium-v0",
+                *TASK,
                 "--checkpoint",
                 args.checkpoint,
                 "--runs-dir",

@@ -61,18 +61,12 @@ def main(args: Args):
     size = f"cpu{args.embed_dim}x{args.n_layers}_u{args.pretrain_updates}_lr{args.pretrain_learning_rate:g}"
     ckpt = raw / f"{args.env_id}__{args.dataset.replace('/', '-')}__{size}__s{args.seed}.pt"
     env = {**os.environ, "OMP_NUM_THREADS": str(args.torch_threads)}
+    task = ["--env-id", args.env_id, "--dataset", args.dataset, "--seed", str(args.seed), "--checkpoint", str(ckpt)]
     if not ckpt.exists():
         cmd = [
             sys.executable,
             str(ROOT / "pretrain_dt.py"),
-            "--env-id",
-            args.env_id,
-            "--dataset",
-            args.dataset,
-            "--seed",
-            str(args.seed),
-            "--checkpoint",
-            str(ckpt),
+            *task,
             "--embed-dim",
             str(args.embed_dim),
             "--n-layers",
@@ -99,14 +93,7 @@ def main(args: Args):
     cmd = [
         sys.executable,
         str(ROOT / "ppo_dt.py"),
-        "--env-id",
-        args.env_id,
-        "--dataset",
-        args.dataset,
-        "--seed",
-        str(args.seed),
-        "--checkpoint",
-        str(ckpt),
+        *task,
         "--num-iterations",
         str(args.num_iterations),
         "--max-seconds",
