@@ -51,6 +51,9 @@ def censored_action_log_prob(mean, log_std, actions, margin: float, bound: float
 
 
 def main(args: Args):
+    if not 0 < args.censor_bound < 1:
+        raise pretrain_dt.UserError(f"--censor-bound must lie strictly between 0 and 1, got {args.censor_bound}")
+
     def log_prob(mean, log_std, actions, margin):
         return censored_action_log_prob(mean, log_std, actions, margin, args.censor_bound)
 

@@ -16,9 +16,9 @@ import pretrain_dt  # noqa: E402
 TINY_MODEL = dict(embed_dim=32, n_layers=1, n_heads=2)
 
 
-def make_tiny_checkpoint(path: Path, env_id: str, dataset: str, **overrides) -> Path:
-    """A real pretrain_dt.py run at toy size: what the finetuning scripts' tests start from."""
-    args = pretrain_dt.Args(
+def tiny_pretrain_args(path: Path, env_id: str, dataset: str, **overrides) -> pretrain_dt.Args:
+    """pretrain_dt.py's flags at toy size, writing the checkpoint to `path`; any field can be overridden."""
+    base = dict(
         env_id=env_id,
         dataset=dataset,
         checkpoint=str(path),
@@ -29,9 +29,14 @@ def make_tiny_checkpoint(path: Path, env_id: str, dataset: str, **overrides) -> 
         save_every=0,
         warmup_updates=5,
         runs_dir=str(path.parent / "runs"),
-        **{**TINY_MODEL, **overrides},
+        **TINY_MODEL,
     )
-    pretrain_dt.main(args)
+    return pretrain_dt.Args(**{**base, **overrides})
+
+
+def make_tiny_checkpoint(path: Path, env_id: str, dataset: str, **overrides) -> Path:
+    """A real pretrain_dt.py run at toy size: what the finetuning scripts' tests start from."""
+    pretrain_dt.main(tiny_pretrain_args(path, env_id, dataset, **overrides))
     return path
 
 

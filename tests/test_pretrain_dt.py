@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import tyro
-from conftest import TINY_MODEL, check_checkpoint_loads
+from conftest import TINY_MODEL, check_checkpoint_loads, tiny_pretrain_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributions import Normal
 
@@ -279,20 +279,7 @@ def test_segment_sampler_left_pads_and_matches_rtg():
 
 # ---------------------------------------------------------------- end to end
 def tiny_args(tmp_path, **kw):
-    base = dict(
-        env_id="Hopper-v4",
-        dataset="local/hopper/medium-v0",
-        checkpoint=str(tmp_path / "h.pt"),
-        batch_size=16,
-        num_updates=10,
-        eval_every=0,
-        eval_episodes=1,
-        save_every=0,
-        warmup_updates=5,
-        runs_dir=str(tmp_path / "runs"),
-        **TINY_MODEL,
-    )
-    return pt.Args(**{**base, **kw})
+    return tiny_pretrain_args(tmp_path / "h.pt", "Hopper-v4", "local/hopper/medium-v0", **{"num_updates": 10, **kw})
 
 
 def test_same_seed_same_weights(tmp_path):

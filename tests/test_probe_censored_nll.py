@@ -3,9 +3,12 @@ and bench_dt_vs_bc.py's --dt-script runs it in place of pretrain_dt.py."""
 
 import math
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
+import pytest
 import torch
+from conftest import tiny_pretrain_args
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -68,25 +71,19 @@ def test_bench_runs_the_dt_script_it_is_given(tmp_path):
 
 def test_probe_pretrains_end_to_end(tmp_path):
     ckpt = tmp_path / "probe.pt"
-    args = probe_censored_nll.Args(
-        env_id="Hopper-v4",
-        dataset="local/hopper/medium-v0",
-        checkpoint=str(ckpt),
-        num_updates=5,
-        batch_size=8,
-        eval_every=0,
-        eval_episodes=1,
-        save_every=0,
-        warmup_updates=1,
-        embed_dim=16,
-        n_layers=1,
-        n_heads=1,
-        runs_dir=str(tmp_path / "runs"),
-        censor_bound=0.99,
-    )
+    tiny = tiny_pretrain_args(ckpt, "Hopper-v4", "local/hopper/medium-v0", num_updates=5, batch_size=8)
+    args = probe_censored_nll.Args(**asdict(tiny), censor_bound=0.99)
     saved = pretrain_dt.action_log_prob
     try:
         probe_censored_nll.main(args)
     finally:
         pretrain_dt.action_log_prob = saved  # the probe swaps it for its own process; keep the suite's copy
     assert ckpt.is_file() and torch.load(ckpt, weights_only=False)["num_updates"] == 5
+
+
+def test_a_censor_bound_outside_0_1_is_a_one_line_error(tmp_path):
+    tiny = tiny_pretrain_args(tmp_path / "x.pt", "Hopper-v4", "local/hopper/medium-v0")
+    for bound in (0.0, 1.0, 1.5):
+        with pytest.raises(pretrain_dt.UserError, match="--censor-bound must lie strictly between 0 and 1"):
+            probe_censored_nll.main(probe_censored_nll.Args(**asdict(tiny), censor_bound=bound))
+    assert pretrain_dt.action_log_prob.__name__ == "action_log_prob"  # rejected before anything was swapped
