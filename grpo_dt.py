@@ -662,12 +662,22 @@ def squashed_gaussian(mean, log_std):
     )
 
 
-def action_log_prob(mean, log_std, actions, margin: float):
+def action_log_prob(mean, log_std, actions, margin: float, censor_bound: Optional[float] = None):
     """log pi(a) of given actions under the squashed Gaussian, actions clamped to +-(1 - margin) so atanh is finite.
 
-    The one definition of an action's log-prob: pretraining's NLL uses it, and so does every finetuning script that
-    scores actions it did not sample from a known pre-tanh value (with the checkpoint's `action_margin`)."""
-    return squashed_gaussian(mean, log_std).log_prob(actions.clamp(-1 + margin, 1 - margin))
+    With `censor_bound` b, an action dimension on +-1 (behaviour clipped to the bound) is scored as the point mass it
+    is: log P(tanh(u) beyond +-b) = log Phi(+-(mean -+ atanh b) / sigma), a censored likelihood, instead of the density
+    at the clamp point (atanh(1 - 1e-6) = 7.25); interior dimensions keep the density. The one definition of an
+    action's log-prob: pretraining's NLL uses it, and so does every finetuning script that scores actions it did not
+    sample from a known pre-tanh value (with the checkpoint's `action_margin` and `censor_bound`)."""
+    clamped = actions.clamp(-1 + margin, 1 - margin)
+    if censor_bound is None:
+        return squashed_gaussian(mean, log_std).log_prob(clamped)
+    density = squashed_gaussian(mean, log_std).base_dist.log_prob(clamped)  # per dimension
+    edge, std = float(np.arctanh(censor_bound)), log_std.exp()
+    upper, lower = torch.special.log_ndtr((mean - edge) / std), torch.special.log_ndtr((-edge - mean) / std)
+    on_bound = 1 - 1e-6  # clipped float32 data hold exactly +-1
+    return torch.where(actions >= on_bound, upper, torch.where(actions <= -on_bound, lower, density)).sum(-1)
 
 
 class Lamb(torch.optim.Optimizer):

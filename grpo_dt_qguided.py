@@ -441,12 +441,22 @@ def squashed_gaussian(mean, log_std):
     )
 
 
-def action_log_prob(mean, log_std, actions, margin: float):
+def action_log_prob(mean, log_std, actions, margin: float, censor_bound: Optional[float] = None):
     """log pi(a) of given actions under the squashed Gaussian, actions clamped to +-(1 - margin) so atanh is finite.
 
-    The one definition of an action's log-prob: pretraining's NLL uses it, and so does every finetuning script that
-    scores actions it did not sample from a known pre-tanh value (with the checkpoint's `action_margin`)."""
-    return squashed_gaussian(mean, log_std).log_prob(actions.clamp(-1 + margin, 1 - margin))
+    With `censor_bound` b, an action dimension on +-1 (behaviour clipped to the bound) is scored as the point mass it
+    is: log P(tanh(u) beyond +-b) = log Phi(+-(mean -+ atanh b) / sigma), a censored likelihood, instead of the density
+    at the clamp point (atanh(1 - 1e-6) = 7.25); interior dimensions keep the density. The one definition of an
+    action's log-prob: pretraining's NLL uses it, and so does every finetuning script that scores actions it did not
+    sample from a known pre-tanh value (with the checkpoint's `action_margin` and `censor_bound`)."""
+    clamped = actions.clamp(-1 + margin, 1 - margin)
+    if censor_bound is None:
+        return squashed_gaussian(mean, log_std).log_prob(clamped)
+    density = squashed_gaussian(mean, log_std).base_dist.log_prob(clamped)  # per dimension
+    edge, std = float(np.arctanh(censor_bound)), log_std.exp()
+    upper, lower = torch.special.log_ndtr((mean - edge) / std), torch.special.log_ndtr((-edge - mean) / std)
+    on_bound = 1 - 1e-6  # clipped float32 data hold exactly +-1
+    return torch.where(actions >= on_bound, upper, torch.where(actions <= -on_bound, lower, density)).sum(-1)
 
 
 class Lamb(torch.optim.Optimizer):
@@ -643,7 +653,7 @@ def group_advantages(scores, delta_r, delta_r_q=None):
 
 
 @torch.no_grad()
-def q_guided_scores(model, critic, ctx, group_size, reward_scale, action_margin=1e-6):
+def q_guided_scores(model, critic, ctx, group_size, reward_scale, action_margin=1e-6, censor_bound=None):
     """Section 3.3.1: G actions per context from pi_theta(.|s_h, g_h), scored R(a_i) = min(Q1, Q2)(s_h, a_i).
 
     Scores are divided by the critic's reward scale so Delta_r is in raw reward units, as in grpo_dt.py.
@@ -651,20 +661,21 @@ def q_guided_scores(model, critic, ctx, group_size, reward_scale, action_margin=
     """
     mean, log_std = policy_head(model, ctx)
     actions = squashed_gaussian(mean, log_std).sample((group_size,)).clamp(-1 + EPS_ACTION, 1 - EPS_ACTION)  # (G, N, A)
-    log_probs = action_log_prob(mean, log_std, actions, action_margin)
+    log_probs = action_log_prob(mean, log_std, actions, action_margin, censor_bound)
     states = ctx[1][:, -1].expand(group_size, -1, -1)  # s_h, the newest state of each context
     scores = torch.min(*critic(states, actions)) / reward_scale
     check_finite("Q value", scores)
     return actions.transpose(0, 1), log_probs.T, scores.T
 
 
-def policy_objective(model, ref_model, batch, clip_coef, action_margin=1e-6):
+def policy_objective(model, ref_model, batch, clip_coef, action_margin=1e-6, censor_bound=None):
     """The terms of Eq. 3 on a minibatch of the sample buffer: the clipped surrogate with a per-action ratio (each
     hypothetical sub-trajectory is the one action), KL(pi || pi_ref) of the pre-tanh Gaussians (closed form; the tanh
     is shared so it cancels), and ODT's single-sample entropy estimate (the tanh-Gaussian has no closed form)."""
     ctx = (batch["rtg"], batch["states"], batch["ctx_actions"], batch["mask"])
     mean, log_std = policy_head(model, ctx)
-    ratio = (action_log_prob(mean, log_std, batch["action"], action_margin) - batch["old_log_prob"]).exp()
+    new_log_prob = action_log_prob(mean, log_std, batch["action"], action_margin, censor_bound)
+    ratio = (new_log_prob - batch["old_log_prob"]).exp()
     adv = batch["advantage"]
     pg_loss = -torch.min(ratio * adv, ratio.clamp(1 - clip_coef, 1 + clip_coef) * adv).mean()
     with torch.no_grad():
@@ -885,6 +896,7 @@ def collect_candidates(run, args: Args, meta: dict) -> dict:
         group_size=args.group_size,
         reward_scale=meta["reward_scale"],
         action_margin=meta["action_margin"],
+        censor_bound=meta["censor_bound"],
     )
     adv, keep = group_advantages(scores, args.delta_r, args.delta_r_q)
     rows, cols = keep.nonzero(as_tuple=True)
@@ -909,9 +921,8 @@ def train_policy(run, args: Args, meta: dict) -> dict:
     stats = {}
     for _ in range(args.updates_per_iter if len(run.sample_buffer) else 0):
         batch = run.sample_buffer.sample(args.n_batch, run.rng)
-        terms = policy_objective(
-            run.model, run.ref_model, batch, clip_coef=args.clip_coef, action_margin=meta["action_margin"]
-        )
+        likelihood = dict(action_margin=meta["action_margin"], censor_bound=meta["censor_bound"])
+        terms = policy_objective(run.model, run.ref_model, batch, clip_coef=args.clip_coef, **likelihood)
         kappa = run.log_kappa.exp()
         loss = terms["pg_loss"] + args.kl_coef * terms["kl"] - kappa.detach() * terms["entropy"]
         check_finite("policy loss", loss)
@@ -1056,6 +1067,7 @@ def load_start(args: Args, device):
         ref_min=ckpt["ref_min_score"],
         ref_max=ckpt["ref_max_score"],
         action_margin=ckpt.get("action_margin", 1e-6),
+        censor_bound=ckpt.get("censor_bound"),
         target_entropy=-float(cfg["act_dim"]),
         reward_scale=REWARD_SCALE.get(key, 1.0),
         reward_shift=1.0 if family == "antmaze" else 0.0,

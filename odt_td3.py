@@ -386,12 +386,22 @@ def squashed_gaussian(mean, log_std):
     )
 
 
-def action_log_prob(mean, log_std, actions, margin: float):
+def action_log_prob(mean, log_std, actions, margin: float, censor_bound: Optional[float] = None):
     """log pi(a) of given actions under the squashed Gaussian, actions clamped to +-(1 - margin) so atanh is finite.
 
-    The one definition of an action's log-prob: pretraining's NLL uses it, and so does every finetuning script that
-    scores actions it did not sample from a known pre-tanh value (with the checkpoint's `action_margin`)."""
-    return squashed_gaussian(mean, log_std).log_prob(actions.clamp(-1 + margin, 1 - margin))
+    With `censor_bound` b, an action dimension on +-1 (behaviour clipped to the bound) is scored as the point mass it
+    is: log P(tanh(u) beyond +-b) = log Phi(+-(mean -+ atanh b) / sigma), a censored likelihood, instead of the density
+    at the clamp point (atanh(1 - 1e-6) = 7.25); interior dimensions keep the density. The one definition of an
+    action's log-prob: pretraining's NLL uses it, and so does every finetuning script that scores actions it did not
+    sample from a known pre-tanh value (with the checkpoint's `action_margin` and `censor_bound`)."""
+    clamped = actions.clamp(-1 + margin, 1 - margin)
+    if censor_bound is None:
+        return squashed_gaussian(mean, log_std).log_prob(clamped)
+    density = squashed_gaussian(mean, log_std).base_dist.log_prob(clamped)  # per dimension
+    edge, std = float(np.arctanh(censor_bound)), log_std.exp()
+    upper, lower = torch.special.log_ndtr((mean - edge) / std), torch.special.log_ndtr((-edge - mean) / std)
+    on_bound = 1 - 1e-6  # clipped float32 data hold exactly +-1
+    return torch.where(actions >= on_bound, upper, torch.where(actions <= -on_bound, lower, density)).sum(-1)
 
 
 class Lamb(torch.optim.Optimizer):
@@ -644,14 +654,15 @@ def critic_loss(critic, target_critic, target_model, batch, gamma, policy_noise,
     return loss, masked_mean(q1, batch["mask"]).detach()
 
 
-def actor_loss(model, critic, batch, algo, rl_coef, temperature=None, action_margin=1e-6):
+def actor_loss(model, critic, batch, algo, rl_coef, temperature=None, action_margin=1e-6, censor_bound=None):
     """sup_loss + rl_coef * mean(-Q1(s, a_pred)). odt_td3: MSE of tanh(mean); odt: NLL - temperature * entropy
-    (single-sample estimate, padding masked). With rl_coef = 0 the critic term is not in the graph at all."""
+    (single-sample estimate, padding masked; the checkpoint's margin and censor bound). With rl_coef = 0 the critic
+    term is not in the graph at all."""
     mean, log_std = model(batch["rtg"], batch["states"], batch["actions"], batch["mask"])
     mask, info, a_pred = batch["mask"], {}, torch.tanh(mean)
     if algo == "odt":
         dist = squashed_gaussian(mean, log_std)
-        nll = masked_mean(-action_log_prob(mean, log_std, batch["actions"], action_margin), mask)
+        nll = masked_mean(-action_log_prob(mean, log_std, batch["actions"], action_margin, censor_bound), mask)
         info["entropy"] = masked_mean(-dist.log_prob(dist.rsample()), mask)
         sup, info["nll"] = nll - temperature.detach() * info["entropy"], nll.detach()
     else:
@@ -731,7 +742,8 @@ class Learner:
     def __init__(self, args: Args, model: DecisionTransformer, ckpt: dict, device):
         self.args, self.ckpt, self.device, self.model = args, ckpt, device, model
         self.td3, self.K = args.algo == "odt_td3", args.context_len or ckpt["model_config"]["c_offline"]
-        self.rl_coef, self.margin = args.rl_coef if self.td3 else 0.0, ckpt.get("action_margin", 1e-6)
+        self.rl_coef = args.rl_coef if self.td3 else 0.0
+        self.likelihood = dict(action_margin=ckpt.get("action_margin", 1e-6), censor_bound=ckpt.get("censor_bound"))
         self.log_temperature = torch.tensor(float(ckpt["log_temperature"]), device=device, requires_grad=True)
         self.optimizer = Lamb(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
         warmup = partial(warmup_factor, warmup_updates=args.warmup_updates)
@@ -775,7 +787,7 @@ class Learner:
 
     def actor_step(self, batch):
         args, critic, temperature = self.args, self.critic if self.td3 else None, self.log_temperature.exp()
-        weights = dict(rl_coef=self.rl_coef, temperature=temperature, action_margin=self.margin)
+        weights = dict(rl_coef=self.rl_coef, temperature=temperature, **self.likelihood)
         loss, info = actor_loss(self.model, critic, batch, algo=args.algo, **weights)
         self.optimizer.zero_grad()
         loss.backward()

@@ -344,12 +344,22 @@ def squashed_gaussian(mean, log_std):
     )
 
 
-def action_log_prob(mean, log_std, actions, margin: float):
+def action_log_prob(mean, log_std, actions, margin: float, censor_bound: Optional[float] = None):
     """log pi(a) of given actions under the squashed Gaussian, actions clamped to +-(1 - margin) so atanh is finite.
 
-    The one definition of an action's log-prob: pretraining's NLL uses it, and so does every finetuning script that
-    scores actions it did not sample from a known pre-tanh value (with the checkpoint's `action_margin`)."""
-    return squashed_gaussian(mean, log_std).log_prob(actions.clamp(-1 + margin, 1 - margin))
+    With `censor_bound` b, an action dimension on +-1 (behaviour clipped to the bound) is scored as the point mass it
+    is: log P(tanh(u) beyond +-b) = log Phi(+-(mean -+ atanh b) / sigma), a censored likelihood, instead of the density
+    at the clamp point (atanh(1 - 1e-6) = 7.25); interior dimensions keep the density. The one definition of an
+    action's log-prob: pretraining's NLL uses it, and so does every finetuning script that scores actions it did not
+    sample from a known pre-tanh value (with the checkpoint's `action_margin` and `censor_bound`)."""
+    clamped = actions.clamp(-1 + margin, 1 - margin)
+    if censor_bound is None:
+        return squashed_gaussian(mean, log_std).log_prob(clamped)
+    density = squashed_gaussian(mean, log_std).base_dist.log_prob(clamped)  # per dimension
+    edge, std = float(np.arctanh(censor_bound)), log_std.exp()
+    upper, lower = torch.special.log_ndtr((mean - edge) / std), torch.special.log_ndtr((-edge - mean) / std)
+    on_bound = 1 - 1e-6  # clipped float32 data hold exactly +-1
+    return torch.where(actions >= on_bound, upper, torch.where(actions <= -on_bound, lower, density)).sum(-1)
 
 
 class Lamb(torch.optim.Optimizer):
@@ -559,8 +569,8 @@ def explained_variance(pred: np.ndarray, target: np.ndarray) -> float:
 def rollout(model, envs, seeds, target_rtg, meta, deterministic, check=None):
     """One episode per env, all stepped in lockstep with ONE batched forward per step over the live members.
 
-    meta: rtg_scale, context_len, state_mean, state_std, device, action_margin. `check(action=...)`, if given, sees
-    the policy's output at every step before an action is drawn from it. Returns per-episode dicts of the exact
+    meta: rtg_scale, context_len, state_mean, state_std, device, action_margin, censor_bound. `check(action=...)`, if
+    given, sees the policy's output at every step before an action is drawn from it. Returns per-episode dicts of the exact
     tokens the policy saw: normalised states, RTG tokens (scaled), executed actions, their log-probs, rewards,
     whether it terminated, and the normalised final state."""
     device, rtg_scale = meta["device"], meta["rtg_scale"]
@@ -589,7 +599,7 @@ def rollout(model, envs, seeds, target_rtg, meta, deterministic, check=None):
         logp = (
             torch.zeros(len(live), device=device)
             if deterministic
-            else action_log_prob(mean, log_std, act, meta["action_margin"])
+            else action_log_prob(mean, log_std, act, meta["action_margin"], meta["censor_bound"])
         )
         actions[live, -1] = act
         step_tokens = [x.cpu().numpy() for x in (states[live, -1], rtg[live, -1, 0], act, logp)]
@@ -685,14 +695,15 @@ class Learner:
 STAT_NAMES = ("policy_loss", "value_loss", "approx_kl", "clipfrac", "entropy", "kappa", "kl_ref")
 
 
-def ppo_update(learner: Learner, b: dict, args: Args, target_entropy: float, action_margin: float) -> list[float]:
+def ppo_update(learner: Learner, b: dict, args: Args, target_entropy: float, likelihood: dict) -> list[float]:
     """Lines 5-6 on one batch: Eq. 5 (minus kl_coef x KL to pi_ref, plus kappa x entropy) for the policy, the dual
-    step of kappa, Eq. 6 for the value net; the reference policy is refreshed every ref_update_every updates."""
+    step of kappa, Eq. 6 for the value net; the reference policy is refreshed every ref_update_every updates.
+    `likelihood`: the checkpoint's action_margin and censor_bound, as the rollout scored the actions with."""
     model, ref_model = learner.model, learner.ref_model
     mean, log_std = (x[:, -1] for x in model(b["rtg"], b["states"], b["actions"], b["mask"]))
     dist = squashed_gaussian(mean, log_std)
     adv = normalize_advantages(b["adv"]) if args.norm_adv else b["adv"]
-    logp = action_log_prob(mean, log_std, b["act"], action_margin)
+    logp = action_log_prob(mean, log_std, b["act"], likelihood["action_margin"], likelihood["censor_bound"])
     pg_loss, approx_kl, clipfrac = ppo_policy_loss(logp, b["old_logp"], adv, args.clip_coef)
     entropy = -dist.log_prob(dist.rsample()).mean()  # single-sample estimate: no closed form after tanh
     with torch.no_grad():
@@ -849,6 +860,7 @@ def main(args: Args):
     train_envs, eval_envs = make_envs(args, run_name)
     meta = dict(rtg_scale=ckpt["rtg_scale"], context_len=args.c_online, state_mean=ckpt["state_mean"].to(device))
     meta.update(state_std=ckpt["state_std"].to(device), device=device, action_margin=ckpt.get("action_margin", 1e-6))
+    meta.update(censor_bound=ckpt.get("censor_bound"))
     gae = dict(gamma=args.gamma, lam=args.gae_lambda, relabel=args.relabel, rtg_scale=ckpt["rtg_scale"], device=device)
     batching = dict(n_batch=args.n_batch, sub_len=args.c_train, context_len=args.c_online, device=device)
 
@@ -879,7 +891,7 @@ def main(args: Args):
         stats = []
         for _ in range(args.updates_per_iter):
             b = sample_batch(flat, rng=learner.rng, **batching)
-            stats.append(ppo_update(learner, b, args, target_entropy, meta["action_margin"]))
+            stats.append(ppo_update(learner, b, args, target_entropy, meta))
             check(loss=stats[-1])
         learner.iteration = it
 

@@ -99,6 +99,9 @@ class Args:
     action_margin: float = 1e-6
     """dataset actions are clamped to +-(1 - margin) before the likelihood (ODT: 1e-6, which puts an exact +-1 at
     atanh = +-7.25 in pre-tanh space); recorded in the checkpoint so finetuning log-probs use the same clamp"""
+    censor_bound: Optional[float] = None
+    """score a dataset action dimension on +-1 as the point mass P(tanh(u) beyond +-censor_bound) instead of the
+    density at the clamp point (ODT: None, the density); recorded in the checkpoint for the finetuning log-probs"""
     action_mse_coef: float = 0.0
     """weight of the squared error of tanh(mean) against the dataset action, added to the NLL (ODT: 0)"""
     init_temperature: float = 0.1
@@ -435,12 +438,22 @@ def squashed_gaussian(mean, log_std):
     )
 
 
-def action_log_prob(mean, log_std, actions, margin: float):
+def action_log_prob(mean, log_std, actions, margin: float, censor_bound: Optional[float] = None):
     """log pi(a) of given actions under the squashed Gaussian, actions clamped to +-(1 - margin) so atanh is finite.
 
-    The one definition of an action's log-prob: pretraining's NLL uses it, and so does every finetuning script that
-    scores actions it did not sample from a known pre-tanh value (with the checkpoint's `action_margin`)."""
-    return squashed_gaussian(mean, log_std).log_prob(actions.clamp(-1 + margin, 1 - margin))
+    With `censor_bound` b, an action dimension on +-1 (behaviour clipped to the bound) is scored as the point mass it
+    is: log P(tanh(u) beyond +-b) = log Phi(+-(mean -+ atanh b) / sigma), a censored likelihood, instead of the density
+    at the clamp point (atanh(1 - 1e-6) = 7.25); interior dimensions keep the density. The one definition of an
+    action's log-prob: pretraining's NLL uses it, and so does every finetuning script that scores actions it did not
+    sample from a known pre-tanh value (with the checkpoint's `action_margin` and `censor_bound`)."""
+    clamped = actions.clamp(-1 + margin, 1 - margin)
+    if censor_bound is None:
+        return squashed_gaussian(mean, log_std).log_prob(clamped)
+    density = squashed_gaussian(mean, log_std).base_dist.log_prob(clamped)  # per dimension
+    edge, std = float(np.arctanh(censor_bound)), log_std.exp()
+    upper, lower = torch.special.log_ndtr((mean - edge) / std), torch.special.log_ndtr((-edge - mean) / std)
+    on_bound = 1 - 1e-6  # clipped float32 data hold exactly +-1
+    return torch.where(actions >= on_bound, upper, torch.where(actions <= -on_bound, lower, density)).sum(-1)
 
 
 class Lamb(torch.optim.Optimizer):
@@ -553,7 +566,7 @@ class SegmentSampler:
         return rtg, states, actions, mask
 
 
-def dt_loss(model, log_temperature, target_entropy, rtg, states, actions, mask, margin=1e-6, mse_coef=0.0):
+def dt_loss(model, log_temperature, target_entropy, rtg, states, actions, mask, margin=1e-6, mse_coef=0.0, censor_bound=None):
     """ODT's loss: masked NLL of clamped dataset actions minus temperature x entropy (+ mse_coef x action MSE), and the
     temperature's dual loss; returns (loss, temperature_loss, nll, entropy, action_mse).
 
@@ -561,7 +574,7 @@ def dt_loss(model, log_temperature, target_entropy, rtg, states, actions, mask, 
     batch NLL swings with how many boundary actions a batch holds (each exact +-1 adds log(2e-6) = -13 to it), it does not.
     """
     mean, log_std = model(rtg, states, actions, mask)
-    nll = -action_log_prob(mean, log_std, actions, margin)
+    nll = -action_log_prob(mean, log_std, actions, margin, censor_bound)
     dist = squashed_gaussian(mean, log_std)
     entropy = -dist.log_prob(dist.rsample())  # single-sample estimate: tanh-Gaussian has no closed form
     sq_err = ((torch.tanh(mean) - actions) ** 2).mean(-1)
@@ -632,6 +645,7 @@ def checkpoint_payload(args: Args, data: dict, model, model_config: dict, log_te
         "eval_rtg": float(meta["eval_rtg"]),
         "eval_context_len": meta["context_len"],
         "action_margin": args.action_margin,
+        "censor_bound": args.censor_bound,
         "log_temperature": float(log_temperature.detach()),
         "target_entropy": -float(model_config["act_dim"]),
         "num_updates": update,
@@ -660,6 +674,8 @@ def check_sizes(args: Args):
         raise UserError(
             f"--action-margin must be in (0, 1) and --action-mse-coef >= 0 (got {args.action_margin}, {args.action_mse_coef})"
         )
+    if args.censor_bound is not None and not 0 < args.censor_bound < 1:
+        raise UserError(f"--censor-bound must lie strictly between 0 and 1, got {args.censor_bound}")
 
 
 def seed_everything(args: Args) -> torch.device:
@@ -770,7 +786,13 @@ def main(args: Args):
     for update in pbar:
         batch = (torch.as_tensor(x, device=device) for x in sampler.sample(args.batch_size))
         loss, temperature_loss, nll, entropy, action_mse = dt_loss(
-            model, log_temperature, -float(act_dim), *batch, margin=args.action_margin, mse_coef=args.action_mse_coef
+            model,
+            log_temperature,
+            -float(act_dim),
+            *batch,
+            margin=args.action_margin,
+            mse_coef=args.action_mse_coef,
+            censor_bound=args.censor_bound,
         )
         if not torch.isfinite(loss):
             raise UserError(f"non-finite loss at update {update}; stopped, last good checkpoint kept at {ckpt_path}")

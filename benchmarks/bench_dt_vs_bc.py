@@ -41,9 +41,6 @@ class Args:
     """seeds 1..seeds of each"""
     dt_flags: str = ""
     """extra pretrain_dt.py flags after the README's CPU config (e.g. the ODT recipe, to compare)"""
-    dt_script: str = "pretrain_dt.py"
-    """the DT's pretraining script, from the repository root; a probe that wraps pretrain_dt.py takes the same flags
-    (e.g. benchmarks/probe_censored_nll.py)"""
     config_name: str = "default"
     """names the DT logs (`dt_{config_name}_{dataset}_s{seed}.log`), so several --dt-flags share one --out-dir"""
     bc: Literal["run", "none"] = "run"
@@ -70,7 +67,7 @@ def jobs(args: Args, out: Path):
         for seed in range(1, args.seeds + 1):
             dt = [
                 sys.executable,
-                str(ROOT / args.dt_script),
+                str(ROOT / "pretrain_dt.py"),
                 "--env-id",
                 env_id,
                 "--dataset",
@@ -129,8 +126,6 @@ def main(args: Args):
     bad = [p for p in args.datasets if ":" not in p]
     if bad:
         sys.exit(f"error: --datasets takes ENV_ID:DATASET pairs (e.g. Hopper-v4:local/hopper/medium-v0); got {bad}")
-    if not (ROOT / args.dt_script).is_file():
-        sys.exit(f"error: --dt-script {args.dt_script} is not a file under {ROOT}")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -530,3 +530,19 @@ def test_training_seeds_are_never_evaluation_seeds(hopper_checkpoint, tmp_path, 
     for seed in (0, 10):
         qg.main(tiny_args(hopper_checkpoint, tmp_path / str(seed), seed=seed, critic_pretrain_updates=0))
     assert len(used) == 4 and not evaluation & set(used)
+
+
+def test_censor_bound_scores_on_bound_actions_as_the_rollout_did(hopper_checkpoint):
+    """A checkpoint pretrained with --censor-bound scores an on-bound action as a point mass in the old log-prob and in
+    the ratio alike (ratio 1 at the same policy); scoring the new log-prob with the density instead would not."""
+    model, _ = qg.load_model(hopper_checkpoint)
+    ctx = random_contexts(model, 4, 5)
+    mean, log_std = qg.policy_head(model, ctx)
+    action = torch.tanh(mean).detach()
+    action[:, 0] = 1.0  # on the bound
+    batch = dict(rtg=ctx[0], states=ctx[1], ctx_actions=ctx[2], mask=ctx[3], action=action, advantage=torch.ones(4))
+    batch["old_log_prob"] = qg.action_log_prob(mean, log_std, action, 1e-6, censor_bound=0.99).detach()
+    censored = qg.policy_objective(model, model, batch, clip_coef=0.2, censor_bound=0.99)
+    torch.testing.assert_close(censored["ratio"], torch.ones(4), atol=1e-5, rtol=0)
+    density = qg.policy_objective(model, model, batch, clip_coef=0.2)
+    assert (density["ratio"] - 1).abs().min() > 1e-3

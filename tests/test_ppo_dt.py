@@ -54,6 +54,7 @@ def small_rollout(model, ckpt, n=2, context_len=3, max_steps=12, seed=0):
         state_std=ckpt["state_std"],
         device="cpu",
         action_margin=1e-6,
+        censor_bound=None,
     )
     return ppo_dt.rollout(model, envs, [seed + i for i in range(n)], 7200.0, meta, deterministic=False)
 

@@ -423,6 +423,8 @@ def test_action_margin_moves_bound_targets_only():
         (dict(action_margin=0.0), "--action-margin"),
         (dict(action_margin=1.0), "--action-margin"),
         (dict(action_mse_coef=-1.0), "--action-mse-coef"),
+        (dict(censor_bound=0.0), "--censor-bound must lie strictly between 0 and 1"),
+        (dict(censor_bound=1.0), "--censor-bound must lie strictly between 0 and 1"),
     ],
 )
 def test_bad_action_flags_are_one_clear_error(tmp_path, flags, match):
@@ -430,10 +432,10 @@ def test_bad_action_flags_are_one_clear_error(tmp_path, flags, match):
         pt.main(tiny_args(tmp_path, **flags))
 
 
-def test_bound_heavy_data_does_not_saturate_interior_actions(tmp_path):
-    """A dataset where a third of the states' actions sit exactly on +1 (the rest interior at 0.2): after a short
-    pretraining with the default objective, the evaluation action tanh(mean) at interior states is not driven to the
-    bound, and the checkpoint records the margin it was trained with."""
+def pretrain_on_bound_heavy_data(tmp_path, **flags):
+    """A dataset where a third of the states' actions sit exactly on +1 (the rest interior at 0.2), pretrained briefly
+    at context 1; returns (checkpoint, model in eval mode, normalised on-bound states, normalised interior states)."""
+    tmp_path.mkdir(exist_ok=True)
     rng = np.random.default_rng(0)
     n = 3000
     obs = rng.normal(size=(n, 11))
@@ -445,30 +447,48 @@ def test_bound_heavy_data_does_not_saturate_interior_actions(tmp_path):
     with h5py.File(path, "w") as f:
         f["observations"], f["actions"], f["rewards"] = obs, actions.astype(np.float32), np.ones(n)
         f["terminals"], f["timeouts"] = np.zeros(n, bool), timeouts
-    ckpt_path, _, model = pt.main(
-        tiny_args(
-            tmp_path,
-            dataset_path=str(path),
-            num_updates=300,
-            context_len=1,
-            learning_rate=3e-3,
-            warmup_updates=20,
-            batch_size=64,
-        )
-    )
+    schedule = dict(num_updates=300, context_len=1, learning_rate=3e-3, warmup_updates=20, batch_size=64)
+    ckpt_path, _, model = pt.main(tiny_args(tmp_path, dataset_path=str(path), **{**schedule, **flags}))
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    assert ckpt["action_margin"] == pt.Args.action_margin
-    model.eval()
-    interior = torch.as_tensor(
-        ((obs[~on_bound][:200] - ckpt["state_mean"].numpy()) / ckpt["state_std"].numpy()), dtype=torch.float32
-    )[:, None]
+
+    def normalised(x):
+        return torch.as_tensor((x[:200] - ckpt["state_mean"].numpy()) / ckpt["state_std"].numpy(), dtype=torch.float32)
+
+    return ckpt, model.eval(), normalised(obs[on_bound]), normalised(obs[~on_bound])
+
+
+def head_at(model, states):
+    """(pre-tanh mean, log-std) of the policy at single states (context 1)."""
+    n = len(states)
     with torch.no_grad():
-        mean, _ = model(
-            torch.ones(len(interior), 1, 1) * 0.1,
-            interior,
-            torch.zeros(len(interior), 1, 3),
-            torch.ones(len(interior), 1, dtype=torch.bool),
+        mean, log_std = model(
+            torch.ones(n, 1, 1) * 0.1, states[:, None], torch.zeros(n, 1, 3), torch.ones(n, 1, dtype=torch.bool)
         )
-    action = torch.tanh(mean[:, -1])
+    return mean[:, -1], log_std[:, -1]
+
+
+def test_bound_heavy_data_does_not_saturate_interior_actions(tmp_path):
+    """After a short pretraining with the default objective, the evaluation action tanh(mean) at interior states is not
+    driven to the bound, and the checkpoint records the margin it was trained with."""
+    ckpt, model, _, interior = pretrain_on_bound_heavy_data(tmp_path)
+    assert ckpt["action_margin"] == pt.Args.action_margin
+    action = torch.tanh(head_at(model, interior)[0])
     assert (action.abs() < 0.9).float().mean() > 0.9, action.abs().mean()
     assert (action - 0.2).abs().mean() < 0.25
+
+
+def test_censor_bound_changes_the_loss_on_bound_targets_only(tmp_path):
+    """--censor-bound scores an exact +-1 as a point mass (the pull toward 7.25 is tested in test_action_log_prob.py);
+    a batch with no action on a bound has the same loss, and a pretraining run records the bound in its checkpoint."""
+    model = tiny_model()
+    rtg, states, actions, mask = tiny_batch()
+
+    def nll(acts, censor_bound):
+        return pt.dt_loss(model, torch.tensor(-2.0), -2.0, rtg, states, acts, mask, censor_bound=censor_bound)[2]
+
+    torch.testing.assert_close(nll(actions, None), nll(actions, 0.99), rtol=0, atol=1e-5)
+    on_bound = actions.clone()
+    on_bound[..., 0] = 1.0
+    assert (nll(on_bound, 0.99) - nll(on_bound, None)).abs() > 1  # a probability against a density far in the tail
+    path, _, _ = pt.main(tiny_args(tmp_path, censor_bound=0.99, num_updates=3))
+    assert torch.load(path, map_location="cpu", weights_only=False)["censor_bound"] == 0.99
