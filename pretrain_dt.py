@@ -99,9 +99,10 @@ class Args:
     action_margin: float = 1e-6
     """dataset actions are clamped to +-(1 - margin) before the likelihood (ODT: 1e-6, which puts an exact +-1 at
     atanh = +-7.25 in pre-tanh space); recorded in the checkpoint so finetuning log-probs use the same clamp"""
-    censor_bound: Optional[float] = None
+    censor_bound: Optional[float] = 0.99
     """score a dataset action dimension on +-1 as the point mass P(tanh(u) beyond +-censor_bound) instead of the
-    density at the clamp point (ODT: None, the density); recorded in the checkpoint for the finetuning log-probs"""
+    density at the clamp point, which inflates sigma (ODT and the paper: `--censor-bound None`, the density; README,
+    "Actions on the bounds"); recorded in the checkpoint for the finetuning log-probs"""
     action_mse_coef: float = 0.0
     """weight of the squared error of tanh(mean) against the dataset action, added to the NLL (ODT: 0)"""
     init_temperature: float = 0.1

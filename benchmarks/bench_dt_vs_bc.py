@@ -9,7 +9,7 @@ at least the MLP's on every dataset and no DT seed's last-3 mean falls below 5. 
 The generated datasets come from `benchmarks/make_datasets.py`, which also makes the writable root this needs:
     MINARI_DATASETS_PATH=$(realpath ../shared/datasets) python benchmarks/make_datasets.py
     MINARI_DATASETS_PATH=$(realpath data/minari) python benchmarks/bench_dt_vs_bc.py
-    python benchmarks/bench_dt_vs_bc.py --dt-flags="--action-margin 1e-6 --action-mse-coef 0"   # ODT's recipe
+    python benchmarks/bench_dt_vs_bc.py --config-name odt --dt-flags="--censor-bound None"   # ODT's recipe
 """
 
 import os

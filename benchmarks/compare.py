@@ -143,6 +143,9 @@ LENGTHS = (15, 400, (5, 50), (50, 200))
 # pretraining 100 min; at 32, ~0.08 s) and ODT+TD3's critic pretraining (1000 updates, not 10k).
 CPU_DT_UPDATES = 3000  # pretrain_dt.MODEL_SIZES["cpu"]["num_updates"] (tested)
 CPU_PRETRAIN = ("--model-size", "cpu")
+# pretrain_dt.py's default likelihood since 2026-12-04, named so that the shared checkpoint's hashed file name changes
+# with it: checkpoints pretrained before (ODT's density) are never picked up for a preset run today
+PRETRAIN_LIKELIHOOD = ("--censor-bound", "0.99")
 CPU_OVERRIDES: dict[str, tuple] = {
     "grpo_dt_qguided.py": ("--critic-batch-size", "32"),
     "odt_td3.py": ("--n-batch", "32", "--critic-pretrain-updates", "1000"),
@@ -596,6 +599,7 @@ def main(args: Args) -> Path:
             "0",
             "--save-every",
             "0",
+            *PRETRAIN_LIKELIHOOD,
             *(CPU_PRETRAIN if args.scale == "cpu" else ()),
         ]
         # Shared by every preset that pretrains with the same flags: the file name carries a hash of them.

@@ -107,7 +107,7 @@ def test_checkpoint_records_the_margin_and_odt_nll_uses_it(hopper_checkpoint):
     """ODT's online NLL scores stored actions with the margin and censor bound the checkpoint was pretrained with."""
     ckpt = torch.load(hopper_checkpoint, map_location="cpu", weights_only=False)
     assert ckpt["action_margin"] == pretrain_dt.Args.action_margin
-    assert ckpt["censor_bound"] is None and pretrain_dt.Args.censor_bound is None  # ODT's density by default
+    assert ckpt["censor_bound"] == pretrain_dt.Args.censor_bound == 0.99  # the point mass by default
     model, _ = odt_td3.load_model(hopper_checkpoint)
     model.eval()  # the same forward twice: no dropout
     g = torch.Generator().manual_seed(0)

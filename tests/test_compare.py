@@ -173,6 +173,7 @@ def test_cpu_scale_is_the_readme_cpu_dt():
     import pretrain_dt
 
     assert compare.CPU_DT_UPDATES == pretrain_dt.MODEL_SIZES["cpu"]["num_updates"]
+    assert compare.PRETRAIN_LIKELIHOOD == ("--censor-bound", str(pretrain_dt.Args.censor_bound))  # named, so hashed
 
 
 def test_iql_gets_the_same_seeds_budget_and_eval_episodes(capsys):

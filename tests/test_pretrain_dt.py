@@ -479,7 +479,8 @@ def test_bound_heavy_data_does_not_saturate_interior_actions(tmp_path):
 
 def test_censor_bound_changes_the_loss_on_bound_targets_only(tmp_path):
     """--censor-bound scores an exact +-1 as a point mass (the pull toward 7.25 is tested in test_action_log_prob.py);
-    a batch with no action on a bound has the same loss, and a pretraining run records the bound in its checkpoint."""
+    a batch with no action on a bound has the same loss, and a pretraining run records the bound in its checkpoint
+    (0.99 by default, None with `--censor-bound None`)."""
     model = tiny_model()
     rtg, states, actions, mask = tiny_batch()
 
@@ -490,5 +491,7 @@ def test_censor_bound_changes_the_loss_on_bound_targets_only(tmp_path):
     on_bound = actions.clone()
     on_bound[..., 0] = 1.0
     assert (nll(on_bound, 0.99) - nll(on_bound, None)).abs() > 1  # a probability against a density far in the tail
-    path, _, _ = pt.main(tiny_args(tmp_path, censor_bound=0.99, num_updates=3))
-    assert torch.load(path, map_location="cpu", weights_only=False)["censor_bound"] == 0.99
+    path, _, _ = pt.main(tiny_args(tmp_path, num_updates=3))
+    assert torch.load(path, map_location="cpu", weights_only=False)["censor_bound"] == 0.99  # the default
+    path, _, _ = pt.main(tiny_args(tmp_path, censor_bound=None, num_updates=3))  # ODT's density, one switch away
+    assert torch.load(path, map_location="cpu", weights_only=False)["censor_bound"] is None
