@@ -10,6 +10,7 @@ Example (pretrains the checkpoint first if it is missing):
     MINARI_DATASETS_PATH=$(realpath ../shared/datasets) python grpo_dt.py --env-id Hopper-v4 --dataset local/hopper/medium-v0
 """
 
+import contextlib
 import copy
 import ctypes
 import functools
@@ -104,8 +105,12 @@ class Args:
     save_model: bool = False
     """at the end, also write the finetuned DT as a checkpoint to `{runs_dir}/{run_name}/{exp_name}.pt`"""
     num_workers: int = 0
-    """step the envs in this many worker processes, pipelined with the policy (it acts for one worker's members while
-    the others step; the same result as in-process); 0 steps them in this process"""
+    """step the envs in this many worker processes, pipelined with the policy (it acts for one stage's members while
+    the other stages step; the same result as in-process); 0 steps them in this process"""
+    pipeline_stages: int = 2
+    """with --num-workers, the workers form this many pipeline stages, the policy acting for one while the others step
+    (0: one per worker, 5.4x slower than 2 at 16 workers with a GPU policy: README, Rollout speed); the same result
+    with any number"""
     update_chunk_steps: int = 16384
     """memory, not the algorithm: a gradient update runs its n_batch sub-trajectories in chunks of at most this many
     policy steps, whose gradients add up to the whole batch's (--full-trajectory's 256 x 1000 steps would need ~20 GB
@@ -198,7 +203,7 @@ class Args:
 # Flags a resumed run takes from its new command line; every other one comes from the saved run (resumed_args).
 RUN_CONTROL = (
     "num_iterations total_env_steps max_seconds eval_episodes save_every save_path save_model resume runs_dir cuda track "
-    "wandb_project_name wandb_entity capture_video keep_states num_workers torch_threads update_chunk_steps"
+    "wandb_project_name wandb_entity capture_video keep_states num_workers pipeline_stages torch_threads update_chunk_steps"
 ).split()
 
 
@@ -501,9 +506,12 @@ class EnvPool:
     worker; `seconds` adds up the time spent in env calls. (Not AsyncVectorEnv: it steps every env and autoresets, so
     it cannot mask finished members or restore per env.)"""
 
-    def __init__(self, env_id: str, n: int, workers: int = 0, **kwargs):
+    def __init__(self, env_id: str, n: int, workers: int = 0, stages: int = 0, **kwargs):
         self.local, self.seconds, self.conns, self.procs = None if workers else Envs(env_id, n, **kwargs), 0.0, [], []
         self.bounds = np.linspace(0, n, workers + 1).astype(int)
+        # the rollout's pipeline stages: contiguous groups of workers (0 or more than the workers: one per worker)
+        n_stages = min(stages, workers) if stages else workers
+        self.stage_bounds = self.bounds[np.linspace(0, workers, n_stages + 1).astype(int)]
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         shared, self.arrays = {}, {}
         if workers:  # step arguments and results live in shared memory, one row per member
@@ -551,12 +559,12 @@ class EnvPool:
         return tuple(self.arrays[k][idx] for k in STEP_OUT)
 
     def stages(self, idx) -> list:
-        """Positions in `idx` grouped by the worker that holds them (one group in-process): the rollout's pipeline
-        stages."""
+        """Positions in `idx` grouped by the stage of workers that holds them (one group in-process): the rollout's
+        pipeline stages."""
         if self.local:
             return [np.arange(len(idx))]
-        idx = np.asarray(idx)
-        groups = [np.flatnonzero((idx >= lo) & (idx < hi)) for lo, hi in zip(self.bounds[:-1], self.bounds[1:])]
+        idx, bounds = np.asarray(idx), self.stage_bounds
+        groups = [np.flatnonzero((idx >= lo) & (idx < hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
         return [g for g in groups if len(g)]
 
     def call(self, method, idx, *args):
@@ -968,7 +976,21 @@ def policy_step(model: DecisionTransformer, rtg, states, actions, pad_mask, pad_
     return model.mean_head(h), model.log_std_min + 0.5 * (model.log_std_max - model.log_std_min) * (log_std + 1)
 
 
+@contextlib.contextmanager
+def deterministic_algorithms_off():
+    """Rollouts run inference kernels and write rows by unique member indices, which are deterministic either way;
+    torch's deterministic mode (--torch-deterministic) only slows them (on an H200 it doubled the policy step's
+    latency, 6.4 -> 3.2 ms, with the same scores: README, Rollout speed), so it is off inside and restored after."""
+    on, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(on, warn_only=warn_only)
+
+
 @torch.inference_mode()
+@deterministic_algorithms_off()
 def rollout(actor: Actor, envs, idx, state0, rtg0, prefix, n_stochastic, n_deterministic, record_sim=False):
     """Members `idx` of `envs` in lockstep: batched forwards, finished members masked, not stepped.
 
@@ -1261,11 +1283,12 @@ def setup(args: Args):
     row = apply_presets(args, family, key)
     args.eval_context_len = args.eval_context_len or args.c_online
     if (
-        min(args.num_workers, args.update_chunk_steps) < 0
+        min(args.num_workers, args.pipeline_stages, args.update_chunk_steps) < 0
         or min(args.c_online, args.group_size, args.reset_points, args.subtraj_len) < 1
     ):
         raise UserError(
-            "--num-workers, --update-chunk-steps must be >= 0; --c-online, --group-size, --reset-points, --subtraj-len >= 1"
+            "--num-workers, --pipeline-stages, --update-chunk-steps must be >= 0; --c-online, --group-size, "
+            "--reset-points, --subtraj-len >= 1"
         )
     if not args.std_scale > 0:
         raise UserError(f"--std-scale must be > 0, got {args.std_scale}")
@@ -1283,7 +1306,7 @@ def setup(args: Args):
     args.target_entropy = -float(A) if args.target_entropy is None else args.target_entropy
     n_members = args.trajs_per_iter * args.reset_points * args.group_size
     n_envs = max(n_members, args.full_trajs_per_iter)
-    envs = EnvPool(args.env_id, n_envs, args.num_workers, max_episode_steps=args.max_episode_steps)
+    envs = EnvPool(args.env_id, n_envs, args.num_workers, args.pipeline_stages, max_episode_steps=args.max_episode_steps)
     path = args.resume or ensure_checkpoint(args)
     model, ckpt = load_model(path, device)
     if args.resume and "finetune" not in ckpt:
@@ -1382,7 +1405,8 @@ def log_iteration(writer, iteration: int, st: RunState, full, groups, stats: lis
         f"{v['ratio_mean']:.3f}/{v['ratio_max']:.2f}, clip {v['clipfrac']:.2f}, kl {v['kl']:.4f}, entropy "
         f"{v['entropy']:.2f}, kappa {v['kappa']:.4f}, group std {v['group_reward_std']:.2f}, dropped "
         f"{v['dropped_fraction']:.2f}, env steps {st.env_steps}, SPS {v['SPS']:.0f} (rollout "
-        f"{v['rollout_seconds']:.1f}s, update {v['update_seconds']:.1f}s)"
+        f"{v['rollout_seconds']:.1f}s of which policy {v['policy_seconds']:.1f}s, update {v['update_seconds']:.1f}s, "
+        f"eval {v['eval_seconds']:.1f}s)"
     )
 
 
@@ -1439,6 +1463,8 @@ def main(args: Args):
                 if st.grad_updates % args.ref_update_every == 0:
                     st.ref_model.load_state_dict(model.state_dict())
                 stats.append(step_stats)
+            if st.log_kappa.is_cuda:  # the update's kernels are queued: count them here, not in the evaluation
+                torch.cuda.synchronize()
             t_update = time.time() - t_iter - t_rollout
 
             # Evaluation, logging, run state, budgets
@@ -1446,7 +1472,7 @@ def main(args: Args):
             st.iteration = iteration
             sps = (st.env_steps - steps0) / max(time.time() - start, 1e-9)
             timing = {"SPS": sps, "rollout_seconds": t_rollout, "update_seconds": t_update, "env_seconds": envs.seconds}
-            timing["policy_seconds"] = t_rollout - envs.seconds
+            timing.update(policy_seconds=t_rollout - envs.seconds, eval_seconds=time.time() - t_iter - t_rollout - t_update)
             groups.update(group_reward=rewards, keep=keep)
             log_iteration(writer, iteration, st, full=full, groups=groups, stats=stats, timing=timing, ev=ev)
             pbar.set_postfix(score=f"{ev['normalized_score']:.1f}", steps=st.env_steps)

@@ -325,14 +325,53 @@ def test_std_scale_scales_the_sampled_noise_and_every_log_prob(hopper_setup):
     np.testing.assert_allclose(eps[0.25], eps[1.0], atol=1e-4)
 
 
+def test_rollouts_leave_deterministic_mode_as_they_found_it(hopper_setup):
+    """Rollouts run with torch's deterministic algorithms off (they slowed the GPU policy step 2x) and give the same
+    episodes as with them on; the caller's setting (on, warn-only) is restored after, also when the rollout raises."""
+    s = hopper_setup
+    runs, before = [], (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        for mode in (False, True):
+            torch.use_deterministic_algorithms(mode, warn_only=mode)
+            actor = dataclasses.replace(s["actor"], gen=torch.Generator().manual_seed(5))
+            runs.append(grpo_dt.run_episodes(actor, s["envs"], [7, 8], 7200, stochastic=True)[0])
+            assert torch.are_deterministic_algorithms_enabled() == mode
+            assert torch.is_deterministic_algorithms_warn_only_enabled() == mode
+        for k in runs[0]:
+            np.testing.assert_array_equal(runs[0][k], runs[1][k], err_msg=k)
+        with pytest.raises(RuntimeError):
+            with grpo_dt.deterministic_algorithms_off():
+                assert not torch.are_deterministic_algorithms_enabled()
+                raise RuntimeError
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_pipeline_stages_group_the_workers():
+    """--pipeline-stages S splits the workers into S contiguous stages (0, or more than the workers: one per worker);
+    each stage holds its workers' members, in order."""
+    envs = {s: grpo_dt.EnvPool("Hopper-v4", 12, 4, s, max_episode_steps=5) for s in (0, 2, 9)}
+    try:
+        idx = np.arange(12)
+        assert [g.tolist() for g in envs[2].stages(idx)] == [list(range(6)), list(range(6, 12))]
+        assert [g.tolist() for g in envs[0].stages(idx)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+        assert [g.tolist() for g in envs[9].stages(idx)] == [g.tolist() for g in envs[0].stages(idx)]
+        assert [g.tolist() for g in envs[2].stages(np.array([1, 7, 8]))] == [[0], [1, 2]]  # positions in idx
+    finally:
+        for e in envs.values():
+            e.close()
+
+
 def test_pipelined_workers_roll_out_bit_exactly_as_in_process(hopper_setup):
-    """With 2 env workers the rollout is pipelined (the policy acts for one worker's members while the other worker
-    steps); sampled and mean-action episodes, with members finishing at different steps, are bit-identical to
-    in-process stepping: the same noise, the same policy rows at every batch size, the same physics."""
+    """With env workers the rollout is pipelined (the policy acts for one stage's members while the other stages
+    step); sampled and mean-action episodes, with members finishing at different steps, are bit-identical to
+    in-process stepping with one stage per worker (2 workers) and with 2 stages of 3 workers: the same noise, the
+    same policy rows at every batch size, the same physics."""
     s, n = hopper_setup, 40
     runs = []
-    for workers in (0, 2):
-        envs = grpo_dt.EnvPool("Hopper-v4", n, workers, max_episode_steps=40)
+    for workers, stages in ((0, 0), (2, 0), (3, 2)):
+        envs = grpo_dt.EnvPool("Hopper-v4", n, workers, stages, max_episode_steps=40)
         try:
             actor = dataclasses.replace(s["actor"], gen=torch.Generator().manual_seed(3))
             seeds = np.arange(n) + 100
@@ -341,10 +380,11 @@ def test_pipelined_workers_roll_out_bit_exactly_as_in_process(hopper_setup):
             )
         finally:
             envs.close()
-    for local, pooled in zip(*runs):
-        assert local.keys() == pooled.keys()
-        for k in local:
-            np.testing.assert_array_equal(local[k], pooled[k], err_msg=k)
+    for pooled_runs in runs[1:]:
+        for local, pooled in zip(runs[0], pooled_runs):
+            assert local.keys() == pooled.keys()
+            for k in local:
+                np.testing.assert_array_equal(local[k], pooled[k], err_msg=k)
     lengths = runs[0][0]["valid"].sum(1)
     assert lengths.min() < lengths.max()  # members finished at different steps, so batches shrank unevenly
 
