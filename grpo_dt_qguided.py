@@ -541,9 +541,16 @@ def load_model(path, device="cpu", dropout: float = 0.0):
 
 
 def ensure_checkpoint(args) -> Path:
-    """The pretrained checkpoint's path; runs pretrain_dt.py in a subprocess first if the file is missing."""
+    """The pretrained checkpoint's path; runs pretrain_dt.py in a subprocess first if the file is missing. A file at
+    the default path from before pretraining's censored likelihood became the default (it has no `censor_bound`) is
+    not reused silently: the README's finetuning results start from the new checkpoint."""
     path = Path(args.checkpoint or default_checkpoint_path(args.env_id, args.dataset, args.seed, args.model_size))
     if path.exists():
+        if not args.checkpoint and "censor_bound" not in torch.load(path, map_location="cpu", weights_only=False):
+            raise UserError(
+                f"{path} predates pretrain_dt.py's default --censor-bound 0.99 (it scores actions on the bounds with "
+                f"ODT's density): delete it to pretrain again, or pass --checkpoint {path} to finetune it as it is"
+            )
         return path
     cmd = [
         sys.executable,

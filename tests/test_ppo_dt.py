@@ -1,5 +1,6 @@
 """Tests of ppo_dt.py: the algorithm pieces against slow references, rollout bookkeeping, and tiny end-to-end runs."""
 
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -89,6 +90,22 @@ def test_missing_checkpoint_is_pretrained_by_subprocess(tmp_path, monkeypatch):
     assert ppo_dt.ensure_checkpoint(args) == path
     _, ckpt = ppo_dt.load_model(path)
     assert ckpt["num_updates"] == 2 and ckpt["model_config"]["embed_dim"] == 16
+
+
+def test_a_stale_default_checkpoint_is_an_error_not_reused(hopper_checkpoint, tmp_path, monkeypatch):
+    """A checkpoint at the default path from before the censored likelihood (no `censor_bound`) stops with a one-line
+    error naming both ways on; given explicitly it is used; a current one at the default path is reused."""
+    monkeypatch.chdir(tmp_path)
+    args = ppo_dt.Args(env_id="Hopper-v4", dataset="local/hopper/medium-v0", model_size="cpu")
+    path = ppo_dt.default_checkpoint_path(args.env_id, args.dataset, args.seed, args.model_size)
+    path.parent.mkdir(parents=True)
+    ckpt = torch.load(hopper_checkpoint, map_location="cpu", weights_only=False)
+    torch.save({k: v for k, v in ckpt.items() if k != "censor_bound"}, path)
+    with pytest.raises(ppo_dt.UserError, match="predates .*--censor-bound 0.99.*delete it .*or pass --checkpoint"):
+        ppo_dt.ensure_checkpoint(args)
+    assert ppo_dt.ensure_checkpoint(dataclasses.replace(args, checkpoint=str(path))) == path
+    torch.save(ckpt, path)
+    assert ppo_dt.ensure_checkpoint(args) == path
 
 
 def test_failed_pretraining_subprocess_is_a_user_error(tmp_path, monkeypatch):
