@@ -126,6 +126,10 @@ def env_step_rate(env_id, n):
 def throughput(b: Bench):
     torch.set_num_threads(1)
     grpo_dt.fix_malloc_mmap_threshold()  # as grpo_dt.main does: the allocator's settings change the forward's cost
+    if b.device not in ("cpu", "cuda") or (b.device == "cuda" and not torch.cuda.is_available()):
+        sys.exit(f"error: --device must be cpu or cuda (cuda available: {torch.cuda.is_available()}), got {b.device!r}")
+    if b.stages < 0:
+        sys.exit(f"error: --stages must be >= 0 (0: one per worker), got {b.stages}")
     device = torch.device(b.device)
     model, ckpt = grpo_dt.load_model(b.checkpoint, device)
     args = grpo_dt.Args(env_id=b.env_id, dataset="medium", trajs_per_iter=b.trajs_per_iter, eval_len=b.eval_len)

@@ -394,6 +394,8 @@ def test_std_scale_positive_and_chunk_steps_not_negative(hopper_checkpoint):
         grpo_dt.setup(grpo_dt.Args(checkpoint=str(hopper_checkpoint), **TINY, std_scale=0.0))
     with pytest.raises(grpo_dt.UserError, match="--update-chunk-steps must be >= 0"):
         grpo_dt.setup(grpo_dt.Args(checkpoint=str(hopper_checkpoint), **TINY, update_chunk_steps=-1))
+    with pytest.raises(grpo_dt.UserError, match="--pipeline-stages, --update-chunk-steps must be >= 0"):
+        grpo_dt.setup(grpo_dt.Args(checkpoint=str(hopper_checkpoint), **TINY, pipeline_stages=-1))
 
 
 def test_buffer_counts_draws_and_reports_evicted_items():
