@@ -9,7 +9,8 @@ throughput: env-steps/s of GRPO-DT's grouped sub-trajectory rollouts (exact grou
     (0 = in-process, one core): the median of --repeats group collections, the cores' time split into physics /
     policy (this process's time outside env calls) / overhead or idle, and the targets of issue #15 (0.85
     in-process, 0.8 with 2 workers, 0.7 with 16). With workers the rollout is pipelined in --stages groups of workers:
-    the policy (on --device) acts for one group's members while the others step.
+    the policy (on --device; on CUDA one graph replay per stage and step, --cuda-graphs) acts for one group's members
+    while the others step.
 learn: a GRPO-DT run on local/hopper/medium-v0 from a pretrained checkpoint; prints the normalized score per
     iteration against the pretrained (iteration 0) score.
 
@@ -56,6 +57,8 @@ class Bench:
     """throughput: pipeline stages of the workers (grpo_dt --pipeline-stages; 0: one per worker)"""
     device: str = "cpu"
     """throughput: where the policy runs (cpu, cuda)"""
+    cuda_graphs: bool = True
+    """throughput: with --device cuda, replay each stage's policy step as a CUDA graph (grpo_dt --cuda-graphs)"""
     repeats: int = 3
     """throughput: group collections timed per worker setting, each right after a raw mj_step timing"""
     raw_steps: int = 10_000
@@ -140,6 +143,7 @@ def throughput(b: Bench):
         f"model: embed {cfg['embed_dim']}, {cfg['n_layers']} layers, {cfg['n_heads']} heads; {n_members} group members, "
         f"L_traj {args.subtraj_len}, L_eval {args.eval_len}, c_online {args.c_online}; policy on {device}, "
         f"{os.cpu_count()} cores, pipeline stages {b.stages or 'one per worker'}"
+        + (f", CUDA graphs {'on' if b.cuda_graphs else 'off'}" if device.type == "cuda" else "")
     )
     clock = PhysicsClock()
     for workers in b.workers:
@@ -153,6 +157,7 @@ def throughput(b: Bench):
             c=args.c_online,
             max_steps=1000,
             gen=torch.Generator(device=device).manual_seed(0),
+            stage_graphs=b.cuda_graphs and device.type == "cuda",
         )
         rng = np.random.default_rng(0)
         out, params = grpo_dt.run_episodes(actor, envs, [1, 2], args.g_online, stochastic=True, record_sim=True)

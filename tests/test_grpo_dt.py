@@ -349,15 +349,17 @@ def test_rollouts_leave_deterministic_mode_as_they_found_it(hopper_setup):
 
 
 def test_pipeline_stages_group_the_workers():
-    """--pipeline-stages S splits the workers into S contiguous stages (0, or more than the workers: one per worker);
-    each stage holds its workers' members, in order."""
+    """Members are dealt to the workers (member i to worker i % workers, so a group's members, which tend to finish
+    together, spread over all of them) and --pipeline-stages S splits the workers into S contiguous stages (0, or
+    more than the workers: one per worker); each stage holds its workers' members, in order."""
     envs = {s: grpo_dt.EnvPool("Hopper-v4", 12, 4, s, max_episode_steps=5) for s in (0, 2, 9)}
     try:
         idx = np.arange(12)
-        assert [g.tolist() for g in envs[2].stages(idx)] == [list(range(6)), list(range(6, 12))]
-        assert [g.tolist() for g in envs[0].stages(idx)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+        assert envs[2].worker_of.tolist() == [0, 1, 2, 3] * 3
+        assert [g.tolist() for g in envs[2].stages(idx)] == [[0, 1, 4, 5, 8, 9], [2, 3, 6, 7, 10, 11]]
+        assert [g.tolist() for g in envs[0].stages(idx)] == [[0, 4, 8], [1, 5, 9], [2, 6, 10], [3, 7, 11]]
         assert [g.tolist() for g in envs[9].stages(idx)] == [g.tolist() for g in envs[0].stages(idx)]
-        assert [g.tolist() for g in envs[2].stages(np.array([1, 7, 8]))] == [[0], [1, 2]]  # positions in idx
+        assert [g.tolist() for g in envs[2].stages(np.array([1, 7, 8]))] == [[0, 2], [1]]  # positions in idx
     finally:
         for e in envs.values():
             e.close()
@@ -367,13 +369,14 @@ def test_pipelined_workers_roll_out_bit_exactly_as_in_process(hopper_setup):
     """With env workers the rollout is pipelined (the policy acts for one stage's members while the other stages
     step); sampled and mean-action episodes, with members finishing at different steps, are bit-identical to
     in-process stepping with one stage per worker (2 workers) and with 2 stages of 3 workers: the same noise, the
-    same policy rows at every batch size, the same physics."""
+    same policy rows at every batch size, the same physics. So is the whole-stage step of --cuda-graphs (run eagerly
+    on the CPU: finished members computed and not read), in-process and in 2 stages."""
     s, n = hopper_setup, 40
     runs = []
-    for workers, stages in ((0, 0), (2, 0), (3, 2)):
+    for workers, stages, whole in ((0, 0, False), (2, 0, False), (3, 2, False), (0, 0, True), (3, 2, True)):
         envs = grpo_dt.EnvPool("Hopper-v4", n, workers, stages, max_episode_steps=40)
         try:
-            actor = dataclasses.replace(s["actor"], gen=torch.Generator().manual_seed(3))
+            actor = dataclasses.replace(s["actor"], gen=torch.Generator().manual_seed(3), stage_graphs=whole)
             seeds = np.arange(n) + 100
             runs.append(
                 [grpo_dt.run_episodes(actor, envs, seeds, 7200, stochastic=st, record_sim=True)[0] for st in (True, False)]
@@ -387,6 +390,27 @@ def test_pipelined_workers_roll_out_bit_exactly_as_in_process(hopper_setup):
                 np.testing.assert_array_equal(local[k], pooled[k], err_msg=k)
     lengths = runs[0][0]["valid"].sum(1)
     assert lengths.min() < lengths.max()  # members finished at different steps, so batches shrank unevenly
+
+
+def test_cuda_graphs_act_only_with_the_policy_on_cuda(hopper_checkpoint):
+    """--cuda-graphs (the default) makes the actor replay whole-stage CUDA graphs only where the policy is on CUDA;
+    on the CPU the masked step runs, and a whole-stage step built there runs eagerly (no graph)."""
+    for flag in (True, False):
+        envs, actor, _ = grpo_dt.setup(grpo_dt.Args(checkpoint=str(hopper_checkpoint), **TINY, cuda_graphs=flag))
+        envs.close()
+        assert actor.gen.device.type == "cpu" and actor.stage_graphs is False
+    win = [torch.zeros(4, 1, 1), torch.zeros(4, 1, 11), torch.zeros(4, 1, 3), torch.zeros(4, 1, dtype=torch.bool)]
+    stage = grpo_dt.StageGraph(
+        actor,
+        win,
+        np.array([1, 3]),
+        torch.ones(4, 11),
+        torch.ones(4),
+        torch.zeros(4, 3),
+        torch.zeros(1, dtype=torch.long),
+        T=2,
+    )
+    assert stage.graph is None and stage().shape == (2, 3) and stage.hist["states"][0].eq(1).all()
 
 
 def test_std_scale_positive_and_chunk_steps_not_negative(hopper_checkpoint):
