@@ -1072,7 +1072,8 @@ def rollout(actor: Actor, envs, idx, state0, rtg0, prefix, n_stochastic, n_deter
     `record_sim`). With env workers, the members of each stage of workers (`EnvPool.stages`) form a pipeline stage:
     the policy acts for one stage while the other stages' physics runs. The result does not depend on the workers or
     stages: the noise is drawn for all N members per step, and a member's policy output does not depend on the batch
-    it is in (tested)."""
+    it is in (tested). With `actor.stage_graphs` each stage acts through a `StageGraph` (all its members, one CUDA
+    graph replay per step) instead of the masked step over its live members."""
     N, T, device, A = len(idx), n_stochastic + n_deterministic, state0.device, actor.model.mean_head.out_features
     win = [torch.cat([x.new_zeros(x.shape[0], 1, *x.shape[2:]), x], 1) for x in prefix]  # a slot for the current step
     s_cur, rtg_cur, alive, out = state0.clone(), rtg0.clone(), np.ones(N, bool), {}
