@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from torch.distributions import Independent, Normal, TanhTransform, TransformedDistribution
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -105,6 +106,9 @@ class Args:
     "Actions on the bounds"); recorded in the checkpoint for the finetuning log-probs"""
     action_mse_coef: float = 0.0
     """weight of the squared error of tanh(mean) against the dataset action, added to the NLL (ODT: 0)"""
+    ema_decay: Optional[float] = None
+    """evaluate and save an exponential moving average of the weights, decayed by this per update (torch's
+    `AveragedModel`; e.g. 0.999); None (ODT): the weights as trained. An experiment of issue #17 (README)"""
     init_temperature: float = 0.1
     """initial entropy temperature (ODT)"""
     temperature_lr: float = 1e-4
@@ -677,6 +681,8 @@ def check_sizes(args: Args):
         )
     if args.censor_bound is not None and not 0 < args.censor_bound < 1:
         raise UserError(f"--censor-bound must lie strictly between 0 and 1, got {args.censor_bound}")
+    if args.ema_decay is not None and not 0 <= args.ema_decay < 1:
+        raise UserError(f"--ema-decay must lie in [0, 1) (or None: no averaging), got {args.ema_decay}")
 
 
 def seed_everything(args: Args) -> torch.device:
@@ -778,6 +784,8 @@ def main(args: Args):
     optimizer = Lamb(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / max(1, args.warmup_updates)))
     temperature_opt = torch.optim.Adam([log_temperature], lr=args.temperature_lr)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay)) if args.ema_decay is not None else None
+    policy = ema.module if ema else model  # what is evaluated and saved
     writer = make_writer(args, run_name)
     eval_envs = make_eval_envs(args, run_name)
 
@@ -801,6 +809,8 @@ def main(args: Args):
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
+        if ema:
+            ema.update_parameters(model)
         warmup.step()
         temperature_opt.zero_grad()
         temperature_loss.backward()
@@ -815,16 +825,16 @@ def main(args: Args):
             writer.add_scalar("charts/updates_per_s", update / (time.time() - start), update)
             pbar.set_postfix(nll=f"{nll.item():.3f}", ent=f"{entropy.item():.2f}")
         if last or (args.eval_every and update % args.eval_every == 0):
-            returns = evaluate(model, eval_envs, meta, eval_seeds(args.seed, args.eval_episodes), device)
+            returns = evaluate(policy, eval_envs, meta, eval_seeds(args.seed, args.eval_episodes), device)
             score = float(normalized_score(returns, data["ref_min"], data["ref_max"]).mean())
             writer.add_scalar("charts/episodic_return", returns.mean(), update)
             writer.add_scalar("charts/normalized_score", score, update)
             tqdm.write(f"update {update}: return {returns.mean():.1f} +- {returns.std():.1f}, normalized score {score:.1f}")
         if last or (args.save_every and update % args.save_every == 0):
-            save_checkpoint(ckpt_path, checkpoint_payload(args, data, model, model_config, log_temperature, update, score))
+            save_checkpoint(ckpt_path, checkpoint_payload(args, data, policy, model_config, log_temperature, update, score))
     writer.close()
     print(f"checkpoint: {ckpt_path} (normalized score {score:.1f})")
-    return ckpt_path, score, model
+    return ckpt_path, score, policy
 
 
 if __name__ == "__main__":

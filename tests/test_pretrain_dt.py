@@ -289,6 +289,23 @@ def test_same_seed_same_weights(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
 
 
+def test_ema_decay_saves_the_moving_average_of_the_weights(tmp_path):
+    """--ema-decay d evaluates and saves e_k = d e_(k-1) + (1 - d) w_k (e_1 = w_1) of the trained weights w_k; d = 0
+    saves the weights as trained, bit for bit (ODT's recipe, --ema-decay None); a decay outside [0, 1) is an error."""
+    trained = [pt.main(tiny_args(tmp_path, num_updates=k, checkpoint=str(tmp_path / f"w{k}.pt")))[2] for k in (1, 2, 3)]
+    ema = pt.main(tiny_args(tmp_path, num_updates=3, ema_decay=0.9, checkpoint=str(tmp_path / "ema.pt")))[2]
+    copy = pt.main(tiny_args(tmp_path, num_updates=3, ema_decay=0.0, checkpoint=str(tmp_path / "copy.pt")))[2]
+    saved = torch.load(tmp_path / "ema.pt", weights_only=False)["state_dict"]
+    for k, w3 in trained[2].state_dict().items():
+        w1, w2 = trained[0].state_dict()[k], trained[1].state_dict()[k]
+        torch.testing.assert_close(saved[k], 0.9 * (0.9 * w1 + 0.1 * w2) + 0.1 * w3, msg=k)
+        torch.testing.assert_close(copy.state_dict()[k], w3, rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(ema.state_dict()[k], saved[k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(saved[k], w) for k, w in trained[2].state_dict().items())
+    with pytest.raises(pt.UserError, match="--ema-decay must lie in"):
+        pt.main(tiny_args(tmp_path, ema_decay=1.0))
+
+
 def test_end_to_end_nll_falls_and_checkpoint_round_trips(tmp_path):
     path, score, model = pt.main(tiny_args(tmp_path, num_updates=300, batch_size=32, warmup_updates=50, learning_rate=1e-3))
     acc = EventAccumulator(str(next((tmp_path / "runs").iterdir())))
