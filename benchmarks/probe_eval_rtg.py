@@ -19,6 +19,8 @@ import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from diagnose_bounds import load  # noqa: E402  (the same checkpoint loader)
+
 import pretrain_dt as pt  # noqa: E402
 
 
@@ -32,16 +34,6 @@ class Args:
     """episodes per checkpoint and target"""
     seed: int = 1
     """reset seeds are pretrain_dt.eval_seeds(seed, episodes), the same for every checkpoint and target"""
-
-
-def load(path):
-    if not Path(path).is_file():
-        sys.exit(f"error: checkpoint {path} is not a file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = {k: v for k, v in ckpt["model_config"].items() if k not in ("activation", "c_offline")}
-    model = pt.DecisionTransformer(**{**cfg, "dropout": 0.0})
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), ckpt
 
 
 def normalized(returns, ckpt):
@@ -61,6 +53,8 @@ def dataset_returns(dataset_id):
 
 def main(args: Args):
     torch.set_num_threads(1)
+    if missing := [c for c in args.checkpoints if not Path(c).is_file()]:
+        sys.exit(f"error: --checkpoints names files that do not exist: {', '.join(missing)}")
     if args.episodes < 2:
         sys.exit(f"error: --episodes must be >= 2 (a standard error needs two), got {args.episodes}")
     seeds = pt.eval_seeds(args.seed, args.episodes)
