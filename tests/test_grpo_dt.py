@@ -413,6 +413,25 @@ def test_cuda_graphs_act_only_with_the_policy_on_cuda(hopper_checkpoint):
     assert stage.graph is None and stage().shape == (2, 3) and stage.hist["states"][0].eq(1).all()
 
 
+def test_whole_stage_step_collects_the_same_groups(hopper_setup):
+    """collect_groups from restored mid-episode states with c_online 3 (real context windows, not zeros): the
+    whole-stage step of --cuda-graphs (eager on the CPU) gives the masked step's buffer items, rewards and keep mask,
+    bit for bit."""
+    s, runs = hopper_setup, []
+    for whole in (False, True):
+        actor = dataclasses.replace(s["actor"], gen=torch.Generator().manual_seed(4), stage_graphs=whole)
+        runs.append(grpo_dt.collect_groups(actor, s["envs"], s["trajs"], s["args"], np.random.default_rng(4)))
+    (items, rewards, keep, out), (items_w, rewards_w, keep_w, out_w) = runs
+    assert items.keys() == items_w.keys() and out.keys() == out_w.keys()
+    for k in items:
+        np.testing.assert_array_equal(items[k], items_w[k], err_msg=k)
+    for k in out:
+        np.testing.assert_array_equal(out[k], out_w[k], err_msg=k)
+    np.testing.assert_array_equal(rewards, rewards_w)
+    np.testing.assert_array_equal(keep, keep_w)
+    assert items["mask"][:, :2].any()  # the context windows held real tokens
+
+
 def test_std_scale_positive_and_chunk_steps_not_negative(hopper_checkpoint):
     with pytest.raises(grpo_dt.UserError, match="--std-scale must be > 0"):
         grpo_dt.setup(grpo_dt.Args(checkpoint=str(hopper_checkpoint), **TINY, std_scale=0.0))
