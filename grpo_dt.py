@@ -994,6 +994,24 @@ def policy_step(model: DecisionTransformer, rtg, states, actions, pad_mask, pad_
     return model.mean_head(h), model.log_std_min + 0.5 * (model.log_std_max - model.log_std_min) * (log_std + 1)
 
 
+def window_step(actor: Actor, win, rtg, states, noise) -> dict:
+    """One policy step on (rtg, states, actions, mask) context windows (B, c, ...), in place: shift them by a step,
+    write the current RTG and state, act with u = mean + sigma * noise (noise 0: the mean) and write a = tanh(u) as
+    the current action token. The step's tokens and outputs."""
+    for x in win:
+        x.copy_(x.roll(-1, 1))
+    win[0][:, -1, 0] = rtg
+    win[1][:, -1] = states
+    win[2][:, -1] = 0.0  # the current action token: filled below, seen by no state token
+    win[3][:, -1] = True
+    mean, log_std = policy_step(actor.model, *win, pad_to=actor.pad_to)
+    log_std = log_std + math.log(actor.std_scale)
+    u = mean + log_std.exp() * noise
+    a = torch.tanh(u)
+    win[2][:, -1] = a
+    return {"rtg": rtg, "states": states, "actions": a, "u": u, "mean": mean, "log_std": log_std}
+
+
 class StageGraph:
     """One pipeline stage's policy step for all of its members at fixed shapes (finished members are computed and not
     read), captured once per rollout as a CUDA graph and replayed every step. The eager step launches a hundred-odd
@@ -1024,22 +1042,12 @@ class StageGraph:
                 self.actions = self.step()
 
     def step(self) -> torch.Tensor:
-        """Shift the windows, write the current RTG and state, act (noise 0: tanh(mean)), record; the actions."""
-        for x in self.win:
-            x.copy_(x.roll(-1, 1))
-        self.win[0][:, -1, 0] = self.rtg_cur[self.rows]
-        self.win[1][:, -1] = self.s_cur[self.rows]
-        self.win[2][:, -1] = 0.0  # the current action token: filled below, seen by no state token
-        self.win[3][:, -1] = True
-        mean, log_std = policy_step(self.actor.model, *self.win, pad_to=self.actor.pad_to)
-        log_std = log_std + math.log(self.actor.std_scale)
-        u = mean + log_std.exp() * self.noise[self.rows]
-        a = torch.tanh(u)
-        self.win[2][:, -1] = a
-        step = {"rtg": self.win[0][:, -1, 0], "states": self.win[1][:, -1], "actions": a, "u": u, "mean": mean}
-        for k, v in {**step, "log_std": log_std}.items():
+        """`window_step` for every member of the stage, recorded at step `t_dev`; the actions."""
+        rows = self.rows
+        step = window_step(self.actor, self.win, self.rtg_cur[rows], self.s_cur[rows], self.noise[rows])
+        for k, v in step.items():
             self.hist[k].index_copy_(0, self.t_dev, v[None])
-        return a
+        return step["actions"]
 
     def __call__(self) -> torch.Tensor:
         if self.graph is None:
@@ -1087,23 +1095,15 @@ def rollout(actor: Actor, envs, idx, state0, rtg0, prefix, n_stochastic, n_deter
         if graphs:
             return checked(t, live, graphs[s]().cpu().numpy()[np.searchsorted(stages[s], live)])
         live_t = torch.as_tensor(live, device=device)
-        for x in win:
-            x[live_t] = x[live_t].roll(-1, 1)
-        win[0][live_t, -1, 0] = rtg_cur[live_t]
-        win[1][live_t, -1] = s_cur[live_t]
-        win[2][live_t, -1] = 0.0  # the current action token: filled below, seen by no state token
-        win[3][live_t, -1] = True
-        mean, log_std = policy_step(actor.model, *(x[live_t] for x in win), pad_to=actor.pad_to)  # only live members
-        log_std = log_std + math.log(actor.std_scale)
-        u = mean + log_std.exp() * noise[live_t]
-        a = torch.tanh(u)
-        win[2][live_t, -1] = a
-        step = {"rtg": rtg_cur[live_t], "states": s_cur[live_t], "actions": a, "u": u, "mean": mean, "log_std": log_std}
+        live_win = [x[live_t] for x in win]  # only live members are forwarded
+        step = window_step(actor, live_win, rtg_cur[live_t], s_cur[live_t], noise[live_t])
+        for x, y in zip(win, live_win):
+            x[live_t] = y
         if not out:  # recorded on the device, copied to the host once at the end
             out.update({k: v.new_zeros((N, T, *v.shape[1:])) for k, v in step.items()})
         for k, v in step.items():
             out[k][live_t, t] = v
-        return checked(t, live, a.cpu().numpy())
+        return checked(t, live, step["actions"].cpu().numpy())
 
     def checked(t, live, actions):
         """`actions` if finite (else NonFinite), after recording the members' MjData states with `record_sim`."""
