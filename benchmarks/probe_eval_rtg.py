@@ -32,6 +32,8 @@ class Args:
     """target returns (raw, as --eval-rtg) to condition the evaluation episodes on"""
     episodes: int = 50
     """episodes per checkpoint and target"""
+    context: int = 0
+    """context of the evaluation episodes; 0: the checkpoint's evaluation context (c_online)"""
     seed: int = 1
     """reset seeds are pretrain_dt.eval_seeds(seed, episodes), the same for every checkpoint and target"""
 
@@ -55,6 +57,8 @@ def main(args: Args):
     torch.set_num_threads(1)
     if missing := [c for c in args.checkpoints if not Path(c).is_file()]:
         sys.exit(f"error: --checkpoints names files that do not exist: {', '.join(missing)}")
+    if args.context < 0:
+        sys.exit(f"error: --context must be >= 1, or 0 for the checkpoint's own, got {args.context}")
     if args.episodes < 2:
         sys.exit(f"error: --episodes must be >= 2 (a standard error needs two), got {args.episodes}")
     seeds = pt.eval_seeds(args.seed, args.episodes)
@@ -70,10 +74,10 @@ def main(args: Args):
         row = []
         for rtg in args.rtgs:
             like = {k: ckpt[k] for k in ("state_mean", "state_std", "rtg_scale")}
-            like.update(context_len=ckpt["eval_context_len"], eval_rtg=rtg)
+            like.update(context_len=args.context or ckpt["eval_context_len"], eval_rtg=rtg)
             score = normalized(pt.evaluate(model, envs, like, seeds, "cpu"), ckpt)
             row.append(f"target {rtg:g}: {score.mean():.2f} +- {score.std(ddof=1) / np.sqrt(len(score)):.2f}")
-        print(f"{path} (context {ckpt['eval_context_len']}): " + " | ".join(row), flush=True)
+        print(f"{path} (context {args.context or ckpt['eval_context_len']}): " + " | ".join(row), flush=True)
         for env in envs:
             env.close()
 
