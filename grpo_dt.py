@@ -1015,10 +1015,10 @@ def window_step(actor: Actor, win, rtg, states, noise) -> dict:
 class StageGraph:
     """One pipeline stage's policy step for all of its members at fixed shapes (finished members are computed and not
     read), captured once per rollout as a CUDA graph and replayed every step. The eager step launches a hundred-odd
-    small kernels whose launch latency, not arithmetic, bounds a GPU rollout: a replay costs 0.2 ms where the eager
-    forward costs 1.4 ms (README, Rollout speed). It owns the stage's context windows and records each step's tokens
-    and outputs at step `t_dev` of its history. Off CUDA it runs eagerly (tests: the same episodes as the masked step
-    bit for bit, a member's output not depending on its batch)."""
+    small kernels whose launch latency, not arithmetic, bounds a GPU rollout: on an H200 a stage step of 256 members
+    took 0.57 ms with the graph against 2.49 ms eager (README, Rollout speed). It owns the stage's context windows
+    and records each step's tokens and outputs at step `t_dev` of its history. Off CUDA it runs eagerly (tests: the
+    same episodes as the masked step bit for bit, a member's output not depending on its batch)."""
 
     def __init__(self, actor: Actor, win, rows, s_cur, rtg_cur, noise, t_dev, T: int):
         self.actor, self.s_cur, self.rtg_cur, self.noise, self.t_dev = actor, s_cur, rtg_cur, noise, t_dev
@@ -1128,7 +1128,8 @@ def rollout(actor: Actor, envs, idx, state0, rtg0, prefix, n_stochastic, n_deter
             noise.normal_(generator=actor.gen)
         elif t == n_stochastic:
             noise.zero_()
-        t_dev.fill_(t)
+        if graphs:
+            t_dev.fill_(t)
         for s, members in enumerate(stages):
             if s in in_flight:
                 step_t, live, ticket = in_flight.pop(s)
@@ -1140,14 +1141,14 @@ def rollout(actor: Actor, envs, idx, state0, rtg0, prefix, n_stochastic, n_deter
             break
     for step_t, live, ticket in in_flight.values():
         observe(step_t, live, *envs.step_recv(ticket))
+    valid = torch.as_tensor(host["valid"], device=device)
     if graphs:  # the stages' histories, with the steps of finished members zeroed as the masked step leaves them
-        valid = torch.as_tensor(host["valid"], device=device)
         for g in graphs:
             for k, v in g.hist.items():
                 out.setdefault(k, v.new_zeros((N, T, *v.shape[2:])))[g.rows] = v.transpose(0, 1)
         out.update({k: torch.where(valid.view(N, T, *[1] * (v.dim() - 2)), v, 0.0) for k, v in out.items()})
     if out:  # per-step statistics in one call: elementwise kernels round by position in the batch, not by member
-        mean, log_std, valid = out.pop("mean"), out.pop("log_std"), torch.as_tensor(host["valid"], device=device)
+        mean, log_std = out.pop("mean"), out.pop("log_std")
         stats = {"logp": squashed_logprob(mean, log_std, out["u"]), "var": (2 * log_std).exp().mean(-1)}
         stats.update(sigma=log_std.exp().mean(-1), mu_abs=mean.abs().mean(-1))
         out.update({k: torch.where(valid, v, 0.0) for k, v in stats.items()})
