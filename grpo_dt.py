@@ -17,6 +17,7 @@ import functools
 import math
 import multiprocessing as mp
 import os
+import pickle
 import random
 import re
 import shlex
@@ -486,6 +487,7 @@ class Envs:
 
 
 STEP_OUT = ("obs", "reward", "terminated", "truncated")
+STEP, STOP = b"S", b"Q"  # worker messages that are not pickles (a pickle starts with its protocol byte, 0x80)
 
 
 def env_worker(conn, env_id, n, workers, kwargs, shared):
@@ -495,14 +497,16 @@ def env_worker(conn, env_id, n, workers, kwargs, shared):
         Envs(env_id, n, **kwargs),
         {k: np.frombuffer(raw, dtype).reshape(shape) for k, (raw, dtype, shape) in shared.items()},
     )
-    while (msg := conn.recv()) is not None:
-        if msg[0] == "step_shared":
-            idx, dtype = msg[1]
-            for k, v in zip(STEP_OUT, envs.step(idx // workers, arrays["actions"][idx].astype(dtype))):
+    while (raw := conn.recv_bytes()) != STOP:
+        if raw[:1] == STEP:  # a step: its action dtype's code, then the member indices as raw int64 (no pickling)
+            idx = np.frombuffer(raw, np.int64, offset=8)
+            actions = arrays["actions"][idx].astype(np.dtype(raw[1:2].decode()))
+            for k, v in zip(STEP_OUT, envs.step(idx // workers, actions)):
                 arrays[k][idx] = v
-            conn.send(None)
+            conn.send_bytes(b"")
         else:
-            conn.send(getattr(envs, msg[0])(*msg[1]))
+            method, args = pickle.loads(raw)
+            conn.send(getattr(envs, method)(*args))
     envs.close()
 
 
@@ -551,7 +555,7 @@ class EnvPool:
         for w, conn in enumerate(self.conns):
             sel = idx[owner == w]
             if len(sel):
-                conn.send(("step_shared", (sel, actions.dtype)))
+                conn.send_bytes(STEP + actions.dtype.char.encode().ljust(7) + sel.astype(np.int64).tobytes())
                 sent.append(conn)
         self.seconds += time.perf_counter() - tic
         return idx, sent
@@ -562,7 +566,7 @@ class EnvPool:
             return ticket
         tic, (idx, sent) = time.perf_counter(), ticket
         for conn in sent:
-            conn.recv()
+            conn.recv_bytes()
         self.seconds += time.perf_counter() - tic
         return tuple(self.arrays[k][idx] for k in STEP_OUT)
 
@@ -594,7 +598,7 @@ class EnvPool:
 
     def close(self):
         for conn, proc in zip(self.conns, self.procs):
-            conn.send(None)
+            conn.send_bytes(STOP)
             proc.join(timeout=5)
         if self.local:
             self.local.close()

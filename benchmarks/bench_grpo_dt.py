@@ -11,6 +11,9 @@ throughput: env-steps/s of GRPO-DT's grouped sub-trajectory rollouts (exact grou
     in-process, 0.8 with 2 workers, 0.7 with 16). With workers the rollout is pipelined in --stages groups of workers:
     the policy (on --device; on CUDA one graph replay per stage and step, --cuda-graphs) acts for one group's members
     while the others step.
+ipc: the main process's CPU time per lockstep step in `EnvPool.step_send` / `step_recv` (messages to and from the
+    workers, not the physics) for 512 Hopper members at each --workers setting, --stages pipeline stages, 60 steps
+    from reset states (restored every 10); the part of a step the policy process spends on the workers.
 learn: a GRPO-DT run on local/hopper/medium-v0 from a pretrained checkpoint; prints the normalized score per
     iteration against the pretrained (iteration 0) score.
 
@@ -18,6 +21,7 @@ learn: a GRPO-DT run on local/hopper/medium-v0 from a pretrained checkpoint; pri
         --trajs-per-iter 16 --eval-len 400 --workers 0 2
     python benchmarks/bench_grpo_dt.py throughput --checkpoint CKPT --trajs-per-iter 16 --eval-len 400 \
         --workers 1 2 4 8 16 --device cuda      # a 16-core GPU machine
+    python benchmarks/bench_grpo_dt.py ipc --workers 2 16
     MINARI_DATASETS_PATH=/work/shared/datasets python benchmarks/bench_grpo_dt.py learn --checkpoint CKPT --max-seconds 1200
 """
 
@@ -41,7 +45,7 @@ import grpo_dt  # noqa: E402
 
 @dataclass
 class Bench:
-    mode: tyro.conf.Positional[Literal["throughput", "learn"]]
+    mode: tyro.conf.Positional[Literal["throughput", "ipc", "learn"]]
     """what to measure"""
     checkpoint: str = "benchmarks/grpo_dt_out/hopper_cpu_pretrained.pt"
     """pretrained Hopper checkpoint (CPU-sized model)"""
@@ -189,6 +193,33 @@ def throughput(b: Bench):
         envs.close()
 
 
+def ipc(b: Bench, n: int = 512, steps: int = 60):
+    for workers in b.workers:
+        envs = grpo_dt.EnvPool(b.env_id, n, workers, b.stages)
+        idx = np.arange(n)
+        envs.reset(idx, idx)
+        states, elapsed = envs.get_states(idx)
+        probe = grpo_dt.make_env(b.env_id)
+        actions, send, recv = np.zeros((n, *probe.action_space.shape), np.float32), 0.0, 0.0  # float32, as the policy's
+        probe.close()
+        for t in range(steps):
+            if t % 10 == 0:  # back to the reset states before the hoppers fall
+                envs.restore(idx, np.full(n, {}, object), np.full(n, None, object), states, elapsed)
+            for members in envs.stages(idx):
+                tic = time.thread_time()
+                ticket = envs.step_send(idx[members], actions[members])
+                send += time.thread_time() - tic
+                tic = time.thread_time()
+                envs.step_recv(ticket)
+                recv += time.thread_time() - tic
+        print(
+            f"workers {workers or 'in-process'} ({len(envs.stages(idx))} stages): main-process CPU per lockstep step "
+            f"in step_send {send / steps * 1e3:.3f} ms, step_recv {recv / steps * 1e3:.3f} ms"
+            + (" (in-process: the physics itself)" if not workers else "")
+        )
+        envs.close()
+
+
 def learn(b: Bench):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -221,5 +252,7 @@ if __name__ == "__main__":
     bench = tyro.cli(Bench)
     if bench.mode == "throughput":
         throughput(bench)
+    elif bench.mode == "ipc":
+        ipc(bench)
     else:
         learn(bench)
