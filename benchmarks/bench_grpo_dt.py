@@ -250,6 +250,8 @@ def learn(b: Bench):
 
 if __name__ == "__main__":
     bench = tyro.cli(Bench)
+    if min(bench.workers, default=0) < 0:
+        sys.exit(f"error: --workers must be >= 0 (0 = in-process), got {' '.join(map(str, bench.workers))}")
     if bench.mode == "throughput":
         throughput(bench)
     elif bench.mode == "ipc":
