@@ -8,9 +8,11 @@ throughput: env-steps/s of GRPO-DT's grouped sub-trajectory rollouts (exact grou
     more contacts, so that rate is 25-35% below the rollout's and it overstates the efficiency. Per --workers setting
     (0 = in-process, one core): the median of --repeats group collections, the cores' time split into physics /
     policy (this process's time outside env calls) / overhead or idle, and the targets of issue #15 (0.85
-    in-process, 0.8 with 2 workers, 0.7 with 16). With workers the rollout is pipelined in --stages groups of workers:
-    the policy (on --device; on CUDA one graph replay per stage and step, --cuda-graphs) acts for one group's members
-    while the others step.
+    in-process, 0.8 with 2 workers, 0.7 with 16). With the policy on the CPU it also prints the bound no schedule can
+    pass: the cores must do at least the physics and the policy's matrix products (each timed on its own arguments,
+    best of 10 at 256 and 512 members, after each collection), so the efficiency is at most physics / (physics + those).
+    With workers the rollout is pipelined in --stages groups of workers: the policy (on --device; on CUDA one graph
+    replay per stage and step, --cuda-graphs) acts for one group's members while the others step.
 ipc: the main process's CPU time per lockstep step in `EnvPool.step_send` / `step_recv` (messages to and from the
     workers, not the physics) for 512 Hopper members at each --workers setting, --stages pipeline stages, 60 steps
     from reset states (restored every 10); the part of a step the policy process spends on the workers.
@@ -25,6 +27,7 @@ learn: a GRPO-DT run on local/hopper/medium-v0 from a pretrained checkpoint; pri
     MINARI_DATASETS_PATH=/work/shared/datasets python benchmarks/bench_grpo_dt.py learn --checkpoint CKPT --max-seconds 1200
 """
 
+import math
 import multiprocessing as mp
 import os
 import sys
@@ -38,6 +41,7 @@ import mujoco
 import numpy as np
 import torch
 import tyro
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo_dt  # noqa: E402
@@ -130,6 +134,41 @@ def env_step_rate(env_id, n):
     return n / (time.perf_counter() - tic)
 
 
+class MatmulRecorder(TorchDispatchMode):
+    """Records every matrix product torch runs under it (op and arguments), to be timed again on its own."""
+
+    OPS = (torch.ops.aten.addmm, torch.ops.aten.mm, torch.ops.aten.bmm)
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.OPS:
+            self.calls.append((func, args, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def policy_matmuls(model, c: int, rows: tuple[int, ...] = (256, 512), repeats: int = 10) -> tuple[float, float]:
+    """(FLOPs, CPU seconds) per member of the matrix products in one CPU `policy_step` at context c: each product
+    re-run on its own recorded arguments, best of `repeats`, at the cheapest per member of `rows` (a pipeline stage,
+    the whole group; smaller batches cost more per member). What any rollout with this policy pays per env step even
+    with no other work."""
+    S, A = model.eval().embed_state.in_features, model.mean_head.out_features
+    flops, best = 0.0, float("inf")
+    for n in rows:
+        window = (torch.zeros(n, c, 1), torch.randn(n, c, S), torch.zeros(n, c, A), torch.ones(n, c, dtype=bool))
+        with torch.no_grad(), MatmulRecorder() as recorder:
+            grpo_dt.policy_step(model, *window)
+        flops = sum(2 * math.prod(args[-2].shape) * args[-1].shape[-1] for _, args, _ in recorder.calls) / n
+        for _ in range(repeats):
+            tic = time.thread_time()
+            for func, args, kwargs in recorder.calls:
+                func(*args, **kwargs)
+            best = min(best, (time.thread_time() - tic) / n)
+    return flops, best
+
+
 def throughput(b: Bench):
     torch.set_num_threads(1)
     grpo_dt.fix_malloc_mmap_threshold()  # as grpo_dt.main does: the allocator's settings change the forward's cost
@@ -149,7 +188,7 @@ def throughput(b: Bench):
         f"{os.cpu_count()} cores, pipeline stages {b.stages or 'one per worker'}"
         + (f", CUDA graphs {'on' if b.cuda_graphs else 'off'}" if device.type == "cuda" else "")
     )
-    clock = PhysicsClock()
+    clock, cpu = PhysicsClock(), device.type == "cpu"
     for workers in b.workers:
         envs = grpo_dt.EnvPool(b.env_id, n_members, workers, b.stages)
         clock.register(envs.procs)
@@ -178,11 +217,23 @@ def throughput(b: Bench):
             raw = steps / physics  # bare mj_step on the rollout's own states, env-steps/s per core
             # this process's time outside env calls (the policy), as a share of all cores' time like the physics
             policy = (wall - envs.seconds) / wall / cores
-            rows.append((physics / cores / wall, steps / wall, raw, zero_ctrl, steps / wall / cores / zero_ctrl, policy))
-        ratio, rate, raw, zero_ctrl, zero_ratio, policy = np.median(np.array(rows), axis=0)
+            # the best any schedule could do: the cores do all the physics and at least the policy's matrix products
+            # (one row per env step: live members only), with no other work; timed right after the collection
+            flops_per_row, matmul_per_row = policy_matmuls(model, args.c_online) if cpu else (0.0, 0.0)
+            floor = steps * matmul_per_row
+            rows.append(
+                (physics / cores / wall, steps / wall, raw, zero_ctrl, steps / wall / cores / zero_ctrl, policy)
+                + (physics / (physics + floor), flops_per_row / max(matmul_per_row, 1e-12))
+            )
+        ratio, rate, raw, zero_ctrl, zero_ratio, policy, bound, gflops = np.median(np.array(rows), axis=0)
         ceiling = env_step_rate(b.env_id, b.raw_steps // 2) / raw_rate(b.env_id, b.raw_steps // 2)
         target = {0: 0.85, 2: 0.8, 16: 0.7}.get(workers)
         verdict = "" if target is None else f"; target {target}: {'met' if ratio >= target else 'NOT met'}"
+        if cpu:
+            verdict += (
+                f"; bound with the policy's matrix products alone ({flops_per_row / 1e6:.2f} MFLOP per member step at "
+                f"{gflops / 1e9:.0f} GFLOPS, this core's rate on their shapes) and nothing else: {bound:.2f}"
+            )
         print(
             f"workers {workers or 'in-process'}: {rate:,.0f} env-steps/s, raw mj_step on the same states "
             f"{raw:,.0f}/s per core -> {ratio:.2f}x raw per core = efficiency (median of {b.repeats}: "
