@@ -1,16 +1,10 @@
-"""PPO-DT: online finetuning of a pretrained Decision Transformer with PPO, GAE and no hindsight relabeling.
+"""PPO-DT: online finetuning of a pretrained Decision Transformer with PPO and GAE, without hindsight relabeling.
 
-Paper: "Online Finetuning Decision Transformers with Pure RL Gradients" (Luo & Zhu), Section 3.3.2,
-Appendix B.1-B.2, Algorithm 2, Eqs. 4-6, Tables 5 and 7. Each iteration rolls out K_PPO trajectories
-conditioned on g_online, keeps their RTG tokens and log-probs exactly as used at rollout, computes GAE with an
-MLP value network, and maximises the token-level clipped PPO objective minus kl_coef x KL to a slowly refreshed
-reference policy plus kappa x entropy (kappa a dual variable toward -dim(A)) on sub-trajectories of a FIFO buffer.
-
-Example (offline; pretrains the checkpoint first if it is missing):
-    MINARI_DATASETS_PATH=$(realpath ../shared/datasets) \
-        python ppo_dt.py --env-id Hopper-v4 --dataset local/hopper/medium-v0
+Paper: "Online Finetuning Decision Transformers with Pure RL Gradients" (Luo & Zhu), Sec. 3.3.2, App. B.2, Algorithm 2.
+Example (pretrains the checkpoint first if it is missing): python ppo_dt.py --env-id Hopper-v4 --dataset medium
 """
 
+import contextlib
 import copy
 import ctypes
 import os
@@ -19,6 +13,7 @@ import shlex
 import subprocess
 import sys
 import time
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
@@ -64,31 +59,26 @@ class Args:
     dataset_path: Optional[str] = None
     """a D4RL-format HDF5 file (observations, actions, rewards, terminals, timeouts); overrides the Minari lookup"""
     # ---- end shared: args-header ----
+    # ---- shared: finetune-args (identical in every finetuning DT script; tests/test_shared_blocks.py) ----
     checkpoint: Optional[str] = None
-    """pretrained checkpoint; default `checkpoints/{env_id}__{dataset}__s{seed}[__cpu].pt`, pretrained if missing"""
-    model_size: Literal["paper", "cpu"] = "paper"
-    """size of the DT that pretrain_dt.py makes when the checkpoint is missing"""
+    """pretrained checkpoint; default `checkpoints/{env_id}__{dataset}__s{seed}.pt`, pretrained first if missing"""
     pretrain_extra_args: str = ""
-    """extra pretrain_dt.py flags (one shell-quoted string) used when the checkpoint has to be made"""
-    torch_threads: int = 0
-    """CPU threads for torch (0: torch's default); 1 is much faster for small models on a busy CPU"""
-
+    """extra pretrain_dt.py flags for that automatic pretraining, e.g. "--num-updates 2000\""""
+    eval_episodes: int = 10
+    """deterministic tanh(mean) evaluation episodes, at iteration 0 and after every iteration"""
+    eval_rtg: Optional[float] = None
+    """target return that conditions evaluation (raw reward units); default the checkpoint's"""
+    eval_context_len: Optional[int] = None
+    """DT context of evaluation; default the context the script acts with (c_online, Table 6)"""
+    # ---- end shared: finetune-args ----
+    scale: Literal["paper", "cpu"] = "paper"
+    """the automatic pretraining's preset (pretrain_dt.py --scale): paper, or cpu (a 128x2 DT, saved as `...__cpu.pt`)"""
     num_iterations: int = 100
-    """outer iterations of Algorithm 2 (0: evaluate the checkpoint and exit)"""
+    """outer iterations of Algorithm 2 (0: only evaluate the checkpoint)"""
     total_env_steps: int = 0
     """stop after the iteration at which training env steps reach this (0: no budget; eval steps do not count)"""
     max_seconds: float = 0
-    """wall-clock budget in seconds, counted from the start of main (before loading; 0: none); stop after the iteration
-    that reaches it"""
-    # ---- shared: eval-args (identical in every finetuning DT script; tests/test_shared_blocks.py) ----
-    eval_episodes: int = 10
-    """deterministic tanh(mean) evaluation episodes (dropout off) at iteration 0 and after each iteration, reset with
-    `eval_seeds(seed, n)`"""
-    eval_rtg: Optional[float] = None
-    """RTG conditioning the evaluation episodes (raw return units); default the checkpoint's `eval_rtg`"""
-    eval_context_len: Optional[int] = None
-    """DT context of the evaluation episodes; default c_online of Table 6, the rollout context (odt_td3.py: --c-online)"""
-    # ---- end shared: eval-args ----
+    """wall-clock budget in seconds from the start, loading included (0: none); stops after the iteration reaching it"""
     save_every: int = 5
     """write the run state every this many iterations and at the end (0: never)"""
     save_path: Optional[str] = None
@@ -96,29 +86,26 @@ class Args:
     save_model: bool = False
     """if toggled, also write the finetuned DT as a checkpoint to `{runs_dir}/{run_name}/{exp_name}.pt` at the end"""
     resume: Optional[str] = None
-    """a run state written by --save-every: continue that run bit-exactly from its next iteration, with its own
-    settings; only the RUN_CONTROL flags come from this command"""
+    """a run state to continue exactly, with its settings; only --num-iterations, --total-env-steps, --max-seconds change"""
     max_episode_steps: Optional[int] = None
     """cap on episode length (a time-limit truncation, bootstrapped); default the env's own limit"""
-
     # Table 7 (None: the --dataset row, see `apply_presets`)
     n_batch: Optional[int] = None
-    """sub-trajectories per gradient update (Table 7: 256 MuJoCo/AntMaze, 512 Adroit)"""
+    """sub-trajectories per gradient update (256 MuJoCo/AntMaze, 512 Adroit)"""
     c_online: Optional[int] = None
-    """context length at rollout and training (Table 7: 1, 5 for Hammer and AntMaze umaze-diverse)"""
+    """context length at rollout and training (1; 5 for Hammer and AntMaze umaze-diverse)"""
     c_train: Optional[int] = None
-    """sub-trajectory length L in steps; default c_online. Each step is scored under its own rollout context"""
+    """sub-trajectory length CL_train in steps; default c_online"""
     g_online: Optional[float] = None
-    """initial RTG of training rollouts, raw reward units (Table 7: 7200 Hopper, 3000 Door, ...)"""
+    """initial RTG of training rollouts, raw reward units (7200 Hopper, 3000 Door, ...)"""
     k_ppo: Optional[int] = None
-    """trajectories rolled out per iteration (Table 7: 8, 16 Door/Hammer)"""
+    """trajectories rolled out per iteration (8; 16 Door/Hammer)"""
     learning_rate: Optional[float] = None
-    """LAMB learning rate of the DT (Table 7: 5e-5 MuJoCo/AntMaze, 3e-5 Adroit)"""
+    """LAMB learning rate of the DT (5e-5 MuJoCo/AntMaze, 3e-5 Adroit)"""
     lr_value: Optional[float] = None
-    """AdamW learning rate of the value MLP (Table 7: 1e-3 MuJoCo/AntMaze, 2e-4 Adroit)"""
+    """AdamW learning rate of the value MLP (1e-3 MuJoCo/AntMaze, 2e-4 Adroit)"""
     kappa_initial: Optional[float] = None
-    """initial entropy dual variable (Table 7)"""
-
+    """initial entropy dual variable"""
     updates_per_iter: int = 8
     """gradient updates per iteration, each on n_batch sub-trajectories (Sec. 4.2: "8 x 256")"""
     clip_coef: float = 0.2
@@ -128,15 +115,13 @@ class Args:
     gae_lambda: float = 0.95
     """GAE lambda (Table 7)"""
     kl_coef: float = 1e-3
-    """coefficient of KL(pi || pi_ref) (Table 5's beta)"""
+    """coefficient beta of KL(pi || pi_ref) (Table 5)"""
     ref_update_every: int = 4
-    """copy the policy into the reference policy every this many updates (as GRPO-DT)"""
+    """copy the policy into the reference policy every this many updates (Sec. 3.2)"""
     buffer_factor: int = 4
     """the FIFO trajectory buffer holds buffer_factor x K_PPO trajectories (App. B.1)"""
-    norm_adv: bool = True
-    """normalise advantages over each sub-trajectory batch (App. B.2)"""
     relabel: bool = False
-    """hindsight-relabel stored RTGs with achieved returns (ODT); reproduces the failure of Sec. 3.1"""
+    """hindsight-relabel stored RTGs with achieved returns (ODT); reproduces the failure of Sec. 3.1 (Fig. 1)"""
     max_grad_norm: float = 0.5
     """global gradient-norm clip for the policy and the value network (Table 5)"""
     weight_decay: float = 1e-4
@@ -147,94 +132,11 @@ class Args:
     """entropy lower bound rho; default -dim(A) (Table 5)"""
     value_hidden: Optional[int] = None
     """value MLP width; default 256 MuJoCo, 512 otherwise (Table 5)"""
-    value_layer_norm: Optional[bool] = None
-    """LayerNorm in the value MLP; default on for Adroit and AntMaze (App. B.1)"""
     value_scale: Optional[float] = None
-    """the value MLP outputs V / value_scale; default eval_rtg / horizon x min(horizon, 1/(1-gamma))"""
+    """V = value_scale x MLP(s); default eval_rtg / horizon x min(horizon, 1/(1-gamma)); 1 is the paper's plain MLP"""
 
 
-# Flags a resumed run takes from its new command line; every other one comes from the saved run (resumed_args).
-RUN_CONTROL = (
-    "num_iterations total_env_steps max_seconds eval_episodes save_every save_path save_model resume runs_dir cuda track "
-    "wandb_project_name wandb_entity capture_video torch_threads"
-).split()
-
-
-# ---------------------------------------------------------------- envs
-# ---- shared: envs (identical in every script; tests/test_shared_blocks.py) ----
-class UserError(Exception):
-    """Bad input: printed as one line, never as a traceback."""
-
-
-MUJOCO_ENVS = {"Hopper": "hopper", "Walker2d": "walker2d", "Ant": "ant", "HalfCheetah": "halfcheetah"}
-ADROIT_ENVS = {"AdroitHandDoor": "door", "AdroitHandHammer": "hammer", "AdroitHandPen": "pen"}
-SUPPORTED = "MuJoCo Hopper/Walker2d/Ant/HalfCheetah-v4|v5, Adroit AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4|v5"
-
-
-def env_family(env_id: str) -> tuple[str, str]:
-    """(family, key) for a supported id, e.g. ("mujoco", "hopper"); a one-line error otherwise."""
-    name, _, version = env_id.rpartition("-")
-    if name in MUJOCO_ENVS and version in ("v4", "v5"):
-        return "mujoco", MUJOCO_ENVS[name]
-    if name in ADROIT_ENVS and version == "v1":
-        return "adroit", ADROIT_ENVS[name]
-    if name == "AntMaze_UMaze" and version in ("v4", "v5"):
-        return "antmaze", "antmaze"
-    raise UserError(f"unknown --env-id {env_id!r}; supported: {SUPPORTED}")
-
-
-def flatten_antmaze_obs(obs: dict) -> np.ndarray:
-    """AntMaze state vector: `observation` (27) then `desired_goal` (2); `achieved_goal` is left out."""
-    return np.concatenate([obs["observation"], obs["desired_goal"]], axis=-1)
-
-
-def make_env(env_id: str, **kwargs) -> gym.Env:
-    """`gym.make`, registering gymnasium-robotics for Adroit and AntMaze, with AntMaze's dict observation flattened."""
-    family, _ = env_family(env_id)
-    if family != "mujoco":
-        import gymnasium_robotics  # registers Adroit and AntMaze; only needed for them
-
-        gym.register_envs(gymnasium_robotics)
-    env = gym.make(env_id, **kwargs)
-    if family == "antmaze":
-        inner = env.observation_space
-        dim = inner["observation"].shape[0] + inner["desired_goal"].shape[0]
-        space = gym.spaces.Box(-np.inf, np.inf, (dim,), np.float64)
-        env = gym.wrappers.TransformObservation(env, flatten_antmaze_obs, space)
-    return env
-
-
-def fix_malloc_mmap_threshold():
-    """Stop glibc's RSS creep on CPU: after large frees it raises its mmap threshold, and each update's
-    activations then fragment the heap (the 4x512 DT grew to 14 GB in 22 updates). Fixed thresholds stop it
-    (RSS 1.3-2.8 GB, peak 3.4, over 25 updates). They are high enough that a rollout's activations (2 MB at 512
-    members) are reused from the heap, not mmapped and page-faulted afresh by every op: at an mmap threshold of
-    128 KB the rollout forward took 31 ms, here 18."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-3, 8 << 20)  # M_MMAP_THRESHOLD: tensors above 8 MB go to mmap and back to the OS when freed
-            libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD: keep up to 64 MB of free heap instead of returning it
-        except OSError:  # not glibc
-            pass
-
-
-def eval_seeds(seed: int, n: int) -> np.ndarray:
-    """Evaluation reset seeds of run seed `seed`: disjoint across run seeds, the same at every evaluation of a run."""
-    return 100_000 * seed + np.arange(n)
-
-
-def train_seeds(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Reset seeds of training episodes from the run's generator: uniform over the integers below 2**31 whose last
-    five digits are at least 50_000, so never an `eval_seeds` value (100_000 * s + i, i < 50_000) of any run seed s."""
-    x = rng.integers(2**31 // 100_000 * 50_000, size=n)
-    return x // 50_000 * 100_000 + 50_000 + x % 50_000
-
-
-# ---- end shared: envs ----
-
-
-# Table 7: (n_batch, c_online, g_online, k_ppo, learning_rate, lr_value, kappa_initial) per (env key, dataset kind).
+TABLE7_FIELDS = ("n_batch", "c_online", "g_online", "k_ppo", "learning_rate", "lr_value", "kappa_initial")
 TABLE7 = {
     ("hopper", "medium"): (256, 1, 7200, 8, 5e-5, 1e-3, 0.02),
     ("hopper", "random"): (256, 1, 7200, 8, 5e-5, 1e-3, 0.04),
@@ -249,30 +151,118 @@ TABLE7 = {
     ("antmaze", "umaze"): (256, 1, 2, 8, 5e-5, 1e-3, 0.02),
     ("antmaze", "umaze-diverse"): (256, 5, 2, 8, 5e-5, 1e-3, 0.02),
 }
-FAMILY_DEFAULT_KIND = {"mujoco": "medium", "adroit": "human", "antmaze": "umaze"}
 
 
 def apply_presets(args: Args) -> Args:
-    """A copy of args with every Table 7 field left at None set from the --dataset row, and c_train from c_online.
-
-    The row is picked by the dataset's last part without version (local/hopper/medium-v0 -> medium); names without
-    a row of their own (medium-replay, expert, ...) get the MuJoCo "medium", Adroit "human" or AntMaze "umaze" row.
-    HalfCheetah, absent from Table 7, uses MuJoCo medium with g_online 12000."""
+    """Fields left at None from Table 7's row of the dataset's kind, else of its family's medium/human/umaze row."""
     family, key = env_family(args.env_id)
-    kind = args.dataset.rstrip("/").rsplit("/", 1)[-1].split("-v")[0]
-    row = TABLE7.get((key, kind)) or TABLE7[(key, FAMILY_DEFAULT_KIND[family])]
-    names = ("n_batch", "c_online", "g_online", "k_ppo", "learning_rate", "lr_value", "kappa_initial")
-    args = replace(args, **{k: v for k, v in zip(names, row) if getattr(args, k) is None})
+    kind = args.dataset.rstrip("/").rsplit("/", 1)[-1].split("-v")[0]  # local/hopper/medium-v0 -> medium
+    row = TABLE7.get((key, kind)) or TABLE7[key, {"mujoco": "medium", "adroit": "human", "antmaze": "umaze"}[family]]
+    args = replace(args, **{k: v for k, v in zip(TABLE7_FIELDS, row) if getattr(args, k) is None})
     return replace(args, c_train=args.c_train or args.c_online, eval_context_len=args.eval_context_len or args.c_online)
 
 
-# ---------------------------------------------------------------- model
+# ---- shared: common (identical in every script; tests/test_shared_blocks.py) ----
+class UserError(Exception):
+    """Bad input: printed as one line, never as a traceback."""
+
+
+MUJOCO_ENVS = {"Hopper": "hopper", "Walker2d": "walker2d", "Ant": "ant", "HalfCheetah": "halfcheetah"}
+ADROIT_ENVS = {"AdroitHandDoor": "door", "AdroitHandHammer": "hammer", "AdroitHandPen": "pen"}
+# The paper's numbers are on the v4 MuJoCo envs; gymnasium's note that v5 exists is not a problem of the run.
+warnings.filterwarnings("ignore", message=r".*is out of date\. You should consider upgrading", category=DeprecationWarning)
+
+
+def env_family(env_id: str) -> tuple[str, str]:
+    """(family, key) of a supported id, e.g. ("mujoco", "hopper")."""
+    name, _, version = env_id.rpartition("-")
+    if name in MUJOCO_ENVS and version in ("v4", "v5"):
+        return "mujoco", MUJOCO_ENVS[name]
+    if name in ADROIT_ENVS and version == "v1":
+        return "adroit", ADROIT_ENVS[name]
+    if name == "AntMaze_UMaze" and version in ("v4", "v5"):
+        return "antmaze", "antmaze"
+    supported = "Hopper/Walker2d/Ant/HalfCheetah-v4|v5, AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4|v5"
+    raise UserError(f"unknown --env-id {env_id!r}; supported: {supported}")
+
+
+def flatten_antmaze_obs(obs: dict) -> np.ndarray:
+    return np.concatenate([obs["observation"], obs["desired_goal"]], axis=-1)  # achieved_goal is left out
+
+
+def make_env(env_id: str, **kwargs) -> gym.Env:
+    """`gym.make`, registering gymnasium-robotics for Adroit and AntMaze, AntMaze's dict observation flattened."""
+    family, _ = env_family(env_id)
+    if family != "mujoco":
+        import gymnasium_robotics
+
+        gym.register_envs(gymnasium_robotics)
+    env = gym.make(env_id, **kwargs)
+    if family == "antmaze":
+        dim = env.observation_space["observation"].shape[0] + env.observation_space["desired_goal"].shape[0]
+        env = gym.wrappers.TransformObservation(env, flatten_antmaze_obs, gym.spaces.Box(-np.inf, np.inf, (dim,), np.float64))
+    return env
+
+
+def eval_seeds(seed: int, n: int) -> np.ndarray:
+    """Evaluation resets: the same at every evaluation of a run, disjoint across run seeds."""
+    return 100_000 * seed + np.arange(n)
+
+
+def train_seeds(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Training resets: integers whose last five digits are >= 50_000, so never an `eval_seeds` value."""
+    x = rng.integers(2**31 // 100_000 * 50_000, size=n)
+    return x // 50_000 * 100_000 + 50_000 + x % 50_000
+
+
+def check_args(args, positive=(), nonnegative=(), unit=()):
+    """One line naming the first flag out of its range (None: a default filled in later)."""
+    rules = [
+        (positive, "> 0", lambda v: v > 0),
+        (nonnegative, ">= 0", lambda v: v >= 0),
+        (unit, "in [0, 1]", lambda v: 0 <= v <= 1),
+    ]
+    for names, rule, ok in rules:
+        for name in names:
+            if getattr(args, name) is not None and not ok(getattr(args, name)):
+                raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
+
+
+def seed_everything(args) -> torch.device:
+    """Seed python, numpy and torch; deterministic torch if asked; the device to run on."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.use_deterministic_algorithms(args.torch_deterministic, warn_only=True)
+    if sys.platform.startswith("linux"):  # glibc's heap otherwise creeps up by GBs across large activations
+        with contextlib.suppress(OSError):
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 8 << 20)  # M_MMAP_THRESHOLD
+            libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+
+def make_writer(args, run_name: str, purge_step: Optional[int] = None) -> SummaryWriter:
+    """TensorBoard at `{runs_dir}/{run_name}` (wandb too with --track); a resumed run purges the steps after its state."""
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, sync_tensorboard=True)
+    writer = SummaryWriter(f"{args.runs_dir}/{run_name}", purge_step=purge_step)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    return writer
+
+
+# ---- end shared: common ----
+
+
 # ---- shared: model (identical in every DT script; tests/test_shared_blocks.py) ----
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block; attention through `scaled_dot_product_attention`."""
+    """Pre-LayerNorm transformer block."""
 
     def __init__(self, embed_dim: int, n_heads: int, dropout: float):
         super().__init__()
@@ -295,11 +285,8 @@ class Block(nn.Module):
 
 
 class DecisionTransformer(nn.Module):
-    """Tokens (RTG_t, s_t, a_t) per step, each with its own linear embedding and no positional embedding (ODT).
-
-    The output at s_t parameterises a diagonal Gaussian in pre-tanh space; the action is tanh of a
-    sample (squashed Gaussian). Left padding is masked out of attention.
-    """
+    """Tokens (RTG_t, s_t, a_t), each with its own linear embedding and no positional embedding (ODT); the output at
+    s_t gives the mean and log-std of a pre-tanh Gaussian over a_t. Left padding is masked out of attention."""
 
     def __init__(
         self, state_dim, act_dim, embed_dim=512, n_layers=4, n_heads=4, dropout=0.1, log_std_min=-5.0, log_std_max=2.0
@@ -321,23 +308,20 @@ class DecisionTransformer(nn.Module):
         B, T, _ = states.shape
         tokens = torch.stack([self.embed_rtg(rtg), self.embed_state(states), self.embed_action(actions)], dim=2)
         x = self.embed_drop(self.embed_ln(tokens.reshape(B, 3 * T, -1)))
-        real = pad_mask.repeat_interleave(3, dim=1)  # (B, 3T)
+        real = pad_mask.repeat_interleave(3, dim=1)
         causal = torch.ones(3 * T, 3 * T, dtype=torch.bool, device=x.device).tril()
-        # Keys must be real; every token may see itself so a padded query's row is never empty (no NaN).
+        # Keys must be real; every token also sees itself, so a padded query's row is never empty (no NaN).
         mask = (causal & real[:, None, :]) | torch.eye(3 * T, dtype=torch.bool, device=x.device)
         for block in self.blocks:
             x = block(x, mask[:, None])
-        h = self.ln_f(x).view(B, T, 3, -1)[:, :, 1]  # the state token predicts a_t
+        h = self.ln_f(x).view(B, T, 3, -1)[:, :, 1]
         log_std = torch.tanh(self.log_std_head(h))
         log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (log_std + 1)
         return self.mean_head(h), log_std
 
 
 def squashed_gaussian(mean, log_std):
-    """tanh(N(mean, exp(log_std))) with independent action dims: log_prob sums over them.
-
-    No argument validation: it costs time every step, and a NaN must reach the loss's finiteness check.
-    """
+    """tanh(N(mean, exp(log_std))) over independent action dims; unvalidated, so a NaN reaches the finiteness checks."""
     base = Normal(mean, log_std.exp(), validate_args=False)
     return Independent(
         TransformedDistribution(base, [TanhTransform(cache_size=1)], validate_args=False), 1, validate_args=False
@@ -345,13 +329,10 @@ def squashed_gaussian(mean, log_std):
 
 
 def action_log_prob(mean, log_std, actions, margin: float, censor_bound: Optional[float] = None):
-    """log pi(a) of given actions under the squashed Gaussian, actions clamped to +-(1 - margin) so atanh is finite.
+    """log pi(a) of given actions, clamped to +-(1 - margin) so atanh is finite.
 
-    With `censor_bound` b, an action dimension on +-1 (behaviour clipped to the bound) is scored as the point mass it
-    is: log P(tanh(u) beyond +-b) = log Phi(+-(mean -+ atanh b) / sigma), a censored likelihood, instead of the density
-    at the clamp point (atanh(1 - 1e-6) = 7.25); interior dimensions keep the density. The one definition of an
-    action's log-prob: pretraining's NLL uses it, and so does every finetuning script that scores actions it did not
-    sample from a known pre-tanh value (with the checkpoint's `action_margin` and `censor_bound`)."""
+    With `censor_bound` b, a dimension on +-1 (behaviour clipped to the bound) is scored as the point mass it is,
+    log P(tanh(u) beyond +-b), instead of the density at the clamp point (docs/actions-on-the-bounds.md)."""
     clamped = actions.clamp(-1 + margin, 1 - margin)
     if censor_bound is None:
         return squashed_gaussian(mean, log_std).log_prob(clamped)
@@ -363,7 +344,7 @@ def action_log_prob(mean, log_std, actions, margin: float, censor_bound: Optiona
 
 
 class Lamb(torch.optim.Optimizer):
-    """LAMB (You et al., 2019): Adam's step, rescaled per tensor by the trust ratio ||w|| / ||step||."""
+    """LAMB (You et al., 2019), the paper's optimiser (torch has none): Adam's step rescaled by ||w|| / ||step||."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -393,50 +374,58 @@ class Lamb(torch.optim.Optimizer):
 
 
 # ---- shared: checkpoint (identical in every DT script; tests/test_shared_blocks.py) ----
-MODEL_SIZES = {
-    # Table 5's DT with ODT's pretraining schedule (meant for a GPU)
-    "paper": dict(
-        embed_dim=512,
-        n_layers=4,
-        n_heads=4,
-        batch_size=256,
-        context_len=None,
-        learning_rate=1e-4,
-        warmup_updates=1000,
-        num_updates=5000,
-    ),
-    # the README's CPU config: a 128x2 DT that pretrains in ~10 minutes on one core
-    "cpu": dict(
-        embed_dim=128,
-        n_layers=2,
-        n_heads=1,
-        batch_size=32,
-        context_len=10,
-        learning_rate=1e-3,
-        warmup_updates=150,
-        num_updates=3000,
-    ),
-}
+def default_checkpoint_path(env_id: str, dataset: str, seed: int, scale: str = "paper") -> Path:
+    """Where pretrain_dt.py writes and the finetuning scripts look: checkpoints/{env}__{dataset}__s{seed}[__cpu].pt."""
+    return Path("checkpoints") / f"{env_id}__{dataset.replace('/', '-')}__s{seed}{'' if scale == 'paper' else '__' + scale}.pt"
 
 
-def default_checkpoint_path(env_id: str, dataset: str, seed: int, model_size: str = "paper") -> Path:
-    """Where pretrain_dt.py writes and every finetuning script looks first:
-    checkpoints/{env_id}__{dataset with / -> -}__s{seed}.pt, with `__cpu` before `.pt` for --model-size cpu."""
-    suffix = "" if model_size == "paper" else f"__{model_size}"
-    return Path("checkpoints") / f"{env_id}__{dataset.replace('/', '-')}__s{seed}{suffix}.pt"
+def save_atomic(path, payload: dict):
+    """tmp file + rename: a crash never leaves a truncated file at `path`."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 
 # ---- end shared: checkpoint ----
 
 
+# ---- shared: resume (identical in every script that resumes; tests/test_shared_blocks.py) ----
+def read_torch_file(path, flag: str):
+    """torch.load, with one line for a missing, truncated or foreign file instead of a traceback."""
+    if not Path(path).is_file():
+        raise UserError(f"{flag} {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise UserError(f"{flag} {str(path)!r} cannot be read by torch.load ({type(e).__name__})") from None
+
+
+def resume_args(args, budget: tuple[str, ...]):
+    """(args, run state) of --resume: the run's own saved settings, of which this command may change only `budget`."""
+    if not args.resume:
+        return args, None
+    state = read_torch_file(args.resume, "--resume")
+    saved = state.get("args") if isinstance(state, dict) else None
+    if not isinstance(saved, dict) or set(saved) != {f.name for f in fields(args)}:
+        raise UserError(f"--resume {args.resume!r} is not a run state of {Path(__file__).name} (--save-every writes one)")
+    defaults = type(args)()
+    given = {f.name for f in fields(args) if getattr(args, f.name) != getattr(defaults, f.name)} - {"resume"}
+    changed = [f"--{k.replace('_', '-')}" for k in sorted(given - set(budget)) if getattr(args, k) != saved[k]]
+    if changed:
+        allowed = ", ".join(f"--{k.replace('_', '-')}" for k in budget)
+        raise UserError(f"--resume continues the run with its own settings; only {allowed} may change, not {changed[0]}")
+    return replace(args, **{k: v for k, v in saved.items() if k not in given and k != "resume"}), state
+
+
+# ---- end shared: resume ----
+
+
 # ---- shared: load-checkpoint (identical in every finetuning DT script; tests/test_shared_blocks.py) ----
-
-
-def load_model(path, device="cpu", dropout: float = 0.0):
-    """(DT, checkpoint dict) from a pretrain_dt.py or finetuned checkpoint; dropout is off in finetuning (Table 5)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if ckpt.get("format_version") != CHECKPOINT_FORMAT_VERSION:
-        raise UserError(f"{path} is not a format-{CHECKPOINT_FORMAT_VERSION} pretrain_dt.py checkpoint")
+def load_model(path, device="cpu", dropout: float = 0.0, flag: str = "--checkpoint"):
+    """(DT, checkpoint dict) of a pretrain_dt.py or finetuned checkpoint; dropout is off in finetuning (Table 5)."""
+    ckpt = read_torch_file(path, flag)
+    if not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_FORMAT_VERSION:
+        raise UserError(f"{flag} {str(path)!r} is not a format-{CHECKPOINT_FORMAT_VERSION} pretrain_dt.py checkpoint")
     config = {k: v for k, v in ckpt["model_config"].items() if k not in ("activation", "c_offline")}
     model = DecisionTransformer(**{**config, "dropout": dropout})
     model.load_state_dict(ckpt["state_dict"])
@@ -444,75 +433,28 @@ def load_model(path, device="cpu", dropout: float = 0.0):
 
 
 def ensure_checkpoint(args) -> Path:
-    """The pretrained checkpoint's path; runs pretrain_dt.py in a subprocess first if the file is missing. A file at
-    the default path from before pretraining's censored likelihood became the default (it has no `censor_bound`) is
-    not reused silently: the README's finetuning results start from the new checkpoint."""
-    path = Path(args.checkpoint or default_checkpoint_path(args.env_id, args.dataset, args.seed, args.model_size))
-    if path.exists():
-        if not args.checkpoint and "censor_bound" not in torch.load(path, map_location="cpu", weights_only=False):
-            raise UserError(
-                f"{path} predates pretrain_dt.py's default --censor-bound 0.99 (it scores actions on the bounds with "
-                f"ODT's density): delete it to pretrain again, or pass --checkpoint {path} to finetune it as it is"
-            )
-        return path
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve().parent / "pretrain_dt.py"),
-        "--env-id",
-        args.env_id,
-        "--dataset",
-        args.dataset,
-        "--seed",
-        str(args.seed),
-        "--model-size",
-        args.model_size,
-        "--checkpoint",
-        str(path),
-    ]
-    cmd += (["--dataset-path", args.dataset_path] if args.dataset_path else []) + shlex.split(args.pretrain_extra_args)
-    print(f"checkpoint {path} not found; pretraining it: {shlex.join(cmd)}", flush=True)
-    if subprocess.run(cmd).returncode != 0 or not path.exists():
-        raise UserError(f"pretraining failed, no checkpoint at {path}: {shlex.join(cmd)}")
+    """--checkpoint if given; else the default path, which pretrain_dt.py fills first if it is empty."""
+    if args.checkpoint:
+        if not Path(args.checkpoint).is_file():
+            raise UserError(f"--checkpoint {args.checkpoint!r} does not exist")
+        return Path(args.checkpoint)
+    path = default_checkpoint_path(args.env_id, args.dataset, args.seed, args.scale)
+    if not path.exists():
+        script = str(Path(__file__).resolve().parent / "pretrain_dt.py")
+        cmd = [sys.executable, script, "--env-id", args.env_id, "--dataset", args.dataset, "--seed", str(args.seed)]
+        cmd += ["--scale", args.scale, "--checkpoint", str(path), "--runs-dir", args.runs_dir]
+        cmd += (["--dataset-path", args.dataset_path] if args.dataset_path else []) + shlex.split(args.pretrain_extra_args)
+        print(f"{path} not found; pretraining it: {shlex.join(cmd)}", flush=True)
+        if subprocess.run(cmd).returncode != 0 or not path.exists():
+            raise UserError(f"pretraining failed, no checkpoint at {path}")
     return path
-
-
-def resumed_args(args, run_control: tuple[str, ...]):
-    """With --resume, the Args the run goes on with: the run's own saved settings, and this command's `run_control`
-    flags (budgets, saving, logging, workers). A flag left at its default takes the run's value, so a run resumes as
-    it started even where a default has changed since; a setting given another value than the run's is an error."""
-    if not args.resume:
-        return args
-    if not Path(args.resume).is_file():
-        raise UserError(f"--resume {args.resume!r} is not a file")
-    try:
-        state = torch.load(args.resume, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # not a torch.save file (a log, a truncated copy): one line, not a traceback
-        raise UserError(f"--resume {args.resume!r} is not a run state: torch.load failed ({type(e).__name__})") from None
-    # grpo_dt.py's states before 2026-11-22 kept the settings at the top level only
-    saved = state.get("finetune", {}).get("args", state.get("finetune_args")) if isinstance(state, dict) else None
-    if saved is None:
-        raise UserError(f"--resume {args.resume!r} is not a run state with saved settings (a --save-every state.pt)")
-    foreign = sorted(saved.keys() - {f.name for f in fields(args)})
-    if foreign:  # another script's state (or a flag since removed): its run cannot go on here
-        flags = ", ".join(f"--{k.replace('_', '-')}" for k in foreign[:3])
-        script = Path(__file__).name
-        raise UserError(f"--resume {args.resume!r} was saved by another script or version ({flags} are not {script} flags)")
-    defaults, names = type(args)(), {f.name for f in fields(args)} - set(run_control)
-    clashes = [
-        f"--{k.replace('_', '-')} {getattr(args, k)!r} (the run's: {saved[k]!r})"
-        for k in sorted(names & saved.keys())
-        if getattr(args, k) != getattr(defaults, k) and getattr(args, k) != saved[k]
-    ]
-    if clashes:
-        raise UserError(f"--resume keeps the run's own settings, but this command sets {', '.join(clashes)}")
-    return replace(args, **{k: v for k, v in saved.items() if k in names})
 
 
 # ---- end shared: load-checkpoint ----
 
 
 class ValueNet(nn.Module):
-    """V(s): 2 hidden SiLU layers (Table 5), optional LayerNorm; outputs scale x MLP so the MLP works at O(1)."""
+    """V(s) = scale x MLP(s), so the MLP works at O(1); 2 hidden SiLU layers (Table 5), LayerNorm off MuJoCo (App. B.1)."""
 
     def __init__(self, state_dim: int, hidden: int, layer_norm: bool, scale: float):
         super().__init__()
@@ -526,17 +468,41 @@ class ValueNet(nn.Module):
         return self.scale * self.net(states).squeeze(-1)
 
 
-# ---------------------------------------------------------------- algorithm pieces
-def relabel_rtg(rewards: np.ndarray, rtg_scale: float) -> np.ndarray:
-    """ODT's hindsight relabeling: the achieved suffix sums g_t = sum_{k>=t} r_k, scaled like RTG tokens."""
-    return (np.cumsum(rewards[::-1])[::-1] * rtg_scale).astype(np.float32)
+@torch.no_grad()
+def rollout(model, envs, seeds, target_rtg, ckpt, context_len, deterministic):
+    """One episode per env in lockstep; each keeps the tokens the policy saw, log-probs, rewards and how it ended."""
+    device, rtg_scale, n = next(model.parameters()).device, ckpt["rtg_scale"], len(envs)
+    mu, sd = (ckpt[k].cpu().numpy() for k in ("state_mean", "state_std"))
+    obs = [(np.asarray(env.reset(seed=int(s))[0], np.float32) - mu) / sd for env, s in zip(envs, seeds)]  # normalised
+    states, actions = (torch.zeros(n, context_len, d, device=device) for d in (len(mu), envs[0].action_space.shape[0]))
+    rtg, mask = torch.zeros(n, context_len, 1, device=device), torch.zeros(n, context_len, dtype=torch.bool, device=device)
+    target = torch.full((n,), target_rtg * rtg_scale, device=device)
+    keys = ("states", "rtg", "actions", "logp", "rewards")
+    rec, alive = [{k: [] for k in keys} for _ in range(n)], np.ones(n, dtype=bool)
+    while alive.any():
+        live = torch.as_tensor(np.flatnonzero(alive), device=device)
+        states, actions, rtg, mask = (x.roll(-1, dims=1) for x in (states, actions, rtg, mask))  # left padding
+        states[live, -1] = torch.as_tensor(np.stack([obs[i] for i in live.tolist()]), device=device)
+        rtg[:, -1, 0], actions[:, -1], mask[:, -1] = target, 0.0, True
+        mean, log_std = (x[:, -1] for x in model(rtg[live], states[live], actions[live], mask[live]))
+        # Clamped so the stored action has a finite atanh: rollout and training score it alike.
+        act = torch.tanh(mean) if deterministic else squashed_gaussian(mean, log_std).sample().clamp(-1 + 1e-6, 1 - 1e-6)
+        logp = action_log_prob(mean, log_std, act, ckpt["action_margin"], ckpt["censor_bound"])
+        actions[live, -1] = act
+        step = [x.cpu().numpy() for x in (states[live, -1], rtg[live, -1, 0], act, logp)]
+        for j, i in enumerate(live.tolist()):
+            o, r, term, trunc, _ = envs[i].step(step[2][j])
+            for k, v in zip(keys, [x[j] for x in step] + [r]):
+                rec[i][k].append(v)
+            obs[i], target[i] = (np.asarray(o, np.float32) - mu) / sd, target[i] - r * rtg_scale
+            if term or trunc:
+                alive[i] = False
+                rec[i] |= dict(terminated=bool(term), last_state=obs[i])
+    return [r | {k: np.array(r[k], np.float32) for k in keys} | {"return": float(np.sum(r["rewards"]))} for r in rec]
 
 
 def compute_gae(rewards, values, last_value, terminated, gamma, lam):
-    """Eq. 4 for one trajectory. values = V(s_0..s_{T-1}); V(s_T) = last_value unless the episode terminated.
-
-    Time-limit truncation is not termination: the state after the last step still has a value, so it is
-    bootstrapped (ODT+TD3 and CleanRL's PPO treat truncation as terminal)."""
+    """Eq. 4 for one trajectory; a time-limit truncation bootstraps from V(s_T) = last_value, a termination does not."""
     next_values = np.append(values[1:], 0.0 if terminated else last_value)
     deltas = rewards + gamma * next_values - values
     adv, acc = np.zeros(len(rewards), np.float32), 0.0
@@ -546,108 +512,24 @@ def compute_gae(rewards, values, last_value, terminated, gamma, lam):
     return adv
 
 
-def normalize_advantages(adv: torch.Tensor) -> torch.Tensor:
-    """Zero mean, unit std over the batch (Huang et al., 2022)."""
-    return (adv - adv.mean()) / (adv.std() + 1e-8)
-
-
-def ppo_policy_loss(new_logp, old_logp, adv, clip_coef):
-    """Eq. 5's clipped surrogate with token-level ratios (to minimise), plus approx KL and clip fraction."""
-    log_ratio = new_logp - old_logp
-    ratio = log_ratio.exp()
-    loss = -torch.min(ratio * adv, ratio.clamp(1 - clip_coef, 1 + clip_coef) * adv).mean()
-    with torch.no_grad():
-        approx_kl = ((ratio - 1) - log_ratio).mean()  # Schulman's low-variance estimator, as CleanRL
-        clipfrac = ((ratio - 1).abs() > clip_coef).float().mean()
-    return loss, approx_kl, clipfrac
-
-
-def value_loss(pred, target):
-    """Eq. 6: squared error to V_target = A + V_old."""
-    return F.mse_loss(pred, target)
-
-
-def explained_variance(pred: np.ndarray, target: np.ndarray) -> float:
-    var = np.var(target)
-    return float("nan") if var == 0 else float(1 - np.var(target - pred) / var)
-
-
 @torch.no_grad()
-def rollout(model, envs, seeds, target_rtg, meta, deterministic, check=None):
-    """One episode per env, all stepped in lockstep with ONE batched forward per step over the live members.
-
-    meta: rtg_scale, context_len, state_mean, state_std, device, action_margin, censor_bound. `check(action=...)`, if
-    given, sees the policy's output at every step before an action is drawn from it. Returns per-episode dicts of the exact
-    tokens the policy saw: normalised states, RTG tokens (scaled), executed actions, their log-probs, rewards,
-    whether it terminated, and the normalised final state."""
-    device, rtg_scale = meta["device"], meta["rtg_scale"]
-    n, K, S, A = len(envs), meta["context_len"], len(meta["state_mean"]), envs[0].action_space.shape[0]
-
-    def norm(o):
-        return (torch.as_tensor(np.asarray(o), dtype=torch.float32, device=device) - meta["state_mean"]) / meta["state_std"]
-
-    obs = [env.reset(seed=int(s))[0] for env, s in zip(envs, seeds)]
-    states, actions = torch.zeros(n, K, S, device=device), torch.zeros(n, K, A, device=device)
-    rtg, mask = torch.zeros(n, K, 1, device=device), torch.zeros(n, K, dtype=torch.bool, device=device)
-    target = torch.full((n,), target_rtg * rtg_scale, device=device)
-    rec = [{k: [] for k in ("states", "rtg", "actions", "logp", "rewards")} for _ in range(n)]
-    alive, done = np.ones(n, dtype=bool), [None] * n
-    while alive.any():
-        live = torch.as_tensor(np.flatnonzero(alive), device=device)
-        # Shift the context one step left; write the newest state and RTG in the last slot (left padding).
-        states, actions, rtg, mask = (x.roll(-1, dims=1) for x in (states, actions, rtg, mask))
-        states[live, -1] = norm(np.stack([obs[i] for i in live.tolist()]))
-        rtg[:, -1, 0], actions[:, -1], mask[:, -1] = target, 0.0, True
-        mean, log_std = (x[:, -1] for x in model(rtg[live], states[live], actions[live], mask[live]))
-        if check is not None:
-            check(action=mean + log_std)  # before sampling: a NaN scale would crash torch.normal
-        # Clamped so the stored action has a finite atanh: rollout and training log-probs are computed alike.
-        act = torch.tanh(mean) if deterministic else squashed_gaussian(mean, log_std).sample().clamp(-1 + 1e-6, 1 - 1e-6)
-        logp = (
-            torch.zeros(len(live), device=device)
-            if deterministic
-            else action_log_prob(mean, log_std, act, meta["action_margin"], meta["censor_bound"])
-        )
-        actions[live, -1] = act
-        step_tokens = [x.cpu().numpy() for x in (states[live, -1], rtg[live, -1, 0], act, logp)]
-        for j, i in enumerate(live.tolist()):
-            o, r, term, trunc, _ = envs[i].step(step_tokens[2][j])
-            for k, v in zip(rec[i], [x[j] for x in step_tokens] + [r]):
-                rec[i][k].append(v)
-            obs[i], target[i] = o, target[i] - r * rtg_scale
-            if term or trunc:
-                alive[i], done[i] = False, (term, norm(o).cpu().numpy())
-    keys = ("states", "rtg", "actions", "logp", "rewards")
-    return [
-        {**{k: np.array(r[k], np.float32) for k in keys}, "return": float(np.sum(r["rewards"])), "terminated": bool(d[0])}
-        | {"last_state": d[1]}
-        for r, d in zip(rec, done)
-    ]
-
-
-@torch.no_grad()
-def flatten_buffer(buffer, value_net, gamma, lam, relabel, rtg_scale, device):
-    """Algorithm 2 line 3: GAE for every step of every buffered trajectory under the current value net.
-
-    RTG tokens are the rollout's own unless `relabel`, which swaps in achieved returns (the failure mode)."""
-    cat = {key: np.concatenate([t[key] for t in buffer]) for key in ("states", "actions", "rtg", "logp")}
-    values = value_net(torch.as_tensor(cat["states"], device=device)).cpu().numpy()
+def flatten_buffer(buffer, value_net, gamma, lam, relabel, rtg_scale):
+    """Line 3: every buffered step with its GAE under the current value net, and the RTG tokens it was rolled out with."""
+    flat = {k: np.concatenate([t[k] for t in buffer]) for k in ("states", "actions", "rtg", "logp")}
+    device = value_net.scale.device
+    values = value_net(torch.as_tensor(flat["states"], device=device)).cpu().numpy()
     last_values = value_net(torch.as_tensor(np.stack([t["last_state"] for t in buffer]), device=device)).cpu().numpy()
     lengths = np.array([len(t["rewards"]) for t in buffer])
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    segments = zip(buffer, offsets, lengths, last_values)
-    adv = [compute_gae(t["rewards"], values[o : o + n], v, t["terminated"], gamma=gamma, lam=lam) for t, o, n, v in segments]
-    adv = np.concatenate(adv)
-    if relabel:
-        cat["rtg"] = np.concatenate([relabel_rtg(t["rewards"], rtg_scale) for t in buffer])
-    return dict(cat, adv=adv, returns=adv + values, values=values, lengths=lengths, offsets=offsets)
+    per_traj = zip(buffer, np.split(values, offsets[1:]), last_values)
+    adv = np.concatenate([compute_gae(t["rewards"], v, last, t["terminated"], gamma, lam) for t, v, last in per_traj])
+    if relabel:  # ODT's hindsight relabeling: the achieved suffix sums, scaled like RTG tokens (the failure mode)
+        flat["rtg"] = np.concatenate([(np.cumsum(t["rewards"][::-1])[::-1] * rtg_scale).astype(np.float32) for t in buffer])
+    return flat | dict(adv=adv, returns=adv + values, values=values, lengths=lengths, offsets=offsets)
 
 
 def sample_batch(flat, n_batch, sub_len, context_len, rng, device):
-    """Lines 4-5: trajectories drawn in proportion to length, one sub-trajectory of sub_len steps from each.
-
-    Every step of a sub-trajectory gets its own window of the context_len steps ending at it (left padding
-    at the episode start): exactly the context it was sampled under, so old log-probs = rollout log-probs."""
+    """Lines 4-5: trajectories drawn by length, a sub-trajectory of each; every step under its own rollout context."""
     lengths, offsets = flat["lengths"], flat["offsets"]
     idx = rng.choice(len(lengths), size=n_batch, p=lengths / lengths.sum())
     start = rng.integers(0, np.maximum(lengths[idx] - sub_len, 0) + 1)
@@ -655,22 +537,72 @@ def sample_batch(flat, n_batch, sub_len, context_len, rng, device):
     valid = steps < lengths[idx, None]  # sub-trajectories of short episodes are cut at their end
     steps, traj = steps[valid], idx[np.nonzero(valid)[0]]
     window = steps[:, None] - context_len + 1 + np.arange(context_len)[None, :]
-    src = offsets[traj, None] + np.maximum(window, 0)
-    token = offsets[traj] + steps
+    src, token = offsets[traj, None] + np.maximum(window, 0), offsets[traj] + steps
     batch = dict(rtg=flat["rtg"][src][..., None], states=flat["states"][src], actions=flat["actions"][src], mask=window >= 0)
-    batch.update(
-        act=flat["actions"][token], old_logp=flat["logp"][token], adv=flat["adv"][token], returns=flat["returns"][token]
-    )
-    batch["value_states"] = flat["states"][token]
-    return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
+    batch |= {k: flat[k][token] for k in ("logp", "adv", "returns")}  # the rollout's log-probs, advantages, V targets
+    b = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
+    b["adv"] = (b["adv"] - b["adv"].mean()) / (b["adv"].std() + 1e-8)  # normalised across the batch
+    return b
+
+
+def ppo_policy_loss(new_logp, old_logp, adv, clip_coef):
+    """Eq. 5's clipped surrogate with token-level ratios (to minimise), plus approx KL and clip fraction."""
+    log_ratio = new_logp - old_logp
+    ratio = log_ratio.exp()
+    loss = -torch.min(ratio * adv, ratio.clamp(1 - clip_coef, 1 + clip_coef) * adv).mean()
+    with torch.no_grad():  # Schulman's low-variance KL estimator, as CleanRL
+        return loss, ((ratio - 1) - log_ratio).mean(), ((ratio - 1).abs() > clip_coef).float().mean()
+
+
+def ppo_update(learner, b: dict, args: Args, target_entropy: float, ckpt: dict) -> dict:
+    """Line 6 on one batch: Eq. 5 - beta KL(pi || pi_ref) + kappa H for the policy, kappa's dual step, Eq. 6."""
+    model, value_net = learner.model, learner.value_net
+    mean, log_std = (x[:, -1] for x in model(b["rtg"], b["states"], b["actions"], b["mask"]))
+    dist = squashed_gaussian(mean, log_std)
+    logp = action_log_prob(mean, log_std, b["actions"][:, -1], ckpt["action_margin"], ckpt["censor_bound"])
+    pg_loss, approx_kl, clipfrac = ppo_policy_loss(logp, b["logp"], b["adv"], args.clip_coef)
+    entropy = -dist.log_prob(dist.rsample()).mean()  # single-sample estimate: no closed form after tanh
+    with torch.no_grad():
+        ref_mean, ref_log_std = (x[:, -1] for x in learner.ref_model(b["rtg"], b["states"], b["actions"], b["mask"]))
+    pi, ref = (Independent(Normal(m, s.exp(), validate_args=False), 1) for m, s in ((mean, log_std), (ref_mean, ref_log_std)))
+    kl_ref, kappa = kl_divergence(pi, ref).mean(), learner.log_kappa.exp()
+    policy_loss = pg_loss + args.kl_coef * kl_ref - kappa.detach() * entropy
+    kappa_loss = kappa * (entropy.detach() - target_entropy)  # the dual step: kappa rises while entropy < target
+    value_loss = F.mse_loss(value_net(b["states"][:, -1]), b["returns"])  # Eq. 6, V_target = A + V_old
+    opts = (learner.policy_opt, learner.value_opt, learner.kappa_opt)
+    for opt in opts:
+        opt.zero_grad()
+    (policy_loss + kappa_loss + value_loss).backward()  # disjoint parameters: each gets its own loss's gradient
+    for net in (model, value_net):
+        nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
+    for opt in opts:
+        opt.step()
+    learner.grad_updates += 1
+    if learner.grad_updates % args.ref_update_every == 0:  # the slowly refreshed reference policy
+        learner.ref_model.load_state_dict(model.state_dict())
+    stats = dict(policy_loss=pg_loss, value_loss=value_loss, approx_kl=approx_kl, clipfrac=clipfrac, entropy=entropy)
+    return {k: v.item() for k, v in (stats | dict(kappa=kappa, kl_ref=kl_ref)).items()}
+
+
+def evaluate(model, envs, args: Args, ckpt: dict, writer, it: int) -> float:
+    """Normalized score of tanh(mean) episodes from `eval_seeds`, at --eval-rtg and --eval-context-len."""
+    rtg = ckpt["eval_rtg"] if args.eval_rtg is None else args.eval_rtg
+    trajs = rollout(model, envs, eval_seeds(args.seed, len(envs)), rtg, ckpt, args.eval_context_len, deterministic=True)
+    rets = np.array([t["return"] for t in trajs])
+    score = float(np.mean(100.0 * (rets - ckpt["ref_min_score"]) / (ckpt["ref_max_score"] - ckpt["ref_min_score"])))
+    writer.add_scalar("charts/normalized_score", score, it)
+    writer.add_scalar("charts/eval_return", rets.mean(), it)
+    tqdm.write(f"iteration {it}: eval return {rets.mean():.1f}, normalized score {score:.1f}")
+    return score
 
 
 class Learner:
-    """What the updates change and --resume restores: networks, optimisers, log(kappa), buffer, rng and counters."""
+    """What the updates change and --resume restores; the DT's weights are the run state's checkpoint part."""
 
-    STATEFUL = ("value_net", "ref_model", "policy_opt", "value_opt", "kappa_opt")  # the DT itself is the checkpoint's
+    NETS = ("value_net", "ref_model", "policy_opt", "value_opt", "kappa_opt")
+    KEPT = ("buffer", "rng", "iteration", "env_steps", "grad_updates")
 
-    def __init__(self, args: Args, model: DecisionTransformer, value_net: ValueNet, device):
+    def __init__(self, args: Args, model, value_net, device):
         self.model, self.ref_model, self.value_net = model, copy.deepcopy(model).requires_grad_(False), value_net
         self.log_kappa = torch.tensor(float(np.log(args.kappa_initial)), device=device, requires_grad=True)
         self.policy_opt = Lamb(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -680,244 +612,107 @@ class Learner:
         self.iteration = self.env_steps = self.grad_updates = 0
 
     def state_dict(self) -> dict:
-        state = {name: getattr(self, name).state_dict() for name in self.STATEFUL}
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        state.update(log_kappa=self.log_kappa.detach().cpu(), buffer=list(self.buffer), numpy_rng=self.rng.bit_generator.state)
-        state.update(torch_rng=torch.get_rng_state(), cuda_rng=cuda_rng, iteration=self.iteration, env_steps=self.env_steps)
-        return state | {"grad_updates": self.grad_updates}
+        state = {k: getattr(self, k).state_dict() for k in self.NETS} | {k: getattr(self, k) for k in self.KEPT}
+        return state | dict(log_kappa=self.log_kappa.detach().cpu(), torch_rng=torch.get_rng_state(), cuda_rng=cuda_rng)
 
     def load_state_dict(self, state: dict):
-        for name in self.STATEFUL:
-            getattr(self, name).load_state_dict(state[name])
-        with torch.no_grad():
-            self.log_kappa.copy_(state["log_kappa"])
-        self.buffer.extend(state["buffer"])
-        self.rng.bit_generator.state = state["numpy_rng"]
+        for k in self.NETS:
+            getattr(self, k).load_state_dict(state[k])
+        self.__dict__.update({k: state[k] for k in self.KEPT})
+        self.log_kappa.detach().copy_(state["log_kappa"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.iteration, self.env_steps, self.grad_updates = state["iteration"], state["env_steps"], state["grad_updates"]
 
 
-STAT_NAMES = ("policy_loss", "value_loss", "approx_kl", "clipfrac", "entropy", "kappa", "kl_ref")
-
-
-def ppo_update(learner: Learner, b: dict, args: Args, target_entropy: float, likelihood: dict) -> list[float]:
-    """Lines 5-6 on one batch: Eq. 5 (minus kl_coef x KL to pi_ref, plus kappa x entropy) for the policy, the dual
-    step of kappa, Eq. 6 for the value net; the reference policy is refreshed every ref_update_every updates.
-    `likelihood`: the checkpoint's action_margin and censor_bound, as the rollout scored the actions with."""
-    model, ref_model = learner.model, learner.ref_model
-    mean, log_std = (x[:, -1] for x in model(b["rtg"], b["states"], b["actions"], b["mask"]))
-    dist = squashed_gaussian(mean, log_std)
-    adv = normalize_advantages(b["adv"]) if args.norm_adv else b["adv"]
-    logp = action_log_prob(mean, log_std, b["act"], likelihood["action_margin"], likelihood["censor_bound"])
-    pg_loss, approx_kl, clipfrac = ppo_policy_loss(logp, b["old_logp"], adv, args.clip_coef)
-    entropy = -dist.log_prob(dist.rsample()).mean()  # single-sample estimate: no closed form after tanh
-    with torch.no_grad():
-        ref_mean, ref_log_std = (x[:, -1] for x in ref_model(b["rtg"], b["states"], b["actions"], b["mask"]))
-    pi, ref = Normal(mean, log_std.exp(), validate_args=False), Normal(ref_mean, ref_log_std.exp(), validate_args=False)
-    kl_ref = kl_divergence(Independent(pi, 1), Independent(ref, 1)).mean()
-    kappa = learner.log_kappa.exp()
-    loss = pg_loss + args.kl_coef * kl_ref - kappa.detach() * entropy
-    learner.policy_opt.zero_grad()
-    loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-    learner.policy_opt.step()
-    kappa_loss = kappa * (entropy.detach() - target_entropy)  # kappa rises while entropy < target
-    learner.kappa_opt.zero_grad()
-    kappa_loss.backward()
-    learner.kappa_opt.step()
-    v_loss = value_loss(learner.value_net(b["value_states"]), b["returns"])
-    learner.value_opt.zero_grad()
-    v_loss.backward()
-    nn.utils.clip_grad_norm_(learner.value_net.parameters(), args.max_grad_norm)
-    learner.value_opt.step()
-    learner.grad_updates += 1
-    if learner.grad_updates % args.ref_update_every == 0:  # the slowly refreshed reference policy
-        ref_model.load_state_dict(model.state_dict())
-    return [x.item() for x in (pg_loss, v_loss, approx_kl, clipfrac, entropy, kappa, kl_ref)]
-
-
-# ---------------------------------------------------------------- run state
 def model_checkpoint(model, ckpt: dict, score: float) -> dict:
-    """The finetuned DT in the pretrained checkpoint format (loadable by `load_model`)."""
-    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return {k: v for k, v in ckpt.items() if k != "finetune"} | {"eval_normalized_score": score, "state_dict": state_dict}
+    """The finetuned DT in pretrain_dt.py's checkpoint format, so `load_model` reads it."""
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    pretrained = {k: v for k, v in ckpt.items() if k not in ("finetune", "args")}
+    return pretrained | {"eval_normalized_score": score, "state_dict": weights}
 
 
-def save_state(path: Path, learner: Learner, ckpt: dict, score: float, **extra):
-    """The run state: a DT checkpoint plus a `finetune` dict (learner state and `extra`); atomic (tmp + os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = model_checkpoint(learner.model, ckpt, score) | {"finetune": learner.state_dict() | extra}
-    torch.save(payload, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)  # a kill never leaves half a file
-
-
-def check_finite(it: int, state_path: Path, **values):
-    """Stop before a non-finite value can be saved: the last good run state on disk is left as it is."""
-    for what, x in values.items():
-        if not torch.isfinite(torch.as_tensor(x, dtype=torch.float64)).all():
-            kept = f"last good state kept at {state_path}" if state_path.exists() else "no state saved yet"
-            raise UserError(f"non-finite {what} at iteration {it}; stopped, {kept}")
-
-
-# ---------------------------------------------------------------- setup and logging
-def make_envs(args: Args, run_name: str) -> tuple[list, list]:
-    """K_PPO training envs and eval_episodes evaluation envs (the first one recorded with --capture-video)."""
-    env_kw = {"max_episode_steps": args.max_episode_steps} if args.max_episode_steps else {}
-    train_envs = [make_env(args.env_id, **env_kw) for _ in range(args.k_ppo)]
-    eval_envs = [make_env(args.env_id, **env_kw) for _ in range(args.eval_episodes)]
-    if args.capture_video and eval_envs:
-        eval_envs[0] = gym.wrappers.RecordVideo(make_env(args.env_id, render_mode="rgb_array", **env_kw), f"videos/{run_name}")
-    return train_envs, eval_envs
-
-
-def evaluate(model, eval_envs, args: Args, ckpt: dict, meta: dict, writer, it: int) -> tuple[float, float]:
-    """tanh(mean) episodes (dropout off) from `eval_seeds`, at --eval-rtg and --eval-context-len."""
-    model.eval()
-    seeds, rtg = eval_seeds(args.seed, len(eval_envs)), ckpt["eval_rtg"] if args.eval_rtg is None else args.eval_rtg
-    trajs = rollout(model, eval_envs, seeds, rtg, {**meta, "context_len": args.eval_context_len}, deterministic=True)
-    rets = np.array([e["return"] for e in trajs])  # summed in float64, as every script
-    score = float(np.mean(100.0 * (rets - ckpt["ref_min_score"]) / (ckpt["ref_max_score"] - ckpt["ref_min_score"])))
-    writer.add_scalar("charts/normalized_score", score, it)
-    writer.add_scalar("charts/eval_return", rets.mean(), it)
-    return score, float(rets.mean())
-
-
-def log_iteration(writer, it: int, stats: list, flat: dict, trajs: list, learner: Learner, sps: float):
-    for name, value in zip(STAT_NAMES, np.mean(stats, axis=0)):
-        writer.add_scalar(f"losses/{name}", value, it)
-    writer.add_scalar("losses/explained_variance", explained_variance(flat["values"], flat["returns"]), it)
-    writer.add_scalar("charts/episodic_return", np.mean([t["rewards"].sum() for t in trajs]), it)
-    writer.add_scalar("charts/env_steps", learner.env_steps, it)
-    writer.add_scalar("charts/grad_updates", learner.grad_updates, it)
-    writer.add_scalar("charts/SPS", sps, it)
-
-
-def out_of_budget(args: Args, env_steps: int, t0: float) -> bool:
-    return bool(
-        args.total_env_steps and env_steps >= args.total_env_steps or args.max_seconds and time.time() - t0 >= args.max_seconds
-    )
-
-
-def make_value_net(args: Args, ckpt: dict, ckpt_path: Path, device) -> ValueNet:
-    """The value MLP (Table 5 / App. B.1 defaults), after checking that the env matches the DT."""
-    family, _ = env_family(args.env_id)
-    probe = make_env(args.env_id)
-    state_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
-    cfg = ckpt["model_config"]
-    if (cfg["state_dim"], cfg["act_dim"]) != (state_dim, act_dim):
-        raise UserError(
-            f"{ckpt_path} has state/action dims ({cfg['state_dim']}, {cfg['act_dim']}) but {args.env_id} "
-            f"has ({state_dim}, {act_dim})"
-        )
-    horizon = args.max_episode_steps or probe.spec.max_episode_steps
-    hidden = args.value_hidden or (256 if family == "mujoco" else 512)
-    layer_norm = family != "mujoco" if args.value_layer_norm is None else args.value_layer_norm
-    scale = args.value_scale or ckpt["eval_rtg"] / horizon * min(horizon, 1 / (1 - args.gamma))
-    return ValueNet(state_dim, hidden=hidden, layer_norm=layer_norm, scale=scale).to(device)
-
-
-def seed_everything(args: Args) -> torch.device:
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    if args.torch_deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    return torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-
-
-def start_run(args: Args, ckpt: dict, t0: float) -> tuple[str, Path, SummaryWriter]:
-    """The run's name (a resumed run keeps its own), its state path (printed once, for --resume) and its writer."""
-    run_name = ckpt["finetune"]["run_name"] if args.resume else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(t0)}"
-    state_path = Path(args.save_path or f"{args.runs_dir}/{run_name}/state.pt")
-    print(f"run state: {state_path} (continue with --resume {state_path})", flush=True)
-    if args.track:
-        import wandb
-
-        config = dict(project=args.wandb_project_name, entity=args.wandb_entity, config=vars(args), name=run_name)
-        wandb.init(**config, sync_tensorboard=True, save_code=True)
-    writer = SummaryWriter(f"{args.runs_dir}/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    return run_name, state_path, writer
-
-
-# ---------------------------------------------------------------- main
-def main(args: Args):
+def main(args: Args) -> float:
     t0 = time.time()  # --max-seconds counts from here, loading included
-    fix_malloc_mmap_threshold()
-    args = apply_presets(resumed_args(args, RUN_CONTROL))
+    positive = "n_batch c_online c_train k_ppo learning_rate lr_value kappa_initial kappa_lr updates_per_iter ref_update_every"
+    positive += " buffer_factor value_hidden value_scale eval_episodes eval_context_len max_episode_steps"
+    check_args(args, positive=positive.split(), nonnegative=("num_iterations",), unit=("gamma", "gae_lambda"))
+    args = apply_presets(resume_args(args, budget=("num_iterations", "total_env_steps", "max_seconds"))[0])
     device = seed_everything(args)
 
-    # Start: the checkpoint (pretrained on demand) or the run state to resume, value net, optimisers, envs
-    ckpt_path = Path(args.resume) if args.resume else ensure_checkpoint(args)
-    model, ckpt = load_model(ckpt_path, device)
-    if args.resume and "finetune" not in ckpt:
-        raise UserError(f"--resume {ckpt_path} has no 'finetune' state; pass a pretrained one with --checkpoint")
-    value_net = make_value_net(args, ckpt, ckpt_path, device)
-    act_dim = ckpt["model_config"]["act_dim"]
-    target_entropy = args.target_entropy if args.target_entropy is not None else -float(act_dim)
-    learner = Learner(args, model, value_net, device)
+    # Start: the pretrained DT (made first if missing) or the run state to resume; envs, value net, optimisers, logging
+    path = Path(args.resume) if args.resume else ensure_checkpoint(args)
+    model, ckpt = load_model(path, device, flag="--resume" if args.resume else "--checkpoint")
+    run_name = ckpt["finetune"]["run_name"] if args.resume else f"{args.env_id}__{args.exp_name}__{args.seed}__{int(t0)}"
+    env_kw = {"max_episode_steps": args.max_episode_steps} if args.max_episode_steps else {}
+    train_envs, eval_envs = ([make_env(args.env_id, **env_kw) for _ in range(n)] for n in (args.k_ppo, args.eval_episodes))
+    env, cfg = train_envs[0], ckpt["model_config"]
+    dims, ckpt_dims = (env.observation_space.shape[0], env.action_space.shape[0]), (cfg["state_dim"], cfg["act_dim"])
+    if dims != ckpt_dims:
+        raise UserError(f"the checkpoint's state/action dims {ckpt_dims} are not {args.env_id}'s {dims}")
+    horizon = env.spec.max_episode_steps  # V is scaled to the discounted return the DT aims at: AdamW fits O(1) outputs
+    scale = args.value_scale or ckpt["eval_rtg"] / horizon * min(horizon, 1 / (1 - args.gamma))
+    mujoco = env_family(args.env_id)[0] == "mujoco"
+    value_net = ValueNet(dims[0], args.value_hidden or (256 if mujoco else 512), layer_norm=not mujoco, scale=scale)
+    learner = Learner(args, model, value_net.to(device), device)
     if args.resume:
         learner.load_state_dict(ckpt["finetune"])
-    run_name, state_path, writer = start_run(args, ckpt, t0)
-    train_envs, eval_envs = make_envs(args, run_name)
-    meta = dict(rtg_scale=ckpt["rtg_scale"], context_len=args.c_online, state_mean=ckpt["state_mean"].to(device))
-    meta.update(state_std=ckpt["state_std"].to(device), device=device, action_margin=ckpt.get("action_margin", 1e-6))
-    meta.update(censor_bound=ckpt.get("censor_bound"))
-    gae = dict(gamma=args.gamma, lam=args.gae_lambda, relabel=args.relabel, rtg_scale=ckpt["rtg_scale"], device=device)
-    batching = dict(n_batch=args.n_batch, sub_len=args.c_train, context_len=args.c_online, device=device)
+    writer = make_writer(args, run_name, purge_step=learner.iteration + 1 if args.resume else None)
+    state_path = Path(args.save_path or f"{args.runs_dir}/{run_name}/state.pt")
+    if args.save_every:
+        print(f"run state: {state_path} (continue with --resume {state_path})", flush=True)
+    if args.capture_video:
+        eval_envs[0] = gym.wrappers.RecordVideo(make_env(args.env_id, render_mode="rgb_array", **env_kw), f"videos/{run_name}")
+    target_entropy = -float(dims[1]) if args.target_entropy is None else args.target_entropy
 
-    # Iteration 0: the loaded checkpoint, before any update
-    start_it = learner.iteration + 1
-    score, eval_return = evaluate(model, eval_envs, args=args, ckpt=ckpt, meta=meta, writer=writer, it=start_it - 1)
-    tqdm.write(
-        f"iteration {start_it - 1}: eval return {eval_return:.1f}, normalized score {score:.1f} "
-        f"(pretrained: {ckpt['eval_normalized_score']:.1f})"
-    )
+    # Iteration 0: the loaded checkpoint before any update (a resumed run logged its own already)
+    score = ckpt["eval_normalized_score"] if args.resume else evaluate(model, eval_envs, args, ckpt, writer, it=0)
     start_time, start_steps = time.time(), learner.env_steps
-    pbar = tqdm(range(start_it, args.num_iterations + 1), desc="ppo-dt", initial=start_it - 1, total=args.num_iterations)
-    for it in pbar:
+    pbar = tqdm(total=args.num_iterations, initial=learner.iteration, desc="ppo-dt")
+    for it in range(learner.iteration + 1, args.num_iterations + 1):
         # ALGO LOGIC, line 2: K_PPO stochastic rollouts conditioned on g_online; FIFO buffer update
-        model.eval()
         seeds = train_seeds(learner.rng, args.k_ppo)
-        check = partial(check_finite, it, state_path)
-        trajs = rollout(model, train_envs, seeds, args.g_online, meta, deterministic=False, check=check)
+        trajs = rollout(model, train_envs, seeds, args.g_online, ckpt, args.c_online, deterministic=False)
         learner.buffer.extend(trajs)
         learner.env_steps += sum(len(t["rewards"]) for t in trajs)
 
         # ALGO LOGIC, line 3: GAE over the buffer with the current value net (no relabeling unless --relabel)
-        flat = flatten_buffer(learner.buffer, value_net, **gae)
-        check(value=flat["values"])
+        flat = flatten_buffer(learner.buffer, learner.value_net, args.gamma, args.gae_lambda, args.relabel, ckpt["rtg_scale"])
 
         # ALGO LOGIC, lines 4-6: sub-trajectory batches, Eq. 5 for the policy, Eq. 6 for the value net
-        model.train()  # dropout is 0, so train mode changes nothing: the ratio is exactly 1 at the first update
         stats = []
         for _ in range(args.updates_per_iter):
-            b = sample_batch(flat, rng=learner.rng, **batching)
-            stats.append(ppo_update(learner, b, args, target_entropy, meta))
-            check(loss=stats[-1])
+            batch = sample_batch(flat, args.n_batch, args.c_train, args.c_online, learner.rng, device)
+            stats.append(ppo_update(learner, batch, args, target_entropy, ckpt))
         learner.iteration = it
+        if not all(p.isfinite().all() for p in [*model.parameters(), *learner.value_net.parameters(), learner.log_kappa]):
+            kept = f"last good state kept at {state_path}" if state_path.exists() else "no state saved yet"
+            raise UserError(f"non-finite weights after iteration {it}; stopped, {kept}")  # nothing non-finite is saved
 
         # Evaluation and logging: global step = iteration
-        score, eval_return = evaluate(model, eval_envs, args=args, ckpt=ckpt, meta=meta, writer=writer, it=it)
+        score = evaluate(model, eval_envs, args, ckpt, writer, it)
         sps = (learner.env_steps - start_steps) / (time.time() - start_time)
-        log_iteration(writer, it, stats=stats, flat=flat, trajs=trajs, learner=learner, sps=sps)
-        pbar.set_postfix(score=f"{score:.1f}", ret=f"{eval_return:.0f}", sps=f"{sps:.0f}")
-        tqdm.write(
-            f"iteration {it}: eval return {eval_return:.1f}, normalized score {score:.1f}, "
-            f"env steps {learner.env_steps}, SPS {sps:.0f}"
-        )
-        stop = out_of_budget(args, learner.env_steps, t0)
+        var = np.var(flat["returns"])
+        logs = {f"losses/{k}": np.mean([s[k] for s in stats]) for k in stats[0]}
+        logs["losses/explained_variance"] = np.nan if var == 0 else 1 - np.var(flat["returns"] - flat["values"]) / var
+        logs["charts/episodic_return"] = np.mean([t["rewards"].sum() for t in trajs])
+        logs |= {"charts/env_steps": learner.env_steps, "charts/grad_updates": learner.grad_updates, "charts/SPS": sps}
+        for tag, value in logs.items():
+            writer.add_scalar(tag, value, it)
+        pbar.update()
+        pbar.set_postfix(score=f"{score:.1f}", sps=f"{sps:.0f}")
+
+        stop = 0 < args.total_env_steps <= learner.env_steps or 0 < args.max_seconds <= time.time() - t0
         if args.save_every and (it % args.save_every == 0 or it == args.num_iterations or stop):
-            save_state(state_path, learner, ckpt, score, run_name=run_name, args=asdict(args))
+            state = {"finetune": learner.state_dict() | {"run_name": run_name}, "args": asdict(args)}
+            save_atomic(state_path, model_checkpoint(model, ckpt, score) | state)
         if stop:
+            pbar.total = it  # a budget ended the run: the bar ends full
             break
+    pbar.close()
     if args.save_model:
-        torch.save(model_checkpoint(model, ckpt, score), f"{args.runs_dir}/{run_name}/{args.exp_name}.pt")
+        save_atomic(f"{args.runs_dir}/{run_name}/{args.exp_name}.pt", model_checkpoint(model, ckpt, score))
     writer.close()
     return score
 

@@ -1,15 +1,20 @@
 """Is the pretrained DT ever worse than behaviour cloning? The README's CPU-sized DT next to an MLP BC, per dataset.
 
-For each dataset and seed this runs `pretrain_dt.py` (the README's CPU config plus `--dt-flags`) and
-`bench_bc_reference.py` (a 2x256 MLP, MSE) as subprocesses, `--parallel` at a time with one torch thread each, and
-prints per dataset: the DT's final score and the mean of its last 3 evaluations per seed, the same for the MLP, and
-the means over seeds. Target (issue "pretrain_dt.py never worse than behaviour cloning"): the DT's mean over seeds is
-at least the MLP's on every dataset and no DT seed's last-3 mean falls below 5. Prints figures; it is not a test.
+For each dataset and seed this runs `pretrain_dt.py` (the README's CPU config plus `--dt-flags`) and an MLP behaviour
+cloning (2x256 ReLU, tanh(output) regressed on the dataset actions with MSE; `--bc-job`, this file run again) as
+subprocesses, `--parallel` at a time with one torch thread each, and prints per dataset: the DT's final score and the
+mean of its last 3 evaluations per seed, the same for the MLP, and the means over seeds. Target: the DT's mean over
+seeds is at least the MLP's on every dataset and no DT seed's last-3 mean falls below 5. Prints figures; it is not a
+test. The MLP is evaluated exactly as `pretrain_dt.py` evaluates a DT: the same `evaluate` (deterministic, batched,
+the same reset seeds), state normalisation and normalized score.
 
+Each run's log goes to `--out-dir` (`results/dt-vs-bc/logs/`, the committed logs of the README's tables: `--report-only`
+prints them again), the DTs to `--checkpoints-dir`, their TensorBoard logs under `runs/dt-vs-bc/` (both git-ignored).
 The generated datasets come from `benchmarks/make_datasets.py`, which also makes the writable root this needs:
     MINARI_DATASETS_PATH=$(realpath ../shared/datasets) python benchmarks/make_datasets.py
     MINARI_DATASETS_PATH=$(realpath data/minari) python benchmarks/bench_dt_vs_bc.py
     python benchmarks/bench_dt_vs_bc.py --config-name odt --dt-flags="--censor-bound None"   # ODT's recipe
+    python benchmarks/bench_dt_vs_bc.py --config-name odt --report-only
 """
 
 import os
@@ -25,7 +30,7 @@ import numpy as np
 import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
-CPU_CONFIG = "--model-size cpu"  # the README's CPU config: 128x2 DT, batch 32, context 10, lr 1e-3, 3000 updates
+CPU_CONFIG = "--scale cpu"  # the README's CPU config: 128x2 DT, batch 32, context 10, lr 1e-3, 3000 updates
 
 
 @dataclass
@@ -54,10 +59,16 @@ class Args:
     """evaluation episodes of both, per point"""
     bc_updates: int = 10_000
     """Adam updates of the MLP"""
+    bc_eval_every: int = 2000
+    """updates between the MLP's evaluations"""
     parallel: int = 2
     """runs at a time"""
-    out_dir: str = "benchmarks/pretrain_out/dt_vs_bc"
+    out_dir: str = "results/dt-vs-bc/logs"
     """where each run's log goes"""
+    checkpoints_dir: str = "checkpoints/dt-vs-bc"
+    """where each DT's checkpoint goes (`dt_{config_name}_{dataset}_s{seed}.pt`)"""
+    bc_job: str = ""
+    """run only the MLP of one ENV_ID:DATASET:SEED and print its evaluations (what the benchmark's BC subprocesses run)"""
 
 
 def jobs(args: Args, out: Path):
@@ -83,30 +94,72 @@ def jobs(args: Args, out: Path):
                 "--save-every",
                 "0",
                 "--checkpoint",
-                str(out / f"dt_{args.config_name}_{tag}_s{seed}.pt"),
+                str(Path(args.checkpoints_dir) / f"dt_{args.config_name}_{tag}_s{seed}.pt"),
                 "--runs-dir",
-                str(out / "runs" / args.config_name / f"{tag}_s{seed}"),
+                str(Path("runs") / "dt-vs-bc" / args.config_name / f"{tag}_s{seed}"),
             ]
             if not dt_scores(out / f"dt_{args.config_name}_{tag}_s{seed}.log", finished=True):
                 yield out / f"dt_{args.config_name}_{tag}_s{seed}.log", dt
             bc = [
                 sys.executable,
-                str(ROOT / "benchmarks" / "bench_bc_reference.py"),
-                "--env-id",
-                env_id,
-                "--dataset",
-                dataset,
-                "--first-seed",
-                str(seed),
-                "--seeds",
-                "1",
-                "--updates",
+                str(Path(__file__).resolve()),
+                "--bc-job",
+                f"{env_id}:{dataset}:{seed}",
+                "--bc-updates",
                 str(args.bc_updates),
+                "--bc-eval-every",
+                str(args.bc_eval_every),
                 "--eval-episodes",
                 str(args.eval_episodes),
             ]
             if args.bc == "run" and not bc_scores(out / f"bc_{tag}_s{seed}.log"):
                 yield out / f"bc_{tag}_s{seed}.log", bc
+
+
+def run_bc(env_id: str, dataset: str, seed: int, updates: int, eval_every: int, eval_episodes: int) -> dict[int, float]:
+    """The MLP's normalized score every `eval_every` Adam updates (batch 256, lr 3e-4); prints `seed N: update: score, ...`."""
+    import torch
+    import torch.nn as nn
+
+    sys.path.insert(0, str(ROOT))
+    import pretrain_dt as pt
+
+    class MarkovPolicy(nn.Module):
+        """An MLP behind the DT's call signature, so `pretrain_dt.evaluate` runs it unchanged (context 1)."""
+
+        def __init__(self, state_dim, act_dim, hidden=256):
+            super().__init__()
+            self.net = nn.Sequential(
+                nn.Linear(state_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, act_dim)
+            )
+
+        def forward(self, rtg, states, actions, pad_mask):
+            mean = self.net(states)
+            return mean, torch.zeros_like(mean)
+
+    torch.set_num_threads(1)
+    _, trajs, ref_min, ref_max = pt.load_dataset(env_id, dataset, None, 0, 0)
+    obs = np.concatenate([t["observations"] for t in trajs])
+    mean, std = obs.mean(0).astype(np.float32), obs.std(0).astype(np.float32) + 1e-6
+    states = torch.as_tensor((obs - mean) / std)
+    actions = torch.as_tensor(np.concatenate([t["actions"] for t in trajs]))
+    meta = dict(context_len=1, state_mean=mean, state_std=std, rtg_scale=1e-3, eval_rtg=0.0)
+    envs = [pt.make_env(env_id) for _ in range(eval_episodes)]
+    torch.manual_seed(seed)
+    policy = MarkovPolicy(states.shape[1], actions.shape[1])
+    opt = torch.optim.Adam(policy.parameters(), lr=3e-4)
+    scores = {}
+    for update in range(1, updates + 1):
+        idx = torch.randint(len(states), (256,))
+        loss = ((torch.tanh(policy.net(states[idx])) - actions[idx]) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if update % eval_every == 0:
+            rets = pt.evaluate(policy, envs, meta, pt.eval_seeds(seed, eval_episodes), "cpu")
+            scores[update] = float(pt.normalized_score(rets, ref_min, ref_max).mean())
+    print(f"seed {seed}: " + ", ".join(f"{u}: {s:.1f}" for u, s in scores.items()), flush=True)
+    return scores
 
 
 def dt_scores(log: Path, finished: bool = False) -> list[float]:
@@ -123,6 +176,10 @@ def bc_scores(log: Path) -> list[float]:
 
 
 def main(args: Args):
+    if args.bc_job:
+        env_id, dataset, seed = args.bc_job.split(":")
+        run_bc(env_id, dataset, int(seed), args.bc_updates, args.bc_eval_every, args.eval_episodes)
+        return
     bad = [p for p in args.datasets if ":" not in p]
     if bad:
         sys.exit(f"error: --datasets takes ENV_ID:DATASET pairs (e.g. Hopper-v4:local/hopper/medium-v0); got {bad}")

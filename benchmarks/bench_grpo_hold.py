@@ -1,9 +1,12 @@
 """Does GRPO-DT hold its gains? Arms x seeds of `grpo_dt.py` from one fixed pretrained checkpoint, side by side.
 
-Each run is a `grpo_dt.py` subprocess (one torch thread, `--parallel` at a time) whose per-iteration normalized score is
-read back from its TensorBoard log. Prints per arm and seed (start, peak, mean of the last 5 evaluations) and the means
-over seeds, and writes `results/<name>/summary.md` (with every run's command) and `results/<name>/curves.png`.
-Issue #12's target, printed for every arm: the mean over seeds of the last-5 mean is at least start + `--target-gain`
+Each run is a `grpo_dt.py` subprocess (`grpo_dt_fast.py`, the same algorithm, for an arm that uses its worker flags;
+OMP_NUM_THREADS=1, `--parallel` at a time) whose per-iteration normalized score is read back from its TensorBoard
+log. Every run gets `--scale` (default cpu: grpo_dt.py then explores narrowly, `--narrow-exploration`, as the
+committed hold results' `default` arms did; `--scale paper` or an arm's `--no-narrow-exploration` is the paper's sigma
+and epsilon). Prints per arm and seed (start, peak, mean of the last 5 evaluations) and the means over seeds, and writes
+`results/<name>/summary.md` (with every run's command and the commit it ran at) and `results/<name>/curves.png`.
+The hold target, printed for every arm: the mean over seeds of the last-5 mean is at least start + `--target-gain`
 (20 on Hopper), and no seed's last-5 mean is more than `--target-floor` below its own start (0 on Hopper; Door: 20
 iterations, gain -2, floor 2). Prints figures; it is not a test.
 
@@ -25,12 +28,16 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import tyro
+from compare import git_commit
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
+# grpo_dt_fast.py's own flags (workers, pipeline, CUDA graphs, update chunks): an arm that sets one runs that script
+FAST_FLAGS = ("--num-workers", "--pipeline-stages", "--cuda-graphs", "--no-cuda-graphs", "--update-chunk-steps")
 
 
 @dataclass
@@ -44,6 +51,8 @@ class Args:
     """gymnasium env id"""
     dataset: str = "local/hopper/medium-v0"
     """dataset id (picks the Table 6 row)"""
+    scale: Literal["cpu", "paper"] = "cpu"
+    """grpo_dt.py's --scale for every run: cpu explores narrowly (--narrow-exploration), paper at the paper's values"""
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     """run seeds of every arm"""
     iterations: int = 40
@@ -57,9 +66,9 @@ class Args:
     report_only: bool = False
     """run nothing; report every arm and seed found under results/<name>/raw"""
     target_gain: float = 20.0
-    """issue #12's target: the mean over seeds of (last-5 mean - start) is at least this (Hopper 20; Door: -2)"""
+    """the hold target: the mean over seeds of (last-5 mean - start) is at least this (Hopper 20; Door: -2)"""
     target_floor: float = 0.0
-    """issue #12's target: no seed's last-5 mean is more than this below its own start (Hopper 0, Door 2)"""
+    """the hold target: no seed's last-5 mean is more than this below its own start (Hopper 0, Door 2)"""
     plot_arms: tuple[str, ...] = ()
     """the arms drawn in curves.png (all in summary.md); default all"""
 
@@ -78,10 +87,12 @@ def record_path(out: Path, arm: str, seed: int) -> Path:
     return out / "records" / arm / f"s{seed}.json"
 
 
-def write_record(out: Path, arm: str, seed: int, command: str):
-    """Keep a finished run's command and curve where git sees them (`raw/` is ignored and dies with the machine)."""
+def write_record(out: Path, arm: str, seed: int, command: str, commit: str = ""):
+    """Keep a finished run's command, the commit it ran at (when known) and its curve where git sees them (`raw/` is
+    ignored and dies with the machine)."""
     iterations, scores = scores_of(out / "raw" / arm / f"s{seed}")
     record = {"command": command, "iterations": iterations.tolist(), "scores": [round(float(x), 4) for x in scores]}
+    record.update({"commit": commit} if commit else {})
     record_path(out, arm, seed).parent.mkdir(parents=True, exist_ok=True)
     record_path(out, arm, seed).write_text(json.dumps(record) + "\n")
 
@@ -94,10 +105,14 @@ def load_record(out: Path, arm: str, seed: int, cmd: list[str]) -> dict:
 
 
 def run_command(args: Args, raw: Path, arm: str, flags: str, seed: int) -> list[str]:
+    """One run's command: grpo_dt.py (grpo_dt_fast.py where the arm sets a FAST_FLAGS flag), the arm's flags last."""
+    arm_flags = shlex.split(flags)
+    script = "grpo_dt_fast.py" if any(f.split("=")[0] in FAST_FLAGS for f in arm_flags) else "grpo_dt.py"
     checkpoint = [] if "--checkpoint" in flags else ["--checkpoint", args.checkpoint]
-    command = [sys.executable, "grpo_dt.py", "--env-id", args.env_id, "--dataset", args.dataset, *checkpoint]
-    command += ["--seed", str(seed), "--num-iterations", str(args.iterations), "--eval-episodes", str(args.eval_episodes)]
-    return command + ["--runs-dir", str(raw / arm / f"s{seed}"), *shlex.split(flags)]
+    command = [sys.executable, script, "--env-id", args.env_id, "--dataset", args.dataset, *checkpoint]
+    command += ["--seed", str(seed), "--scale", args.scale, "--num-iterations", str(args.iterations)]
+    command += ["--eval-episodes", str(args.eval_episodes)]
+    return command + ["--runs-dir", str(raw / arm / f"s{seed}"), *arm_flags]
 
 
 def shown(cmd: list[str]) -> str:
@@ -122,18 +137,19 @@ def run_all(args: Args, raw: Path, runs: list[tuple[str, int, list[str]]]):
     while pending or running:
         while pending and len(running) < args.parallel:
             arm, seed, cmd = pending.pop(0)
+            commit = git_commit()  # at launch, when the script is read
             (raw / arm).mkdir(parents=True, exist_ok=True)
             states = sorted((raw / arm / f"s{seed}").glob("*/state.pt"))
             log = open(raw / f"{arm}_s{seed}.log", "a" if states else "w")
             proc = subprocess.Popen(
                 cmd + ["--resume", str(states[-1])] if states else cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env
             )
-            running.append((arm, seed, cmd, proc))
-        arm, seed, cmd, proc = running.pop(0)
+            running.append((arm, seed, cmd, proc, commit))
+        arm, seed, cmd, proc, commit = running.pop(0)
         if proc.wait() != 0:
             sys.exit(f"error: {arm} seed {seed} failed, see {raw / f'{arm}_s{seed}.log'}")
         (raw / arm / f"s{seed}.done").write_text(shown(cmd) + "\n")  # the marker records the run's command
-        write_record(raw.parent, arm, seed, shown(cmd))
+        write_record(raw.parent, arm, seed, shown(cmd), commit)
 
 
 def report(args: Args, out: Path, arms: dict[str, dict[int, list[str]]]):
@@ -150,7 +166,7 @@ def report(args: Args, out: Path, arms: dict[str, dict[int, list[str]]]):
     lines += ["| arm | seeds | start | peak | last-5 mean | last-5 minus start | per seed (start / peak / last 5) |"]
     lines += ["|---|---|---|---|---|---|---|"]
     fig, ax = plt.subplots(figsize=(9, 5))
-    targets = ["", "Issue #12's target (last-5 mean against start, per seed):", ""]
+    targets = ["", "The hold target (last-5 mean against start, per seed):", ""]
     for k, (arm, commands) in enumerate(arms.items()):
         records = [load_record(out, arm, seed, cmd) for seed, cmd in commands.items()]
         curves = [(np.array(r["iterations"]), np.array(r["scores"])) for r in records]
@@ -175,9 +191,11 @@ def report(args: Args, out: Path, arms: dict[str, dict[int, list[str]]]):
         )
     lines += targets
     print("\n".join(targets[3:]))
-    lines += ["", "Commands (run from the repository root):", ""]
+    lines += ["", "Commands (run from the repository root) and the commit each ran at:", ""]
     for arm, commands in arms.items():
-        lines += [f"- `{load_record(out, arm, seed, cmd)['command']}`" for seed, cmd in commands.items()]
+        for seed, cmd in commands.items():
+            record = load_record(out, arm, seed, cmd)
+            lines.append(f"- `{record['command']}` at {record.get('commit') or '(commit not recorded)'}")
     ax.set_xlabel("iteration")
     ax.set_ylabel("normalized score (deterministic evaluation)")
     ax.legend(fontsize=8)

@@ -7,24 +7,35 @@ never as zero) and `results/<name>/curves.png` (normalized score vs iteration an
 TensorBoard logs and per-run stdout/stderr go to `results/<name>/raw/`, the shared checkpoint (made once per task
 and pretraining flags, reused by every preset) to `checkpoints/compare/`; both are git-ignored. Each finished run's
 outcome and the scalars the summary reads are also kept in `results/<name>/records/<task>/<method>__s<seed>.json`,
-which is committed, so seeds run on different machines or sessions summarize together (`--summarize-only`). IQL (iql.py) is the
-one method that takes no checkpoint: it pretrains itself on the same env and data for as many updates as the shared
-DT, logs against env steps (so it is drawn on the env-step panel only) and gets the env-step budget as --online-steps.
+which is committed, so seeds run on different machines or sessions summarize together (`--summarize-only`); each
+record names the commit its run started at, and the summary lists them. IQL (iql.py) is the one method that takes no
+checkpoint: it pretrains itself on the same env and data for as many updates as the shared DT, logs against env
+steps (so it is drawn on the env-step panel only) and gets the env-step budget as --online-steps.
 
-Presets (CPU scale on local/hopper/medium-v0, plus local/door/human-v0 where the paper shows Door):
+Budgets, the same for every method and combinable (a run stops at the first it reaches): `--budget-env-steps`
+(training env steps, the scripts' --total-env-steps), `--budget-iterations` (the scripts' --num-iterations; IQL has no
+iterations and needs an env-step budget beside it) and `--budget-seconds` (wall clock, --max-seconds). Env steps and
+iterations mean the same run on any machine; seconds do not.
+
+`--scale` is passed to pretrain_dt.py and to every finetuning script that takes the checkpoint: cpu pretrains the
+README's 128x2 DT and makes grpo_dt.py explore narrowly (--narrow-exploration, as the cpu presets always ran); paper
+is the paper's DT and the scripts' paper values (grpo_dt.py at the paper's sigma and epsilon). All runs use
+grpo_dt.py (no worker processes; grpo_dt_fast.py is the same algorithm with them).
+
+Presets (on local/hopper/medium-v0, plus local/door/human-v0 where the paper shows Door):
     table1-cpu      all methods on the same budget (Table 1)            hopper, door
     fig1-relabel    PPO-DT and GRPO-DT with and without --relabel (Fig. 1)  hopper, door
     fig2-ablations  the five GRPO-DT design ablations (Fig. 2a-e)       hopper
     fig4-lengths    L_traj sweep (--subtraj-len), L_eval sweep (--eval-len) (Fig. 4c, 4d)  hopper
     fig4b-qguided   reset-based vs Q-guided GRPO-DT (Fig. 4b)           hopper
-    ppo-ctrain      PPO-DT's sub-trajectory length c_train = c_online (1) vs c_offline (the DT's context; issue #13)
+    ppo-ctrain      PPO-DT's sub-trajectory length c_train = c_online (1) vs c_offline (the DT's context)
                                                                         hopper
 
 Examples:
     python benchmarks/compare.py --preset table1-cpu --seeds 1 --budget-env-steps 5000
     python benchmarks/compare.py --preset table1-cpu --seeds 1 2 --budget-seconds 300 --tasks hopper
     python benchmarks/compare.py --preset fig1-relabel --methods grpo-dt grpo-dt-relabel --dry-run
-    python benchmarks/compare.py --preset table1-cpu --scale paper --seeds 1 2 3 --tasks hopper   # GPU machine
+    python benchmarks/compare.py --preset fig2-ablations --scale paper --seeds 1 2 3 --budget-iterations 100  # GPU
 """
 
 import hashlib
@@ -69,10 +80,11 @@ class Args:
     """dataset for --env-id (a Minari id such as local/hopper/medium-v0)"""
     budget_env_steps: int = 0
     """per-run budget in training env steps, passed as --total-env-steps (0 = none)"""
+    budget_iterations: int = 0
+    """per-run budget in iterations, passed as --num-iterations to every script that has it (0 = none: 100000 when
+    another budget is set, so that budget stops the run, else the script's own)"""
     budget_seconds: float = 0.0
     """per-run wall-clock budget, passed as --max-seconds (0 = none)"""
-    num_iterations: Optional[int] = None
-    """iteration cap per run; default 100000 when a budget is set (the budget stops the run), else the script's own"""
     eval_episodes: int = 20
     """evaluation episodes per evaluation, the same for every method (IQL included)"""
     eval_rtg: Optional[float] = None
@@ -82,7 +94,8 @@ class Args:
     checkpoints_dir: str = "checkpoints/compare"
     """where pretrain_dt.py writes the shared checkpoints; reused by any preset with the same pretraining flags"""
     threads: Optional[int] = None
-    """OMP/MKL/torch threads per run; default 1 at cpu scale (oversubscribed cores are far slower), else unset"""
+    """OMP_NUM_THREADS and MKL_NUM_THREADS of every run (torch's threads follow them); default 1 at cpu scale
+    (oversubscribed cores are far slower), else unset"""
     run_timeout: float = 0.0
     """kill a run after this many seconds and report it FAILED (0 = never)"""
     scripts_dir: str = str(ROOT)
@@ -137,15 +150,17 @@ ABLATIONS = {
 # (default L_traj, L_eval; other L_traj; other L_eval): the paper's Hopper row is 15, 400 (Table 6), at both scales.
 LENGTHS = (15, 400, (5, 50), (50, 200))
 
-# --scale cpu: the README's CPU-sized DT (pretrain_dt.py --model-size cpu: 128x2, 3000 updates) and each script's
+# --scale cpu: the README's CPU-sized DT (pretrain_dt.py --scale cpu: 128x2, 3000 updates) and each script's
 # own per-iteration sizes (Tables 5-7, the ODT+TD3 reference), except where one update would not fit a CPU: the
 # replay methods' batches of 256 DT segments (ODT+TD3: 0.6 s per critic update on one core, its 10k-update critic
 # pretraining 100 min; at 32, ~0.08 s) and ODT+TD3's critic pretraining (1000 updates, not 10k).
-CPU_DT_UPDATES = 3000  # pretrain_dt.MODEL_SIZES["cpu"]["num_updates"] (tested)
-CPU_PRETRAIN = ("--model-size", "cpu")
-# pretrain_dt.py's default likelihood since 2026-12-04, named so that the shared checkpoint's hashed file name changes
-# with it: checkpoints pretrained before (ODT's density) are never picked up for a preset run today
+CPU_DT_UPDATES = 3000  # pretrain_dt.SCALES["cpu"]["num_updates"] (tested)
+# pretrain_dt.py's default likelihood, named so that the shared checkpoint's hashed file name changes with it: a
+# checkpoint pretrained with another likelihood (ODT's density) is never picked up for a preset run
 PRETRAIN_LIKELIHOOD = ("--censor-bound", "0.99")
+# pretrain_dt.CHECKPOINT_FORMAT_VERSION (tested), hashed into the shared checkpoint's name with the flags, so a
+# checkpoint file of another format is never reused
+CHECKPOINT_FORMAT_VERSION = 2
 CPU_OVERRIDES: dict[str, tuple] = {
     "grpo_dt_qguided.py": ("--critic-batch-size", "32"),
     "odt_td3.py": ("--n-batch", "32", "--critic-pretrain-updates", "1000"),
@@ -174,9 +189,9 @@ def c_online(env_id: str, dataset: str) -> int:
 
 
 def data_rtg_command(args: Args, run: "Run", env_id: str, dataset: str, model: Path, log_dir: Path) -> list:
-    """Issue #13 asks for both RTGs: each DT method's final model (`--save-model`; the pretrained DT row: the shared
-    checkpoint) is scored once more, by one script (`grpo_dt.py --num-iterations 0`) on the same episodes and
-    context, at the checkpoint's own eval RTG (the data's scale, ODT's target: 3600 Hopper) instead of g_online."""
+    """Both RTGs: each DT method's final model (`--save-model`; the pretrained DT row: the shared checkpoint) is
+    scored once more, by one script (`grpo_dt.py --num-iterations 0`) on the same episodes and context, at the
+    checkpoint's own eval RTG (the data's scale, ODT's target: 3600 Hopper) instead of g_online."""
     return [
         sys.executable,
         str(Path(args.scripts_dir) / "grpo_dt.py"),
@@ -260,16 +275,18 @@ def finetune_command(args: Args, m: Method, env_id: str, dataset: str, ckpt: Pat
         "--runs-dir",
         str(runs_dir),
     ]
+    if m.uses_checkpoint:  # cpu: grpo_dt.py explores narrowly (--narrow-exploration), as the cpu presets always ran
+        cmd += ["--scale", args.scale]
     if args.scale == "cpu":
         cmd += list(CPU_OVERRIDES.get(m.script, ()))
     cmd += eval_flags(args, m, env_id, dataset)
     if m.uses_checkpoint and not m.reference:
         cmd += ["--save-model"]  # the final model, scored again at the data's RTG (data_rtg_command)
     if not m.reference:
-        budget = args.budget_env_steps > 0 or args.budget_seconds > 0
-        iters = args.num_iterations if args.num_iterations is not None else (100_000 if budget else None)
-        if m.steps_are_env_steps:  # no iterations: the online length is in env steps (--num-iterations is ignored)
-            if budget:
+        other_budget = args.budget_env_steps > 0 or args.budget_seconds > 0
+        iters = args.budget_iterations or (100_000 if other_budget else None)
+        if m.steps_are_env_steps:  # no iterations: the online length is in env steps (an iteration budget is ignored)
+            if other_budget:
                 cmd += ["--online-steps", str(args.budget_env_steps or IQL_UNBOUNDED_STEPS)]
         elif iters is not None:
             cmd += ["--num-iterations", str(iters)]
@@ -311,6 +328,7 @@ class Run:
     wall_time: float = float("nan")
     error: str = ""  # why it failed: "exit 1: <last stderr line>"
     script_sha: str = ""  # sha1 of the script file when the run started (scripts can change between runs)
+    commit: str = ""  # the repository's commit when the run started (git_commit)
     scalars: dict = field(default_factory=dict)
     data_rtg_score: float = float("nan")  # the final model at the checkpoint's eval RTG (data_rtg_command)
 
@@ -331,7 +349,7 @@ class Run:
 
 
 KEPT_TAGS = ("charts/normalized_score", "charts/env_steps", "charts/grad_updates")  # what the summary and plot read
-KEPT_FIELDS = ("returncode", "wall_time", "error", "script_sha", "data_rtg_score")
+KEPT_FIELDS = ("returncode", "wall_time", "error", "script_sha", "data_rtg_score", "commit")
 
 
 def keep_run(run: Run, path: Path):
@@ -349,9 +367,21 @@ def load_kept(run: Run, path: Path):
     checkpoint and flags, e.g. fig1-relabel's runs without --relabel are table1-cpu's)."""
     kept = json.loads(path.read_text())
     for k in KEPT_FIELDS:
-        setattr(run, k, kept[k])
+        setattr(run, k, kept.get(k, ""))  # a record without a "commit" field: not recorded
     run.cmd = [sys.executable, *shlex.split(kept["command"])[1:]]
     run.scalars = {t: tuple(np.array(x) for x in v) for t, v in kept["scalars"].items()}
+
+
+def git_commit() -> str:
+    """HEAD of this repository (10 hex digits), "+ uncommitted changes" when a top-level script differs from it;
+    "" where git cannot tell."""
+    try:
+        git = dict(cwd=ROOT, capture_output=True, text=True, check=True)
+        head = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], **git).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ":(glob)*.py"], **git).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return head + (" + uncommitted changes" if dirty else "")
 
 
 def show(cmd: list) -> str:
@@ -600,10 +630,10 @@ def main(args: Args) -> Path:
             "--save-every",
             "0",
             *PRETRAIN_LIKELIHOOD,
-            *(CPU_PRETRAIN if args.scale == "cpu" else ()),
+            *("--scale", args.scale),
         ]
-        # Shared by every preset that pretrains with the same flags: the file name carries a hash of them.
-        tag = hashlib.sha1(" ".join(flags).encode()).hexdigest()[:8]
+        # Shared by every preset that pretrains with the same flags and format: the file name carries a hash of them.
+        tag = hashlib.sha1(" ".join([*flags, f"format {CHECKPOINT_FORMAT_VERSION}"]).encode()).hexdigest()[:8]
         ckpt = Path(args.checkpoint or f"{args.checkpoints_dir}/{env_id}__{dataset.replace('/', '-')}__{args.scale}__{tag}.pt")
         needed = any(m.uses_checkpoint for m in methods)  # IQL alone needs no DT
         pre = (
@@ -637,6 +667,7 @@ def main(args: Args) -> Path:
         b
         for b in (
             args.budget_env_steps and f"{args.budget_env_steps} env steps",
+            args.budget_iterations and f"{args.budget_iterations} iterations",
             args.budget_seconds and f"{args.budget_seconds:g} s",
         )
         if b
@@ -678,8 +709,16 @@ def main(args: Args) -> Path:
             if shas
             else "- script versions: not recorded"
         )
+        commits = {}
+        for _, _, _, runs in plan:
+            for r in runs:
+                if r.returncode is not None:
+                    commits[r.commit or "not recorded"] = commits.get(r.commit or "not recorded", 0) + 1
+        ran_at = "- commit at each run's start: " + (
+            "; ".join(f"{c} ({n} run{'s' * (n > 1)})" for c, n in sorted(commits.items())) or "no run yet"
+        )
         date = f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
-        (out_dir / "summary.md").write_text(format_summary(title, header + [versions, date], sections, paper))
+        (out_dir / "summary.md").write_text(format_summary(title, header + [versions, ran_at, date], sections, paper))
         plot_curves(sections, out_dir / "curves.png", title)
 
     total, done = sum(len(p[3]) for p in plan), 0
@@ -705,7 +744,7 @@ def main(args: Args) -> Path:
             redone = outcome and outcome[0] != 0 and kept.is_file() and json.loads(kept.read_text())["returncode"] == 0
             if outcome and not redone:
                 r.returncode, r.wall_time, r.error, *rest = outcome
-                r.script_sha, r.data_rtg_score = (rest + ["", float("nan")][len(rest) :])[:2]
+                r.script_sha, r.data_rtg_score, r.commit = (rest + ["", float("nan"), ""][len(rest) :])[:3]
                 r.scalars = read_scalars(log_dir)
                 keep_run(r, kept)
             elif kept.is_file():  # run elsewhere: its raw logs are gone (or failed here), its kept record is not
@@ -722,6 +761,7 @@ def main(args: Args) -> Path:
                     f.unlink()
             script = Path(r.cmd[1])
             r.script_sha = hashlib.sha1(script.read_bytes()).hexdigest()[:10] if script.is_file() else ""
+            r.commit = git_commit()
             r.returncode, r.wall_time, tail = run_process(
                 r.cmd, raw / "logs" / task / f"{r.method.key}__s{r.seed}", args.run_timeout, env
             )
@@ -731,7 +771,7 @@ def main(args: Args) -> Path:
             if r.ok and r.method.uses_checkpoint:
                 model = ckpt if r.method.reference else max(log_dir.rglob(f"{r.method.key}.pt"), default=None)
                 r.data_rtg_score = score_at_data_rtg(args, r, *TASKS[task], model, log_dir, raw / "logs" / task, env)
-            record.write_text(json.dumps([r.returncode, r.wall_time, r.error, r.script_sha, r.data_rtg_score]))
+            record.write_text(json.dumps([r.returncode, r.wall_time, r.error, r.script_sha, r.data_rtg_score, r.commit]))
             keep_run(r, kept)
             done += 1
             status = (

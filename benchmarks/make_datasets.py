@@ -11,8 +11,8 @@ The shared root is read-only, so this makes `data/minari/` (git-ignored): a syml
   tanh(mean) at its evaluation context and RTG) with Gaussian action noise `--teacher-noise`, clipped to +-1: the
   shape of "expert rollouts with action noise", whose saturated actions put many targets on the bounds.
 
-Everything is seeded, but the sets are not bit-identical across machines: a re-run with one torch thread gave
-another noisy set (README, Actions on the bounds). Prints the sets' statistics.
+Everything is seeded, but the sets are not bit-identical across machines or torch thread counts (README, Actions on
+the bounds). Prints the sets' statistics.
 
     MINARI_DATASETS_PATH=$(realpath ../shared/datasets) python benchmarks/make_datasets.py
     export MINARI_DATASETS_PATH=$(realpath data/minari)   # then every script sees all four sets
@@ -54,7 +54,7 @@ class Args:
 
 
 def fit_bc_policy(states: torch.Tensor, actions: torch.Tensor, updates: int) -> nn.Module:
-    """A 2x256 ReLU MLP regressing tanh(output) on the actions with MSE (as `bench_bc_reference.py`)."""
+    """A 2x256 ReLU MLP regressing tanh(output) on the actions with MSE (as `bench_dt_vs_bc.py`'s MLP)."""
     policy = nn.Sequential(
         nn.Linear(states.shape[1], 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, actions.shape[1]), nn.Tanh()
     )
@@ -102,6 +102,11 @@ def teacher_episodes(ckpt_path, noise, episodes, rng, batch=25):
     from minari.data_collector import EpisodeBuffer
 
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if ckpt.get("format_version") != pt.CHECKPOINT_FORMAT_VERSION:
+        sys.exit(
+            f"error: --teacher {ckpt_path} is checkpoint format {ckpt.get('format_version')}, not "
+            f"{pt.CHECKPOINT_FORMAT_VERSION}: pretrain it again with pretrain_dt.py"
+        )
     cfg = {k: v for k, v in ckpt["model_config"].items() if k not in ("activation", "c_offline")}
     model = pt.DecisionTransformer(**{**cfg, "dropout": 0.0}).eval()
     model.load_state_dict(ckpt["state_dict"])

@@ -1,12 +1,12 @@
 """A Walker2d dataset the project never tuned on: TD3 trained here, then rolled out with Gaussian action noise.
 
-Issue #12 asks for GRPO-DT's hold-the-gain proof on a dataset made here from a policy trained here (the shared data
-has only Hopper and Door, and `random` Walker2d data is vacuous: its DT cannot walk, so GRPO has nothing to hold).
-This trains a TD3 agent (Fujimoto et al. 2018; CleanRL's `td3_continuous_action.py` recipe: 2x256 MLPs, lr 3e-4,
-batch 256, gamma 0.99, tau 0.005, target-policy noise 0.2 clipped at 0.5, actor every 2 updates, exploration noise
-0.1) on Walker2d-v4 for `--train-steps`, keeps its actor at `--actor-path` (training is skipped when that file
-exists), and writes `generated/walker2d/td3-noisy-v0` into the writable Minari root: `--episodes` episodes of
-clip(actor(s) + N(0, noise^2), -1, 1), a "medium"-like set. Time-limit ends bootstrap in the critic's target.
+Data for GRPO-DT's hold-the-gain benchmark (bench_grpo_hold.py) from a policy trained here (the shared data has only
+Hopper and Door, and `random` Walker2d data is vacuous: its DT cannot walk, so GRPO has nothing to hold). This trains a TD3
+agent (Fujimoto et al. 2018; CleanRL's `td3_continuous_action.py` recipe: 2x256 MLPs, lr 3e-4, batch 256, gamma 0.99,
+tau 0.005, target-policy noise 0.2 clipped at 0.5, actor every 2 updates, exploration noise 0.1) on Walker2d-v4 for
+`--train-steps`, keeps its actor at `--actor-path` (training is skipped when that file exists), and writes
+`generated/walker2d/td3-noisy-v0` into the writable Minari root: `--episodes` episodes of clip(actor(s) + N(0,
+noise^2), -1, 1), a "medium"-like set. Time-limit ends bootstrap in the critic's target.
 Everything is seeded. Prints the teacher's evaluations and the set's statistics.
 
     MINARI_DATASETS_PATH=$(realpath data/minari) python benchmarks/make_walker2d_dataset.py

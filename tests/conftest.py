@@ -1,17 +1,63 @@
-"""Shared fixtures: the shared datasets root, and tiny pretrained checkpoints every script's tests load."""
+"""Shared fixtures: the tests' own tiny Minari datasets, and tiny pretrained checkpoints every script's tests load.
+
+The tests never read a datasets root from outside: at import, MINARI_DATASETS_PATH points at a temporary root that
+holds `local/hopper/medium-v0` and `local/door/human-v0`, made here from a few hundred steps of a noisy random policy.
+"""
 
 import os
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("MINARI_DATASETS_PATH", str((ROOT / ".." / "shared" / "datasets").resolve()))
+DATASETS_ROOT = Path(tempfile.mkdtemp(prefix="grpo-dt-tests-datasets-"))
+os.environ["MINARI_DATASETS_PATH"] = str(DATASETS_ROOT)
 
 import pretrain_dt  # noqa: E402
+
+TINY_DATASETS = {  # id: (env id, env key, episodes, step limit)
+    "local/hopper/medium-v0": ("Hopper-v4", "hopper", 24, 60),
+    "local/door/human-v0": ("AdroitHandDoor-v1", "door", 4, 50),
+}
+
+
+def make_tiny_dataset(dataset_id: str, env_id: str, key: str, episodes: int, max_steps: int, seed: int = 0):
+    """`episodes` episodes of clip(0.7 N(0, 1)) actions, so about 15% of action values sit exactly on the bounds, as
+    in the real sets; written with `minari.create_dataset_from_buffers`, reference scores as D4RL's."""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    env, rng, buffers = pretrain_dt.make_env(env_id, max_episode_steps=max_steps), np.random.default_rng(seed), []
+    for ep in range(episodes):
+        obs, acts, rew, term, trunc = [env.reset(seed=seed + ep)[0]], [], [], [], []
+        while not (term and (term[-1] or trunc[-1])):
+            acts.append(np.clip(0.7 * rng.standard_normal(env.action_space.shape), -1, 1).astype(np.float32))
+            o, r, te, tr, _ = env.step(acts[-1])
+            obs.append(o), rew.append(float(r)), term.append(bool(te)), trunc.append(bool(tr))
+        episode = dict(observations=np.array(obs), actions=np.array(acts), rewards=rew, terminations=term)
+        buffers.append(EpisodeBuffer(**episode, truncations=trunc, infos={}))
+    ref_min, ref_max = pretrain_dt.D4RL_REF[key]
+    with warnings.catch_warnings():  # minari asks for authors, links and descriptions a test set does not have
+        warnings.simplefilter("ignore")
+        minari.create_dataset_from_buffers(dataset_id, buffers, env=env_id, ref_min_score=ref_min, ref_max_score=ref_max)
+
+
+for _id, _spec in TINY_DATASETS.items():
+    make_tiny_dataset(_id, *_spec)
+
+
+@pytest.fixture
+def own_datasets_root(monkeypatch):
+    """Keeps MINARI_DATASETS_PATH on the tests' root for a test that changes it."""
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(DATASETS_ROOT))
+    return DATASETS_ROOT
+
 
 TINY_MODEL = dict(embed_dim=32, n_layers=1, n_heads=2)
 

@@ -103,7 +103,7 @@ def test_grpo_pre_tanh_log_prob_agrees_near_the_bounds():
         )
 
 
-def test_checkpoint_records_the_margin_and_odt_nll_uses_it(hopper_checkpoint):
+def test_checkpoint_records_the_margin_and_odt_nll_uses_it(hopper_checkpoint, monkeypatch):
     """ODT's online NLL scores stored actions with the margin and censor bound the checkpoint was pretrained with."""
     ckpt = torch.load(hopper_checkpoint, map_location="cpu", weights_only=False)
     assert ckpt["action_margin"] == pretrain_dt.Args.action_margin
@@ -121,17 +121,23 @@ def test_checkpoint_records_the_margin_and_odt_nll_uses_it(hopper_checkpoint):
     batch["actions"][:, ::2, 0] = 1.0  # exact bound actions
     nll = {}
     for margin in (1e-6, 1e-2):
-        _, info = odt_td3.actor_loss(model, None, batch, "odt", 0.0, torch.tensor(0.1), action_margin=margin)
+        _, info = odt_td3.actor_loss(model, None, batch, "odt", 0.0, torch.tensor(0.1), margin, None)
         mean, log_std = model(batch["rtg"], batch["states"], batch["actions"], batch["mask"])
         expected = -pretrain_dt.action_log_prob(mean, log_std, batch["actions"], margin).mean()
         torch.testing.assert_close(info["nll"], expected.detach())
         nll[margin] = info["nll"].item()
     assert nll[1e-6] != nll[1e-2]
-    _, info = odt_td3.actor_loss(model, None, batch, "odt", 0.0, torch.tensor(0.1), censor_bound=0.99)
+    _, info = odt_td3.actor_loss(model, None, batch, "odt", 0.0, torch.tensor(0.1), 1e-6, 0.99)
     mean, log_std = model(batch["rtg"], batch["states"], batch["actions"], batch["mask"])
     expected = -pretrain_dt.action_log_prob(mean, log_std, batch["actions"], 1e-6, 0.99).mean()
     torch.testing.assert_close(info["nll"], expected.detach())
     assert info["nll"].item() != nll[1e-6]
-    args = odt_td3.apply_presets(odt_td3.Args(env_id="Hopper-v4", dataset="local/hopper/medium-v0", algo="odt"))
-    learner = odt_td3.Learner(args, model, {**ckpt, "censor_bound": 0.99}, torch.device("cpu"))
-    assert learner.likelihood == {"action_margin": ckpt["action_margin"], "censor_bound": 0.99}
+    # The run's updates score with the checkpoint's margin and censor bound.
+    args = odt_td3.apply_presets(odt_td3.Args(env_id="Hopper-v4", dataset="local/hopper/medium-v0", algo="odt", n_batch=4))
+    learner = odt_td3.make_learner(args, model, {**ckpt, "censor_bound": 0.99}, torch.device("cpu"))
+    zeros = torch.zeros(7, S).numpy()  # one 6-step trajectory with its final observation
+    learner["buffer"] = [dict(observations=zeros, actions=zeros[:6, :A], rewards=zeros[:6, 0] + 1, terminated=False)]
+    used, real = [], odt_td3.action_log_prob
+    monkeypatch.setattr(odt_td3, "action_log_prob", lambda *a: used.append(a[3:]) or real(*a))
+    odt_td3.update(args, {**ckpt, "censor_bound": 0.99}, learner, 0, 1)
+    assert used == [(ckpt["action_margin"], 0.99)]

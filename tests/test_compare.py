@@ -153,18 +153,24 @@ def test_presets_dry_run(capsys):
     # cpu scale: the README's CPU DT; ODT+TD3's segments batched by 32 and 1000 critic-pretraining updates; Q-guided's
     # critic batch 32; GRPO-DT and PPO-DT at their paper sizes. Paper scale: no overrides.
     cpu = [ln for ln in out.splitlines() if "__cpu__" in ln and ln.startswith("python ")]
-    assert all("--model-size cpu" in ln for ln in cpu if ln.startswith("python pretrain_dt.py"))
+    assert all("--scale cpu" in ln for ln in cpu if ln.startswith("python pretrain_dt.py"))
     assert all("--n-batch 32 --critic-pretrain-updates 1000" in ln for ln in cpu if "odt_td3.py" in ln)
     assert all("--critic-batch-size 32" in ln for ln in cpu if "grpo_dt_qguided.py" in ln)
     assert all("--trajs-per-iter" not in ln and "--n-batch" not in ln for ln in cpu if "grpo_dt.py" in ln or "ppo_dt" in ln)
     paper = [ln for ln in out.splitlines() if "__paper__" in ln and "--exp-name" in ln]
     assert paper and all("--n-batch" not in ln and "--critic" not in ln for ln in paper)
+    # Every script that takes the checkpoint gets the scale: at cpu, grpo_dt.py explores narrowly (its --scale cpu
+    # default, what the cpu presets always ran); at paper, the paper's sigma and epsilon. IQL has no --scale.
+    assert all(" --scale cpu " in ln for ln in cpu if "--exp-name" in ln)
+    assert all(" --scale paper " in ln for ln in paper) and "--narrow-exploration" not in out
+    pretrain = [ln for ln in out.splitlines() if ln.startswith("python pretrain_dt.py")]
+    assert pretrain and all(f"--scale {'cpu' if '__cpu__' in ln else 'paper'}" in ln for ln in pretrain)
     dt = [ln for ln in out.splitlines() if "--exp-name dt " in ln]  # the pretrained DT only evaluates: no budget
     assert dt and all(ln.endswith("--num-iterations 0") and "--total-env-steps" not in ln for ln in dt)
     # IQL takes no checkpoint and no iterations: the env-step budget is its online length; at cpu scale it pretrains
     # as many updates as the shared cpu DT (3000), at paper scale its own default (the paper's 5000).
     iql = [ln for ln in out.splitlines() if ln.startswith("python iql.py")]
-    assert len(iql) == 4 and all("--checkpoint" not in ln and "--num-iterations" not in ln for ln in iql)
+    assert len(iql) == 4 and all(f not in ln for ln in iql for f in ("--checkpoint", "--num-iterations", "--scale"))
     assert all("--online-steps 1000 --total-env-steps 1000" in ln for ln in iql)
     assert sum("--offline-updates 3000" in ln for ln in iql) == 2 and all("--eval-episodes 20" in ln for ln in iql)
 
@@ -172,8 +178,45 @@ def test_presets_dry_run(capsys):
 def test_cpu_scale_is_the_readme_cpu_dt():
     import pretrain_dt
 
-    assert compare.CPU_DT_UPDATES == pretrain_dt.MODEL_SIZES["cpu"]["num_updates"]
+    assert compare.CPU_DT_UPDATES == pretrain_dt.SCALES["cpu"]["num_updates"]
     assert compare.PRETRAIN_LIKELIHOOD == ("--censor-bound", str(pretrain_dt.Args.censor_bound))  # named, so hashed
+    assert compare.CHECKPOINT_FORMAT_VERSION == pretrain_dt.CHECKPOINT_FORMAT_VERSION
+
+
+def test_shared_checkpoint_name_carries_the_format(capsys, monkeypatch):
+    """A checkpoint of another format is never reused: the format is hashed into the shared checkpoint's name."""
+    args = compare.Args(preset="table1-cpu", seeds=(1,), tasks=("hopper",), methods=("dt",), dry_run=True)
+
+    def checkpoint_path():
+        compare.main(args)
+        return next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("# hopper")).split()[-1]
+
+    now = checkpoint_path()
+    assert now.startswith("checkpoints/compare/Hopper-v4__local-hopper-medium-v0__cpu__") and now.endswith(".pt")
+    monkeypatch.setattr(compare, "CHECKPOINT_FORMAT_VERSION", compare.CHECKPOINT_FORMAT_VERSION - 1)
+    assert checkpoint_path() != now
+
+
+def test_budget_iterations_sets_every_iteration_scripts_num_iterations(capsys):
+    """--budget-iterations: --num-iterations N for every finetuning method (not the checkpoint-only DT row, not IQL,
+    which has no iterations); beside another budget, it replaces the 100000-iteration cap."""
+
+    def commands(**budget) -> dict[str, str]:
+        compare.main(compare.Args(preset="table1-cpu", seeds=(1,), tasks=("hopper",), dry_run=True, **budget))
+        lines = [ln for ln in capsys.readouterr().out.splitlines() if "--exp-name" in ln]
+        return {ln.split("--exp-name ")[1].split()[0]: ln for ln in lines}
+
+    plain, by_iters = commands(), commands(budget_iterations=7)
+    finetuning = ("odt", "odt-td3", "ppo-dt", "grpo-dt", "qguided")
+    assert all("--num-iterations" not in plain[k] for k in finetuning)  # no budget: each script's own count
+    assert all(by_iters[k].endswith("--num-iterations 7") or " --num-iterations 7 " in by_iters[k] for k in finetuning)
+    assert by_iters["dt"].endswith("--num-iterations 0") and by_iters["dt"].count("--num-iterations") == 1
+    assert by_iters["iql"] == plain["iql"]  # no iterations and no other budget: iql.py's own online length
+    both = commands(budget_iterations=7, budget_env_steps=500)
+    assert all(" --num-iterations 7 --total-env-steps 500" in both[k] for k in finetuning)
+    assert "--online-steps 500 --total-env-steps 500" in both["iql"] and "--num-iterations" not in both["iql"]
+    seconds = commands(budget_seconds=60)
+    assert all(" --num-iterations 100000 --max-seconds 60" in seconds[k] for k in finetuning)
 
 
 def test_iql_gets_the_same_seeds_budget_and_eval_episodes(capsys):
@@ -325,6 +368,9 @@ def test_end_to_end_with_fake_scripts(tmp_path, capsys):
     assert "| FAILED | — | — | 0/2 |" in ppo and "exit 3: ValueError: bad shapes" in ppo
     assert (out_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "- script versions (sha1 of the file at each run's start): grpo_dt.py " in md and "changed" not in md
+    # each run's record names the commit it started at; the summary lists them (6 runs, all at this checkout's)
+    commit = json.loads((out_dir / "records" / "hopper" / "grpo-dt__s1.json").read_text())["commit"]
+    assert commit == compare.git_commit() and f"- commit at each run's start: {commit or 'not recorded'} (6 runs)" in md
     (out_dir / "summary.md").unlink()
     compare.main(compare.Args(**{**vars(args), "summarize_only": True}))  # rebuilt from the recorded runs alone
     assert (out_dir / "summary.md").read_text().split("## hopper")[1] == md.split("## hopper")[1]

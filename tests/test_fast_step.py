@@ -1,11 +1,13 @@
-"""grpo_dt.py's env step (`Envs.step`, batched MuJoCo v4 physics and formulas where supported) against plain gymnasium
-`env.step`, side by side from the same states, through terminations, resets and the time limit."""
+"""grpo_dt_fast.py's env step (`FastEnvs.step`: batched MuJoCo v4 physics and formulas where supported, and through
+worker processes) against plain gymnasium `env.step`, side by side from the same states, through terminations, resets
+and the time limit."""
 
 import mujoco
 import numpy as np
 import pytest
 
 import grpo_dt
+import grpo_dt_fast
 
 FAMILIES = ["Hopper-v4", "Walker2d-v4", "Ant-v4", "HalfCheetah-v4", "AdroitHandDoor-v1", "AntMaze_UMaze-v4"]
 
@@ -17,9 +19,9 @@ def test_step_matches_gymnasium(env_id, dtype):
     (time limit 30, so every member is truncated several times; a terminated or truncated pair is reset together
     with a fresh seed). Observations, rewards, terminations, truncations agree to 1e-9 and MjData bit for bit."""
     n, limit = 3, 30
-    envs = grpo_dt.Envs(env_id, n, max_episode_steps=limit)
+    envs = grpo_dt_fast.FastEnvs(grpo_dt.Args(env_id=env_id, max_episode_steps=limit), n)
     plain = [grpo_dt.make_env(env_id, max_episode_steps=limit) for _ in range(n)]
-    assert (envs.fast is not None) == grpo_dt.MujocoStep.supports(env_id)
+    assert (envs.fast is not None) == grpo_dt_fast.MujocoStep.supports(env_id)
     rng, seeds = np.random.default_rng(0), iter(range(10, 1000))
     idx = np.arange(n)
     start = [next(seeds) for _ in range(n)]
@@ -27,7 +29,7 @@ def test_step_matches_gymnasium(env_id, dtype):
     for e, s in zip(plain, start):
         e.reset(seed=s)
     A = plain[0].action_space.shape[0]
-    sim = [(grpo_dt.sim_of(e).model, grpo_dt.sim_of(e).data) for e in plain]
+    sim = [(e.unwrapped.model, e.unwrapped.data) for e in plain]
     size = mujoco.mj_stateSize(sim[0][0], mujoco.mjtState.mjSTATE_FULLPHYSICS)
     ends = {"terminated": 0, "truncated": 0}
     for t in range(120):
@@ -39,7 +41,7 @@ def test_step_matches_gymnasium(env_id, dtype):
             o, r, te, tr = plain[i].step(actions[j])[:4]
             assert np.abs(obs[j] - o).max() <= 1e-9 and abs(rew[j] - r) <= 1e-9, (t, i)
             assert (bool(term[j]), bool(trunc[j])) == (te, tr), (t, i)
-            ours, theirs = grpo_dt.sim_of(envs.envs[i]).data, sim[i][1]
+            ours, theirs = envs.sims[i].data, sim[i][1]
             a, b = np.empty(size), np.empty(size)
             mujoco.mj_getState(sim[i][0], ours, a, mujoco.mjtState.mjSTATE_FULLPHYSICS)
             mujoco.mj_getState(sim[i][0], theirs, b, mujoco.mjtState.mjSTATE_FULLPHYSICS)
@@ -57,7 +59,7 @@ def test_step_matches_gymnasium(env_id, dtype):
 
 def test_fast_step_survives_reset_to_state():
     """A member restored into a recorded state (mid-episode, TimeLimit counter included) steps like gymnasium."""
-    envs = grpo_dt.Envs("Hopper-v4", 2, max_episode_steps=12)
+    envs = grpo_dt_fast.FastEnvs(grpo_dt.Args(env_id="Hopper-v4", max_episode_steps=12), 2)
     plain = grpo_dt.make_env("Hopper-v4", max_episode_steps=12)
     _, params = envs.reset([0, 1], [3, 4])
     plain.reset(seed=3)
@@ -70,9 +72,7 @@ def test_fast_step_survives_reset_to_state():
     envs.step([0], acts[5][None])
     plain.step(acts[5])
     state, elapsed = envs.get_states([0])
-    prevs = np.empty(1, object)
-    prevs[0] = prev
-    envs.restore([1], params[:1], prevs, state, elapsed)
+    envs.restore([1], [(params[0], prev, state[0], elapsed[0])])
     for a in acts[6:12]:
         o1, r1, te1, tr1 = envs.step([1], a[None])
         o2, r2, te2, tr2 = plain.step(a)[:4]
@@ -82,9 +82,11 @@ def test_fast_step_survives_reset_to_state():
 
 @pytest.mark.parametrize("env_id", ["Hopper-v4", "AntMaze_UMaze-v4"])
 def test_worker_pool_shared_memory_steps_like_in_process(env_id):
-    """EnvPool with 2 workers (actions and results through shared arrays) gives what in-process `Envs` gives."""
+    """EnvPool with 2 workers (actions and results through shared arrays) gives what in-process `FastEnvs` gives."""
     n, rng = 5, np.random.default_rng(2)
-    local, pool = grpo_dt.EnvPool(env_id, n, max_episode_steps=15), grpo_dt.EnvPool(env_id, n, 2, max_episode_steps=15)
+    local, pool = (
+        grpo_dt_fast.EnvPool(grpo_dt_fast.Args(env_id=env_id, max_episode_steps=15, num_workers=w), n) for w in (0, 2)
+    )
     try:
         for envs in (local, pool):
             envs.reset(np.arange(n), np.arange(n) + 7)

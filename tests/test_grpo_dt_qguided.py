@@ -1,8 +1,10 @@
 """Tests of grpo_dt_qguided.py: Q-guided advantages, no state resets, the TD target, and tiny end-to-end runs."""
 
 import copy
+import dataclasses
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,15 +24,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import grpo_dt_qguided as qg
 
-
-@pytest.fixture(autouse=True)
-def restore_torch_threads():
-    """--torch-threads 1 (several times faster on a busy CPU) is process-wide: give other tests theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(
     dataset="local/hopper/medium-v0",
@@ -48,7 +41,6 @@ TINY = dict(
     trajs_per_iter=4,
     reset_points=2,
     delta_r=0.0,
-    torch_threads=1,
 )
 
 
@@ -58,12 +50,31 @@ def tiny_args(ckpt, tmp_path, **overrides):
     return qg.Args(**{**base, **overrides})
 
 
+def run_dir(runs_dir) -> Path:
+    (run,) = glob.glob(f"{runs_dir}/*/")
+    return Path(run)
+
+
+def events(runs_dir):
+    """{tag: [(step, value), ...]} of the single run under runs_dir, every logged event (a step logged twice shows twice)."""
+    acc = EventAccumulator(str(run_dir(runs_dir)))
+    acc.Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
 def scalars(runs_dir):
     """{tag: {step: value}} of the single run under runs_dir."""
-    (run,) = glob.glob(f"{runs_dir}/*/")
-    acc = EventAccumulator(run)
-    acc.Reload()
-    return {t: {e.step: e.value for e in acc.Scalars(t)} for t in acc.Tags()["scalars"]}
+    return {t: dict(v) for t, v in events(runs_dir).items()}
+
+
+def next_second():
+    """TensorBoard reads a run's event files in name order (seconds, host, pid, then a counter that is not zero-padded):
+    a resumed run's writer opened in the same second as the previous one's could sort first and lose steps to the purge."""
+    time.sleep(1.01 - time.time() % 1.0)
+
+
+def load_state(runs_dir):
+    return torch.load(run_dir(runs_dir) / "state.pt", weights_only=False)
 
 
 def random_contexts(model, n, c, seed=0):
@@ -123,23 +134,16 @@ def test_ratio_is_one_before_the_update_and_kl_zero_at_reference(hopper_checkpoi
     actions, old_lp, scores = qg.q_guided_scores(model, PrefersLargerActions(), ctx, 4, 1.0)
     adv, keep = qg.group_advantages(scores, 0.0)
     rows, cols = keep.nonzero(as_tuple=True)
-    buf = qg.FifoBuffer(64)
-    buf.push(
-        rtg=ctx[0][rows],
-        states=ctx[1][rows],
-        ctx_actions=ctx[2][rows],
-        mask=ctx[3][rows],
-        action=actions[rows, cols],
-        old_log_prob=old_lp[rows, cols],
-        advantage=adv[rows, cols],
-    )
-    batch = buf.sample(16, np.random.default_rng(0))
+    samples = dict(rtg=ctx[0][rows], states=ctx[1][rows], ctx_actions=ctx[2][rows], mask=ctx[3][rows])
+    samples.update(action=actions[rows, cols], old_log_prob=old_lp[rows, cols], advantage=adv[rows, cols])
+    idx = torch.as_tensor(np.random.default_rng(0).choice(len(rows), size=16))
+    batch = {k: v[idx] for k, v in samples.items()}
     terms = qg.policy_objective(model, ref, batch, clip_coef=0.2)
     torch.testing.assert_close(terms["ratio"], torch.ones(16), atol=1e-5, rtol=0)
     assert terms["clipfrac"].item() == 0.0 and terms["kl"].item() == pytest.approx(0.0, abs=1e-7)
     # After a real step the policy has moved: the ratio leaves 1 and the KL becomes positive.
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    terms["pg_loss"].backward()
+    terms["policy_loss"].backward()
     opt.step()
     after = qg.policy_objective(model, ref, batch, clip_coef=0.2)
     assert (after["ratio"] - 1).abs().max() > 1e-4 and after["kl"].item() > 0
@@ -147,7 +151,7 @@ def test_ratio_is_one_before_the_update_and_kl_zero_at_reference(hopper_checkpoi
     tight, wide = (qg.policy_objective(model, ref, batch, clip_coef=c) for c in (1e-6, 1e6))
     torch.testing.assert_close(tight["ratio"], wide["ratio"])
     assert tight["clipfrac"].item() == 1.0 and wide["clipfrac"].item() == 0.0
-    assert tight["pg_loss"].item() != wide["pg_loss"].item()
+    assert tight["policy_loss"].item() != wide["policy_loss"].item()
 
 
 def test_td_target_truncation_bootstraps_termination_cuts(hopper_checkpoint):
@@ -212,10 +216,10 @@ def forbid_state_resets(monkeypatch):
     inside_reset = []
     original_reset, original_set_state = MujocoEnv.reset, MujocoEnv.set_state
 
-    def reset(self, *a, **kw):
+    def reset(self, *, seed=None, options=None):  # the signature gymnasium's env checker asks of a reset
         inside_reset.append(True)
         try:
-            return original_reset(self, *a, **kw)
+            return original_reset(self, seed=seed, options=options)
         finally:
             inside_reset.pop()
 
@@ -248,6 +252,7 @@ def check_run(logs, iterations, critic_updates, policy_updates, pretrain_updates
         "losses/critic_loss",
         "losses/q_values",
         "losses/group_score_std",
+        "losses/kept_fraction",
         "losses/policy_loss",
         "losses/ratio_mean",
         "losses/clipfrac",
@@ -263,26 +268,36 @@ def check_run(logs, iterations, critic_updates, policy_updates, pretrain_updates
     assert abs(logs["losses/ratio_mean"][1] - 1) < 0.05 and logs["losses/kappa"][1] == pytest.approx(1e-2, rel=0.05)
 
 
+def assert_same_state(a, b):
+    """Two run states hold bit-identical weights, optimisers, buffers, counters and RNGs."""
+    torch.testing.assert_close(b["state_dict"], a["state_dict"], rtol=0, atol=0)
+    nets = ("model", "ref_model", "critic", "critic_target", "policy_opt", "critic_opt", "kappa_opt")
+    for k in (*nets, "log_kappa", "samples"):
+        torch.testing.assert_close(b["finetune"][k], a["finetune"][k], rtol=0, atol=0)
+    for k in ("counters", "replay_next"):
+        assert b["finetune"][k] == a["finetune"][k], k
+    assert b["finetune"]["rng"].bit_generator.state == a["finetune"]["rng"].bit_generator.state
+    for ta, tb in zip(a["finetune"]["replay"], b["finetune"]["replay"], strict=True):
+        assert ta.keys() == tb.keys() and all(np.array_equal(ta[k], tb[k]) for k in ta)
+    assert torch.equal(b["finetune"]["torch_rng"], a["finetune"]["torch_rng"])
+
+
 def test_end_to_end_hopper_never_resets_to_a_state_and_resumes_exactly(hopper_checkpoint, tmp_path, forbid_state_resets):
-    straight = tiny_args(hopper_checkpoint, tmp_path / "a", save_every=2, save_path=str(tmp_path / "a.pt"))
+    straight = tiny_args(hopper_checkpoint, tmp_path / "a", save_every=2)
     qg.main(straight)
     logs = scalars(straight.runs_dir)
     check_run(logs, 2, critic_updates=4, policy_updates=2)
     assert NoStateResets.resets == 5  # 3 evaluations + 2 training episodes, all after the previous episode ended
-    # 1 iteration, save, resume to 2: the same numbers and weights as the straight run.
-    qg.main(tiny_args(hopper_checkpoint, tmp_path / "b", num_iterations=1, save_every=1, save_path=str(tmp_path / "b.pt")))
-    qg.main(
-        tiny_args(
-            hopper_checkpoint, tmp_path / "c", resume=str(tmp_path / "b.pt"), save_every=1, save_path=str(tmp_path / "c.pt")
-        )
-    )
-    resumed = scalars(tmp_path / "c" / "runs")
+    # 1 iteration, save, resume to 2 (--num-iterations is a budget flag): the same numbers and weights.
+    qg.main(tiny_args(hopper_checkpoint, tmp_path / "b", num_iterations=1, save_every=1))
+    state = str(run_dir(tmp_path / "b" / "runs") / "state.pt")
+    next_second()
+    qg.main(tiny_args(hopper_checkpoint, tmp_path / "b", save_every=1, resume=state))
+    resumed_logs = scalars(tmp_path / "b" / "runs")  # the resumed run goes on in its own run directory
+    check_run(resumed_logs, 2, critic_updates=4, policy_updates=2)
     for tag in ("charts/normalized_score", "charts/env_steps", "losses/critic_loss", "losses/policy_loss"):
-        assert resumed[tag][2] == logs[tag][2], tag
-    a, c = (torch.load(tmp_path / f"{n}.pt", weights_only=False) for n in "ac")
-    for k, v in a["state_dict"].items():
-        torch.testing.assert_close(c["state_dict"][k], v, rtol=0, atol=0)
-    assert a["finetune"]["state"] == c["finetune"]["state"]
+        assert resumed_logs[tag][2] == logs[tag][2], tag
+    assert_same_state(load_state(tmp_path / "a" / "runs"), load_state(tmp_path / "b" / "runs"))
 
 
 def test_end_to_end_door_never_resets_to_a_state(door_checkpoint, tmp_path, forbid_state_resets):
@@ -298,39 +313,114 @@ def test_zero_iterations_only_evaluates(hopper_checkpoint, tmp_path):
     assert list(logs["charts/normalized_score"]) == [0] and "losses/critic_loss" not in logs
 
 
-def test_table6_defaults_and_bad_input(hopper_checkpoint, door_checkpoint, tmp_path):
+def test_table6_defaults(hopper_checkpoint, door_checkpoint, tmp_path):
     hop = qg.apply_presets(qg.Args(env_id="Hopper-v4"))
     assert (hop.n_batch, hop.c_online, hop.g_online, hop.clip_coef, hop.delta_r, hop.gamma) == (256, 1, 7200, 0.2, 2.0, 0.99)
+    assert (hop.critic_updates, hop.replay_size, hop.critic_pretrain_updates, hop.eval_context_len) == (600, 1000, 10_000, 1)
     assert qg.apply_presets(tyro.cli(qg.Args, args=["--clip-coef", "0.05"])).clip_coef == 0.05
     door = qg.apply_presets(qg.Args(env_id="AdroitHandDoor-v1", dataset="cloned"))
     assert (door.n_batch, door.delta_r, door.full_trajs_per_iter, door.critic_lr) == (512, 0.5, 5, 2e-4)
-    with pytest.raises(qg.UserError, match="supported: MuJoCo"):
-        qg.main(qg.Args(env_id="Pong-v5"))
-    with pytest.raises(qg.UserError, match="group-size >= 2"):
-        qg.main(tiny_args(hopper_checkpoint, tmp_path, group_size=1))
-    with pytest.raises(qg.UserError, match="dims"):
+    hammer = qg.apply_presets(qg.Args(env_id="AdroitHandHammer-v1", dataset="expert"))
+    assert (hammer.c_online, hammer.eval_context_len, hammer.delta_r) == (5, 5, 0.8)
+    maze = qg.apply_presets(qg.Args(env_id="AntMaze_UMaze-v4", dataset="umaze-diverse"))
+    assert (maze.c_online, maze.g_online, maze.gamma, maze.critic_pretrain_updates) == (5, 2, 0.998, 200_000)
+
+
+BAD_INPUTS = [
+    (dict(learning_rate=-1.0), "--learning-rate must be > 0, got -1.0"),
+    (dict(n_batch=0), "--n-batch must be > 0, got 0"),
+    (dict(eval_episodes=0), "--eval-episodes must be > 0, got 0"),
+    (dict(replay_size=0), "--replay-size must be > 0, got 0"),
+    (dict(c_online=0), "--c-online must be > 0, got 0"),
+    (dict(num_iterations=-1), "--num-iterations must be >= 0, got -1"),
+    (dict(critic_updates=-2), "--critic-updates must be >= 0, got -2"),
+    (dict(gamma=1.5), "--gamma must be in [0, 1], got 1.5"),
+    (dict(group_size=1), "--group-size must be >= 2 (a group of one has no advantage), got 1"),
+    (dict(env_id="Pong-v5"), "unknown --env-id 'Pong-v5'"),
+    (dict(checkpoint="/no/such.pt"), "--checkpoint '/no/such.pt' does not exist"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_INPUTS, ids=[m.split()[0] for _, m in BAD_INPUTS])
+def test_bad_input_is_one_line_and_nothing_runs(hopper_checkpoint, tmp_path, flags, message):
+    with pytest.raises(qg.UserError) as error:
+        qg.main(tiny_args(hopper_checkpoint, tmp_path, **flags))
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_checkpoint_and_resume_files_are_one_line(hopper_checkpoint, door_checkpoint, tmp_path):
+    with pytest.raises(qg.UserError, match=r"AdroitHandDoor-v1 has dims \(39, 28\), Hopper-v4 has \(11, 3\)$"):
         qg.main(tiny_args(door_checkpoint, tmp_path, env_id="Hopper-v4"))
-    with pytest.raises(qg.UserError, match="not a run state"):
+    with pytest.raises(qg.UserError, match="is not a run state of grpo_dt_qguided.py"):
         qg.main(tiny_args(hopper_checkpoint, tmp_path, resume=str(hopper_checkpoint)))
+    (tmp_path / "broken.pt").write_bytes(b"not a torch file")
+    with pytest.raises(qg.UserError, match="cannot be read by torch.load"):
+        qg.main(tiny_args(hopper_checkpoint, tmp_path, resume=str(tmp_path / "broken.pt")))
+    ckpt = torch.load(hopper_checkpoint, weights_only=False)  # a checkpoint of a dataset that is not here
+    torch.save({**ckpt, "dataset_id": "local/hopper/missing-v0"}, tmp_path / "elsewhere.pt")
+    with pytest.raises(qg.UserError, match=r"dataset 'local/hopper/missing-v0' is not under MINARI_DATASETS_PATH$"):
+        qg.main(tiny_args(tmp_path / "elsewhere.pt", tmp_path / "elsewhere"))
+    # on the command line: one line on stderr, exit status 1
+    cmd = [sys.executable, str(ROOT / "grpo_dt_qguided.py"), "--checkpoint", str(hopper_checkpoint), "--n-batch", "0"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 1 and out.stderr == "error: --n-batch must be > 0, got 0\n" and not out.stdout
+
+
+def test_resume_keeps_the_runs_budget_unless_a_budget_flag_is_given(hopper_checkpoint, tmp_path):
+    qg.main(tiny_args(hopper_checkpoint, tmp_path, num_iterations=4, total_env_steps=1, save_every=1))
+    state = str(run_dir(tmp_path / "runs") / "state.pt")
+    assert load_state(tmp_path / "runs")["finetune"]["counters"]["iteration"] == 1  # the env-step budget stopped it
+    # no budget flag: the run's own --total-env-steps 1 stops it again after one more iteration (not the default 0)
+    next_second()
+    qg.main(qg.Args(resume=state))
+    assert load_state(tmp_path / "runs")["finetune"]["counters"]["iteration"] == 2
+    # a budget flag given anew replaces the run's; the run's --num-iterations 4 still ends it (not the default 200)
+    next_second()
+    qg.main(qg.Args(resume=state, total_env_steps=10**9))
+    assert load_state(tmp_path / "runs")["finetune"]["counters"]["iteration"] == 4
+    assert sorted(scalars(tmp_path / "runs")["charts/env_steps"]) == list(range(5))
+    # any other flag that differs from the run's is refused
+    with pytest.raises(qg.UserError, match="only --num-iterations, --total-env-steps, --max-seconds may change, not --kl-c"):
+        qg.main(qg.Args(resume=state, kl_coef=0.5))
+
+
+def test_resumed_run_logs_every_step_once(hopper_checkpoint, tmp_path, monkeypatch):
+    """A state of iteration 1 resumed after the run had logged iteration 2: TensorBoard holds step 2 once, the
+    resumed run's, which equals the first one."""
+    snapshot, save_atomic = tmp_path / "iteration1.pt", qg.save_atomic
+
+    def keep_iteration_1(path, payload):
+        save_atomic(path, payload)
+        if payload.get("finetune", {}).get("counters", {}).get("iteration") == 1:
+            shutil.copy(path, snapshot)
+
+    monkeypatch.setattr(qg, "save_atomic", keep_iteration_1)
+    qg.main(tiny_args(hopper_checkpoint, tmp_path, save_every=1))
+    first = scalars(tmp_path / "runs")
+    next_second()
+    qg.main(tiny_args(hopper_checkpoint, tmp_path, save_every=1, resume=str(snapshot)))
+    logged = events(tmp_path / "runs")
+    for tag in ("charts/normalized_score", "charts/env_steps", "losses/critic_loss", "losses/policy_loss", "charts/SPS"):
+        steps = [step for step, _ in logged[tag]]
+        assert steps == sorted(set(steps)) and steps[-1] == 2, tag
+    for tag in ("charts/normalized_score", "losses/critic_loss", "losses/policy_loss"):
+        assert dict(logged[tag])[2] == first[tag][2], tag
 
 
 def test_missing_checkpoint_is_pretrained_in_a_subprocess(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the pretraining child: one torch thread is faster on a busy CPU
-    extra = (
-        f"--num-updates 2 --batch-size 4 --embed-dim 8 --n-layers 1 --n-heads 1 --warmup-updates 1 "
-        f"--eval-episodes 1 --runs-dir {tmp_path / 'pre'}"
-    )
-    args = qg.Args(
-        dataset="local/hopper/medium-v0",
-        num_iterations=0,
-        eval_episodes=1,
-        max_episode_steps=10,
-        runs_dir=str(tmp_path / "runs"),
-        pretrain_extra_args=extra,
-    )
-    qg.main(args)
-    assert (tmp_path / qg.default_checkpoint_path("Hopper-v4", "local/hopper/medium-v0", 1)).is_file()
+    extra = "--num-updates 2 --batch-size 4 --embed-dim 8 --n-layers 1 --n-heads 1 --warmup-updates 1 --eval-episodes 1"
+    for scale in ("paper", "cpu"):  # --scale picks the default checkpoint and the size pretrain_dt.py makes it
+        args = qg.Args(dataset="local/hopper/medium-v0", num_iterations=0, eval_episodes=1, max_episode_steps=10, scale=scale)
+        qg.main(dataclasses.replace(args, runs_dir=str(tmp_path / "runs" / scale), pretrain_extra_args=extra))
+        path = tmp_path / qg.default_checkpoint_path("Hopper-v4", "local/hopper/medium-v0", 1, scale)
+        assert path.is_file() and torch.load(path, weights_only=False)["pretrain_args"]["scale"] == scale
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "Hopper-v4__local-hopper-medium-v0__s1.pt",
+        "Hopper-v4__local-hopper-medium-v0__s1__cpu.pt",
+    ]
     with pytest.raises(qg.UserError, match="pretraining failed"):
         qg.main(qg.Args(dataset="local/hopper/medium-v0", seed=2, pretrain_extra_args="--no-such-flag"))
 
@@ -343,14 +433,14 @@ def test_iteration_zero_is_the_pretrained_score(hopper_checkpoint, tmp_path):
 
 
 def test_default_run_state_and_save_model(hopper_checkpoint, tmp_path):
-    """By default the run state goes to {runs_dir}/{run_name}/state.pt; --save-model adds a format-1 checkpoint."""
+    """The run state goes to {runs_dir}/{run_name}/state.pt; --save-model adds a checkpoint load_model reads."""
     qg.main(tiny_args(hopper_checkpoint, tmp_path, num_iterations=1, save_model=True))
-    (run,) = glob.glob(f"{tmp_path / 'runs'}/*/")
-    state = torch.load(Path(run) / "state.pt", weights_only=False)
-    assert state["finetune"]["state"]["iteration"] == 1  # the last iteration is always saved
-    model, saved = qg.load_model(Path(run) / "grpo_dt_qguided.pt")
-    assert saved["format_version"] == qg.CHECKPOINT_FORMAT_VERSION and "finetune" not in saved
-    check_checkpoint_loads(qg.load_model, Path(run) / "grpo_dt_qguided.pt")
+    state = load_state(tmp_path / "runs")
+    assert state["finetune"]["counters"]["iteration"] == 1  # the last iteration is always saved
+    assert state["args"] == vars(qg.apply_presets(tiny_args(hopper_checkpoint, tmp_path, num_iterations=1, save_model=True)))
+    model, saved = qg.load_model(run_dir(tmp_path / "runs") / "grpo_dt_qguided.pt")
+    assert saved["format_version"] == qg.CHECKPOINT_FORMAT_VERSION and not {"finetune", "args"} & set(saved)
+    check_checkpoint_loads(qg.load_model, run_dir(tmp_path / "runs") / "grpo_dt_qguided.pt")
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, state["state_dict"][k], rtol=0, atol=0)
     assert not torch.equal(
@@ -359,64 +449,43 @@ def test_default_run_state_and_save_model(hopper_checkpoint, tmp_path):
     )
 
 
-def saved_iteration(path):
+def saved_iteration(runs_dir):
     try:
-        return torch.load(path, weights_only=False)["finetune"]["state"]["iteration"]
-    except (FileNotFoundError, EOFError, RuntimeError):
+        return load_state(runs_dir)["finetune"]["counters"]["iteration"]
+    except (ValueError, FileNotFoundError, EOFError, RuntimeError):  # no run directory or state yet
         return -1
 
 
 def test_killed_run_resumes_exactly(hopper_checkpoint, tmp_path):
     """SIGKILL a run once its state shows iteration >= 2; --resume it and finish bit-exactly as an uninterrupted run."""
-    n, state = 8, tmp_path / "killed" / "state.pt"
-    flags = {**TINY, "num_iterations": n, "save_every": 1, "save_path": state, "runs_dir": tmp_path / "killed"}
+    n, runs = 8, tmp_path / "killed" / "runs"
+    flags = {**TINY, "num_iterations": n, "save_every": 1, "runs_dir": runs}
     cmd = [sys.executable, str(ROOT / "grpo_dt_qguided.py"), "--checkpoint", str(hopper_checkpoint)]
     cmd += [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     proc = subprocess.Popen(
         cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 120
-    while saved_iteration(state) < 2:
+    while saved_iteration(runs) < 2:
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = saved_iteration(state)
+    killed_at = saved_iteration(runs)
     assert 2 <= killed_at < n
-    qg.main(
-        tiny_args(
-            hopper_checkpoint,
-            tmp_path / "resumed",
-            num_iterations=n,
-            resume=str(state),
-            save_every=1,
-            save_path=str(tmp_path / "resumed.pt"),
-        )
-    )
-    resumed_logs = scalars(tmp_path / "resumed" / "runs")
-    assert sorted(resumed_logs["charts/env_steps"]) == list(range(killed_at + 1, n + 1))  # starts at the saved iteration
-    qg.main(
-        tiny_args(
-            hopper_checkpoint, tmp_path / "straight", num_iterations=n, save_every=n, save_path=str(tmp_path / "straight.pt")
-        )
-    )
+    next_second()
+    qg.main(qg.Args(resume=str(run_dir(runs) / "state.pt")))
+    resumed_logs = events(runs)
+    qg.main(tiny_args(hopper_checkpoint, tmp_path / "straight", num_iterations=n, save_every=n))
     straight_logs = scalars(tmp_path / "straight" / "runs")
-    for tag in ("charts/normalized_score", "losses/critic_loss", "losses/policy_loss", "losses/kappa"):
-        assert resumed_logs[tag][n] == straight_logs[tag][n], tag
-    a, b = (torch.load(tmp_path / f"{name}.pt", weights_only=False) for name in ("straight", "resumed"))
-    torch.testing.assert_close(b["state_dict"], a["state_dict"], rtol=0, atol=0)
-    for k in (*qg.Run.NETS, "log_kappa"):
-        torch.testing.assert_close(b["finetune"][k], a["finetune"][k], rtol=0, atol=0)
-    torch.testing.assert_close(b["finetune"]["sample_buffer"], a["finetune"]["sample_buffer"], rtol=0, atol=0)
-    assert b["finetune"]["replay_next"] == a["finetune"]["replay_next"]
-    for ta, tb in zip(a["finetune"]["replay"], b["finetune"]["replay"], strict=True):
-        assert ta.keys() == tb.keys() and all(np.array_equal(ta[k], tb[k]) for k in ta)
-    assert b["finetune"]["state"] == a["finetune"]["state"] and b["finetune"]["numpy_rng"] == a["finetune"]["numpy_rng"]
-    assert torch.equal(b["finetune"]["torch_rng"], a["finetune"]["torch_rng"])
+    for tag in ("charts/normalized_score", "charts/env_steps", "losses/critic_loss", "losses/policy_loss", "losses/kappa"):
+        steps = [step for step, _ in resumed_logs[tag]]
+        assert steps == sorted(set(steps)) and set(range(killed_at + 1, n + 1)) <= set(steps), tag  # each step once
+        assert dict(resumed_logs[tag])[n] == straight_logs[tag][n], tag
+    assert_same_state(load_state(tmp_path / "straight" / "runs"), load_state(runs))
 
 
 def test_non_finite_stops_and_keeps_the_last_good_state(hopper_checkpoint, tmp_path, monkeypatch):
-    state = tmp_path / "state.pt"
     calls = []
     critic_batch = qg.critic_batch
 
@@ -429,18 +498,19 @@ def test_non_finite_stops_and_keeps_the_last_good_state(hopper_checkpoint, tmp_p
 
     monkeypatch.setattr(qg, "critic_batch", nan_in_iteration_2)
     with pytest.raises(qg.UserError) as error:
-        qg.main(tiny_args(hopper_checkpoint, tmp_path, num_iterations=3, save_every=1, save_path=str(state)))
+        qg.main(tiny_args(hopper_checkpoint, tmp_path, num_iterations=3, save_every=1))
+    state = run_dir(tmp_path / "runs") / "state.pt"
     assert str(error.value) == f"non-finite critic loss at iteration 2; stopped, last good state kept at {state}"
     saved = torch.load(state, weights_only=False)
-    assert saved["finetune"]["state"]["iteration"] == 1
+    assert saved["finetune"]["counters"]["iteration"] == 1
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
     # a NaN weight in the checkpoint: the first evaluation's actions are caught, nothing is written
     ckpt = torch.load(hopper_checkpoint, weights_only=False)
     ckpt["state_dict"]["mean_head.bias"][0] = float("nan")
     torch.save(ckpt, tmp_path / "nan.pt")
     with pytest.raises(qg.UserError, match=r"^non-finite action at iteration 0; stopped, no state saved yet$"):
-        qg.main(tiny_args(tmp_path / "nan.pt", tmp_path, save_path=str(tmp_path / "never.pt")))
-    assert not (tmp_path / "never.pt").exists()
+        qg.main(tiny_args(tmp_path / "nan.pt", tmp_path / "nan"))
+    assert not list((tmp_path / "nan").rglob("state.pt"))
 
 
 def test_delta_r_q_is_scale_free_and_the_paper_filter_is_one_flag_away():
@@ -456,28 +526,69 @@ def test_delta_r_q_is_scale_free_and_the_paper_filter_is_one_flag_away():
     assert tyro.cli(qg.Args, args=["--delta-r-q", "None"]).delta_r_q is None
 
 
-def test_replay_keeps_the_best_offline_trajectories_and_online_ones_replace_the_worst(hopper_checkpoint, tmp_path):
-    buf = qg.TrajectoryBuffer([{"rewards": np.array([r], np.float32)} for r in (5, 1, 9, 3)], capacity=3)
-    assert [t["rewards"][0] for t in buf.trajs] == [3, 5, 9]
-    for r in (100, 101, 102, 103):  # the worst offline trajectory goes first, then the next worst, then the oldest
-        buf.add({"rewards": np.array([r], np.float32)})
-    assert [t["rewards"][0] for t in buf.trajs] == [103, 101, 102]
-    # in a run: the best --replay-size offline trajectories, iteration 1's online one in the worst one's place
-    state = tmp_path / "state.pt"
-    qg.main(tiny_args(hopper_checkpoint, tmp_path, num_iterations=1, save_path=str(state)))
-    finetune = torch.load(state, weights_only=False)["finetune"]
+def same_trajectory(a, b):
+    return all(np.array_equal(a[k], b[k]) for k in ("states", "rtg", "actions", "rewards"))
+
+
+def test_replay_keeps_the_best_offline_trajectories_and_online_ones_replace_the_worst(
+    hopper_checkpoint, tmp_path, monkeypatch
+):
     ckpt = torch.load(hopper_checkpoint, weights_only=False)
     meta = dict(rtg_scale=ckpt["rtg_scale"], state_mean=ckpt["state_mean"].numpy(), state_std=ckpt["state_std"].numpy())
-    offline = sorted(qg.load_offline_trajectories(ckpt, meta), key=lambda t: float(t["rewards"].sum()))[-8:]
-    replay = finetune["replay"]
-    assert len(replay) == 8 and finetune["replay_next"] == 1
-    assert "var" in replay[0] and all("var" not in t for t in replay[1:])  # online trajectories carry their variances
-    for ours, theirs in zip(replay[1:], offline[1:], strict=True):
-        assert all(np.array_equal(ours[k], theirs[k]) for k in ("states", "rtg", "actions", "rewards"))
+    offline = sorted(qg.offline_trajectories(ckpt, meta), key=lambda t: float(t["rewards"].sum()))
+    saved, save_atomic = [], qg.save_atomic
+
+    def keep_states(path, payload):
+        saved.append(copy.deepcopy(payload["finetune"]))
+        save_atomic(path, payload)
+
+    monkeypatch.setattr(qg, "save_atomic", keep_states)
+    # --replay-size 3, 2 online trajectories per iteration: the best 3 offline ones are kept, the online ones replace the
+    # worst offline ones, worst first, and once none is left the oldest online one
+    flags = dict(replay_size=3, full_trajs_per_iter=2, save_every=1, critic_pretrain_updates=0)
+    qg.main(tiny_args(hopper_checkpoint, tmp_path / "a", **flags))
+    (online1, replay1, next1), (online2, replay2, next2) = ((s["trajs"], s["replay"], s["replay_next"]) for s in saved)
+    assert len(replay1) == 3 and next1 == 2 and same_trajectory(replay1[2], offline[-1]) and "var" not in replay1[2]
+    assert same_trajectory(replay1[0], online1[0]) and same_trajectory(replay1[1], online1[1]) and "var" in replay1[0]
+    assert len(replay2) == 3 and next2 == 1 and len(online2) == 4
+    assert [[same_trajectory(t, o) for o in online2] for t in replay2] == [[0, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0]]
+    # a replay with one free slot: the first online trajectory fills it, the next ones replace the worst offline ones
+    saved.clear()
+    flags = dict(replay_size=len(offline) + 1, full_trajs_per_iter=2, save_every=2, critic_pretrain_updates=0)
+    qg.main(tiny_args(hopper_checkpoint, tmp_path / "b", **flags))
+    online, replay, replay_next = saved[-1]["trajs"], saved[-1]["replay"], saved[-1]["replay_next"]
+    assert len(online) == 4 and len(replay) == len(offline) + 1 and replay_next == 3
+    for slot, j in ((-1, 0), (0, 1), (1, 2), (2, 3)):
+        assert same_trajectory(replay[slot], online[j]), slot
+    for ours, theirs in zip(replay[3:-1], offline[3:], strict=True):
+        assert same_trajectory(ours, theirs)
     t = offline[-1]  # the rollouts' layout: T+1 states, RTG tokens from the achieved return down to 0, last action 0
     T = len(t["rewards"])
     assert t["states"].shape[0] == t["actions"].shape[0] == len(t["rtg"]) == T + 1 and not t["actions"][-1].any()
     assert t["rtg"][0] == pytest.approx(t["rewards"].sum() * ckpt["rtg_scale"], rel=1e-5) and t["rtg"][-1] == 0
+
+
+def test_replay_from_a_d4rl_hdf5_file_equals_the_minari_one(hopper_checkpoint, tmp_path):
+    """A checkpoint pretrained with --dataset-path seeds the critic's replay from that file, in the same layout."""
+    import h5py
+    import minari
+
+    ckpt = torch.load(hopper_checkpoint, weights_only=False)
+    episodes = list(minari.load_dataset(ckpt["dataset_id"]).iterate_episodes())
+    with h5py.File(tmp_path / "hopper.hdf5", "w") as f:  # D4RL's layout: steps back to back, episode ends flagged
+        f["observations"] = np.concatenate([ep.observations[:-1] for ep in episodes])
+        f["next_observations"] = np.concatenate([ep.observations[1:] for ep in episodes])
+        for key, field in (("actions", "actions"), ("rewards", "rewards"), ("terminals", "terminations")):
+            f[key] = np.concatenate([getattr(ep, field) for ep in episodes])
+        f["timeouts"] = np.concatenate([ep.truncations for ep in episodes])
+        f.create_group("infos")["qpos"] = np.zeros(len(f["rewards"]))  # groups are not read
+    meta = dict(rtg_scale=ckpt["rtg_scale"], state_mean=ckpt["state_mean"].numpy(), state_std=ckpt["state_std"].numpy())
+    from_minari = qg.offline_trajectories(ckpt, meta)
+    from_file = qg.offline_trajectories({**ckpt, "pretrain_args": {"dataset_path": str(tmp_path / "hopper.hdf5")}}, meta)
+    assert len(from_file) == len(from_minari) == len(episodes)
+    assert any(t["terminated"] for t in from_file)
+    for a, b in zip(from_file, from_minari, strict=True):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("pretrain_updates", [200, 0])
@@ -485,22 +596,23 @@ def test_critic_is_pretrained_before_iteration_1(hopper_checkpoint, tmp_path, mo
     """With --critic-pretrain-updates the critic has learnt from the offline replay before the first rollout of
     iteration 1 (its Q on offline transitions moved); with 0 it is still the fresh critic there."""
     runs, fresh, at_iteration_1 = [], [], []
-    start, run_episodes = qg.Run.start.__func__, qg.run_episodes
+    run_episodes = qg.run_episodes
 
-    def keep_run(cls, *a, **kw):
-        runs.append(start(cls, *a, **kw))
-        fresh.append(copy.deepcopy(runs[0].critic))
-        return runs[0]
+    class KeptRun(qg.Run):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            runs.append(self)
+            fresh.append(copy.deepcopy(self.critic))
 
-    def snapshot_at_iteration_1(model, envs, **kw):
+    def snapshot_at_iteration_1(model, envs, seeds, meta, **kw):
         if not kw["deterministic"] and not at_iteration_1:
             at_iteration_1.append(copy.deepcopy(runs[0].critic))
-        return run_episodes(model, envs, **kw)
+        return run_episodes(model, envs, seeds, meta, **kw)
 
-    monkeypatch.setattr(qg.Run, "start", classmethod(keep_run))
+    monkeypatch.setattr(qg, "Run", KeptRun)
     monkeypatch.setattr(qg, "run_episodes", snapshot_at_iteration_1)
     qg.main(tiny_args(hopper_checkpoint, tmp_path, num_iterations=1, critic_pretrain_updates=pretrain_updates))
-    flat = qg.flatten_replay(runs[0].replay.trajs[1:], reward_scale=1.0, reward_shift=0.0)  # offline transitions
+    flat = qg.flatten_replay(runs[0].replay[1:], reward_scale=1.0, reward_shift=0.0)  # offline transitions
     s, a = (torch.as_tensor(flat[k][flat["row"]]) for k in ("states", "actions"))
     with torch.no_grad():
         q_fresh, q_pretrained = (torch.min(*critic(s, a)).mean().item() for critic in (fresh[0], at_iteration_1[0]))
@@ -511,7 +623,7 @@ def test_critic_is_pretrained_before_iteration_1(hopper_checkpoint, tmp_path, mo
         assert logs["pretrain/q_values"][100] != logs["pretrain/q_values"][0]
     else:
         assert q_pretrained == q_fresh and "pretrain/critic_loss" not in logs
-        assert len(runs[0].replay.trajs) == 8  # the replay is seeded all the same
+        assert len(runs[0].replay) == 8  # the replay is seeded all the same
 
 
 def test_training_seeds_are_never_evaluation_seeds(hopper_checkpoint, tmp_path, monkeypatch):
@@ -521,10 +633,10 @@ def test_training_seeds_are_never_evaluation_seeds(hopper_checkpoint, tmp_path, 
         assert not evaluation & set(drawn.tolist()) and (drawn % 100_000 >= 50_000).all() and (drawn < 2**31).all()
     used, run_episodes = [], qg.run_episodes
 
-    def record(model, envs, **kw):
+    def record(model, envs, seeds, meta, **kw):
         if not kw["deterministic"]:
-            used.extend(int(x) for x in kw["seeds"])
-        return run_episodes(model, envs, **kw)
+            used.extend(int(x) for x in seeds)
+        return run_episodes(model, envs, seeds, meta, **kw)
 
     monkeypatch.setattr(qg, "run_episodes", record)
     for seed in (0, 10):

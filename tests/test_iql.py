@@ -1,7 +1,6 @@
 """iql.py: the expectile loss, the advantage weights, TD targets at truncation vs termination, the offline + online
-replay, offline transitions, exact resume, non-finite losses, bad input, and end-to-end runs on the shared data."""
+replay, offline transitions, exact resume, non-finite losses, bad input, and end-to-end runs on the tests' tiny data."""
 
-import inspect
 import signal
 import subprocess
 import sys
@@ -15,7 +14,6 @@ from conftest import ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import iql as M
-import pretrain_dt
 
 TINY = dict(hidden_dim=16, batch_size=16, offline_updates=30, eval_episodes=1, max_episode_steps=15, eval_every=20)
 HOPPER = dict(env_id="Hopper-v4", dataset="local/hopper/medium-v0")
@@ -30,6 +28,13 @@ def scalars(run_dir) -> dict:
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def logged(run_dir, tag) -> list:
+    """Every (step, value) TensorBoard shows for `tag`, duplicates included."""
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
 # ---------------------------------------------------------------- losses
@@ -55,13 +60,13 @@ def test_expectile_loss_is_its_definition_and_pulls_v_up():
 
 
 def test_advantage_weights_are_exp_beta_adv_clipped_at_100():
-    adv = torch.tensor([-1.0, 0.0, 0.5, 1.0, 50.0])
-    w = M.advantage_weights(adv, beta=3.0)
+    adv, log_prob = torch.tensor([-1.0, 0.0, 0.5, 1.0, 50.0]), -torch.eye(5)  # row i: the NLL of sample i alone is 1
+    w = torch.stack([M.awr_loss(log_prob[i], adv, beta=3.0) * 5 for i in range(5)])  # so 5 x loss is its weight
     torch.testing.assert_close(w[:3], torch.exp(3.0 * adv[:3]))
-    assert w[3].item() == pytest.approx(np.exp(3.0)) and w[4].item() == 100.0 == M.MAX_WEIGHT
+    assert w[3].item() == pytest.approx(np.exp(3.0)) and w[4].item() == 100.0
     # The actor loss is that weight times the data action's NLL, and sends no gradient into the advantage.
     log_prob, adv = torch.tensor([-1.0, -2.0], requires_grad=True), torch.tensor([0.0, 10.0], requires_grad=True)
-    loss = M.actor_loss(log_prob, adv, beta=3.0)
+    loss = M.awr_loss(log_prob, adv, beta=3.0)
     assert loss.item() == pytest.approx((1.0 * 1.0 + 100.0 * 2.0) / 2)
     loss.backward()
     assert adv.grad is None and log_prob.grad.tolist() == [-0.5, -50.0]
@@ -95,7 +100,8 @@ def test_offline_transitions_from_a_d4rl_file(tmp_path):
         f["actions"] = np.zeros((n, 3))
         f["rewards"] = np.arange(n, dtype=np.float64)
         f["terminals"], f["timeouts"] = terminals, timeouts
-    t = M.load_transitions("d4rl/x", str(path), "mujoco")
+    args = M.Args(env_id="Hopper-v4", dataset="x", dataset_path=str(path), online_steps=0)
+    t = M.load_offline(args, "mujoco", M.make_env("Hopper-v4"))["offline"]
     # The timeout's and the file's last s' are unknown, so those rows go; the fall keeps its row, as terminal.
     assert t["rewards"].tolist() == [0, 1, 2, 3, 4, 6, 7]
     assert t["terminals"].tolist() == [False, False, True, False, False, False, False]
@@ -104,39 +110,40 @@ def test_offline_transitions_from_a_d4rl_file(tmp_path):
 
 def test_minari_transitions_keep_every_step_with_its_next_observation():
     _, trajs, _, _ = M.load_dataset(**HOPPER, dataset_path=None, random_steps=0, seed=0)
-    t = M.load_transitions(HOPPER["dataset"], None, "mujoco")
-    assert len(t["rewards"]) == sum(len(x["rewards"]) for x in trajs) == 89_673
-    np.testing.assert_array_equal(t["observations"][: len(trajs[0]["rewards"])], trajs[0]["observations"])
-    np.testing.assert_array_equal(t["next_observations"][:10], t["observations"][1:11])
-    assert t["terminals"].sum() == sum(x["terminals"].sum() for x in trajs) == 249
+    t = M.load_offline(M.Args(**HOPPER), "mujoco", M.make_env(HOPPER["env_id"]))["offline"]
+    assert len(t["rewards"]) == sum(len(x["rewards"]) for x in trajs)  # every step, the last of each episode too
+    np.testing.assert_array_equal(t["observations"], np.concatenate([x["observations"] for x in trajs]))
+    np.testing.assert_array_equal(t["rewards"], np.concatenate([x["rewards"] for x in trajs]))
+    n0 = len(trajs[0]["rewards"])  # within an episode s' is the next s; the last step has its own s'
+    np.testing.assert_array_equal(t["next_observations"][: n0 - 1], t["observations"][1:n0])
+    assert not np.array_equal(t["next_observations"][n0 - 1], t["observations"][n0])
+    assert t["terminals"].sum() == sum(x["terminals"].sum() for x in trajs) > 0  # the falls stay terminal
 
 
 # ---------------------------------------------------------------- replay, presets, seeds
 def test_buffer_mixes_offline_and_online_and_keeps_offline_data():
     offline = dict(observations=np.zeros((50, 2), np.float32), rewards=np.zeros(50, np.float32))
-    buf = M.ReplayBuffer({k: v.copy() for k, v in offline.items()}, capacity=50 + 8)
-    rng = np.random.default_rng(0)
+    buf = M.ReplayBuffer({k: v.copy() for k, v in offline.items()}, capacity=50 + 8, seed=0)
     for i in range(1, 21):  # 20 online transitions into 8 online slots: FIFO keeps the last 8
         buf.add(observations=np.full(2, i), rewards=float(i))
-    batch = buf.sample(4000, rng)["rewards"]
+    batch = buf.sample(4000)["rewards"]
     assert (batch == 0).any() and (batch > 0).any()  # both sources in one batch
     assert set(batch[batch > 0].tolist()) == set(range(13, 21))  # the oldest online ones were replaced
     assert np.mean(batch > 0) == pytest.approx(8 / 58, abs=0.02)  # uniform over the 58 transitions
     for k, v in offline.items():  # the offline part is never overwritten
-        np.testing.assert_array_equal(buf.offline[k], v)
-    restored = M.ReplayBuffer({k: v.copy() for k, v in offline.items()}, capacity=58)
-    restored.load_state_dict(buf.state_dict())
-    np.testing.assert_array_equal(
-        restored.sample(100, np.random.default_rng(1))["rewards"], buf.sample(100, np.random.default_rng(1))["rewards"]
-    )
+        np.testing.assert_array_equal(buf.data[k][:50], v)
+    restored = M.ReplayBuffer({k: v.copy() for k, v in offline.items()}, capacity=58, seed=1)
+    restored.load_state_dict(buf.state_dict())  # the online part and the state of the sampling generator
+    np.testing.assert_array_equal(restored.sample(100)["rewards"], buf.sample(100)["rewards"])
 
 
 def test_family_presets_and_reward_transform():
-    door = M.apply_presets(M.Args(), "adroit")
-    assert (door.expectile, door.beta, door.actor_dropout, door.normalize_reward) == (0.8, 3.0, 0.1, False)
-    ant = M.apply_presets(M.Args(), "antmaze")
-    assert (ant.expectile, ant.beta, ant.normalize_reward) == (0.9, 10.0, True)
-    assert M.apply_presets(M.Args(expectile=0.6), "mujoco").expectile == 0.6  # a flag wins over the preset
+    door, fam = M.check(M.Args(env_id="AdroitHandDoor-v1"))
+    assert fam == "adroit" and (door.expectile, door.beta, door.actor_dropout, door.normalize_reward) == (0.8, 3.0, 0.1, False)
+    ant, fam = M.check(M.Args(env_id="AntMaze_UMaze-v4"))
+    assert fam == "antmaze" and (ant.expectile, ant.beta, ant.normalize_reward) == (0.9, 10.0, True)
+    hopper, _ = M.check(M.Args(expectile=0.6))
+    assert (hopper.expectile, hopper.beta, hopper.normalize_reward) == (0.6, 3.0, True)  # a flag wins over the preset
     returns = np.array([100.0, 600.0, 300.0])
     assert M.reward_transform("mujoco", returns, True) == (2.0, 0.0)  # 1000 / (600 - 100)
     assert M.reward_transform("antmaze", returns, True) == (1.0, -1.0)
@@ -149,33 +156,13 @@ def test_eval_seeds_differ_across_run_seeds():
     assert len({M.train_episode_seed(s, e) for s in (1, 2) for e in range(100)} | set(M.eval_seeds(1, 10))) == 210
 
 
-def test_shared_code_is_a_verbatim_copy_of_pretrain_dt():
-    for name in (
-        "UserError",
-        "env_family",
-        "flatten_antmaze_obs",
-        "make_env",
-        "remote_reachable",
-        "episodes_to_trajectories",
-        "load_d4rl_hdf5",
-        "generate_random_dataset",
-        "load_dataset",
-        "normalized_score",
-        "fix_malloc_mmap_threshold",
-        "save_checkpoint",
-    ):
-        assert inspect.getsource(getattr(M, name)) == inspect.getsource(getattr(pretrain_dt, name)), name
-    for name in ("MUJOCO_ENVS", "ADROIT_ENVS", "SUPPORTED", "D4RL_REF", "SHORT_NAMES"):
-        assert getattr(M, name) == getattr(pretrain_dt, name), name
-
-
 # ---------------------------------------------------------------- runs
 def test_resume_is_exact(tmp_path):
     straight = run(tmp_path / "a", online_steps=40)
     # The same run stopped at 23 env steps (mid-episode: episodes are 15 steps), then resumed in a new main().
     first = run(tmp_path / "b", online_steps=40, total_env_steps=23)
     assert first["env_steps"] == 23 and first["episode_actions"]
-    resumed = M.main(M.Args(resume=str(first["state_path"]), online_steps=40, eval_every=20, eval_episodes=1))
+    resumed = M.main(M.Args(resume=str(first["state_path"]), total_env_steps=40))  # a budget flag: lifts the 23
     assert resumed["env_steps"] == straight["env_steps"] == 40 and resumed["run_dir"] == first["run_dir"]
     assert resumed["score"] == straight["score"]
     for (k, a), b in zip(straight["agent"].state_dict().items(), resumed["agent"].state_dict().values()):
@@ -183,8 +170,8 @@ def test_resume_is_exact(tmp_path):
     sa, sb = (torch.load(r["state_path"], weights_only=False) for r in (straight, resumed))
     for k, v in sa["buffer"]["online"].items():
         np.testing.assert_array_equal(v, sb["buffer"]["online"][k])
-    assert sa["numpy_rng"] == sb["numpy_rng"] and torch.equal(sa["torch_rng"], sb["torch_rng"])
-    assert sa["optimizers"]["actor"]["state"][0]["step"] == sb["optimizers"]["actor"]["state"][0]["step"]
+    assert sa["buffer"]["rng"] == sb["buffer"]["rng"] and torch.equal(sa["torch_rng"], sb["torch_rng"])
+    assert sa["optimizer"]["state"][0]["step"] == sb["optimizer"]["state"][0]["step"]
 
 
 def test_budgets_stop_the_online_phase(tmp_path):
@@ -211,13 +198,13 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_state(tmp_p
 
 
 def test_non_finite_action_stops_with_one_line_and_keeps_the_last_good_state(tmp_path, monkeypatch):
-    real, calls = M.act, []
+    real, calls = M.IQL.act, []
 
-    def poisoned(actor, obs, *a, sample, **kw):  # a NaN exploration action at online env step 33
+    def poisoned(agent, obs, sample):  # a NaN exploration action at online env step 33
         calls.append(sample)
-        return real(actor, obs, *a, sample=sample, **kw) * (float("nan") if sum(calls) == 33 else 1.0)
+        return real(agent, obs, sample) * (float("nan") if sum(calls) == 33 else 1.0)
 
-    monkeypatch.setattr(M, "act", poisoned)
+    monkeypatch.setattr(M.IQL, "act", poisoned)
     save_path = tmp_path / "mine" / "run.pt"
     with pytest.raises(M.UserError) as err:
         run(tmp_path, online_steps=40, save_path=str(save_path))  # --save-path: the state goes there, not to runs/
@@ -252,7 +239,7 @@ def test_kill_and_resume_continues_exactly(tmp_path, capsys):
     assert saved >= 40 and proc.returncode == -signal.SIGKILL, "the run did not save env step 40 before the kill"
     at_kill = torch.load(state_path, weights_only=False)["counters"]["env_steps"]
     assert at_kill >= 40 and at_kill % 20 == 0
-    M.main(M.Args(resume=str(state_path), online_steps=100, eval_every=20, eval_episodes=1))
+    M.main(M.Args(resume=str(state_path), online_steps=100))
     assert f"resumed {state_path} at env step {at_kill}" in capsys.readouterr().out
     straight = run(tmp_path / "straight", seed=3, online_steps=100, save_every=1)
     a, b = (torch.load(p, weights_only=False) for p in (straight["state_path"], state_path))
@@ -261,8 +248,8 @@ def test_kill_and_resume_continues_exactly(tmp_path, capsys):
         torch.testing.assert_close(b["agent"][k], v, rtol=0, atol=0, msg=k)
     for k, v in a["buffer"]["online"].items():
         np.testing.assert_array_equal(b["buffer"]["online"][k], v)
-    assert a["numpy_rng"] == b["numpy_rng"] and torch.equal(a["torch_rng"], b["torch_rng"])
-    assert a["optimizers"]["q"]["state"][0]["step"] == b["optimizers"]["q"]["state"][0]["step"]
+    assert a["buffer"]["rng"] == b["buffer"]["rng"] and torch.equal(a["torch_rng"], b["torch_rng"])
+    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
     for k, v in a["counters"].items():
         np.testing.assert_array_equal(np.asarray(b["counters"][k]), np.asarray(v), err_msg=k)
 
@@ -283,7 +270,7 @@ def test_end_to_end(tmp_path, task):
             save_model=True,
         )
     )
-    assert np.isfinite(out["score"]) and out["grad_updates"] == 400
+    assert np.isfinite(out["score"]) and out["env_steps"] == 100
     s = scalars(out["run_dir"])
     for tag in (
         "charts/normalized_score",
@@ -304,22 +291,95 @@ def test_end_to_end(tmp_path, task):
     assert s["charts/grad_updates"][100] == 400 and all(np.isfinite(v) for v in s["losses/qf_loss"].values())
     actor = torch.load(out["run_dir"] / "iql.pt", weights_only=False)  # --save-model: {exp_name}.pt
     assert actor["args"]["actor_dropout"] == (0.1 if task is DOOR else 0.0)
+    for k, v in actor["actor"].items():
+        torch.testing.assert_close(v, out["agent"].actor.state_dict()[k], rtol=0, atol=0)
 
 
-def test_bad_sizes_are_one_line_errors(tmp_path):
-    with pytest.raises(M.UserError, match=r"--batch-size 0 \(min 1\), --eval-episodes 0 \(min 1\)"):
-        run(tmp_path, batch_size=0, eval_episodes=0)
-    with pytest.raises(M.UserError, match="--buffer-size 100 leaves no room"):
-        run(tmp_path, buffer_size=100, online_steps=10)
-    with pytest.raises(M.UserError, match="is not a file"):
-        M.main(M.Args(resume=str(tmp_path / "nope.pt")))
+def test_resume_without_budget_flags_keeps_the_runs_budget(tmp_path):
+    first = run(tmp_path, online_steps=40, total_env_steps=23)
+    assert M.main(M.Args(resume=str(first["state_path"])))["env_steps"] == 23  # its own --total-env-steps 23
+    assert M.main(M.Args(resume=str(first["state_path"]), total_env_steps=30))["env_steps"] == 30
+
+
+def test_resumed_run_logs_each_step_once(tmp_path, monkeypatch):
+    """A run killed after logging past its last state: the resumed run's TensorBoard shows each step once, with the
+    values of an uninterrupted run."""
+    real, real_writer, writers = torch.save, M.make_writer, []
+    flags = dict(online_steps=40, eval_every=10, max_episode_steps=8)
+
+    def killed_at_30(state, path):  # the run state's torch.save
+        if state["counters"]["env_steps"] == 30:
+            writers[-1].flush()  # what the killed process had logged after its last state (env step 20)
+            raise KeyboardInterrupt
+        real(state, path)
+
+    monkeypatch.setattr(M, "make_writer", lambda *a, **kw: writers.append(real_writer(*a, **kw)) or writers[-1])
+    monkeypatch.setattr(M.torch, "save", killed_at_30)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "a", **flags)
+    monkeypatch.setattr(M.torch, "save", real)
+    (state,) = (tmp_path / "a" / "runs").glob("*/state.pt")
+    assert torch.load(state, weights_only=False)["counters"]["env_steps"] == 20
+    resumed, straight = M.main(M.Args(resume=str(state))), run(tmp_path / "b", **flags)
+    for tag in ("charts/normalized_score", "charts/episodic_return", "charts/env_steps", "charts/grad_updates"):
+        assert logged(resumed["run_dir"], tag) == logged(straight["run_dir"], tag), tag
+    assert [s for s, _ in logged(resumed["run_dir"], "charts/episodic_return")] == [8, 16, 24, 32, 40]
+
+
+def test_resume_after_pretraining_shows_the_offline_curves_once(tmp_path):
+    """The offline phase is logged at update - offline_updates (<= 0), so a run resumed from the state saved right
+    after pretraining (env step 0, purge from step 1) keeps its offline curves, each point once, online steps after."""
+    flags = dict(offline_updates=200, eval_every=20)
+    first = run(tmp_path / "a", **flags, online_steps=0)  # offline only: its state is the one saved after pretraining
+    assert torch.load(first["state_path"], weights_only=False)["counters"]["env_steps"] == 0
+    resumed = M.main(M.Args(resume=str(first["state_path"]), online_steps=40))
+    straight = run(tmp_path / "b", **flags, online_steps=40)
+    for tag in ("offline/qf_loss", "offline/actor_loss", "offline/normalized_score", "charts/normalized_score"):
+        assert logged(resumed["run_dir"], tag) == logged(straight["run_dir"], tag), tag
+    assert [s for s, _ in logged(resumed["run_dir"], "offline/qf_loss")] == [-100, 0]  # updates 100 and 200 of 200
+    assert [s for s, _ in logged(resumed["run_dir"], "offline/normalized_score")] == [0]
+    assert [s for s, _ in logged(resumed["run_dir"], "charts/normalized_score")] == [0, 20, 40]
 
 
 @pytest.mark.parametrize(
     "flags,match",
     [
-        (["--env-id", "Humanoid-v4"], "error: unknown --env-id 'Humanoid-v4'; supported: MuJoCo"),
-        (["--env-id", "Hopper-v4", "--dataset", "bogus"], "error: unknown --dataset 'bogus' for mujoco; use one of"),
+        (dict(actor_lr=-1.0), "--actor-lr must be > 0, got -1.0"),
+        (dict(critic_lr=0.0), "--critic-lr must be > 0, got 0.0"),
+        (dict(batch_size=0, eval_episodes=0), "--batch-size must be > 0, got 0"),
+        (dict(hidden_dim=0), "--hidden-dim must be > 0, got 0"),
+        (dict(eval_episodes=0), "--eval-episodes must be > 0, got 0"),
+        (dict(max_episode_steps=0), "--max-episode-steps must be > 0, got 0"),
+        (dict(online_steps=-1), "--online-steps must be >= 0, got -1"),
+        (dict(offline_updates=-5), "--offline-updates must be >= 0, got -5"),
+        (dict(expectile=1.5), r"--expectile must be in \[0, 1\], got 1.5"),
+        (dict(tau=2.0), r"--tau must be in \[0, 1\], got 2.0"),
+        (dict(buffer_size=100, online_steps=10), "--buffer-size must be > the .* offline transitions, got 100"),
+    ],
+)
+def test_bad_input_is_a_one_line_error_and_nothing_runs(tmp_path, flags, match):
+    with pytest.raises(M.UserError, match=f"^{match}$"):
+        run(tmp_path, **flags)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_resume_is_a_one_line_error(tmp_path):
+    with pytest.raises(M.UserError, match="^--resume '.*nope.pt' does not exist$"):
+        M.main(M.Args(resume=str(tmp_path / "nope.pt")))
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(M.UserError, match=r"^--resume '.*other.pt' is not a run state of iql.py \(--save-every"):
+        M.main(M.Args(resume=str(tmp_path / "other.pt")))
+    first = run(tmp_path, online_steps=20)
+    with pytest.raises(M.UserError, match=r"only --online-steps, --total-env-steps, --max-seconds may change, not --beta$"):
+        M.main(M.Args(resume=str(first["state_path"]), beta=1.0))
+
+
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (["--env-id", "Humanoid-v4"], "error: unknown --env-id 'Humanoid-v4'; supported: Hopper"),
+        (["--env-id", "Hopper-v4", "--dataset", "bogus"], "error: unknown --dataset 'bogus'; use one of"),
+        (["--critic-lr", "0"], "error: --critic-lr must be > 0, got 0.0"),
     ],
 )
 def test_bad_input_is_one_line_error(flags, match):
@@ -332,5 +392,5 @@ def test_bad_input_is_one_line_error(flags, match):
 def test_a_missing_generated_set_is_an_error_not_random_data(tmp_path, monkeypatch):
     """iql.py's copy of the loader: a missing generated/ id other than the random set stops with one line."""
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "datasets"))
-    with pytest.raises(M.UserError, match="teacher-noisy-v0.*not in the local Minari cache.*random-v0"):
+    with pytest.raises(M.UserError, match="teacher-noisy-v0.*is not in .* and cannot be downloaded"):
         M.load_dataset("Hopper-v4", "generated/hopper/teacher-noisy-v0", None, 200, 0)

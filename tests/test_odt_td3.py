@@ -1,6 +1,7 @@
 """odt_td3.py: relabeling, TD targets, Polyak, the alpha = 0 actor gradient, the loader contract, end to end."""
 
 import copy
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, check_checkpoint_loads
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import odt_td3 as M
 
@@ -55,9 +57,16 @@ def test_loader_contract(hopper_checkpoint):
     assert ckpt["model_config"]["c_offline"] == 20
 
 
+def ckpt_of(env_id, rtg_scale):  # what flatten_buffer reads of a checkpoint, for 2-dim states
+    return dict(env_id=env_id, rtg_scale=rtg_scale, state_mean=torch.zeros(2), state_std=torch.ones(2))
+
+
 def test_relabeled_rtg_is_suffix_sum_times_scale():
     rewards = np.array([1.0, -2.0, 3.0, 0.5], np.float32)
-    np.testing.assert_allclose(M.relabel_rtg(rewards, 1e-3), 1e-3 * np.array([2.5, 1.5, 3.5, 0.5]), rtol=1e-6)
+    one = dict(observations=np.zeros((5, 2), np.float32), actions=np.zeros((4, 1), np.float32), rewards=rewards)
+    flat = M.flatten_buffer([one | dict(terminated=True)], ckpt_of("Hopper-v4", 1e-3))
+    np.testing.assert_allclose(flat["rtg"], 1e-3 * np.array([2.5, 1.5, 3.5, 0.5, 0]), rtol=1e-6)
+    np.testing.assert_array_equal(flat["rewards"][:4], rewards)  # MuJoCo: the critic sees the raw reward
     # The buffer's RTG tokens are the achieved returns, whatever RTG the rollout was conditioned on.
     trajs = [
         dict(
@@ -68,17 +77,12 @@ def test_relabeled_rtg_is_suffix_sum_times_scale():
         )
         for n in (3, 2)
     ]
-    flat = M.flatten_buffer(trajs, np.zeros(2), np.ones(2), 0.5, lambda r: r / 100)
+    flat = M.flatten_buffer(trajs, ckpt_of("AdroitHandDoor-v1", 0.5))  # Adroit door: rewards / 100
     np.testing.assert_allclose(flat["rtg"], 0.5 * np.array([6, 5, 3, 0, 3, 2, 0]))
     np.testing.assert_allclose(flat["rewards"], np.array([1, 2, 3, 0, 1, 2, 0]) / 100, rtol=1e-6)
     assert flat["terminals"].tolist() == [False, False, True, False, False, False, False]  # the 2nd was truncated
-
-
-def test_td_target_truncation_bootstraps_termination_cuts():
-    r, q1, q2 = torch.tensor([1.0, 1.0, 2.0]), torch.tensor([10.0, 10.0, 4.0]), torch.tensor([12.0, 8.0, 5.0])
-    term = torch.tensor([False, True, False])  # step 0: time-limit truncation; step 1: true termination
-    y = M.td_target(r, term, q1, q2, 0.9)
-    torch.testing.assert_close(y, torch.tensor([1 + 0.9 * 10, 1.0, 2 + 0.9 * 4]))
+    antmaze = M.flatten_buffer(trajs, ckpt_of("AntMaze_UMaze-v4", 0.5))
+    np.testing.assert_allclose(antmaze["rewards"], [0, 1, 2, 0, 0, 1, 0])  # AntMaze: -1 per step; closing rows are 0
 
 
 def test_sampled_next_context_is_the_shifted_context():
@@ -92,7 +96,7 @@ def test_sampled_next_context_is_the_shifted_context():
             terminated=False,
         )
     ]
-    flat = M.flatten_buffer(trajs, np.zeros(2), np.ones(2), 1.0, lambda r: r)
+    flat = M.flatten_buffer(trajs, ckpt_of("Hopper-v4", 1.0))
     b = M.sample_segments(flat, K, 64, np.random.default_rng(0), "cpu")
     m = b["mask"]
     torch.testing.assert_close(b["next_states"][m], b["states"][m] + 1)  # s_{t+1}, incl. the final observation
@@ -104,7 +108,8 @@ def test_sampled_next_context_is_the_shifted_context():
     assert (m.sum(1) >= 1).all() and (b["states"][~m] == 0).all()
 
 
-def test_twin_min_target_hand_computed():
+@pytest.mark.parametrize("terminal", [0, 1])  # 0: a time-limit truncation bootstraps; 1: a true termination cuts
+def test_twin_min_target_hand_computed(terminal):
     torch.manual_seed(0)
     critic = M.TwinCritic(2, 1, hidden=4)
     model = M.DecisionTransformer(2, 1, embed_dim=8, n_layers=1, n_heads=1, dropout=0.0)
@@ -113,7 +118,7 @@ def test_twin_min_target_hand_computed():
         states=torch.randn(1, 2, 2),
         actions=torch.rand(1, 2, 1),
         rewards=torch.tensor([[0.0, 3.0]]),
-        terminals=torch.tensor([[0, 0]]),
+        terminals=torch.tensor([[0, terminal]]),
         next_states=torch.randn(1, 2, 2),
         next_actions=torch.rand(1, 2, 1),
         next_rtg=torch.randn(1, 2, 1),
@@ -124,7 +129,7 @@ def test_twin_min_target_hand_computed():
     with torch.no_grad():
         a = torch.tanh(model(batch["next_rtg"], batch["next_states"], batch["next_actions"], mask)[0])[0, 1]
         x = torch.cat([batch["next_states"][0, 1], a])
-        y = 3.0 + 0.99 * min(critic.q1(x).item(), critic.q2(x).item())
+        y = 3.0 + 0.99 * (1 - terminal) * min(critic.q1(x).item(), critic.q2(x).item())
         xs = torch.cat([batch["states"][0, 1], batch["actions"][0, 1]])
         expected = (critic.q1(xs).item() - y) ** 2 + (critic.q2(xs).item() - y) ** 2  # the padded token is ignored
     assert loss.item() == pytest.approx(expected, rel=1e-5)
@@ -150,31 +155,41 @@ def test_alpha_zero_critic_does_not_change_actor_gradient(algo):
         mask=torch.ones(4, 5, dtype=torch.bool),
     )
 
+    def flat_grads():  # the log-std head gets no gradient in the deterministic odt_td3 actor
+        return torch.cat([torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten() for p in model.parameters()])
+
     def grads(critic, rl_coef):
         model.zero_grad()
         torch.manual_seed(1)  # the same entropy sample for odt
-        M.actor_loss(model, critic, batch, algo, rl_coef, torch.tensor(0.1))[0].backward()
-        return torch.cat(
-            [
-                torch.zeros_like(p).flatten() if p.grad is None else p.grad.flatten()  # log-std head: no
-                for p in model.parameters()
-            ]
-        )  # gradient in the deterministic odt_td3 actor
+        M.actor_loss(model, critic, batch, algo, rl_coef, torch.tensor(0.1), 1e-6, 0.99)[0].backward()
+        return flat_grads()
 
     c1, c2 = M.TwinCritic(3, 2, hidden=8), M.TwinCritic(3, 2, hidden=8)
-    torch.testing.assert_close(grads(c1, 0.0), grads(None, 0.0))
-    torch.testing.assert_close(grads(c2, 0.0), grads(None, 0.0))
-    if algo == "odt_td3":  # the check has teeth: with alpha > 0 the critic does change it
-        assert not torch.allclose(grads(c1, 0.1), grads(None, 0.0))
+    torch.testing.assert_close(grads(c1, 0.0), grads(c2, 0.0))
+    if algo == "odt_td3":  # alpha = 0 is exactly ODT's supervised MSE; with alpha > 0 the critic does change it
+        model.zero_grad()
+        mean = model(batch["rtg"], batch["states"], batch["actions"], batch["mask"])[0]
+        ((torch.tanh(mean) - batch["actions"]) ** 2).mean().backward()
+        torch.testing.assert_close(grads(c1, 0.0), flat_grads())
+        assert not torch.allclose(grads(c1, 0.1), grads(c1, 0.0))
+    else:  # odt has no critic term at all
+        torch.testing.assert_close(grads(c1, 0.1), grads(c2, 0.0))
 
 
-def test_buffer_seeds_best_and_replaces_worst_first():
-    trajs = [dict(rewards=np.full(2, r, np.float32), name=r) for r in (5.0, 1.0, 9.0, 3.0)]
-    buf = M.TrajectoryBuffer(trajs, 3)
-    assert [t["name"] for t in buf.trajs] == [3.0, 5.0, 9.0]
-    for new in ("a", "b", "c", "d"):
-        buf.add(dict(rewards=np.zeros(1), name=new))
-    assert [t["name"] for t in buf.trajs] == ["d", "b", "c"]  # worst offline first, then oldest first
+def test_buffer_seeds_best_and_replaces_worst_first(door_checkpoint, tmp_path, monkeypatch):
+    offline = M.load_offline_trajectories(torch.load(door_checkpoint, weights_only=False))
+    best = sorted(float(t["rewards"].sum()) for t in offline)[-2:]
+    seen, real_save = [], M.save_atomic
+
+    def record(path, payload):
+        seen.append([float(t["rewards"].sum()) for t in payload["finetune"]["buffer"]])
+        real_save(path, payload)
+
+    monkeypatch.setattr(M, "save_atomic", record)
+    hist = run(door_checkpoint, tmp_path, "AdroitHandDoor-v1", replay_size=3, num_iterations=4, save_every=1)
+    r = [None] + [h["episodic_return"] for h in hist[1:]]  # one rollout per iteration
+    assert len(offline) > 3  # the worst offline trajectory is left out, then the worst kept one goes first
+    assert seen == [[r[1], *best], [r[1], r[2], best[1]], [r[1], r[2], r[3]], [r[4], r[2], r[3]]]  # then the oldest
 
 
 def test_iteration_zero_reproduces_checkpoint_score(hopper_checkpoint, tmp_path):
@@ -197,7 +212,7 @@ def test_end_to_end(hopper_checkpoint, door_checkpoint, tmp_path, env_id, algo):
     keys = {"sup_loss", "critic_loss", "q_values", "rl_loss"} if algo == "odt_td3" else {"sup_loss", "entropy", "nll"}
     assert keys <= set(hist[-1]) and all(np.isfinite(hist[-1][k]) for k in keys)
     saved = torch.load(tmp_path / "ft.pt", weights_only=False)
-    assert saved["finetune"]["iteration"] == 2 and saved["finetune"]["algo"] == algo
+    assert saved["finetune"]["iteration"] == 2 and saved["args"]["algo"] == algo
     before = torch.load(ckpt, weights_only=False)["state_dict"]
     assert any(not torch.equal(before[k], v) for k, v in saved["state_dict"].items())  # the DT was finetuned
     check_checkpoint_loads(M.load_model, tmp_path / "ft.pt")  # still the shared checkpoint format
@@ -224,13 +239,88 @@ def test_resume_continues_exactly(door_checkpoint, tmp_path):
         torch.testing.assert_close(a[k], b[k])
 
 
+def test_resume_without_budget_flags_keeps_the_runs_budget(door_checkpoint, tmp_path):
+    state = tmp_path / "s.pt"
+    run(door_checkpoint, tmp_path, "AdroitHandDoor-v1", num_iterations=2, save_every=1, save_path=str(state))
+    assert M.main(M.Args(resume=str(state))) == []  # the run's own --num-iterations 2: nothing left to do
+    assert torch.load(state, weights_only=False)["finetune"]["iteration"] == 2
+    hist = M.main(M.Args(resume=str(state), num_iterations=3))  # a budget flag given anew extends it
+    assert [h["iteration"] for h in hist] == [3]
+    with pytest.raises(M.UserError, match="only --num-iterations, --total-env-steps, --max-seconds may change, not --n-batch"):
+        M.main(M.Args(resume=str(state), n_batch=4))
+
+
+def test_resumed_run_logs_each_step_once(door_checkpoint, tmp_path, monkeypatch):
+    """A state from iteration 2 of a run that went on to log iteration 3: the resumed run replaces that step."""
+    state, real_save = tmp_path / "s.pt", M.save_atomic
+
+    def keep_iteration_2(path, payload):
+        real_save(path, payload)
+        if payload["finetune"]["iteration"] == 2:
+            shutil.copy(path, state)
+
+    monkeypatch.setattr(M, "save_atomic", keep_iteration_2)
+    run(door_checkpoint, tmp_path, "AdroitHandDoor-v1", num_iterations=3, save_every=1, save_path=str(tmp_path / "a.pt"))
+    monkeypatch.undo()
+    M.main(M.Args(resume=str(state), save_path=str(tmp_path / "a.pt")))
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    for tag in ("charts/normalized_score", "losses/sup_loss"):
+        steps = [e.step for e in acc.Scalars(tag)]
+        assert sorted(steps) == sorted(set(steps)) and max(steps) == 3, (tag, steps)
+
+
+def test_scale_picks_the_default_checkpoint(hopper_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default checkpoints/ folder is relative
+    path = M.default_checkpoint_path("Hopper-v4", "local/hopper/medium-v0", 1, scale="cpu")
+    path.parent.mkdir()
+    shutil.copy(hopper_checkpoint, path)
+    args = M.Args(dataset="local/hopper/medium-v0", scale="cpu", runs_dir=str(tmp_path / "runs"), **TINY)
+    assert M.ensure_checkpoint(args) == path and path.name.endswith("__cpu.pt")  # found: nothing is pretrained
+    assert len(M.main(replace(args, num_iterations=0))) == 1
+
+
 def test_bad_input_is_a_one_line_error(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "odt_td3.py"), "--algo", "ppo"], capture_output=True, text=True)
     assert out.returncode != 0 and "--algo" in out.stderr and "odt_td3" in out.stderr  # tyro rejects the choice
-    with pytest.raises(M.UserError, match="unknown --algo 'ppo'; choose one of odt_td3, odt"):
-        M.main(M.Args(algo="ppo", runs_dir=str(tmp_path)))
-    with pytest.raises(M.UserError, match="unknown --env-id 'Foo-v0'; supported: MuJoCo"):
-        M.main(M.Args(env_id="Foo-v0", runs_dir=str(tmp_path)))
+    cmd = [sys.executable, str(ROOT / "odt_td3.py"), "--n-batch", "0", "--runs-dir", str(tmp_path / "runs")]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr == "error: --n-batch must be > 0, got 0\n"
+    assert not (tmp_path / "runs").exists()  # nothing ran
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (dict(env_id="Foo-v0"), "unknown --env-id 'Foo-v0'; supported: Hopper"),
+        (dict(learning_rate=-1.0), "--learning-rate must be > 0, got -1.0"),
+        (dict(critic_lr=0.0), "--critic-lr must be > 0, got 0.0"),
+        (dict(eval_episodes=0), "--eval-episodes must be > 0, got 0"),
+        (dict(replay_size=0), "--replay-size must be > 0, got 0"),
+        (dict(c_online=0), "--c-online must be > 0, got 0"),
+        (dict(actor_updates=0), "--actor-updates must be > 0, got 0"),
+        (dict(num_iterations=-1), "--num-iterations must be >= 0, got -1"),
+        (dict(critic_pretrain_updates=-1), "--critic-pretrain-updates must be >= 0, got -1"),
+        (dict(total_env_steps=-5), "--total-env-steps must be >= 0, got -5"),
+        (dict(rl_coef=-0.1), "--rl-coef must be >= 0, got -0.1"),
+        (dict(gamma=1.5), "--gamma must be in [0, 1], got 1.5"),
+        (dict(tau=2.0), "--tau must be in [0, 1], got 2.0"),
+        (dict(checkpoint="missing.pt"), "--checkpoint 'missing.pt' does not exist"),
+        (dict(resume="missing.pt"), "--resume 'missing.pt' does not exist"),
+    ],
+)
+def test_each_bad_input_class_is_one_line_naming_the_flag(tmp_path, monkeypatch, flags, message):
+    monkeypatch.setattr(M, "seed_everything", lambda args: pytest.fail("a run started"))
+    with pytest.raises(M.UserError) as e:
+        M.main(M.Args(runs_dir=str(tmp_path / "runs"), **flags))
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_checkpoint_of_another_env_is_one_line(door_checkpoint, tmp_path):
+    with pytest.raises(M.UserError, match="is for AdroitHandDoor-v1, not --env-id Hopper-v4"):
+        run(door_checkpoint, tmp_path, "Hopper-v4")
 
 
 def test_env_step_budget_stops_after_the_iteration_that_reaches_it(door_checkpoint, tmp_path):
@@ -253,12 +343,10 @@ def test_d4rl_file_keeps_the_final_observation(tmp_path):
 
 
 def test_rollout_keeps_each_trajectorys_first_observation(hopper_checkpoint):
-    """The first stored observation is the reset observation, not a view of the per-env buffer that later steps
-    overwrite (which made every online trajectory's first observation equal its last)."""
+    """The first stored observation is the reset observation, not a view of the per-env buffer later steps overwrite."""
     model, ckpt = M.load_model(hopper_checkpoint)
-    meta = dict(rtg_scale=ckpt["rtg_scale"], state_mean=ckpt["state_mean"], state_std=ckpt["state_std"])
     envs = [M.make_env("Hopper-v4", max_episode_steps=15) for _ in range(2)]
-    trajs = M.rollout(model, envs, [3, 4], meta, target_return=3600.0, context_len=2, act_fn=M.greedy_action, device="cpu")
+    trajs = M.rollout(model, envs, [3, 4], ckpt=ckpt, target_return=3600.0, context_len=2, mode="eval")
     for traj, seed in zip(trajs, (3, 4)):
         first = M.make_env("Hopper-v4").reset(seed=seed)[0].astype(np.float32)
         np.testing.assert_array_equal(traj["observations"][0], first)
@@ -279,7 +367,7 @@ _baseline = {}
         (dict(algo="odt", kappa_lr=1e-1), "temperature"),  # the temperature's dual step size
     ],
 )
-def test_renamed_flags_change_behaviour(hopper_checkpoint, tmp_path, flag, changes):
+def test_flags_change_behaviour(hopper_checkpoint, tmp_path, flag, changes):
     algo = flag.get("algo", "odt_td3")
     if algo not in _baseline:
         _baseline[algo] = run(hopper_checkpoint, tmp_path / "base", "Hopper-v4", num_iterations=1, algo=algo)[-1]
@@ -345,8 +433,9 @@ def test_killed_run_resumes_bit_exactly(door_checkpoint, tmp_path, capsys):
     a, b = (torch.load(p, weights_only=False) for p in (tmp_path / "a.pt", state))
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
-    for k in ("iteration", "env_steps", "grad_updates", "numpy_rng", "buffer_next"):
+    for k in ("iteration", "env_steps", "grad_updates", "buffer_next"):
         assert a["finetune"][k] == b["finetune"][k], k
+    assert a["finetune"]["rng"].bit_generator.state == b["finetune"]["rng"].bit_generator.state
     for k, v in a["finetune"]["critic"].items():
         assert torch.equal(v, b["finetune"]["critic"][k]), k
 
@@ -363,15 +452,17 @@ def test_non_finite_stops_and_keeps_the_last_good_state(hopper_checkpoint, tmp_p
             return (loss * float("nan") if len(calls) > 6 else loss), q
 
         monkeypatch.setattr(M, "critic_loss", nan_loss)
-    else:  # a NaN weight right after the state of iteration 1 is saved
-        real_save = M.save_state
+    else:  # a NaN weight after the state of iteration 1 is saved, before the rollout of iteration 2
+        calls, real = [], M.rollout
 
-        def save_then_poison(path, learner, *a, **kw):
-            real_save(path, learner, *a, **kw)
-            with torch.no_grad():
-                learner.model.mean_head.bias.fill_(float("nan"))
+        def poison_second_training_rollout(model, *a, **kw):
+            calls.extend(["check" in kw])  # training rollouts are checked, evaluation ones are not
+            if sum(calls) == 2 and calls[-1]:
+                with torch.no_grad():
+                    model.mean_head.bias.fill_(float("nan"))
+            return real(model, *a, **kw)
 
-        monkeypatch.setattr(M, "save_state", save_then_poison)
+        monkeypatch.setattr(M, "rollout", poison_second_training_rollout)
     with pytest.raises(M.UserError) as e:
         run(hopper_checkpoint, tmp_path, "Hopper-v4", num_iterations=3, save_every=1, save_path=str(state))
     assert str(e.value) == f"non-finite {what} at iteration 2; stopped, last good state kept at {state}"
@@ -380,7 +471,7 @@ def test_non_finite_stops_and_keeps_the_last_good_state(hopper_checkpoint, tmp_p
     assert all(torch.isfinite(v).all() for v in kept["state_dict"].values())
 
 
-# ---------------------------------------------------------------- ODT+TD3's reference settings (issue #13)
+# ---------------------------------------------------------------- ODT+TD3's reference settings
 @pytest.mark.parametrize(
     "env_id, dataset, expected",
     [
@@ -396,7 +487,7 @@ def test_non_finite_stops_and_keeps_the_last_good_state(hopper_checkpoint, tmp_p
 def test_presets_follow_odt_td3(env_id, dataset, expected):
     args = M.apply_presets(M.Args(env_id=env_id, dataset=dataset))
     assert {k: getattr(args, k) for k in expected} == expected
-    assert (args.dropout, args.max_grad_norm, args.warmup_updates) == (0.1, 0.25, 0)  # no fresh warm-up
+    assert (args.dropout, args.max_grad_norm) == (0.1, 0.25)
     assert args.eval_context_len == args.c_online
 
 
@@ -408,14 +499,13 @@ def test_min_steps_per_iter_rolls_out_until_reached(door_checkpoint, tmp_path):
 def test_finetuning_keeps_dropout_but_targets_and_rollouts_do_not(hopper_checkpoint):
     args = M.apply_presets(M.Args(env_id="Hopper-v4", dataset="local/hopper/medium-v0"))
     model, ckpt = M.load_model(hopper_checkpoint, "cpu", dropout=args.dropout)
-    learner = M.Learner(args, model.train(), ckpt, torch.device("cpu"))
-    assert not learner.target_model.training and learner.model.blocks[0].dropout == 0.1
-    assert learner.scheduler.get_last_lr()[0] == args.learning_rate  # full rate from the first update
+    learner = M.make_learner(args, model.train(), ckpt, torch.device("cpu"))
+    assert not learner["target_model"].training and learner["model"].blocks[0].dropout == 0.1
+    assert learner["optimizer"].param_groups[0]["lr"] == args.learning_rate  # full rate from the first update: no warm-up
 
 
 def test_training_seeds_are_never_evaluation_seeds(hopper_checkpoint, tmp_path, monkeypatch):
-    """Training episodes reset from the run's generator, outside every run seed's `eval_seeds` (--seed 0 used to
-    train on its own evaluation episodes: seed + episode)."""
+    """Training episodes reset from the run's generator, outside every run seed's `eval_seeds`."""
     evaluation = {int(x) for s in range(21) for x in M.eval_seeds(s, 10_000)}
     for s in range(21):
         drawn = M.train_seeds(np.random.default_rng(s), 10_000)
@@ -423,7 +513,7 @@ def test_training_seeds_are_never_evaluation_seeds(hopper_checkpoint, tmp_path, 
     used, rollout = [], M.rollout
 
     def record(model, envs, seeds, **kw):
-        if kw["act_fn"] is not M.greedy_action:
+        if kw["mode"] != "eval":
             used.extend(int(x) for x in seeds)
         return rollout(model, envs, seeds, **kw)
 

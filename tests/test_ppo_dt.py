@@ -1,6 +1,7 @@
 """Tests of ppo_dt.py: the algorithm pieces against slow references, rollout bookkeeping, and tiny end-to-end runs."""
 
 import dataclasses
+import os
 import signal
 import subprocess
 import sys
@@ -48,16 +49,8 @@ def tiny_args(ckpt: Path, tmp_path: Path, env_id: str, dataset: str, **kw) -> pp
 
 def small_rollout(model, ckpt, n=2, context_len=3, max_steps=12, seed=0):
     envs = [ppo_dt.make_env("Hopper-v4", max_episode_steps=max_steps) for _ in range(n)]
-    meta = dict(
-        rtg_scale=ckpt["rtg_scale"],
-        context_len=context_len,
-        state_mean=ckpt["state_mean"],
-        state_std=ckpt["state_std"],
-        device="cpu",
-        action_margin=1e-6,
-        censor_bound=None,
-    )
-    return ppo_dt.rollout(model, envs, [seed + i for i in range(n)], 7200.0, meta, deterministic=False)
+    plain = ckpt | dict(action_margin=1e-6, censor_bound=None)  # scored as the plain squashed Gaussian below
+    return ppo_dt.rollout(model, envs, [seed + i for i in range(n)], 7200.0, plain, context_len, deterministic=False)
 
 
 # ---------------------------------------------------------------- start
@@ -73,50 +66,41 @@ def test_dim_mismatch_is_a_one_line_error(hopper_checkpoint, tmp_path):
     args = tiny_args(hopper_checkpoint, tmp_path, "Walker2d-v4", "medium")
     with pytest.raises(ppo_dt.UserError, match=r"dims \(11, 3\).*\(17, 6\)"):
         ppo_dt.main(args)
-    with pytest.raises(ppo_dt.UserError, match="supported: MuJoCo"):
+    with pytest.raises(ppo_dt.UserError, match="unknown --env-id 'Hopper-v9'"):
         ppo_dt.main(tiny_args(hopper_checkpoint, tmp_path, "Hopper-v9", "medium"))
+    assert not (tmp_path / "runs").exists()  # nothing ran
 
 
-def test_missing_checkpoint_is_pretrained_by_subprocess(tmp_path, monkeypatch):
+def test_missing_default_checkpoint_is_pretrained_by_subprocess_at_the_scale(tmp_path, monkeypatch):
+    """No --checkpoint: `checkpoints/...__cpu.pt` for --scale cpu is pretrained with pretrain_dt.py's cpu preset (context
+    10), the extra flags on top; the next call reuses it."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    path = tmp_path / "auto.pt"
-    args = ppo_dt.Args(
-        env_id="Hopper-v4",
-        dataset="local/hopper/medium-v0",
-        checkpoint=str(path),
-        pretrain_extra_args=f"--num-updates 2 --batch-size 4 --warmup-updates 1 --embed-dim 16 "
-        f"--n-layers 1 --n-heads 1 --eval-episodes 1 --runs-dir {tmp_path}",
-    )
-    assert ppo_dt.ensure_checkpoint(args) == path
-    _, ckpt = ppo_dt.load_model(path)
-    assert ckpt["num_updates"] == 2 and ckpt["model_config"]["embed_dim"] == 16
-
-
-def test_a_stale_default_checkpoint_is_an_error_not_reused(hopper_checkpoint, tmp_path, monkeypatch):
-    """A checkpoint at the default path from before the censored likelihood (no `censor_bound`) stops with a one-line
-    error naming both ways on; given explicitly it is used; a current one at the default path is reused."""
     monkeypatch.chdir(tmp_path)
-    args = ppo_dt.Args(env_id="Hopper-v4", dataset="local/hopper/medium-v0", model_size="cpu")
-    path = ppo_dt.default_checkpoint_path(args.env_id, args.dataset, args.seed, args.model_size)
-    path.parent.mkdir(parents=True)
-    ckpt = torch.load(hopper_checkpoint, map_location="cpu", weights_only=False)
-    torch.save({k: v for k, v in ckpt.items() if k != "censor_bound"}, path)
-    with pytest.raises(ppo_dt.UserError, match="predates .*--censor-bound 0.99.*delete it .*or pass --checkpoint"):
-        ppo_dt.ensure_checkpoint(args)
-    assert ppo_dt.ensure_checkpoint(dataclasses.replace(args, checkpoint=str(path))) == path
-    torch.save(ckpt, path)
+    extra = "--num-updates 2 --batch-size 4 --warmup-updates 1 --embed-dim 16 --n-layers 1 --n-heads 1 --eval-episodes 1"
+    args = ppo_dt.Args(
+        env_id="Hopper-v4", dataset="local/hopper/medium-v0", scale="cpu", runs_dir=str(tmp_path), pretrain_extra_args=extra
+    )
+    path = ppo_dt.ensure_checkpoint(args)
+    assert path == Path("checkpoints/Hopper-v4__local-hopper-medium-v0__s1__cpu.pt")
+    _, ckpt = ppo_dt.load_model(path)
+    assert ckpt["num_updates"] == 2 and ckpt["model_config"]["embed_dim"] == 16 and ckpt["model_config"]["c_offline"] == 10
+    monkeypatch.setattr(ppo_dt.subprocess, "run", None)  # a second pretraining would crash
     assert ppo_dt.ensure_checkpoint(args) == path
+
+
+def test_explicit_missing_checkpoint_is_a_one_line_error_and_nothing_is_pretrained(tmp_path, monkeypatch):
+    monkeypatch.setattr(ppo_dt.subprocess, "run", None)
+    args = tiny_args(tmp_path / "nope.pt", tmp_path, "Hopper-v4", "local/hopper/medium-v0")
+    with pytest.raises(ppo_dt.UserError, match=r"^--checkpoint '.*nope.pt' does not exist$"):
+        ppo_dt.main(args)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_failed_pretraining_subprocess_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(ppo_dt.sys, "executable", "false")  # a pretraining process that exits 1
-    args = ppo_dt.Args(
-        env_id="Hopper-v4",
-        dataset="local/hopper/medium-v0",
-        checkpoint=str(tmp_path / "x.pt"),
-        pretrain_extra_args="--num-updates 3",
-    )
-    with pytest.raises(ppo_dt.UserError, match="failed, no checkpoint at .*x.pt: false .*pretrain_dt.py.*--num-updates 3"):
+    args = ppo_dt.Args(env_id="Hopper-v4", dataset="local/hopper/medium-v0", pretrain_extra_args="--num-updates 3")
+    with pytest.raises(ppo_dt.UserError, match=r"pretraining failed, no checkpoint at checkpoints/Hopper-v4__.*__s1.pt"):
         ppo_dt.ensure_checkpoint(args)
 
 
@@ -174,15 +158,6 @@ def test_gae_bootstraps_truncation_not_termination():
     assert truncated[0] - terminated[0] == pytest.approx(gamma * gamma * 10.0)
 
 
-def test_normalized_advantages_zero_mean_unit_std():
-    adv = ppo_dt.normalize_advantages(torch.randn(500) * 37 + 12)
-    assert abs(adv.mean().item()) < 1e-5 and adv.std().item() == pytest.approx(1.0, abs=1e-5)
-
-
-def test_relabel_rtg_is_the_achieved_suffix_sum():
-    np.testing.assert_allclose(ppo_dt.relabel_rtg(np.array([1.0, 2.0, 3.0]), 0.5), [3.0, 2.5, 1.5])
-
-
 def test_policy_loss_clips_and_has_unit_ratio_when_equal():
     logp = torch.randn(16)
     adv = torch.randn(16)
@@ -199,9 +174,9 @@ def test_value_loss_falls_on_a_fixed_batch():
     net = ppo_dt.ValueNet(11, 64, layer_norm=True, scale=100.0)
     states, targets = torch.randn(64, 11), torch.randn(64) * 80 + 150
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    first = ppo_dt.value_loss(net(states), targets).item()
+    first = torch.nn.functional.mse_loss(net(states), targets).item()
     for _ in range(200):
-        loss = ppo_dt.value_loss(net(states), targets)
+        loss = torch.nn.functional.mse_loss(net(states), targets)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -223,7 +198,7 @@ def test_rollout_keeps_rollout_rtgs_and_ratio_is_one(hopper_checkpoint):
         expected = 7.2 - ckpt["rtg_scale"] * np.concatenate([[0], np.cumsum(t["rewards"])[:-1]])
         np.testing.assert_allclose(t["rtg"], expected, atol=1e-5)
     value_net = ppo_dt.ValueNet(11, 32, layer_norm=False, scale=1.0)
-    gae = dict(gamma=0.99, lam=0.95, rtg_scale=ckpt["rtg_scale"], device="cpu")
+    gae = dict(gamma=0.99, lam=0.95, rtg_scale=ckpt["rtg_scale"])
     kept = ppo_dt.flatten_buffer(trajs, value_net, **gae, relabel=False)
     np.testing.assert_array_equal(kept["rtg"], np.concatenate([t["rtg"] for t in trajs]))
     relabeled = ppo_dt.flatten_buffer(trajs, value_net, **gae, relabel=True)
@@ -234,15 +209,16 @@ def test_rollout_keeps_rollout_rtgs_and_ratio_is_one(hopper_checkpoint):
     # Every token of sampled sub-trajectories, scored under its rollout context, reproduces the rollout log-prob.
     b = ppo_dt.sample_batch(kept, 16, sub_len=4, context_len=3, rng=np.random.default_rng(0), device="cpu")
     assert b["rtg"].shape[1:] == (3, 1) and not b["mask"][:, -1].logical_not().any()
+    assert abs(b["adv"].mean().item()) < 1e-5 and b["adv"].std().item() == pytest.approx(1.0, abs=1e-5)  # normalised
     mean, log_std = (x[:, -1] for x in model(b["rtg"], b["states"], b["actions"], b["mask"]))
-    new_logp = ppo_dt.squashed_gaussian(mean, log_std).log_prob(b["act"])
-    torch.testing.assert_close(new_logp, b["old_logp"], rtol=1e-4, atol=1e-4)
-    _, approx_kl, clipfrac = ppo_dt.ppo_policy_loss(new_logp, b["old_logp"], b["adv"], 0.2)
+    new_logp = ppo_dt.squashed_gaussian(mean, log_std).log_prob(b["actions"][:, -1])
+    torch.testing.assert_close(new_logp, b["logp"], rtol=1e-4, atol=1e-4)
+    _, approx_kl, clipfrac = ppo_dt.ppo_policy_loss(new_logp, b["logp"], b["adv"], 0.2)
     assert approx_kl.abs() < 1e-6 and clipfrac == 0
     # The same batch under relabeled RTG tokens no longer matches the rollout log-probs: the paper's failure.
     rb = ppo_dt.sample_batch(relabeled, 16, sub_len=4, context_len=3, rng=np.random.default_rng(0), device="cpu")
     mean, log_std = (x[:, -1] for x in model(rb["rtg"], rb["states"], rb["actions"], rb["mask"]))
-    assert not torch.allclose(ppo_dt.squashed_gaussian(mean, log_std).log_prob(rb["act"]), rb["old_logp"], atol=1e-3)
+    assert not torch.allclose(ppo_dt.squashed_gaussian(mean, log_std).log_prob(rb["actions"][:, -1]), rb["logp"], atol=1e-3)
 
 
 def test_rollouts_reproduce_with_the_seed(hopper_checkpoint):
@@ -272,18 +248,7 @@ def test_end_to_end_hopper_with_save_and_resume(hopper_checkpoint, tmp_path):
     assert ckpt["finetune"]["iteration"] == 2 and len(ckpt["finetune"]["buffer"]) == 4  # 2 x K_PPO, buffer 4 x K_PPO
     ppo_dt.load_model(save)  # the finetuned checkpoint keeps the pretrained format
 
-    resumed = tiny_args(
-        hopper_checkpoint,
-        tmp_path,
-        "Hopper-v4",
-        "local/hopper/medium-v0",
-        num_iterations=3,
-        resume=str(save),
-        save_every=1,
-        save_path=str(save),
-        runs_dir=str(tmp_path / "runs2"),
-    )
-    ppo_dt.main(resumed)
+    ppo_dt.main(ppo_dt.Args(resume=str(save), num_iterations=3))
     ckpt = torch.load(save, weights_only=False)
     assert ckpt["finetune"]["iteration"] == 3 and ckpt["finetune"]["grad_updates"] == 9
     assert len(ckpt["finetune"]["buffer"]) == 6
@@ -314,7 +279,9 @@ def test_iteration_zero_is_the_pretrained_score(hopper_checkpoint, tmp_path):
 
 
 # ---------------------------------------------------------------- flags, run state, non-finite guard
-@pytest.mark.parametrize("flag", [dict(learning_rate=1e-2), dict(kl_coef=100.0), dict(updates_per_iter=1)])
+@pytest.mark.parametrize(
+    "flag", [dict(learning_rate=1e-2), dict(kl_coef=100.0), dict(updates_per_iter=1), dict(value_scale=1.0)]
+)
 def test_renamed_flags_change_the_finetuned_policy(hopper_checkpoint, tmp_path, flag):
     def final_state(sub, **kw):
         args = tiny_args(
@@ -344,50 +311,25 @@ def test_run_state_is_saved_by_default_and_save_model_writes_a_checkpoint(hopper
     assert f"run state: {state}" in capsys.readouterr().out
     assert torch.load(state, weights_only=False)["finetune"]["iteration"] == 2  # the last iteration is always saved
     model, ckpt = ppo_dt.load_model(state.parent / "ppo_dt.pt")
-    assert "finetune" not in ckpt and torch.equal(ckpt["state_dict"]["mean_head.bias"], model.mean_head.bias)
+    assert "finetune" not in ckpt and "args" not in ckpt
+    assert torch.equal(ckpt["state_dict"]["mean_head.bias"], model.mean_head.bias)
+    ppo_dt.main(tiny_args(hopper_checkpoint, tmp_path / "no", "Hopper-v4", "local/hopper/medium-v0", save_every=0))
+    assert "run state" not in capsys.readouterr().out and not list((tmp_path / "no").rglob("*.pt"))
 
 
 def test_killed_run_resumes_bit_exactly(hopper_checkpoint, tmp_path, capsys):
     n = 8
-    flags = dict(num_iterations=n, save_every=1, torch_threads=1)
     straight = tiny_args(
-        hopper_checkpoint, tmp_path / "a", "Hopper-v4", "local/hopper/medium-v0", save_path=str(tmp_path / "a.pt"), **flags
+        hopper_checkpoint, tmp_path / "a", "Hopper-v4", "local/hopper/medium-v0", num_iterations=n, save_every=1
     )
-    ppo_dt.main(straight)
+    ppo_dt.main(dataclasses.replace(straight, save_path=str(tmp_path / "a.pt")))
     state = tmp_path / "b.pt"
-    cmd = [
-        sys.executable,
-        str(ROOT / "ppo_dt.py"),
-        "--env-id",
-        "Hopper-v4",
-        "--dataset",
-        "local/hopper/medium-v0",
-        "--checkpoint",
-        str(hopper_checkpoint),
-        "--runs-dir",
-        str(tmp_path / "b"),
-        "--save-path",
-        str(state),
-        "--num-iterations",
-        str(n),
-        "--save-every",
-        "1",
-        "--torch-threads",
-        "1",
-        "--k-ppo",
-        "2",
-        "--n-batch",
-        "8",
-        "--updates-per-iter",
-        "3",
-        "--eval-episodes",
-        "1",
-        "--max-episode-steps",
-        "25",
-        "--value-hidden",
-        "32",
-    ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    flags = dataclasses.asdict(dataclasses.replace(straight, runs_dir=str(tmp_path / "b"), save_path=str(state)))
+    defaults = dataclasses.asdict(ppo_dt.Args())
+    cmd = [sys.executable, str(ROOT / "ppo_dt.py")]
+    cmd += [x for k, v in flags.items() if v != defaults[k] for x in (f"--{k.replace('_', '-')}", str(v))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as this process's torch
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     saved, deadline = 0, time.time() + 120
     while saved < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
@@ -398,29 +340,98 @@ def test_killed_run_resumes_bit_exactly(hopper_checkpoint, tmp_path, capsys):
     saved = torch.load(state, weights_only=False)["finetune"]["iteration"]
     assert 2 <= saved < n, "the run was not killed mid-way"
     capsys.readouterr()
-    ppo_dt.main(replace_args(straight, resume=str(state), save_path=str(state), runs_dir=str(tmp_path / "b")))
-    assert capsys.readouterr().out.count(f"iteration {saved}: eval return") == 1  # it restarts after the saved one
+    ppo_dt.main(ppo_dt.Args(resume=str(state)))  # the run's own settings, budget included
+    out = capsys.readouterr().out
+    assert f"iteration {saved + 1}: eval return" in out and f"iteration {saved}: eval return" not in out
     a, b = (torch.load(p, weights_only=False) for p in (tmp_path / "a.pt", state))
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
-    for k in ("iteration", "env_steps", "grad_updates", "numpy_rng"):
+    for k in ("iteration", "env_steps", "grad_updates"):
         assert a["finetune"][k] == b["finetune"][k], k
+    assert a["finetune"]["rng"].bit_generator.state == b["finetune"]["rng"].bit_generator.state
     assert torch.equal(a["finetune"]["log_kappa"], b["finetune"]["log_kappa"])
     for k, v in a["finetune"]["value_net"].items():
         assert torch.equal(v, b["finetune"]["value_net"][k]), k
 
 
-def replace_args(args, **kw):
-    from dataclasses import replace
+def test_resume_keeps_the_runs_budget_and_logs_each_step_once(hopper_checkpoint, tmp_path, monkeypatch):
+    """A run state of iteration 1 (after iteration 2 was logged): resumed without flags it redoes iteration 2 (its own
+    --num-iterations, not the default), TensorBoard holding every step once with the straight run's values; a budget
+    flag extends it; any other flag is a one-line error."""
+    state, first = tmp_path / "state.pt", tmp_path / "it1.pt"
+    real_save = ppo_dt.save_atomic
 
-    return replace(args, **kw)
+    def keep_iteration_1(path, payload):
+        real_save(path, payload)
+        if payload["finetune"]["iteration"] == 1:
+            real_save(first, payload)
+
+    monkeypatch.setattr(ppo_dt, "save_atomic", keep_iteration_1)
+    args = tiny_args(hopper_checkpoint, tmp_path, "Hopper-v4", "local/hopper/medium-v0", save_every=1, save_path=str(state))
+    ppo_dt.main(args)
+    straight = scalars(tmp_path / "runs")
+    ppo_dt.main(ppo_dt.Args(resume=str(first)))
+    assert torch.load(state, weights_only=False)["finetune"]["iteration"] == 2
+    (run,) = (tmp_path / "runs").iterdir()
+    acc = EventAccumulator(str(run)).Reload()
+    for tag in acc.Tags()["scalars"]:
+        steps = [e.step for e in acc.Scalars(tag)]
+        assert len(steps) == len(set(steps)), tag
+    resumed = scalars(tmp_path / "runs")
+    assert resumed["charts/normalized_score"].keys() == {0, 1, 2}
+    assert all(resumed[tag] == values for tag, values in straight.items() if tag != "charts/SPS")
+    ppo_dt.main(ppo_dt.Args(resume=str(state), num_iterations=3))
+    assert torch.load(state, weights_only=False)["finetune"]["iteration"] == 3
+    only = "only --num-iterations, --total-env-steps, --max-seconds may change, not --k-ppo"
+    with pytest.raises(ppo_dt.UserError, match=only):
+        ppo_dt.main(ppo_dt.Args(resume=str(state), num_iterations=4, k_ppo=3))
+    with pytest.raises(ppo_dt.UserError, match="is not a run state of ppo_dt.py"):
+        ppo_dt.main(ppo_dt.Args(resume=str(hopper_checkpoint)))
 
 
-@pytest.mark.parametrize("what", ["loss", "action"])
-def test_non_finite_stops_and_keeps_the_last_good_state(hopper_checkpoint, tmp_path, monkeypatch, what):
+@pytest.mark.parametrize("budget", [dict(total_env_steps=1), dict(max_seconds=1e-9)])
+def test_a_budget_stops_after_the_iteration_that_reaches_it_and_saves(hopper_checkpoint, tmp_path, budget):
     state = tmp_path / "state.pt"
-    if what == "loss":  # the policy loss turns NaN in iteration 2 (3 updates per iteration)
-        calls, real = [], ppo_dt.ppo_policy_loss
+    args = tiny_args(hopper_checkpoint, tmp_path, "Hopper-v4", "local/hopper/medium-v0", num_iterations=5, **budget)
+    ppo_dt.main(dataclasses.replace(args, save_path=str(state)))
+    assert scalars(tmp_path / "runs")["charts/normalized_score"].keys() == {0, 1}
+    assert torch.load(state, weights_only=False)["finetune"]["iteration"] == 1
+
+
+@pytest.mark.parametrize(
+    "flag, value, rule",
+    [
+        ("learning_rate", -1.0, "> 0"),
+        ("lr_value", 0.0, "> 0"),
+        ("k_ppo", 0, "> 0"),
+        ("n_batch", 0, "> 0"),
+        ("updates_per_iter", 0, "> 0"),
+        ("eval_episodes", 0, "> 0"),
+        ("kappa_initial", 0.0, "> 0"),
+        ("num_iterations", -1, ">= 0"),
+        ("gamma", 1.5, "in [0, 1]"),
+    ],
+)
+def test_bad_input_is_a_one_line_error_and_nothing_runs(hopper_checkpoint, tmp_path, flag, value, rule):
+    args = tiny_args(hopper_checkpoint, tmp_path, "Hopper-v4", "local/hopper/medium-v0", **{flag: value})
+    with pytest.raises(ppo_dt.UserError) as e:
+        ppo_dt.main(args)
+    assert str(e.value) == f"--{flag.replace('_', '-')} must be {rule}, got {value}"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_command_line_error_is_one_line(tmp_path):
+    cmd = [sys.executable, str(ROOT / "ppo_dt.py"), "--k-ppo", "0", "--runs-dir", str(tmp_path / "runs")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr == "error: --k-ppo must be > 0, got 0\n" and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("what", ["policy loss", "value weight"])
+def test_non_finite_stops_and_keeps_the_last_good_state(hopper_checkpoint, tmp_path, monkeypatch, what):
+    """A NaN policy loss, or a NaN value-net weight, in iteration 2 stops the run before its state is saved."""
+    state, calls = tmp_path / "state.pt", []
+    if what == "policy loss":  # 3 updates per iteration: the 4th is iteration 2's first
+        real = ppo_dt.ppo_policy_loss
 
         def nan_loss(*a, **kw):
             calls.append(1)
@@ -428,30 +439,26 @@ def test_non_finite_stops_and_keeps_the_last_good_state(hopper_checkpoint, tmp_p
             return (loss * float("nan") if len(calls) > 3 else loss), kl, clipfrac
 
         monkeypatch.setattr(ppo_dt, "ppo_policy_loss", nan_loss)
-    else:  # a NaN weight right after the state of iteration 1 is saved
-        real_save = ppo_dt.save_state
+    else:
+        real = ppo_dt.ppo_update
 
-        def save_then_poison(path, learner, *a, **kw):
-            real_save(path, learner, *a, **kw)
-            with torch.no_grad():
-                learner.model.mean_head.bias.fill_(float("nan"))
+        def poison_value_net(learner, *a, **kw):
+            calls.append(1)
+            stats = real(learner, *a, **kw)
+            if len(calls) == 4:
+                with torch.no_grad():
+                    learner.value_net.net[-1].bias.fill_(float("nan"))
+            return stats
 
-        monkeypatch.setattr(ppo_dt, "save_state", save_then_poison)
-    args = tiny_args(
-        hopper_checkpoint,
-        tmp_path,
-        "Hopper-v4",
-        "local/hopper/medium-v0",
-        num_iterations=3,
-        save_every=1,
-        save_path=str(state),
-    )
+        monkeypatch.setattr(ppo_dt, "ppo_update", poison_value_net)
+    args = tiny_args(hopper_checkpoint, tmp_path, "Hopper-v4", "local/hopper/medium-v0", num_iterations=3, save_every=1)
     with pytest.raises(ppo_dt.UserError) as e:
-        ppo_dt.main(args)
-    assert str(e.value) == f"non-finite {what} at iteration 2; stopped, last good state kept at {state}"
+        ppo_dt.main(dataclasses.replace(args, save_path=str(state)))
+    assert str(e.value) == f"non-finite weights after iteration 2; stopped, last good state kept at {state}"
     kept = torch.load(state, weights_only=False)
     assert kept["finetune"]["iteration"] == 1
     assert all(torch.isfinite(v).all() for v in kept["state_dict"].values())
+    assert all(torch.isfinite(v).all() for v in kept["finetune"]["value_net"].values())
 
 
 def test_training_seeds_are_never_evaluation_seeds(hopper_checkpoint, tmp_path, monkeypatch):

@@ -14,12 +14,13 @@ DT_SCRIPTS = ["pretrain_dt.py", "grpo_dt.py", "grpo_dt_qguided.py", "ppo_dt.py",
 FINETUNING_DT = DT_SCRIPTS[1:]
 EXPECTED = {
     "args-header": DT_SCRIPTS + ["iql.py"],
-    "envs": DT_SCRIPTS + ["iql.py"],
+    "common": DT_SCRIPTS + ["iql.py"],
     "model": DT_SCRIPTS,
     "checkpoint": DT_SCRIPTS,
+    "resume": FINETUNING_DT + ["iql.py"],
     "load-checkpoint": FINETUNING_DT,
     "datasets": ["pretrain_dt.py", "iql.py"],
-    "eval-args": FINETUNING_DT,
+    "finetune-args": FINETUNING_DT,
 }
 BLOCK = re.compile(r"^[ \t]*# ---- shared: ([\w-]+).*?^[ \t]*# ---- end shared: \1 ----$", re.M | re.S)
 
