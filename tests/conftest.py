@@ -18,6 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DATASETS_ROOT = Path(tempfile.mkdtemp(prefix="grpo-dt-tests-datasets-"))
 os.environ["MINARI_DATASETS_PATH"] = str(DATASETS_ROOT)
+# One torch thread here and in every script a test starts: a killed run and its resumption, in two processes, must
+# add up floats in the same order as an uninterrupted run (the scripts themselves leave threads to OMP_NUM_THREADS).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 import pretrain_dt  # noqa: E402
 
