@@ -1,7 +1,8 @@
 """GRPO-DT: online finetuning of a pretrained Decision Transformer with pure GRPO gradients.
 
 Luo & Zhu, "Online Finetuning Decision Transformers with Pure RL Gradients": Sec. 3.2, Alg. 1, Eqs. 2-3, App. B.1,
-Tables 5-6. grpo_dt_fast.py runs the same algorithm with faster env steps and rollouts.
+Tables 5-6. grpo_dt_fast.py runs the same algorithm with faster env steps and rollouts. A Reinformer checkpoint
+(pretrain_dt.py --arch reinformer, Fig. 4a) acts on the return-to-go it predicts, stored with its trajectories.
 
 Example (pretrains the checkpoint first if it is missing):
     python grpo_dt.py --env-id Hopper-v4 --dataset medium
@@ -160,6 +161,8 @@ class Args:
     """Eq. 3's ratio of whole sub-trajectories; per-step ratios (Fig. 2c) or exp(mean log-ratio) (GSPO, Fig. 2e)"""
     reset_sampling: Literal["variance", "uniform"] = "variance"
     """reset points by softmax of action variance, or uniform over steps (Fig. 2d)"""
+    train_rtg_head: bool = False
+    """Reinformer: fit its RTG prediction to the sub-trajectories' discounted returns (expectile loss); default frozen"""
 
 
 # Table 6 by (env, dataset); a dataset without a row takes its family's DEFAULT_ROW, medium-replay takes medium
@@ -481,6 +484,44 @@ class Lamb(torch.optim.Optimizer):
 # ---- end shared: model ----
 
 
+# ---- shared: reinformer (identical in pretrain_dt.py and grpo_dt.py; tests/test_shared_blocks.py) ----
+class Reinformer(DecisionTransformer):
+    """Reinformer (Zhuang et al., 2024): tokens (s_t, R_t, a_t); the output at s_t predicts R_t (a high expectile: the
+    max return), the one at R_t is the DT's action head. It acts on its own prediction, written into the R_t slot."""
+
+    def __init__(self, state_dim, act_dim, embed_dim=512, expectile=0.99, **kwargs):
+        super().__init__(state_dim, act_dim, embed_dim, **kwargs)
+        self.expectile, self.rtg_head = expectile, nn.Linear(embed_dim, 1)
+
+    def forward(self, rtg, states, actions, pad_mask):
+        """As the DT's, plus the predicted return-to-go (B,T,1): at s_t it has not seen R_t."""
+        B, T, _ = states.shape
+        tokens = torch.stack([self.embed_state(states), self.embed_rtg(rtg), self.embed_action(actions)], dim=2)
+        x = self.embed_drop(self.embed_ln(tokens.reshape(B, 3 * T, -1)))
+        real = pad_mask.repeat_interleave(3, dim=1)
+        causal = torch.ones(3 * T, 3 * T, dtype=torch.bool, device=x.device).tril()
+        mask = (causal & real[:, None, :]) | torch.eye(3 * T, dtype=torch.bool, device=x.device)
+        for block in self.blocks:
+            x = block(x, mask[:, None])
+        h = self.ln_f(x).view(B, T, 3, -1)
+        log_std = torch.tanh(self.log_std_head(h[:, :, 1]))
+        log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (log_std + 1)
+        return self.mean_head(h[:, :, 1]), log_std, self.rtg_head(h[:, :, 0])
+
+
+def expectile_loss(pred, target, mask, tau: float):
+    """|tau - 1(u < 0)| u^2 over the real steps, u = (target - pred) / the batch's mean |target| (scale-free)."""
+    m = mask.float()
+    u = (target - pred) / ((target.abs() * m).sum() / m.sum()).clamp(min=1e-8)
+    return ((tau - (u < 0).float()).abs() * u**2 * m).sum() / m.sum()
+
+
+# ---- end shared: reinformer ----
+
+
+MODELS = {"dt": DecisionTransformer, "reinformer": Reinformer}  # what `load_model` builds, by the checkpoint's arch
+
+
 # ---- shared: checkpoint (identical in every DT script; tests/test_shared_blocks.py) ----
 def default_checkpoint_path(env_id: str, dataset: str, seed: int, scale: str = "paper") -> Path:
     """Where pretrain_dt.py writes and the finetuning scripts look: checkpoints/{env}__{dataset}__s{seed}[__cpu].pt."""
@@ -530,12 +571,15 @@ def resume_args(args, budget: tuple[str, ...]):
 
 # ---- shared: load-checkpoint (identical in every finetuning DT script; tests/test_shared_blocks.py) ----
 def load_model(path, device="cpu", dropout: float = 0.0, flag: str = "--checkpoint"):
-    """(DT, checkpoint dict) of a pretrain_dt.py or finetuned checkpoint; dropout is off in finetuning (Table 5)."""
+    """(model, checkpoint dict) of a pretrain_dt.py or finetuned checkpoint; dropout is off in finetuning (Table 5)."""
     ckpt = read_torch_file(path, flag)
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_FORMAT_VERSION:
         raise UserError(f"{flag} {str(path)!r} is not a format-{CHECKPOINT_FORMAT_VERSION} pretrain_dt.py checkpoint")
     config = {k: v for k, v in ckpt["model_config"].items() if k not in ("activation", "c_offline")}
-    model = DecisionTransformer(**{**config, "dropout": dropout})
+    arch = config.pop("arch", "dt")  # only a Reinformer's config names its arch
+    if arch not in MODELS:
+        raise UserError(f"{flag} {str(path)!r} holds a {arch} model; {Path(__file__).name} finetunes {sorted(MODELS)}")
+    model = MODELS[arch](**{**config, "dropout": dropout})
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device), ckpt
 
@@ -577,13 +621,19 @@ class Policy:
     def norm(self, obs) -> torch.Tensor:
         return (torch.as_tensor(obs, dtype=torch.float32, device=self.gen.device) - self.state_mean) / self.state_std
 
-    def __call__(self, win):
-        """Mean and log-std of the action at the last state token of context windows (rtg, states, actions, mask)."""
+    def last(self, win) -> list:
+        """The model's outputs at the last step of context windows (rtg, states, actions, mask)."""
         B = len(win[0])
         if self.pad and B < 16 and win[0].device.type == "cpu":
             win = [torch.cat([x, x[:1].expand(16 - B, *x.shape[1:])]) for x in win]
-        mean, log_std = self.model(*win)
-        return mean[:B, -1], log_std[:B, -1] + math.log(self.std_scale)
+        return [x[:B, -1] for x in self.model(*win)]
+
+    def __call__(self, win):
+        """Mean and log-std of the action at the last step; a Reinformer first writes its RTG prediction into `win`."""
+        if isinstance(self.model, Reinformer):
+            win[0][:, -1] = self.last(win)[2]
+        mean, log_std, *_ = self.last(win)
+        return mean, log_std + math.log(self.std_scale)
 
 
 def squashed_logprob(mean, log_std, u):
@@ -684,7 +734,8 @@ def collect_groups(policy: Policy, envs, full_buffer, args: Args, rng, rollout=r
     win = [np.stack(x) for x in zip(*(window_at(t, j, c) for t, j in zip(trajs, h)))]
     out = rollout(policy, envs, [torch.as_tensor(x, device=policy.gen.device) for x in win], L, args.eval_len)
     # line 7: Eq. 2 on the discounted rewards (a member stops at termination), and the Delta_r filter
-    rewards = (out["reward"] * args.gamma ** np.arange(out["reward"].shape[1])).sum(1).reshape(-1, G)
+    steps = np.arange(out["reward"].shape[1])
+    rewards = (out["reward"] * args.gamma**steps).sum(1).reshape(-1, G)
     adv, keep = (x.ravel() for x in group_advantages(rewards, args.delta_r))
     # line 8: the buffer items: reset context + the L_traj sampled steps' tokens, pre-tanh actions u, log-probs, advantage
     prefix, rtg, valid = [x[:, :-1] for x in win], out["rtg"][:, :L], out["valid"][:, :L]
@@ -695,6 +746,9 @@ def collect_groups(policy: Policy, envs, full_buffer, args: Args, rng, rollout=r
     tokens = (rtg[..., None], out["states"][:, :L], out["actions"][:, :L], valid)
     items = {k: np.concatenate([p, x], 1) for k, p, x in zip(("rtg", "states", "actions", "mask"), prefix, tokens)}
     items |= dict(u=out["u"][:, :L], logp_old=out["logp"][:, :L], valid=valid, adv=adv)
+    if args.train_rtg_head:  # the RTG head's targets: each sampled step's discounted return to the member's end
+        discount = np.tril(args.gamma ** np.maximum(steps[:, None] - steps, 0))  # [j, t]: gamma^(j - t) for j >= t
+        items["ret"] = out["reward"] @ discount[:, :L] * policy.rtg_scale
     return {k: v[keep] for k, v in items.items()}, rewards, keep, out | {"reset_step": h}
 
 
@@ -739,26 +793,30 @@ def grpo_loss(ratio, adv, valid, eps):
     return -surr.mean(), clipped
 
 
-def subtraj_policy(model, batch, c: int, std_scale: float):
-    """Mean and log-std (B, L, A) at every step of buffered sub-trajectories, each from its c-token window."""
+def subtraj_policy(model, batch, c: int, std_scale: float) -> list:
+    """Mean and log-std (B, L, A) (a Reinformer's RTG prediction too) at every step of buffered sub-trajectories, each
+    from its c-token window."""
     B, keys = batch["adv"].shape[0], ("rtg", "states", "actions", "mask")
-    mean, log_std = model(*(batch[k].unfold(1, c, 1).movedim(-1, 2).reshape(-1, c, *batch[k].shape[2:]) for k in keys))
-    return mean[:, -1].view(B, -1, mean.shape[-1]), (log_std[:, -1] + math.log(std_scale)).view(B, -1, mean.shape[-1])
+    out = model(*(batch[k].unfold(1, c, 1).movedim(-1, 2).reshape(-1, c, *batch[k].shape[2:]) for k in keys))
+    out = [x[:, -1].view(B, -1, x.shape[-1]) for x in out]
+    return [out[0], out[1] + math.log(std_scale), *out[2:]]
 
 
 def grpo_objective(model, ref_model, batch, args: Args):
-    """Eq. 3's surrogate loss, KL(pi || pi_ref) and entropy (means over real steps); the ratios and clip fractions."""
+    """Eq. 3's surrogate loss, KL(pi || pi_ref) and entropy (means over real steps); the ratios and clip fractions; with
+    --train-rtg-head, the expectile loss of a Reinformer's RTG prediction (else 0)."""
     valid = batch["valid"]
-    mean, log_std = subtraj_policy(model, batch, args.c_online, args.std_scale)
+    mean, log_std, *rtg_hat = subtraj_policy(model, batch, args.c_online, args.std_scale)
     ratio = sequence_ratio(squashed_logprob(mean, log_std, batch["u"]), batch["logp_old"], valid, args.ratio)
     pg_loss, clipped = grpo_loss(ratio, batch["adv"], valid, args.clip_coef)
     with torch.no_grad():
-        ref_mean, ref_log_std = subtraj_policy(ref_model, batch, args.c_online, args.std_scale)
+        ref_mean, ref_log_std, *_ = subtraj_policy(ref_model, batch, args.c_online, args.std_scale)
     # tanh is a bijection, so KL(pi || pi_ref) is the base Gaussians' KL
     pi, pi_ref = Normal(mean, log_std.exp(), validate_args=False), Normal(ref_mean, ref_log_std.exp(), validate_args=False)
     dist = squashed_gaussian(mean, log_std)  # a tanh-Gaussian's entropy has no closed form: one sample
     kl, entropy = masked_mean(kl_divergence(pi, pi_ref).sum(-1), valid), masked_mean(-dist.log_prob(dist.rsample()), valid)
-    return pg_loss, kl, entropy, ratio, clipped
+    rtg_loss = expectile_loss(rtg_hat[0][..., 0], batch["ret"], valid, model.expectile) if args.train_rtg_head else 0.0
+    return pg_loss, kl, entropy, ratio, clipped, rtg_loss
 
 
 LOSSES = ("policy_loss", "kl", "entropy", "clipfrac", "kappa", "ratio_mean", "ratio_max")  # grpo_backward's stats
@@ -766,12 +824,14 @@ LOSSES = ("policy_loss", "kl", "entropy", "clipfrac", "kappa", "ratio_mean", "ra
 
 def grpo_backward(model, ref_model, batch, args: Args, kappa):
     """Backpropagate Eq. 3 with the entropy term; the entropy (for kappa's step) and stats."""
-    pg_loss, kl, entropy, ratio, clipped = grpo_objective(model, ref_model, batch, args)
-    loss = pg_loss + args.kl_coef * kl - kappa * entropy
+    pg_loss, kl, entropy, ratio, clipped, rtg_loss = grpo_objective(model, ref_model, batch, args)
+    loss = pg_loss + args.kl_coef * kl - kappa * entropy + rtg_loss
     if not torch.isfinite(loss):
         raise FloatingPointError("loss")
     loss.backward()
     stats = dict(policy_loss=pg_loss.item(), kl=kl.item(), entropy=entropy.item(), clipfrac=clipped.mean().item())
+    if args.train_rtg_head:
+        stats["rtg_loss"] = rtg_loss.item()
     return entropy.detach(), stats | dict(kappa=float(kappa), ratio_mean=ratio.mean().item(), ratio_max=ratio.max().item())
 
 
@@ -849,6 +909,8 @@ def main(args: Args, make_envs=Envs, rollout=rollout, backward=grpo_backward) ->
     model, ckpt = load_model(args.resume or ensure_checkpoint(args), device)
     if (ckpt["model_config"]["state_dim"], ckpt["model_config"]["act_dim"]) != (S, A):
         raise UserError(f"the checkpoint's state/action dims are not {args.env_id}'s {S, A}: {ckpt['model_config']}")
+    if args.train_rtg_head and not isinstance(model, Reinformer):
+        raise UserError("--train-rtg-head trains a Reinformer's RTG prediction; the checkpoint holds a dt model")
     args.eval_rtg = ckpt["eval_rtg"] if args.eval_rtg is None else args.eval_rtg
     gen, mean, std = torch.Generator(device=device).manual_seed(args.seed), ckpt["state_mean"], ckpt["state_std"]
     policy = Policy(model.eval(), mean.to(device), std.to(device), ckpt["rtg_scale"], args.std_scale, gen)
@@ -903,7 +965,8 @@ def main(args: Args, make_envs=Envs, rollout=rollout, backward=grpo_backward) ->
             ev |= dict(episodic_length=full["valid"].sum(1).mean(), reset_step_mean=groups["reset_step"].mean())
             ev |= dict(reset_step_max=groups["reset_step"].max())
             losses = dict(group_reward_std=rewards.std(1).mean(), dropped_fraction=1 - keep.mean())
-            losses |= {k: (max if k == "ratio_max" else np.mean)([s[k] for s in stats]) if stats else np.nan for k in LOSSES}
+            logged = LOSSES + ("rtg_loss",) * args.train_rtg_head
+            losses |= {k: (max if k == "ratio_max" else np.mean)([s[k] for s in stats]) if stats else np.nan for k in logged}
             for k, v in ({f"charts/{k}": v for k, v in ev.items()} | {f"losses/{k}": v for k, v in losses.items()}).items():
                 writer.add_scalar(k, v, iteration)
             pbar.set_postfix(score=f"{st.score:.1f}", env_steps=st.env_steps)

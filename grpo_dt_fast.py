@@ -353,6 +353,8 @@ def rollout(policy: Policy, envs: EnvPool, win, n_sampled: int, n_mean: int, rec
     stages: the noise is drawn for all N members per step, and a member's policy output does not depend on the batch
     it is in. With `whole_stages` (default: --cuda-graphs with the policy on CUDA) each stage acts through a
     `StageGraph` (all its members, one CUDA graph replay per step on CUDA) instead of the step over its live members."""
+    if isinstance(policy.model, grpo_dt.Reinformer):  # `policy_step` is the DT's forward
+        raise grpo_dt.UserError("grpo_dt_fast.py finetunes DT checkpoints; finetune a Reinformer with grpo_dt.py")
     N, T, device, A = len(win[0]), n_sampled + n_mean, win[0].device, policy.model.mean_head.out_features
     s_cur, rtg_cur, alive, out = win[1][:, -1].clone(), win[0][:, -1, 0].clone(), np.ones(N, bool), {}
     win = [x.roll(1, 1) for x in win]  # the current step's slot first: `window_step` shifts it to the end
@@ -439,7 +441,7 @@ def chunked_backward(model, ref_model, batch, args: Args, kappa):
         chunk = {k: v[rows] for k, v in batch.items()}
         cut = L - int(chunk["valid"].any(0).nonzero().max()) - 1 if chunk["valid"].any() else 0
         chunk = {k: v[:, : v.shape[1] - cut] if v.dim() > 1 else v for k, v in chunk.items()}
-        pg_loss, kl, entropy, ratio, clipped = grpo_dt.grpo_objective(model, ref_model, chunk, args)
+        pg_loss, kl, entropy, ratio, clipped, _ = grpo_dt.grpo_objective(model, ref_model, chunk, args)
         step_share = chunk["valid"].sum().item() / n_steps
         pg_loss, kl, entropy = pg_loss * (len(rows) / n_items), kl * step_share, entropy * step_share
         loss = pg_loss + args.kl_coef * kl - kappa * entropy

@@ -399,6 +399,9 @@ class Lamb(torch.optim.Optimizer):
 # ---- end shared: model ----
 
 
+MODELS = {"dt": DecisionTransformer}  # what `load_model` builds, by the checkpoint's arch
+
+
 # ---- shared: checkpoint (identical in every DT script; tests/test_shared_blocks.py) ----
 def default_checkpoint_path(env_id: str, dataset: str, seed: int, scale: str = "paper") -> Path:
     """Where pretrain_dt.py writes and the finetuning scripts look: checkpoints/{env}__{dataset}__s{seed}[__cpu].pt."""
@@ -448,12 +451,15 @@ def resume_args(args, budget: tuple[str, ...]):
 
 # ---- shared: load-checkpoint (identical in every finetuning DT script; tests/test_shared_blocks.py) ----
 def load_model(path, device="cpu", dropout: float = 0.0, flag: str = "--checkpoint"):
-    """(DT, checkpoint dict) of a pretrain_dt.py or finetuned checkpoint; dropout is off in finetuning (Table 5)."""
+    """(model, checkpoint dict) of a pretrain_dt.py or finetuned checkpoint; dropout is off in finetuning (Table 5)."""
     ckpt = read_torch_file(path, flag)
     if not isinstance(ckpt, dict) or ckpt.get("format_version") != CHECKPOINT_FORMAT_VERSION:
         raise UserError(f"{flag} {str(path)!r} is not a format-{CHECKPOINT_FORMAT_VERSION} pretrain_dt.py checkpoint")
     config = {k: v for k, v in ckpt["model_config"].items() if k not in ("activation", "c_offline")}
-    model = DecisionTransformer(**{**config, "dropout": dropout})
+    arch = config.pop("arch", "dt")  # only a Reinformer's config names its arch
+    if arch not in MODELS:
+        raise UserError(f"{flag} {str(path)!r} holds a {arch} model; {Path(__file__).name} finetunes {sorted(MODELS)}")
+    model = MODELS[arch](**{**config, "dropout": dropout})
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device), ckpt
 

@@ -2,6 +2,7 @@
 
 Luo & Zhu, "Online Finetuning Decision Transformers with Pure RL Gradients", Sec. 2, 4.1, App. A, Table 5: the NLL of
 dataset actions under a tanh-squashed Gaussian minus temperature x entropy, the temperature a dual variable (target -dim(A)).
+`--arch reinformer` pretrains a Reinformer (Zhuang et al., 2024) instead, the model of the paper's Fig. 4a.
 
     python pretrain_dt.py --env-id Hopper-v4 --dataset medium --scale cpu
 """
@@ -59,6 +60,10 @@ class Args:
     dataset_path: Optional[str] = None
     """a D4RL-format HDF5 file (observations, actions, rewards, terminals, timeouts); overrides the Minari lookup"""
     # ---- end shared: args-header ----
+    arch: Literal["dt", "reinformer"] = "dt"
+    """dt: the Decision Transformer; reinformer: tokens (s, R, a), R predicted from s by an expectile loss, then acted on"""
+    expectile: float = 0.99
+    """Reinformer: tau of the expectile loss on its return-to-go prediction"""
     scale: Literal["paper", "cpu"] = "paper"
     """fills the size and schedule flags left unset: paper is Table 5's 4x512 DT (GPU), cpu a 128x2 DT for one core"""
     random_steps: int = 1_000_000
@@ -73,6 +78,8 @@ class Args:
     """peak LAMB learning rate (paper: 1e-4; cpu: 1e-3)"""
     warmup_updates: Optional[int] = None
     """updates of linear learning-rate warm-up (paper: 1000; cpu: 150)"""
+    anneal_lr: bool = False
+    """after the warm-up, anneal the learning rate by a half cosine to 0 at the last update (ODT, the paper: constant)"""
     context_len: Optional[int] = None
     """c_offline, the training context (paper: Table 6's, 20 MuJoCo, 5 Adroit, 5 umaze, 1 umaze-diverse; cpu: 10)"""
     embed_dim: Optional[int] = None
@@ -463,6 +470,41 @@ class Lamb(torch.optim.Optimizer):
 # ---- end shared: model ----
 
 
+# ---- shared: reinformer (identical in pretrain_dt.py and grpo_dt.py; tests/test_shared_blocks.py) ----
+class Reinformer(DecisionTransformer):
+    """Reinformer (Zhuang et al., 2024): tokens (s_t, R_t, a_t); the output at s_t predicts R_t (a high expectile: the
+    max return), the one at R_t is the DT's action head. It acts on its own prediction, written into the R_t slot."""
+
+    def __init__(self, state_dim, act_dim, embed_dim=512, expectile=0.99, **kwargs):
+        super().__init__(state_dim, act_dim, embed_dim, **kwargs)
+        self.expectile, self.rtg_head = expectile, nn.Linear(embed_dim, 1)
+
+    def forward(self, rtg, states, actions, pad_mask):
+        """As the DT's, plus the predicted return-to-go (B,T,1): at s_t it has not seen R_t."""
+        B, T, _ = states.shape
+        tokens = torch.stack([self.embed_state(states), self.embed_rtg(rtg), self.embed_action(actions)], dim=2)
+        x = self.embed_drop(self.embed_ln(tokens.reshape(B, 3 * T, -1)))
+        real = pad_mask.repeat_interleave(3, dim=1)
+        causal = torch.ones(3 * T, 3 * T, dtype=torch.bool, device=x.device).tril()
+        mask = (causal & real[:, None, :]) | torch.eye(3 * T, dtype=torch.bool, device=x.device)
+        for block in self.blocks:
+            x = block(x, mask[:, None])
+        h = self.ln_f(x).view(B, T, 3, -1)
+        log_std = torch.tanh(self.log_std_head(h[:, :, 1]))
+        log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (log_std + 1)
+        return self.mean_head(h[:, :, 1]), log_std, self.rtg_head(h[:, :, 0])
+
+
+def expectile_loss(pred, target, mask, tau: float):
+    """|tau - 1(u < 0)| u^2 over the real steps, u = (target - pred) / the batch's mean |target| (scale-free)."""
+    m = mask.float()
+    u = (target - pred) / ((target.abs() * m).sum() / m.sum()).clamp(min=1e-8)
+    return ((tau - (u < 0).float()).abs() * u**2 * m).sum() / m.sum()
+
+
+# ---- end shared: reinformer ----
+
+
 # ---- shared: checkpoint (identical in every DT script; tests/test_shared_blocks.py) ----
 def default_checkpoint_path(env_id: str, dataset: str, seed: int, scale: str = "paper") -> Path:
     """Where pretrain_dt.py writes and the finetuning scripts look: checkpoints/{env}__{dataset}__s{seed}[__cpu].pt."""
@@ -493,7 +535,7 @@ def check(args: Args) -> Args:
     positive = "num_updates batch_size context_len embed_dim n_layers n_heads eval_episodes eval_context_len random_steps"
     positive += " learning_rate max_grad_norm init_temperature temperature_lr rtg_scale"
     nonnegative = "warmup_updates eval_every save_every weight_decay"
-    check_args(args, positive=positive.split(), nonnegative=nonnegative.split(), unit=["dropout"])
+    check_args(args, positive=positive.split(), nonnegative=nonnegative.split(), unit=["dropout", "expectile"])
     if args.embed_dim % args.n_heads:
         raise UserError(f"--embed-dim {args.embed_dim} is not divisible by --n-heads {args.n_heads}")
     for flag, value in (("--action-margin", args.action_margin), ("--censor-bound", args.censor_bound)):
@@ -529,14 +571,17 @@ class SegmentSampler:
 
 
 def dt_loss(model, log_temperature, target_entropy, rtg, states, actions, mask, margin=1e-6, censor_bound=None):
-    """ODT's loss (masked NLL - temperature x entropy), the temperature's dual loss, the NLL and the entropy."""
-    mean, log_std = model(rtg, states, actions, mask)
+    """ODT's loss (masked NLL - temperature x entropy, + a Reinformer's RTG loss), the temperature's dual loss, the NLL,
+    the entropy (and the RTG loss)."""
+    mean, log_std, *rtg_hat = model(rtg, states, actions, mask)
     nll = -action_log_prob(mean, log_std, actions, margin, censor_bound)
     dist, m = squashed_gaussian(mean, log_std), mask.float()
     entropy = -dist.log_prob(dist.rsample())  # single-sample estimate: tanh-Gaussian has no closed form
     nll, entropy = ((x * m).sum() / m.sum() for x in (nll, entropy))
+    rtg_loss = [expectile_loss(r[..., 0], rtg[..., 0], mask, model.expectile) for r in rtg_hat]  # a Reinformer's
     temperature = log_temperature.exp()
-    return nll - temperature.detach() * entropy, temperature * (entropy - target_entropy).detach(), nll, entropy
+    loss = nll - temperature.detach() * entropy + sum(rtg_loss)
+    return loss, temperature * (entropy - target_entropy).detach(), nll, entropy, *rtg_loss
 
 
 @torch.no_grad()
@@ -555,6 +600,8 @@ def evaluate(model, envs, meta, seeds, device):
         states, actions, rtg, mask = (x.roll(-1, dims=1) for x in (states, actions, rtg, mask))
         states[:, -1] = (torch.as_tensor(obs, dtype=torch.float32, device=device) - mean_t) / std_t
         rtg[:, -1, 0], actions[:, -1], mask[:, -1] = target, 0.0, True
+        if isinstance(model, Reinformer):  # it acts on the return-to-go it predicts from the state
+            rtg[:, -1] = model(rtg, states, actions, mask)[2][:, -1]
         actions[:, -1] = torch.tanh(model(rtg, states, actions, mask)[0][:, -1])
         act_np = actions[:, -1].cpu().numpy()
         for i in np.flatnonzero(alive):
@@ -562,6 +609,13 @@ def evaluate(model, envs, meta, seeds, device):
             returns[i], target[i], alive[i] = returns[i] + r, target[i] - r * meta["rtg_scale"], not (term or trunc)
     model.train()
     return returns
+
+
+def lr_factor(update: int, args: Args) -> float:
+    """The learning rate of update `update` over its peak: linear warm-up, then constant or (--anneal-lr) a half cosine."""
+    if update < args.warmup_updates or not args.anneal_lr:
+        return min(1.0, update / max(1, args.warmup_updates))
+    return 0.5 * (1 + math.cos(math.pi * (update - args.warmup_updates) / max(1, args.num_updates - args.warmup_updates)))
 
 
 def main(args: Args):
@@ -587,10 +641,11 @@ def main(args: Args):
     eval_rtg = float(args.eval_rtg if args.eval_rtg is not None else TARGET_RETURNS[key])
     model_keys = ("embed_dim", "n_layers", "n_heads", "dropout", "log_std_min", "log_std_max")
     model_config = dict(state_dim=dims[0], act_dim=dims[1], **{k: getattr(args, k) for k in model_keys})
+    reinformer = dict(arch="reinformer", expectile=args.expectile) if args.arch == "reinformer" else {}  # a DT names none
     # The checkpoint's fixed entries; the weights and what was learned join them at each save.
     ckpt = dict(format_version=CHECKPOINT_FORMAT_VERSION, env_id=args.env_id, dataset_id=dataset_id, ref_min_score=ref_min)
     ckpt.update(ref_max_score=ref_max, rtg_scale=rtg_scale, eval_rtg=eval_rtg, eval_context_len=c_online)
-    ckpt.update(model_config={**model_config, "activation": "silu", "c_offline": c_offline})
+    ckpt.update(model_config={**model_config, **reinformer, "activation": "silu", "c_offline": c_offline})
     ckpt.update(state_mean=torch.as_tensor(state_mean), state_std=torch.as_tensor(state_std), target_entropy=-float(dims[1]))
     ckpt.update(action_margin=args.action_margin, censor_bound=args.censor_bound, pretrain_args=asdict(args))
     meta = {**ckpt, "context_len": c_online}  # what `evaluate` reads
@@ -598,10 +653,11 @@ def main(args: Args):
     final_path = Path(args.checkpoint or default_checkpoint_path(args.env_id, args.dataset, args.seed, args.scale))
     run_path = Path(args.runs_dir) / run_name / "checkpoint.pt"  # so final_path never holds a half-trained model
 
-    model = DecisionTransformer(**model_config).to(device)
+    model = Reinformer(**model_config, expectile=args.expectile) if reinformer else DecisionTransformer(**model_config)
+    model = model.to(device)
     log_temperature = torch.tensor(math.log(args.init_temperature), device=device, requires_grad=True)
     optimizer = Lamb(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / max(1, args.warmup_updates)))
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: lr_factor(u + 1, args))
     temperature_opt = torch.optim.Adam([log_temperature], lr=args.temperature_lr)
     writer = make_writer(args, run_name)
     if args.capture_video:
@@ -616,7 +672,7 @@ def main(args: Args):
     pbar = tqdm(range(1, args.num_updates + 1), desc="pretrain", mininterval=2.0)
     for update in pbar:
         batch = (torch.as_tensor(x, device=device) for x in sampler.sample(args.batch_size))
-        loss, temperature_loss, nll, entropy = dt_loss(
+        loss, temperature_loss, nll, entropy, *rtg_loss = dt_loss(
             model, log_temperature, ckpt["target_entropy"], *batch, margin=args.action_margin, censor_bound=args.censor_bound
         )
         if not torch.isfinite(loss):
@@ -633,6 +689,7 @@ def main(args: Args):
         last, logs = update == args.num_updates, {}
         if update % 100 == 0 or last:
             logs = {"losses/nll": nll, "losses/loss": loss, "losses/entropy": entropy}
+            logs.update({"losses/rtg_loss": r for r in rtg_loss})
             logs.update({"losses/temperature": log_temperature.exp(), "charts/learning_rate": warmup.get_last_lr()[0]})
             logs["charts/updates_per_s"] = update / (time.time() - start)
             pbar.set_postfix(nll=f"{nll.item():.3f}", ent=f"{entropy.item():.2f}")

@@ -27,6 +27,7 @@ Presets (on local/hopper/medium-v0, plus local/door/human-v0 where the paper sho
     fig1-relabel    PPO-DT and GRPO-DT with and without --relabel (Fig. 1)  hopper, door
     fig2-ablations  the five GRPO-DT design ablations (Fig. 2a-e)       hopper
     fig4-lengths    L_traj sweep (--subtraj-len), L_eval sweep (--eval-len) (Fig. 4c, 4d)  hopper
+    fig4a-models    the pretrained DT and Reinformer, and GRPO-DT from each (Fig. 4a)  hopper
     fig4b-qguided   reset-based vs Q-guided GRPO-DT (Fig. 4b)           hopper
     ppo-ctrain      PPO-DT's sub-trajectory length c_train = c_online (1) vs c_offline (the DT's context)
                                                                         hopper
@@ -46,7 +47,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal, Optional
@@ -60,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @dataclass
 class Args:
     preset: str = "table1-cpu"
-    """experiment preset: table1-cpu, fig1-relabel, fig2-ablations, fig4-lengths, fig4b-qguided, ppo-ctrain"""
+    """experiment preset: table1-cpu, fig1-relabel, fig2-ablations, fig4-lengths, fig4a-models, fig4b-qguided, ppo-ctrain"""
     scale: Literal["cpu", "paper"] = "cpu"
     """cpu: small model and per-script size overrides; paper: the scripts' own (paper) sizes, for a GPU machine"""
     name: Optional[str] = None
@@ -123,6 +124,7 @@ class Method:
     reference: bool = False  # evaluates the checkpoint only (no finetuning, no budget)
     uses_checkpoint: bool = True  # False: pretrains itself on the same env and data (IQL), gets no --checkpoint
     steps_are_env_steps: bool = False  # its scalars are logged against env steps, not iterations (IQL)
+    pretrain: tuple = ()  # extra pretrain_dt.py flags of its checkpoint (methods with the same share one)
 
 
 TASKS = {"hopper": ("Hopper-v4", "local/hopper/medium-v0"), "door": ("AdroitHandDoor-v1", "local/door/human-v0")}
@@ -247,6 +249,15 @@ def preset_runs(preset: str, scale: str) -> tuple[list[str], list[Method]]:
         return ["hopper"], [DT, Method("grpo-dt", f"GRPO-DT (L_traj={lt}, L_eval={le})", "grpo_dt.py")] + [
             grpo(f"ltraj-{n}", f"L_traj={n}, L_eval={le}", "--subtraj-len", str(n)) for n in trajs
         ] + [grpo(f"leval-{n}", f"L_traj={lt}, L_eval={n}", "--eval-len", str(n)) for n in evals]
+    if preset == "fig4a-models":  # the same size and budget; only the pretrained model differs
+        rf = ("--arch", "reinformer")
+        reinformer = replace(DT, key="reinformer", label="pretrained Reinformer (no finetuning)", pretrain=rf)
+        return ["hopper"], [
+            DT,
+            GRPO,
+            reinformer,
+            replace(GRPO, key="grpo-reinformer", label="GRPO-DT on Reinformer", pretrain=rf),
+        ]
     if preset == "fig4b-qguided":
         return ["hopper"], [DT, GRPO, TABLE1[-1]]
     if preset == "ppo-ctrain":  # the paper leaves c_train open; c_offline is the pretrained DT's context length
@@ -254,8 +265,8 @@ def preset_runs(preset: str, scale: str) -> tuple[list[str], list[Method]]:
         label = f"PPO-DT c_train = c_offline ({c_offline})"
         return ["hopper"], [DT, PPO, Method("ppo-dt-ctrain-offline", label, "ppo_dt.py", ("--c-train", c_offline))]
     raise UserError(
-        f"unknown --preset {preset!r}; valid: table1-cpu, fig1-relabel, fig2-ablations, fig4-lengths, fig4b-qguided, "
-        "ppo-ctrain"
+        f"unknown --preset {preset!r}; valid: table1-cpu, fig1-relabel, fig2-ablations, fig4-lengths, fig4a-models, "
+        "fig4b-qguided, ppo-ctrain"
     )
 
 
@@ -605,6 +616,8 @@ def main(args: Args) -> Path:
         raise UserError(f"--seeds must be distinct positive integers, got {list(args.seeds)}")
     if args.checkpoint and len(tasks) != 1:
         raise UserError(f"--checkpoint is for one task; pick one with --tasks ({', '.join(tasks)})")
+    if args.checkpoint and len({m.pretrain for m in methods}) > 1:
+        raise UserError(f"--checkpoint is one model; preset {args.preset} compares several (pick one kind with --methods)")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise UserError(f"--checkpoint {args.checkpoint} is not a file")
     name = args.name or (args.preset if args.scale == "cpu" else f"{args.preset}-paper")
@@ -615,8 +628,8 @@ def main(args: Args) -> Path:
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
 
-    plan = []  # (task, checkpoint, pretrain command or None, runs)
-    for task in tasks:
+    plan = []  # (task, checkpoint, pretrain command or None, runs), one per task and pretraining
+    for task, pretrain in ((t, p) for t in tasks for p in dict.fromkeys(m.pretrain for m in methods)):
         env_id, dataset = TASKS[task]
         flags = [
             "--env-id",
@@ -631,6 +644,7 @@ def main(args: Args) -> Path:
             "0",
             *PRETRAIN_LIKELIHOOD,
             *("--scale", args.scale),
+            *pretrain,
         ]
         # Shared by every preset that pretrains with the same flags and format: the file name carries a hash of them.
         tag = hashlib.sha1(" ".join([*flags, f"format {CHECKPOINT_FORMAT_VERSION}"]).encode()).hexdigest()[:8]
@@ -649,7 +663,7 @@ def main(args: Args) -> Path:
                 str(raw / "runs" / task / "pretrain"),
             ]
         )
-        runs = [Run(task, m, seed) for m in methods for seed in args.seeds]
+        runs = [Run(task, m, seed) for m in methods if m.pretrain == pretrain for seed in args.seeds]
         for r in runs:
             r.cmd = finetune_command(
                 args, r.method, env_id, dataset, ckpt, r.seed, raw / "runs" / task / r.method.key / f"s{r.seed}"
@@ -690,7 +704,10 @@ def main(args: Args) -> Path:
         "- ± is the std over seeds (np.std, ddof=0); env steps and updates: the last logged `charts/env_steps`, "
         "`charts/grad_updates`, mean over the seeds that finished; wall time: process start to exit",
     ]
-    sections = {task: {m.key: [r for r in runs if r.method is m] for m in methods} for task, _, _, runs in plan}
+    sections = {
+        t: {m.key: [r for task, _, _, runs in plan if task == t for r in runs if r.method is m] for m in methods}
+        for t in tasks
+    }
     paper = PAPER_TABLE1 if args.preset == "table1-cpu" else None
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -729,7 +746,7 @@ def main(args: Args) -> Path:
             print(f"[{task}] reusing checkpoint {ckpt} (delete it to pretrain again)", flush=True)
         elif pre:
             print(f"[{task}] pretraining the shared checkpoint: {show(pre)}", flush=True)
-            code, wall, tail = run_process(pre, raw / "logs" / task / "pretrain", 0, env)
+            code, wall, tail = run_process(pre, raw / "logs" / task / f"pretrain__{ckpt.stem}", 0, env)
             if code != 0 or not ckpt.is_file():
                 raise UserError(f"pretraining for {task} failed (exit {code}: {tail}); see {raw / 'logs' / task}")
             print(f"[{task}] checkpoint {ckpt} in {wall:.0f} s", flush=True)

@@ -140,7 +140,15 @@ def test_bad_input_is_one_line_error(tmp_path):
 
 
 def test_presets_dry_run(capsys):
-    for preset in ("table1-cpu", "fig1-relabel", "fig2-ablations", "fig4-lengths", "fig4b-qguided", "ppo-ctrain"):
+    for preset in (
+        "table1-cpu",
+        "fig1-relabel",
+        "fig2-ablations",
+        "fig4-lengths",
+        "fig4a-models",
+        "fig4b-qguided",
+        "ppo-ctrain",
+    ):
         for scale in ("cpu", "paper"):
             compare.main(compare.Args(preset=preset, scale=scale, seeds=(1,), budget_env_steps=1000, dry_run=True))
     out = capsys.readouterr().out
@@ -173,6 +181,29 @@ def test_presets_dry_run(capsys):
     assert len(iql) == 4 and all(f not in ln for ln in iql for f in ("--checkpoint", "--num-iterations", "--scale"))
     assert all("--online-steps 1000 --total-env-steps 1000" in ln for ln in iql)
     assert sum("--offline-updates 3000" in ln for ln in iql) == 2 and all("--eval-episodes 20" in ln for ln in iql)
+
+
+def test_fig4a_pretrains_a_dt_and_a_reinformer_of_one_size_and_finetunes_each_on_one_budget(capsys):
+    compare.main(compare.Args(preset="fig4a-models", scale="paper", seeds=(1, 2), budget_iterations=7, dry_run=True))
+    lines = capsys.readouterr().out.splitlines()
+    ckpts = [ln.split()[-1] for ln in lines if ln.startswith("# hopper")]
+    pretrain = [ln for ln in lines if ln.startswith("python pretrain_dt.py")]
+    assert (
+        len(set(ckpts)) == 2
+        and len(pretrain) == 2
+        and pretrain[1]
+        == pretrain[0].replace(
+            f"--scale paper --checkpoint {ckpts[0]}", f"--scale paper --arch reinformer --checkpoint {ckpts[1]}"
+        )
+    )
+    runs = {ln.split("--exp-name ")[1].split()[0]: ln for ln in lines if "--exp-name" in ln and "--seed 1 " in ln}
+    assert set(runs) == {"dt", "grpo-dt", "reinformer", "grpo-reinformer"}
+    for dt, rf in (("dt", "reinformer"), ("grpo-dt", "grpo-reinformer")):  # the same command but for the checkpoint
+        assert f"--checkpoint {ckpts[0]} " in runs[dt] and f"--checkpoint {ckpts[1]} " in runs[rf]
+        assert runs[rf].replace(ckpts[1], ckpts[0]).replace(f"/{rf}/", f"/{dt}/").replace(f" {rf} ", f" {dt} ") == runs[dt]
+    assert runs["grpo-dt"].endswith("--num-iterations 7") and runs["reinformer"].endswith("--num-iterations 0")
+    with pytest.raises(compare.UserError, match="--checkpoint is one model; preset fig4a-models compares several"):
+        compare.main(compare.Args(preset="fig4a-models", checkpoint=__file__, dry_run=True))
 
 
 def test_cpu_scale_is_the_readme_cpu_dt():

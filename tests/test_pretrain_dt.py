@@ -568,3 +568,13 @@ def test_censor_bound_changes_the_loss_on_bound_targets_only(tmp_path):
     assert torch.load(path, map_location="cpu", weights_only=False)["censor_bound"] == 0.99  # the default
     path, _, _ = pt.main(tiny_args(tmp_path, censor_bound=None, num_updates=3))  # ODT's density, one switch away
     assert torch.load(path, map_location="cpu", weights_only=False)["censor_bound"] is None
+
+
+def test_anneal_lr_warms_up_then_follows_a_half_cosine_to_zero():
+    args = pt.Args(warmup_updates=10, num_updates=110)
+    assert [pt.lr_factor(u, args) for u in (1, 5, 10, 60, 110)] == [0.1, 0.5, 1.0, 1.0, 1.0]  # ODT's: constant
+    annealed = pt.Args(warmup_updates=10, num_updates=110, anneal_lr=True)
+    assert [pt.lr_factor(u, annealed) for u in (1, 5, 10)] == [0.1, 0.5, 1.0]
+    assert pt.lr_factor(60, annealed) == pytest.approx(0.5) and pt.lr_factor(110, annealed) == pytest.approx(0.0)
+    factors = [pt.lr_factor(u, annealed) for u in range(10, 111)]
+    assert all(a >= b for a, b in zip(factors, factors[1:]))  # never rises again after the warm-up

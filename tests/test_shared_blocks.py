@@ -21,6 +21,7 @@ EXPECTED = {
     "load-checkpoint": FINETUNING_DT,
     "datasets": ["pretrain_dt.py", "iql.py"],
     "finetune-args": FINETUNING_DT,
+    "reinformer": ["pretrain_dt.py", "grpo_dt.py"],
 }
 BLOCK = re.compile(r"^[ \t]*# ---- shared: ([\w-]+).*?^[ \t]*# ---- end shared: \1 ----$", re.M | re.S)
 
