@@ -302,6 +302,8 @@ def make_writer(args, run_name: str, purge_step: Optional[int] = None) -> Summar
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, sync_tensorboard=True)
+    if purge_step is not None:  # start in a later second than the run's older event files: TensorBoard reads it last
+        time.sleep(1 - time.time() % 1)
     writer = SummaryWriter(f"{args.runs_dir}/{run_name}", purge_step=purge_step)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     return writer
