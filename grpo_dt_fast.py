@@ -269,9 +269,7 @@ def policy_step(model, rtg, states, actions, pad_mask, pad_to: int = MIN_ROWS):
             y, x = y[:, :, -1:], x[:, -1:]
         x = x + block.proj(y.transpose(1, 2).reshape(B, x.shape[1], E))
         x = x + block.mlp(block.ln2(x))
-    h = model.ln_f(x[:, -1])
-    log_std = torch.tanh(model.log_std_head(h))
-    return model.mean_head(h), model.log_std_min + 0.5 * (model.log_std_max - model.log_std_min) * (log_std + 1)
+    return model.action_head(model.ln_f(x[:, -1]))
 
 
 def window_step(policy: Policy, win, rtg, states, noise) -> dict:

@@ -361,8 +361,12 @@ class DecisionTransformer(nn.Module):
 
     def forward(self, rtg, states, actions, pad_mask):
         """rtg (B,T,1), states (B,T,S), actions (B,T,A), pad_mask (B,T) True where real -> mean, log_std (B,T,A)."""
-        B, T, _ = states.shape
         tokens = torch.stack([self.embed_rtg(rtg), self.embed_state(states), self.embed_action(actions)], dim=2)
+        return self.action_head(self.encode(tokens, pad_mask)[:, :, 1])  # the state token predicts a_t
+
+    def encode(self, tokens, pad_mask):
+        """Token embeddings (B,T,3,E) -> outputs (B,T,3,E), attention causal over the 3T tokens, padding masked."""
+        B, T = pad_mask.shape
         x = self.embed_drop(self.embed_ln(tokens.reshape(B, 3 * T, -1)))
         real = pad_mask.repeat_interleave(3, dim=1)
         causal = torch.ones(3 * T, 3 * T, dtype=torch.bool, device=x.device).tril()
@@ -370,10 +374,11 @@ class DecisionTransformer(nn.Module):
         mask = (causal & real[:, None, :]) | torch.eye(3 * T, dtype=torch.bool, device=x.device)
         for block in self.blocks:
             x = block(x, mask[:, None])
-        h = self.ln_f(x).view(B, T, 3, -1)[:, :, 1]
+        return self.ln_f(x).view(B, T, 3, -1)
+
+    def action_head(self, h):
         log_std = torch.tanh(self.log_std_head(h))
-        log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (log_std + 1)
-        return self.mean_head(h), log_std
+        return self.mean_head(h), self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (log_std + 1)
 
 
 def squashed_gaussian(mean, log_std):
