@@ -41,14 +41,14 @@ def with_(args, **kw):
     return dataclasses.replace(args, **kw)
 
 
-def scalars(runs_dir):
-    """{tag: [steps]} of the one run under `runs_dir`, as TensorBoard shows it."""
+def scalars(runs_dir, values=False):
+    """{tag: [steps]} (or [values]) of the one run under `runs_dir`, as TensorBoard shows it."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     (run,) = list(Path(runs_dir).iterdir())
     acc = EventAccumulator(str(run))
     acc.Reload()
-    return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return {tag: [e.value if values else e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def episodes(policy, envs, seeds, rtg, c, max_steps=40, sampled=True):
@@ -426,7 +426,7 @@ def test_end_to_end_hopper_resume_budget(hopper_checkpoint, tmp_path):
     tags = scalars(tmp_path / "a" / "runs")
     for tag in ("charts/normalized_score", "charts/normalized_score_se", "charts/eval_return", "charts/eval_length"):
         assert tags[tag] == [0, 1, 2], tag
-    train = "episodic_return episodic_length env_steps grad_updates SPS reset_step_mean reset_step_max".split()
+    train = "episodic_return episodic_length env_steps grad_updates SPS reset_step_mean reset_step_max learning_rate".split()
     losses = "policy_loss kl entropy clipfrac kappa ratio_mean ratio_max group_reward_std dropped_fraction".split()
     assert {t for t in tags if tags[t] == [1, 2]} == {f"charts/{k}" for k in train} | {f"losses/{k}" for k in losses}
     ft = torch.load(save, weights_only=False)
@@ -443,6 +443,31 @@ def test_end_to_end_hopper_resume_budget(hopper_checkpoint, tmp_path):
     grpo_dt.main(tiny_args(hopper_checkpoint, tmp_path / "e", num_iterations=0))
     tags = scalars(tmp_path / "e" / "runs")
     assert tags["charts/normalized_score"] == [0] and "charts/env_steps" not in tags
+
+
+def test_annealed_lr_is_linear_to_zero_over_the_budget():
+    args = grpo_dt.Args(num_iterations=4, anneal_lr=True)
+    assert [grpo_dt.annealed_lr(1.0, i, 0, args) for i in (1, 2, 3, 4)] == [1.0, 0.75, 0.5, 0.25]
+    # an env-step budget nearer its end than the iteration budget sets the rate
+    steps = with_(args, total_env_steps=1000)
+    assert grpo_dt.annealed_lr(1.0, 2, 900, steps) == pytest.approx(0.1) and grpo_dt.annealed_lr(1.0, 2, 2000, steps) == 0
+    assert grpo_dt.annealed_lr(1.0, 3, 0, with_(args, num_iterations=0, total_env_steps=1000)) == 1.0
+    assert grpo_dt.annealed_lr(1.0, 4, 0, with_(args, anneal_lr=False)) == 1.0
+
+
+def test_anneal_lr_changes_the_updates(hopper_checkpoint, tmp_path):
+    """--anneal-lr: iteration i of n updates at lr (1 - (i-1)/n); the same seed without it ends at other weights."""
+    runs = {}
+    for anneal in (False, True):
+        save = tmp_path / f"{anneal}.pt"
+        args = tiny_args(hopper_checkpoint, tmp_path / str(anneal), save_path=str(save), anneal_lr=anneal, delta_r=0.0)
+        grpo_dt.main(with_(args, learning_rate=1e-3))
+        runs[anneal] = torch.load(save, weights_only=False)
+        lrs = scalars(tmp_path / str(anneal) / "runs", values=True)["charts/learning_rate"]
+        assert lrs == pytest.approx([1e-3, 5e-4] if anneal else [1e-3, 1e-3])
+    assert any(not torch.equal(runs[True]["state_dict"][k], v) for k, v in runs[False]["state_dict"].items())
+    with pytest.raises(grpo_dt.UserError, match="--anneal-lr decays over --num-iterations or --total-env-steps"):
+        grpo_dt.main(tiny_args(hopper_checkpoint, tmp_path / "z", anneal_lr=True, num_iterations=0))
 
 
 def test_end_to_end_door(door_checkpoint, tmp_path):
