@@ -584,7 +584,8 @@ def dt_loss(model, log_temperature, target_entropy, rtg, states, actions, mask, 
 
 @torch.no_grad()
 def evaluate(model, envs, meta, seeds, device):
-    """Deterministic tanh(mean) episodes stepped in lockstep; meta: context_len, state_mean/std, rtg_scale, eval_rtg."""
+    """(returns, lengths) of deterministic tanh(mean) episodes stepped in lockstep; meta: context_len, state_mean/std,
+    rtg_scale, eval_rtg."""
     model.eval()
     obs = np.stack([env.reset(seed=int(seed))[0] for env, seed in zip(envs, seeds)])
     n, K, A = len(obs), meta["context_len"], envs[0].action_space.shape[0]
@@ -592,7 +593,7 @@ def evaluate(model, envs, meta, seeds, device):
     states, actions, rtg = (torch.zeros(n, K, d, device=device) for d in (obs.shape[1], A, 1))
     mask = torch.zeros(n, K, dtype=torch.bool, device=device)
     target = torch.full((n,), meta["eval_rtg"] * meta["rtg_scale"], device=device)
-    returns, alive = np.zeros(n), np.ones(n, dtype=bool)
+    returns, lengths, alive = np.zeros(n), np.zeros(n, dtype=int), np.ones(n, dtype=bool)
     while alive.any():
         # Shift the context one step left and write the newest state and RTG in the last slot.
         states, actions, rtg, mask = (x.roll(-1, dims=1) for x in (states, actions, rtg, mask))
@@ -605,8 +606,9 @@ def evaluate(model, envs, meta, seeds, device):
         for i in np.flatnonzero(alive):
             obs[i], r, term, trunc, _ = envs[i].step(act_np[i])
             returns[i], target[i], alive[i] = returns[i] + r, target[i] - r * meta["rtg_scale"], not (term or trunc)
+            lengths[i] += 1
     model.train()
-    return returns
+    return returns, lengths
 
 
 def lr_factor(update: int, args: Args) -> float:
@@ -692,10 +694,14 @@ def main(args: Args):
             logs["charts/updates_per_s"] = update / (time.time() - start)
             pbar.set_postfix(nll=f"{nll.item():.3f}", ent=f"{entropy.item():.2f}")
         if last or (args.eval_every and update % args.eval_every == 0):
-            returns = evaluate(model, eval_envs, meta, eval_seeds(args.seed, args.eval_episodes), device)
+            returns, lengths = evaluate(model, eval_envs, meta, eval_seeds(args.seed, args.eval_episodes), device)
             score = float(normalized_score(returns, ref_min, ref_max).mean())
             logs.update({"charts/episodic_return": returns.mean(), "charts/normalized_score": score})
-            tqdm.write(f"update {update}: return {returns.mean():.1f} +- {returns.std():.1f}, normalized score {score:.1f}")
+            logs["charts/episodic_length"] = lengths.mean()  # a policy that stands still to the time limit shows here
+            tqdm.write(
+                f"update {update}: return {returns.mean():.1f} +- {returns.std():.1f}, length {lengths.mean():.0f},"
+                f" {returns.sum() / lengths.sum():.2f}/step, normalized score {score:.1f}"
+            )
         for tag, value in logs.items():
             writer.add_scalar(tag, value, update)
         if args.save_every and update % args.save_every == 0:

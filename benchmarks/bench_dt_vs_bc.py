@@ -4,8 +4,12 @@ For each dataset and seed this runs `pretrain_dt.py` (the README's CPU config pl
 cloning (2x256 ReLU, tanh(output) regressed on the dataset actions with MSE; `--bc-job`, this file run again) as
 subprocesses, `--parallel` at a time with one torch thread each, and prints per dataset: the DT's final score and the
 mean of its last 3 evaluations per seed, the same for the MLP, and the means over seeds. Target: the DT's mean over
-seeds is at least the MLP's on every dataset and no DT seed's last-3 mean falls below 5. Prints figures; it is not a
-test. The MLP is evaluated exactly as `pretrain_dt.py` evaluates a DT: the same `evaluate` (deterministic, batched,
+seeds is at least the MLP's on every dataset and no DT seed's last-3 mean falls below 5. `--configs A B` prints the
+recipes side by side, with the recipe targets of B against A: the range of each seed's last three evaluations and the
+std of the final score over seeds at most half of A's, the mean final score at least A's and at least the MLP's mean
+minus one standard error, and no degenerate final DT (on Hopper and Walker2d: every evaluation episode runs to the
+time limit while the return per step is below the data's). Prints figures; it is not a test. The MLP is evaluated
+exactly as `pretrain_dt.py` evaluates a DT: the same `evaluate` (deterministic, batched,
 the same reset seeds), state normalisation and normalized score.
 
 Each run's log goes to `--out-dir` (`results/dt-vs-bc/logs/`, the committed logs of the README's tables: `--report-only`
@@ -15,6 +19,8 @@ The generated datasets come from `benchmarks/make_datasets.py`, which also makes
     MINARI_DATASETS_PATH=$(realpath data/minari) python benchmarks/bench_dt_vs_bc.py
     python benchmarks/bench_dt_vs_bc.py --config-name odt --dt-flags="--censor-bound None"   # ODT's recipe
     python benchmarks/bench_dt_vs_bc.py --config-name odt --report-only
+    python benchmarks/bench_dt_vs_bc.py --config-name anneal --dt-flags="--anneal-lr"    # the annealed recipe
+    python benchmarks/bench_dt_vs_bc.py --configs default anneal --report-only           # both, with the targets
 """
 
 import os
@@ -48,6 +54,9 @@ class Args:
     """extra pretrain_dt.py flags after the README's CPU config (e.g. the ODT recipe, to compare)"""
     config_name: str = "default"
     """names the DT logs (`dt_{config_name}_{dataset}_s{seed}.log`), so several --dt-flags share one --out-dir"""
+    configs: tuple[str, ...] = ()
+    """report these configurations' logs side by side (default: --config-name), with the recipe targets of each
+    against the first"""
     bc: Literal["run", "none"] = "run"
     """run: run the MLP where its log is missing or unfinished; none: only read the logs already there (another
     invocation runs them)"""
@@ -156,7 +165,7 @@ def run_bc(env_id: str, dataset: str, seed: int, updates: int, eval_every: int, 
         loss.backward()
         opt.step()
         if update % eval_every == 0:
-            rets = pt.evaluate(policy, envs, meta, pt.eval_seeds(seed, eval_episodes), "cpu")
+            rets, _ = pt.evaluate(policy, envs, meta, pt.eval_seeds(seed, eval_episodes), "cpu")
             scores[update] = float(pt.normalized_score(rets, ref_min, ref_max).mean())
     print(f"seed {seed}: " + ", ".join(f"{u}: {s:.1f}" for u, s in scores.items()), flush=True)
     return scores
@@ -168,6 +177,20 @@ def dt_scores(log: Path, finished: bool = False) -> list[float]:
     if finished and "\ncheckpoint: " not in text:
         return []
     return [float(x) for x in re.findall(r"^update \d+: .*normalized score (-?[\d.]+)", text, re.M)]
+
+
+# Episodes that reach the time limit while earning less per step than the data: a hopper standing still, not hopping
+TIME_LIMITS = {"Hopper": 1000, "Walker2d": 1000}
+
+
+def dt_final_episodes(log: Path) -> tuple[float, float, float]:
+    """(mean length, return per step) of a pretrain_dt.py log's final evaluation, and the data's return per step
+    (NaN where the log predates the length in its evaluation lines)."""
+    text = log.read_text() if log.exists() else ""
+    final = re.findall(r"^update \d+: .* length (\d+), (-?[\d.]+)/step", text, re.M)
+    data = re.search(r"^\S+: (\d+) trajectories, (\d+) steps, mean return (-?[\d.]+)", text, re.M)
+    per_step = int(data.group(1)) * float(data.group(3)) / int(data.group(2)) if data else float("nan")
+    return (float(final[-1][0]), float(final[-1][1]), per_step) if final else (float("nan"),) * 2 + (per_step,)
 
 
 def bc_scores(log: Path) -> list[float]:
@@ -197,29 +220,57 @@ def main(args: Args):
             sys.exit(f"error: {running[pid].name} failed, see {running[pid]}")
         del running[pid]
 
-    print(f"DT: the README's CPU config {CPU_CONFIG} {args.dt_flags}".rstrip())
-    print(f"{'dataset':<30} {'':>4} {'final per seed':>22} {'last-3 per seed':>22} {'final':>6} {'last-3':>6}")
+    report(args, out)
+
+
+def report(args: Args, out: Path):
+    """Per dataset: each configuration's DT, then the MLP; with two or more configurations, the targets of each
+    against the first."""
+    configs = args.configs or (args.config_name,)
+    print(f"DT: the README's CPU config {CPU_CONFIG}, then each configuration's --dt-flags ({', '.join(configs)})")
+    print(f"{'dataset':<30} {'':>12} {'final per seed':>22} {'last-3 range per seed':>22} {'final':>13} {'last-3':>6}")
     for pair in args.datasets:
-        tag = pair.split(":", 1)[1].replace("/", "-")
+        env_id, dataset = pair.split(":", 1)
+        tag, seeds = dataset.replace("/", "-"), range(1, args.seeds + 1)
         rows = {}
-        for who, prefix in (("DT", f"dt_{args.config_name}"), ("MLP", "bc")):
-            logs = [out / f"{prefix}_{tag}_s{s}.log" for s in range(1, args.seeds + 1)]
-            runs = [dt_scores(log, finished=True) if who == "DT" else bc_scores(log) for log in logs]
+        for who in [*configs, "MLP"]:
+            logs = [out / (f"bc_{tag}_s{s}.log" if who == "MLP" else f"dt_{who}_{tag}_s{s}.log") for s in seeds]
+            runs = [bc_scores(log) if who == "MLP" else dt_scores(log, finished=True) for log in logs]
             if not all(runs):
-                print(f"{pair.split(':', 1)[1]:<30} {who:>4} missing runs in {out}")
-                rows[who] = float("nan")
+                print(f"{dataset:<30} {who:>12} missing runs in {out}")
                 continue
-            final, last3 = np.array([r[-1] for r in runs]), np.array([np.mean(r[-3:]) for r in runs])
-            rows[who] = last3.mean()
+            final, ranges = np.array([r[-1] for r in runs]), np.array([np.ptp(r[-3:]) for r in runs])
+            rows[who] = dict(final=final, ranges=ranges, last3=np.mean([np.mean(r[-3:]) for r in runs]))
+            degenerate = []
+            if who != "MLP" and env_id.partition("-")[0] in TIME_LIMITS:
+                episodes = [dt_final_episodes(log) for log in logs]
+                limit = TIME_LIMITS[env_id.partition("-")[0]]
+                rows[who]["episodes"] = episodes
+                degenerate = [s for s, (n, r, d) in zip(seeds, episodes) if n >= limit and r < d]
+                rows[who]["degenerate"] = degenerate if not np.isnan([e[0] for e in episodes]).any() else None
             print(
-                f"{pair.split(':', 1)[1]:<30} {who:>4} {' '.join(f'{x:6.1f}' for x in final):>22} "
-                f"{' '.join(f'{x:6.1f}' for x in last3):>22} {final.mean():6.1f} {last3.mean():6.1f}"
-                + (f"  (min seed {last3.min():.1f})" if who == "DT" else "")
+                f"{dataset:<30} {who:>12} {' '.join(f'{x:6.1f}' for x in final):>22} "
+                f"{' '.join(f'{x:6.1f}' for x in ranges):>22} {final.mean():6.1f}±{final.std():5.1f} {rows[who]['last3']:6.1f}"
+                + (f"  degenerate seeds: {degenerate}" if degenerate else "")
             )
-        if np.isnan([rows["DT"], rows["MLP"]]).any():
-            continue
-        verdict = "DT >= MLP" if rows["DT"] >= rows["MLP"] else "DT < MLP"
-        print(f"{'':<30} {verdict} on the last-3 mean over seeds ({rows['DT']:.1f} vs {rows['MLP']:.1f})")
+        if "MLP" in rows and configs[0] in rows:
+            dt, mlp = rows[configs[0]], rows["MLP"]
+            verdict = "DT >= MLP" if dt["last3"] >= mlp["last3"] else "DT < MLP"
+            print(f"{'':<30} {verdict} on the last-3 mean over seeds ({dt['last3']:.1f} vs {mlp['last3']:.1f})")
+        for new in [c for c in configs[1:] if c in rows and configs[0] in rows]:
+            old, b = rows[configs[0]], rows[new]
+            mlp = rows["MLP"]["final"] if "MLP" in rows else np.full(2, np.nan)
+            mlp_floor = mlp.mean() - mlp.std(ddof=1) / np.sqrt(len(mlp))  # one standard error below the MLP's mean
+            checks = {
+                "every seed's last-3 range <= half": (b["ranges"] <= old["ranges"] / 2).all(),
+                "final std <= half": b["final"].std() <= old["final"].std() / 2,
+                "mean final >= old": b["final"].mean() >= old["final"].mean(),
+                f"mean final >= MLP - s.e. ({mlp_floor:.1f})": b["final"].mean() >= mlp_floor,
+            }
+            if "degenerate" in b:
+                checks["no degenerate final DT"] = b["degenerate"] == [] if b["degenerate"] is not None else None
+            shown = {None: "n/a (old log)", True: "yes", False: "NO"}
+            print(f"{'':<30} {new} against {configs[0]}: " + "; ".join(f"{k}: {shown[v]}" for k, v in checks.items()))
 
 
 if __name__ == "__main__":

@@ -125,6 +125,7 @@ class Method:
     uses_checkpoint: bool = True  # False: pretrains itself on the same env and data (IQL), gets no --checkpoint
     steps_are_env_steps: bool = False  # its scalars are logged against env steps, not iterations (IQL)
     pretrain: tuple = ()  # extra pretrain_dt.py flags of its checkpoint (methods with the same share one)
+    eval_context: Literal["table6", "odt"] = "table6"  # evaluated at Table 6's c_online, or at ODT's acting context
 
 
 TASKS = {"hopper": ("Hopper-v4", "local/hopper/medium-v0"), "door": ("AdroitHandDoor-v1", "local/door/human-v0")}
@@ -135,12 +136,15 @@ IQL = Method("iql", "IQL", "iql.py", uses_checkpoint=False, steps_are_env_steps=
 TABLE1 = [
     DT,
     IQL,
-    Method("odt", "ODT", "odt_td3.py", ("--algo", "odt")),
-    Method("odt-td3", "ODT+TD3", "odt_td3.py"),
+    replace(DT, key="dt-odt-context", label="pretrained DT at ODT's context", eval_context="odt"),
+    Method("odt", "ODT", "odt_td3.py", ("--algo", "odt"), eval_context="odt"),
+    Method("odt-td3", "ODT+TD3", "odt_td3.py", eval_context="odt"),
     PPO,
     GRPO,
     Method("qguided", "Q-guided GRPO-DT", "grpo_dt_qguided.py"),
 ]
+# With --scale cpu, Table 1 has GRPO-DT twice: the CPU preset's (narrow exploration) and the paper's settings
+GRPO_PAPER_SETTINGS = Method("grpo-dt-paper", "GRPO-DT (paper settings)", "grpo_dt.py", ("--no-narrow-exploration",))
 # Fig. 2a-e, each against GRPO-DT with all its components: (run key, grpo_dt.py flags)
 ABLATIONS = {
     "full-trajectory": ("--full-trajectory",),
@@ -170,7 +174,8 @@ CPU_OVERRIDES: dict[str, tuple] = {
     "iql.py": ("--offline-updates", str(CPU_DT_UPDATES), "--eval-every", "1000"),
 }
 # The one evaluation protocol: every DT method is scored at the task's g_online (the RTG the pure-RL methods train
-# on) with Table 6's c_online, on the same episodes (`eval_seeds`); IQL has no RTG and gets the episodes only.
+# on), on the same episodes (`eval_seeds`), each at the context it acts with: Table 6's c_online for the pure-RL
+# methods, ODT's own (5 on MuJoCo, as its reference evaluates) for ODT and ODT+TD3. IQL gets the episodes only.
 G_ONLINE = dict(Hopper=7200, Walker2d=10000, Ant=12000, HalfCheetah=12000, AdroitHandDoor=3000, AdroitHandPen=6000)
 G_ONLINE.update(AdroitHandHammer=4000, AntMaze_UMaze=2)
 
@@ -183,11 +188,22 @@ def eval_flags(args: Args, m: Method, env_id: str, dataset: str) -> list:
     if args.eval_rtg is None and name not in G_ONLINE:
         raise UserError(f"no g_online known for --env-id {env_id}; pass --eval-rtg")
     rtg = args.eval_rtg if args.eval_rtg is not None else G_ONLINE[name]
-    return flags + ["--eval-rtg", str(rtg), "--eval-context-len", str(c_online(env_id, dataset))]
+    return flags + ["--eval-rtg", str(rtg), "--eval-context-len", str(eval_context(m, env_id, dataset))]
 
 
 def c_online(env_id: str, dataset: str) -> int:
     return 5 if env_id.startswith("AdroitHandHammer") or "umaze-diverse" in dataset else 1  # Table 6
+
+
+def eval_context(m: Method, env_id: str, dataset: str) -> int:
+    """The context a method is scored at: Table 6's c_online, or ODT's acting context (odt_td3.py's c_online: 5 on
+    MuJoCo and pen, 1 on door, hammer and AntMaze, as Zheng et al. and Yan et al. act and evaluate; tested equal)."""
+    if m.eval_context == "odt":
+        return 5 if env_id.partition("-")[0] in ODT_CONTEXT_5 else 1
+    return c_online(env_id, dataset)
+
+
+ODT_CONTEXT_5 = ("Hopper", "Walker2d", "Ant", "HalfCheetah", "AdroitHandPen")
 
 
 def data_rtg_command(args: Args, run: "Run", env_id: str, dataset: str, model: Path, log_dir: Path) -> list:
@@ -199,7 +215,7 @@ def data_rtg_command(args: Args, run: "Run", env_id: str, dataset: str, model: P
         str(Path(args.scripts_dir) / "grpo_dt.py"),
         *("--env-id", env_id, "--dataset", dataset, "--checkpoint", str(model), "--seed", str(run.seed)),
         *("--exp-name", f"{run.method.key}-data-rtg", "--runs-dir", str(log_dir), "--num-iterations", "0"),
-        *("--eval-episodes", str(args.eval_episodes), "--eval-context-len", str(c_online(env_id, dataset))),
+        *("--eval-episodes", str(args.eval_episodes), "--eval-context-len", str(eval_context(run.method, env_id, dataset))),
     ]
 
 
@@ -238,7 +254,7 @@ def grpo(key: str, label: str, *flags) -> Method:
 def preset_runs(preset: str, scale: str) -> tuple[list[str], list[Method]]:
     """(task names, methods) of a preset; a one-line error naming the valid presets otherwise."""
     if preset == "table1-cpu":
-        return ["hopper", "door"], TABLE1
+        return ["hopper", "door"], TABLE1 if scale != "cpu" else [*TABLE1[:-1], GRPO_PAPER_SETTINGS, TABLE1[-1]]
     if preset == "fig1-relabel":
         relabel_ppo = Method("ppo-dt-relabel", "PPO-DT --relabel", "ppo_dt.py", ("--relabel",))
         return ["hopper", "door"], [DT, PPO, relabel_ppo, GRPO, grpo("grpo-dt-relabel", "GRPO-DT --relabel", "--relabel")]
@@ -447,9 +463,9 @@ def format_summary(title: str, header: list[str], sections: dict[str, dict[str, 
         out += [
             f"## {task}",
             "",
-            f"| Method | Final normalized score | Mean of the last {LATE_WINDOW:.0%} | Iteration-0 score | Seeds OK "
-            "| Env steps | Grad updates | Wall time (s) | Final at the data's RTG | Status |" + extra,
-            "|---" * (11 if paper else 10) + "|",
+            f"| Method | Eval context | Final normalized score | Mean of the last {LATE_WINDOW:.0%} | Iteration-0 score "
+            "| Seeds OK | Env steps | Grad updates | Wall time (s) | Final at the data's RTG | Status |" + extra,
+            "|---" * (12 if paper else 11) + "|",
         ]
         for runs in by_method.values():
             s = summarize(runs)
@@ -462,10 +478,12 @@ def format_summary(title: str, header: list[str], sections: dict[str, dict[str, 
             )
             status += f" ({s['pending']} pending)" if s["pending"] else ""
             at_data = s["data_rtg"] and f"{np.mean(s['data_rtg']):.2f} ± {np.std(s['data_rtg']):.2f}"
+            m = runs[0].method
+            context = eval_context(m, *TASKS[task]) if m.uses_checkpoint and task in TASKS else "—"
             out.append(
-                f"| {runs[0].method.label} | {score} | {late} | {fmt(s['start'], 2)} | {s['n_ok']}/{s['n']} | "
+                f"| {m.label} | {context} | {score} | {late} | {fmt(s['start'], 2)} | {s['n_ok']}/{s['n']} | "
                 f"{fmt(s['env_steps'])} | {fmt(s['grad_updates'])} | {fmt(s['wall_time'], 1)} | {at_data or '—'} | {status} |"
-                + (f" {paper.get(task, {}).get(runs[0].method.key, '—')} |" if paper else "")
+                + (f" {paper.get(task, {}).get(m.key.removesuffix('-paper'), '—')} |" if paper else "")
             )
         out += [
             "",

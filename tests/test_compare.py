@@ -133,7 +133,7 @@ def test_last_line_finds_the_error():
 def test_bad_input_is_one_line_error(tmp_path):
     with pytest.raises(compare.UserError, match="unknown --preset 'nope'; valid: table1-cpu, fig1-relabel"):
         compare.main(compare.Args(preset="nope"))
-    with pytest.raises(compare.UserError, match="unknown --methods.*valid: dt, iql, odt"):
+    with pytest.raises(compare.UserError, match="unknown --methods.*valid: dt, iql, dt-odt-context, odt"):
         compare.main(compare.Args(methods=("sac",), dry_run=True))
     with pytest.raises(compare.UserError, match="one task"):
         compare.main(compare.Args(checkpoint=str(tmp_path / "c.pt")))
@@ -273,25 +273,34 @@ def test_iql_gets_the_same_seeds_budget_and_eval_episodes(capsys):
     assert only_iql and "# no DT checkpoint needed" in capsys.readouterr().out
 
 
-def test_every_dt_method_gets_the_same_eval_flags(capsys):
-    """One protocol: g_online of the task, Table 6's c_online, the same episodes; IQL gets the episodes only."""
-    expected = {
-        "hopper": "--eval-episodes 20 --eval-rtg 7200 --eval-context-len 1",
-        "door": "--eval-episodes 20 --eval-rtg 3000 --eval-context-len 1",
-    }
+def test_every_dt_method_gets_the_same_eval_flags_at_its_own_context(capsys):
+    """One protocol: g_online of the task and the same episodes; each method at the context it acts with (Table 6's
+    c_online, ODT's 5 on MuJoCo); the pretrained DT at both; IQL gets the episodes only."""
     compare.main(compare.Args(preset="table1-cpu", seeds=(1, 2), dry_run=True))
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("python ") and "--exp-name" in ln]
-    for task, env_id in (("hopper", "Hopper-v4"), ("door", "AdroitHandDoor-v1")):
+    for env_id, rtg, odt_context in (("Hopper-v4", 7200, 5), ("AdroitHandDoor-v1", 3000, 1)):
         runs = [ln for ln in lines if f"--env-id {env_id}" in ln]
         dt, iql = [ln for ln in runs if "iql.py" not in ln], [ln for ln in runs if "iql.py" in ln]
-        assert len(dt) == 2 * 6 and len(iql) == 2
-        assert all(expected[task] in ln for ln in dt) and all(
-            ln.count(f"{f} ") == 1 for ln in dt for f in ("--eval-episodes", "--eval-rtg", "--eval-context-len")
-        )
+        assert len(dt) == 2 * 8 and len(iql) == 2
+        for ln in dt:
+            odt = "odt_td3.py" in ln or "--exp-name dt-odt-context" in ln
+            assert f"--eval-episodes 20 --eval-rtg {rtg} --eval-context-len {odt_context if odt else 1}" in ln, ln
+            assert all(ln.count(f"{f} ") == 1 for f in ("--eval-episodes", "--eval-rtg", "--eval-context-len"))
+        assert sum("--exp-name grpo-dt-paper" in ln and "--no-narrow-exploration" in ln for ln in dt) == 2
         assert all("--eval-episodes 20" in ln and "--eval-rtg" not in ln for ln in iql)
     compare.main(compare.Args(preset="table1-cpu", seeds=(1,), tasks=("door",), eval_rtg=40, eval_episodes=3, dry_run=True))
     dt = [ln for ln in capsys.readouterr().out.splitlines() if "--exp-name" in ln and "iql.py" not in ln]
     assert dt and all("--eval-episodes 3 --eval-rtg 40 --eval-context-len 1" in ln for ln in dt)
+
+
+def test_odt_context_is_odt_td3s_own(tmp_path):
+    """compare.py's ODT context is the context odt_td3.py acts and evaluates with by default, per env."""
+    import odt_td3
+
+    for env_id in ("Hopper-v4", "Walker2d-v4", "AdroitHandDoor-v1", "AdroitHandPen-v1", "AdroitHandHammer-v1"):
+        args = odt_td3.apply_presets(odt_td3.Args(env_id=env_id, dataset="x"))
+        odt = next(m for m in compare.TABLE1 if m.key == "odt")
+        assert compare.eval_context(odt, env_id, "x") == args.c_online == args.eval_context_len, env_id
 
 
 def test_env_step_methods_plot_on_the_env_step_panel_only(tmp_path):
@@ -384,14 +393,14 @@ def test_end_to_end_with_fake_scripts(tmp_path, capsys):
     out_dir = compare.main(args)
     md = (out_dir / "summary.md").read_text()
     grpo = row(md, "GRPO-DT")
-    assert "| GRPO-DT | 31.50 ± 0.50 |" in grpo and "| 1.50 | 2/2 | 300 | 12 |" in grpo  # stopped by the env-step budget
+    assert "| GRPO-DT | 1 | 31.50 ± 0.50 |" in grpo and "| 1.50 | 2/2 | 300 | 12 |" in grpo  # stopped by the env-step budget
     # Its final model (--save-model) is scored again by grpo_dt.py at the checkpoint's own RTG (no --eval-rtg).
     assert "| 101.50 ± 0.50 | ok |" in row(md, "GRPO-DT")
     data_rtg = (out_dir / "raw" / "logs" / "hopper" / "grpo-dt__s2-data-rtg.out").parent.glob("grpo-dt__s*-data-rtg.err")
     assert len(list(data_rtg)) == 2 and "| — | ok |" in row(md, "IQL")
     # IQL: 300 online env steps after 3000 offline updates; its iteration 0 is its score after pretraining.
     assert (
-        "| IQL | 51.50 ± 0.50 |" in row(md, "IQL")
+        "| IQL | — | 51.50 ± 0.50 |" in row(md, "IQL")
         and "| 21.50 | 2/2 | 300 | 3,300 |" in row(md, "IQL")
         and "| 74.19 ± 20.25 |" in row(md, "IQL")
     )
@@ -416,7 +425,7 @@ def test_end_to_end_with_fake_scripts(tmp_path, capsys):
         shutil.copy(kept, fig1_records)
     fig1 = compare.Args(**{**vars(args), "preset": "fig1-relabel", "methods": ("grpo-dt",), "summarize_only": True})
     fig1_md = (compare.main(fig1) / "summary.md").read_text()
-    assert "| GRPO-DT | 31.50 ± 0.50 |" in row(fig1_md, "GRPO-DT")
+    assert "| GRPO-DT | 1 | 31.50 ± 0.50 |" in row(fig1_md, "GRPO-DT")
     assert "--runs-dir " + str(tmp_path / "results" / "table1-cpu" / "raw" / "runs" / "hopper" / "grpo-dt" / "s1") in fig1_md
     progress = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[") and "/6]" in ln]
     assert len(progress) == 6 and "[4/6] hopper PPO-DT seed 2: FAILED (exit 3: ValueError: bad shapes)" in progress[3]

@@ -348,8 +348,11 @@ def test_end_to_end_nll_falls_and_checkpoint_round_trips(tmp_path):
         rtg_scale=ckpt["rtg_scale"],
         eval_rtg=ckpt["eval_rtg"],
     )
-    rets = pt.evaluate(model, [pt.make_env("Hopper-v4")], meta, pt.eval_seeds(1, 1), "cpu")
+    env, steps = pt.make_env("Hopper-v4"), []
+    env.step = lambda a, step=env.step: steps.append(a) or step(a)  # counts the steps evaluate takes
+    rets, lengths = pt.evaluate(model, [env], meta, pt.eval_seeds(1, 1), "cpu")
     assert pt.normalized_score(rets, ckpt["ref_min_score"], ckpt["ref_max_score"]).mean() == pytest.approx(score)
+    assert lengths.tolist() == [len(steps)] == [acc.Scalars("charts/episodic_length")[-1].value]
     loaded = load(path)[0].eval()
     model.eval()
     batch = tiny_batch(S=11, A=3, T=20)

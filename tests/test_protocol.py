@@ -59,7 +59,7 @@ def pretrain_score(ckpt_path, eval_episodes, eval_rtg, eval_context_len, max_epi
     meta = dict(context_len=eval_context_len, state_mean=ckpt["state_mean"].numpy(), state_std=ckpt["state_std"].numpy())
     meta.update(rtg_scale=ckpt["rtg_scale"], eval_rtg=eval_rtg)
     envs = [pretrain_dt.make_env("Hopper-v4", max_episode_steps=max_episode_steps) for _ in range(eval_episodes)]
-    rets = pretrain_dt.evaluate(model, envs, meta, pretrain_dt.eval_seeds(seed, eval_episodes), "cpu")
+    rets, _ = pretrain_dt.evaluate(model, envs, meta, pretrain_dt.eval_seeds(seed, eval_episodes), "cpu")
     return float(pretrain_dt.normalized_score(rets, ckpt["ref_min_score"], ckpt["ref_max_score"]).mean())
 
 

@@ -93,7 +93,7 @@ def test_acting_writes_the_predicted_rtg_before_the_action(setup):
     meta = {**setup["ckpt"], "context_len": 3}
     model = pt.Reinformer(**{k: v for k, v in meta["model_config"].items() if k not in ("activation", "c_offline", "arch")})
     model.load_state_dict(meta["state_dict"])
-    returns = [pt.evaluate(model, [pt.make_env(HOPPER[0])], {**meta, "eval_rtg": r}, [7], "cpu") for r in (0, 1e4)]
+    returns = [pt.evaluate(model, [pt.make_env(HOPPER[0])], {**meta, "eval_rtg": r}, [7], "cpu")[0] for r in (0, 1e4)]
     assert returns[0] == returns[1]
 
 
