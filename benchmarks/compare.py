@@ -478,8 +478,9 @@ def format_summary(title: str, header: list[str], sections: dict[str, dict[str, 
             )
             status += f" ({s['pending']} pending)" if s["pending"] else ""
             at_data = s["data_rtg"] and f"{np.mean(s['data_rtg']):.2f} ± {np.std(s['data_rtg']):.2f}"
-            m = runs[0].method
-            context = eval_context(m, *TASKS[task]) if m.uses_checkpoint and task in TASKS else "—"
+            m = runs[0].method  # the context each run was scored at, from the command it ran (or will run) with
+            contexts = {r.cmd[r.cmd.index("--eval-context-len") + 1] for r in runs if "--eval-context-len" in r.cmd}
+            context = ", ".join(sorted(contexts)) or "—"
             out.append(
                 f"| {m.label} | {context} | {score} | {late} | {fmt(s['start'], 2)} | {s['n_ok']}/{s['n']} | "
                 f"{fmt(s['env_steps'])} | {fmt(s['grad_updates'])} | {fmt(s['wall_time'], 1)} | {at_data or '—'} | {status} |"
@@ -528,6 +529,30 @@ def score_curves(run: Run) -> tuple[tuple, tuple]:
     env = np.interp(it, steps_it, steps)
     order = np.argsort(env, kind="stable")
     return (it, score), (env[order], score[order])
+
+
+def plot_bars(sections: dict[str, dict[str, list[Run]]], path: Path, title: str):
+    """One panel per task: a bar per method at the mean over seeds of the table's score (the mean of the last
+    LATE_WINDOW), a mark per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sections), figsize=(6.5 * len(sections), 4.8), squeeze=False)
+    for ax, (task, by_method) in zip(axes[0], sections.items()):
+        for k, (color, runs) in enumerate(zip(plt.cm.tab10.colors * 3, by_method.values())):
+            late = [r.late_mean() for r in runs if r.ok]
+            if late:
+                ax.bar(k, np.mean(late), color=color, alpha=0.6)
+                ax.plot(np.full(len(late), k) + np.linspace(-0.15, 0.15, len(late)), late, "ko", ms=4)
+        ax.set_xticks(range(len(by_method)), [runs[0].method.label for runs in by_method.values()], rotation=30, ha="right")
+        ax.set(ylabel=f"normalized score, mean of the last {LATE_WINDOW:.0%}", title=task)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"{title}  (bar: mean over seeds; dot: a seed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_curves(sections: dict[str, dict[str, list[Run]]], path: Path, title: str) -> np.ndarray:
@@ -755,6 +780,7 @@ def main(args: Args) -> Path:
         date = f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
         (out_dir / "summary.md").write_text(format_summary(title, header + [versions, ran_at, date], sections, paper))
         plot_curves(sections, out_dir / "curves.png", title)
+        plot_bars(sections, out_dir / "bars.png", title)
 
     total, done = sum(len(p[3]) for p in plan), 0
     for task, ckpt, pre, runs in plan:
@@ -820,7 +846,7 @@ def main(args: Args) -> Path:
             print(f"[{done}/{total}] {task} {r.method.label} seed {r.seed}: {status} | {r.wall_time:.1f} s", flush=True)
             write_outputs()
     write_outputs()
-    print(f"wrote {out_dir / 'summary.md'} and {out_dir / 'curves.png'}")
+    print(f"wrote {out_dir / 'summary.md'}, {out_dir / 'curves.png'} and {out_dir / 'bars.png'}")
     return out_dir
 
 

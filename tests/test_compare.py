@@ -407,6 +407,7 @@ def test_end_to_end_with_fake_scripts(tmp_path, capsys):
     ppo = row(md, "PPO-DT")
     assert "| FAILED | — | — | 0/2 |" in ppo and "exit 3: ValueError: bad shapes" in ppo
     assert (out_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out_dir / "bars.png").read_bytes()[:4] == b"\x89PNG"
     assert "- script versions (sha1 of the file at each run's start): grpo_dt.py " in md and "changed" not in md
     # each run's record names the commit it started at; the summary lists them (6 runs, all at this checkout's)
     commit = json.loads((out_dir / "records" / "hopper" / "grpo-dt__s1.json").read_text())["commit"]
