@@ -149,8 +149,6 @@ class Args:
     """LAMB weight decay"""
     max_grad_norm: float = 0.5
     """global gradient-norm clip"""
-    anneal_lr: bool = False
-    """decay the policy's learning rate linearly to 0 over the budget (--num-iterations, or --total-env-steps)"""
 
     # Ablations (Figs. 1, 2); the defaults are the paper's method
     relabel: bool = False
@@ -214,8 +212,6 @@ def check(args: Args):
     positive += "group_size subtraj_buffer_size ref_update_every max_grad_norm"
     nonnegative = "num_iterations total_env_steps max_seconds save_every eval_len updates_per_iter kl_coef weight_decay"
     check_args(args, positive=positive.split(), nonnegative=nonnegative.split(), unit=("gamma",))
-    if args.anneal_lr and not (args.num_iterations or args.total_env_steps):
-        raise UserError("--anneal-lr decays over --num-iterations or --total-env-steps; give one of them (not 0)")
 
 
 # ---------------------------------------------------------------- envs and exact resets
@@ -774,16 +770,6 @@ class SubtrajBuffer:
         return {k: v[i] for k, v in self.data.items()}
 
 
-def annealed_lr(lr: float, iteration: int, env_steps: int, args: Args) -> float:
-    """The learning rate of `iteration` (from 1): linear from `lr` to 0 over the iteration or env-step budget, whichever
-    is nearer its end (CleanRL's PPO anneal_lr); `lr` itself without --anneal-lr."""
-    if not args.anneal_lr:
-        return lr
-    spent = (iteration - 1) / args.num_iterations if args.num_iterations else 0.0
-    spent = max(spent, env_steps / args.total_env_steps) if args.total_env_steps else spent
-    return lr * max(1.0 - spent, 0.0)
-
-
 def masked_mean(x, mask, dim=None):
     return (x * mask).sum(dim) / mask.to(x.dtype).sum(dim).clamp(min=1)
 
@@ -955,7 +941,6 @@ def main(args: Args, make_envs=Envs, rollout=rollout, backward=grpo_backward) ->
 
             # ALGO LOGIC: line 9, Eq. 3 on n_batch uniform draws from the buffer; kappa is the entropy constraint's dual
             stats = []
-            st.optimizer.param_groups[0]["lr"] = annealed_lr(args.learning_rate, iteration, st.env_steps, args)
             for _ in range(args.updates_per_iter if st.sub_buffer.size else 0):
                 kappa = st.log_kappa.exp()
                 batch = st.sub_buffer.sample(args.n_batch, st.rng)

@@ -633,7 +633,8 @@ def main(args: Args):
     if data_dims != dims:
         raise UserError(f"dataset {dataset_id} has obs/action dims {data_dims} but {args.env_id} has {dims}")
     obs = np.concatenate([t["observations"] for t in trajs])
-    print(f"{dataset_id}: {len(trajs)} trajectories, {len(obs)} steps")
+    per_step = sum(t["rewards"].sum() for t in trajs) / len(obs)  # what a moving policy earns, against its evaluations
+    print(f"{dataset_id}: {len(trajs)} trajectories, {len(obs)} steps, {per_step:.2f} reward per step")
     state_mean, state_std = obs.mean(0), obs.std(0) + 1e-6
     c_offline, c_online = default_contexts(family, key, dataset_id)
     c_offline, c_online = args.context_len or c_offline, args.eval_context_len or c_online

@@ -183,14 +183,23 @@ def dt_scores(log: Path, finished: bool = False) -> list[float]:
 TIME_LIMITS = {"Hopper": 1000, "Walker2d": 1000}
 
 
-def dt_final_episodes(log: Path) -> tuple[float, float, float]:
-    """(mean length, return per step) of a pretrain_dt.py log's final evaluation, and the data's return per step
-    (NaN where the log predates the length in its evaluation lines)."""
+def dt_final_episodes(log: Path) -> tuple[float, float]:
+    """(mean length, return per step) of a pretrain_dt.py log's final evaluation (NaN where the log predates them)."""
     text = log.read_text() if log.exists() else ""
     final = re.findall(r"^update \d+: .* length (\d+), (-?[\d.]+)/step", text, re.M)
-    data = re.search(r"^\S+: (\d+) trajectories, (\d+) steps, mean return (-?[\d.]+)", text, re.M)
-    per_step = int(data.group(1)) * float(data.group(3)) / int(data.group(2)) if data else float("nan")
-    return (float(final[-1][0]), float(final[-1][1]), per_step) if final else (float("nan"),) * 2 + (per_step,)
+    return (float(final[-1][0]), float(final[-1][1])) if final else (float("nan"), float("nan"))
+
+
+def data_reward_per_step(env_id: str, dataset: str) -> float:
+    """The dataset's reward per step (NaN where the dataset cannot be loaded here)."""
+    sys.path.insert(0, str(ROOT))
+    import pretrain_dt as pt
+
+    try:
+        trajs = pt.load_dataset(env_id, dataset, None, 0, 0)[1]
+    except (pt.UserError, OSError, ValueError):
+        return float("nan")
+    return sum(t["rewards"].sum() for t in trajs) / sum(len(t["rewards"]) for t in trajs)
 
 
 def bc_scores(log: Path) -> list[float]:
@@ -243,16 +252,23 @@ def report(args: Args, out: Path):
             rows[who] = dict(final=final, ranges=ranges, last3=np.mean([np.mean(r[-3:]) for r in runs]))
             degenerate = []
             if who != "MLP" and env_id.partition("-")[0] in TIME_LIMITS:
-                episodes = [dt_final_episodes(log) for log in logs]
+                episodes, data = [dt_final_episodes(log) for log in logs], data_reward_per_step(env_id, dataset)
                 limit = TIME_LIMITS[env_id.partition("-")[0]]
-                rows[who]["episodes"] = episodes
-                degenerate = [s for s, (n, r, d) in zip(seeds, episodes) if n >= limit and r < d]
-                rows[who]["degenerate"] = degenerate if not np.isnan([e[0] for e in episodes]).any() else None
+                degenerate = [s for s, (n, r) in zip(seeds, episodes) if n >= limit and r < data]
+                known = not np.isnan([e[0] for e in episodes]).any() and np.isfinite(data)
+                rows[who]["degenerate"] = degenerate if known else None
+                rows[who]["episodes_line"] = (
+                    f"{'':<30} {'':>12} final episodes: length "
+                    + ", ".join(f"{n:.0f} at {r:.2f}/step" for n, r in episodes)
+                    + f" (data: {data:.2f}/step, time limit {limit})"
+                )
             print(
                 f"{dataset:<30} {who:>12} {' '.join(f'{x:6.1f}' for x in final):>22} "
                 f"{' '.join(f'{x:6.1f}' for x in ranges):>22} {final.mean():6.1f}±{final.std():5.1f} {rows[who]['last3']:6.1f}"
                 + (f"  degenerate seeds: {degenerate}" if degenerate else "")
             )
+            if "episodes_line" in rows[who]:
+                print(rows[who]["episodes_line"])
         if "MLP" in rows and configs[0] in rows:
             dt, mlp = rows[configs[0]], rows["MLP"]
             verdict = "DT >= MLP" if dt["last3"] >= mlp["last3"] else "DT < MLP"

@@ -445,31 +445,6 @@ def test_end_to_end_hopper_resume_budget(hopper_checkpoint, tmp_path):
     assert tags["charts/normalized_score"] == [0] and "charts/env_steps" not in tags
 
 
-def test_annealed_lr_is_linear_to_zero_over_the_budget():
-    args = grpo_dt.Args(num_iterations=4, anneal_lr=True)
-    assert [grpo_dt.annealed_lr(1.0, i, 0, args) for i in (1, 2, 3, 4)] == [1.0, 0.75, 0.5, 0.25]
-    # an env-step budget nearer its end than the iteration budget sets the rate
-    steps = with_(args, total_env_steps=1000)
-    assert grpo_dt.annealed_lr(1.0, 2, 900, steps) == pytest.approx(0.1) and grpo_dt.annealed_lr(1.0, 2, 2000, steps) == 0
-    assert grpo_dt.annealed_lr(1.0, 3, 0, with_(args, num_iterations=0, total_env_steps=1000)) == 1.0
-    assert grpo_dt.annealed_lr(1.0, 4, 0, with_(args, anneal_lr=False)) == 1.0
-
-
-def test_anneal_lr_changes_the_updates(hopper_checkpoint, tmp_path):
-    """--anneal-lr: iteration i of n updates at lr (1 - (i-1)/n); the same seed without it ends at other weights."""
-    runs = {}
-    for anneal in (False, True):
-        save = tmp_path / f"{anneal}.pt"
-        args = tiny_args(hopper_checkpoint, tmp_path / str(anneal), save_path=str(save), anneal_lr=anneal, delta_r=0.0)
-        grpo_dt.main(with_(args, learning_rate=1e-3))
-        runs[anneal] = torch.load(save, weights_only=False)
-        lrs = scalars(tmp_path / str(anneal) / "runs", values=True)["charts/learning_rate"]
-        assert lrs == pytest.approx([1e-3, 5e-4] if anneal else [1e-3, 1e-3])
-    assert any(not torch.equal(runs[True]["state_dict"][k], v) for k, v in runs[False]["state_dict"].items())
-    with pytest.raises(grpo_dt.UserError, match="--anneal-lr decays over --num-iterations or --total-env-steps"):
-        grpo_dt.main(tiny_args(hopper_checkpoint, tmp_path / "z", anneal_lr=True, num_iterations=0))
-
-
 def test_end_to_end_door(door_checkpoint, tmp_path):
     args = tiny_args(door_checkpoint, tmp_path, env_id="AdroitHandDoor-v1", dataset="local/door/human-v0")
     score = grpo_dt.main(with_(args, full_trajs_per_iter=2, n_batch=4, ratio="token", delta_r=0.0))

@@ -1,6 +1,6 @@
 """bars.png of this folder from its kept records, with compare.py's plot_bars (the runs predate the picture).
 
-    python results/table1-cpu-censored/bars.py
+python results/table1-cpu-censored/bars.py
 """
 
 import sys
