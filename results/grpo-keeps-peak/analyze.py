@@ -33,7 +33,7 @@ TAGS = {
     "losses/kappa": "kappa",
     "losses/ratio_max": "ratio max",
 }
-ARMS = {"default": "today's CPU preset", "anneal": "--anneal-lr"}
+ARMS = {"default": "today's CPU preset", "anneal": "--anneal-lr", "gamma1": "--gamma 1.0"}
 
 
 def series(arm: str, seed: int) -> dict[str, list]:
@@ -95,6 +95,23 @@ def main():
             f" {t['last10']:.1f} | {t['best10']:.1f} | {yes[t['T3']]} ({t['last10'] / t['best10']:.2f}) |"
             f" {t['largest_drop']:.1f} |"
         ]
+    lines += ["", "Per arm over its seeds (mean ± std; targets: seeds that meet it):", ""]
+    lines += ["| arm | seeds | peak | lowest after / peak | T1 | std last 20 | T2 | last 10 | last 10 / best 10 | T3 |"]
+    lines += ["|---|---|---|---|---|---|---|---|---|---|"]
+    for arm in ARMS:
+        ts = [targets(d["charts/normalized_score"]) for (a, _), d in runs.items() if a == arm]
+        if not ts:
+            continue
+
+        def ms(values, fmt=".1f"):
+            return f"{np.mean(values):{fmt}} ± {np.std(values):{fmt}}" if len(values) > 1 else f"{values[0]:{fmt}}"
+
+        met = {k: f"{sum(bool(t[k]) for t in ts)}/{len(ts)}" for k in ("T1", "T2", "T3")}
+        lines += [
+            f"| {arm} | {len(ts)} | {ms([t['peak'] for t in ts])} | {ms([t['low_after'] / t['peak'] for t in ts], '.2f')}"
+            f" | {met['T1']} | {ms([t['last20_std'] for t in ts])} | {met['T2']} | {ms([t['last10'] for t in ts])} |"
+            f" {ms([t['last10'] / t['best10'] for t in ts], '.2f')} | {met['T3']} |"
+        ]
     lines += ["", "Diagnostics, mean over blocks of 30 iterations (1-30, ..., 121-150):", ""]
     lines += ["| arm | seed | quantity | " + " | ".join(f"{30 * b + 1}-{30 * b + 30}" for b in range(5)) + " |"]
     lines += ["|---|---|---|" + "---|" * 5]
@@ -109,7 +126,7 @@ def main():
     (HERE / "targets.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-    colours = {"default": "tab:blue", "anneal": "tab:orange"}
+    colours = {"default": "tab:blue", "anneal": "tab:orange", "gamma1": "tab:green"}
     fig, ax = plt.subplots(figsize=(9, 5))
     for arm in ARMS:
         curves = [d["charts/normalized_score"] for (a, _), d in runs.items() if a == arm]
