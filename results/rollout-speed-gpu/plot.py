@@ -1,6 +1,6 @@
 """scaling.png: GRPO-DT rollout throughput and efficiency (fraction of raw MuJoCo speed per core) against env workers.
 
-python results/gpu-h200-2026-12-04/plot.py   (from the repository root; reads the throughput*.log files only)
+python results/rollout-speed-gpu/plot.py   (from the repository root; reads the throughput*.log files only)
 """
 
 import re
