@@ -216,6 +216,7 @@ def main(args: Args):
     flags_of = dict(a.split("=", 1) for a in args.arm)
     if args.report_only:
         finished = [*raw.glob("*/s*.done"), *(out / "records").glob("*/s*.json")]
+        finished = [p for p in finished if p.stem[1:].isdigit()]  # not an analysis's side file (s1_diag.json)
         seeds_of = {}
         for path in sorted(finished, key=lambda p: (p.parent.name, int(p.stem[1:]))):
             seeds_of.setdefault(path.parent.name, [])

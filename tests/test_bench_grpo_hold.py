@@ -40,6 +40,7 @@ def test_report_from_records_alone_matches_report_from_raw_logs(tmp_path, capsys
 
     shutil.rmtree(out / "raw")
     (out / "summary.md").unlink()
+    (out / "records" / "default" / "s1_diag.json").write_text("{}\n")  # an analysis's side file is not a run
     bench_grpo_hold.main(args)
     from_records = (out / "summary.md").read_text()
     assert from_records == from_raw
