@@ -3,12 +3,14 @@
 Each run is a `grpo_dt.py` subprocess (`grpo_dt_fast.py`, the same algorithm, for an arm that uses its worker flags;
 OMP_NUM_THREADS=1, `--parallel` at a time) whose per-iteration normalized score is read back from its TensorBoard
 log. Every run gets `--scale` (default cpu: grpo_dt.py then explores narrowly, `--narrow-exploration`, as the
-committed hold results' `default` arms did; `--scale paper` or an arm's `--no-narrow-exploration` is the paper's sigma
-and epsilon). Prints per arm and seed (start, peak, mean of the last 5 evaluations) and the means over seeds, and writes
-`results/<name>/summary.md` (with every run's command and the commit it ran at) and `results/<name>/curves.png`.
-The hold target, printed for every arm: the mean over seeds of the last-5 mean is at least start + `--target-gain`
-(20 on Hopper), and no seed's last-5 mean is more than `--target-floor` below its own start (0 on Hopper; Door: 20
-iterations, gain -2, floor 2). Prints figures; it is not a test.
+committed hold results' `default` arms did, and on MuJoCo scores sub-trajectories at gamma 1, where the hold results
+other than grpo-keeps-peak's `gamma1` ran at Table 6's 0.995: an arm's `--gamma 0.995` re-runs those; `--scale
+paper` is the paper's sigma, epsilon and gamma). Prints per arm and seed (start, peak, mean of the last 5
+evaluations) and the means over seeds, and writes `results/<name>/summary.md` (with every run's command and the
+commit it ran at) and `results/<name>/curves.png`. The hold target, printed for every arm: the mean over seeds of
+the last-5 mean is at least start + `--target-gain` (20 on Hopper), and no seed's last-5 mean is more than
+`--target-floor` below its own start (0 on Hopper; Door: 20 iterations, gain -2, floor 2). Prints figures; it is not
+a test.
 
     MINARI_DATASETS_PATH=$(realpath ../shared/datasets) python benchmarks/bench_grpo_hold.py --checkpoint CKPT \
         --arm "default=" "paper=--no-narrow-exploration" --seeds 1 2 3 --iterations 40

@@ -143,8 +143,9 @@ TABLE1 = [
     GRPO,
     Method("qguided", "Q-guided GRPO-DT", "grpo_dt_qguided.py"),
 ]
-# With --scale cpu, Table 1 has GRPO-DT twice: the CPU preset's (narrow exploration) and the paper's settings
-GRPO_PAPER_SETTINGS = Method("grpo-dt-paper", "GRPO-DT (paper settings)", "grpo_dt.py", ("--no-narrow-exploration",))
+# With --scale cpu, Table 1 has GRPO-DT twice: the CPU preset's (narrow exploration, gamma 1 on MuJoCo) and the
+# paper's settings (grpo_dt.py's --scale paper from the same checkpoint: Table 6's exploration and gamma)
+GRPO_PAPER_SETTINGS = Method("grpo-dt-paper", "GRPO-DT (paper settings)", "grpo_dt.py", ("--scale", "paper"))
 # Fig. 2a-e, each against GRPO-DT with all its components: (run key, grpo_dt.py flags)
 ABLATIONS = {
     "full-trajectory": ("--full-trajectory",),

@@ -2,8 +2,8 @@
 # GRPO-DT's paper-scale Hopper rows of Table 1, made in one call of the `device` tool on a lent GPU machine:
 #   1. Table 5's 4x512 DT on local/hopper/medium-v0 (pretrain_dt.py --scale paper: 5000 updates, a checkpoint every
 #      1000, so a pretraining cut by the time limit leaves its last one, and the log says at which update);
-#   2. grpo_dt_fast.py from that DT, two runs side by side, seed 1: the paper's settings, and the CPU preset's narrow
-#      exploration (--narrow-exploration), each with half the cores as env workers, until the time left runs out.
+#   2. grpo_dt_fast.py from that DT, two runs side by side, seed 1: the paper's settings, and the CPU preset's GRPO-DT
+#      settings (--narrow-exploration --gamma 1.0), each with half the cores as env workers, until the time left runs out.
 # Everything a run writes (logs, TensorBoard with every iteration's score, the DT) goes to $OUT. Prepare on the CPU machine, then one device call:
 #   mkdir -p .device/datasets/local && cp -r ../shared/datasets/local/hopper .device/datasets/local/
 #   run(command="bash benchmarks/device_paper_hopper.sh 560", carry=[".device"], timeout_s=600)
@@ -38,7 +38,7 @@ timeout $(left 300) python3 pretrain_dt.py $DATA --scale paper --seed 1 --checkp
 [ -f $CKPT ] || { echo "no checkpoint was written"; exit 1; }
 stamp "grpo_dt_fast.py, paper settings and CPU preset, $WORKERS workers each"
 for arm in paper narrow; do
-  flags=""; [ $arm = narrow ] && flags="--narrow-exploration"
+  flags=""; [ $arm = narrow ] && flags="--narrow-exploration --gamma 1.0"
   timeout $(left 10) python3 grpo_dt_fast.py $DATA --scale paper --seed 1 --checkpoint $CKPT --num-workers $WORKERS \
     --max-seconds $(left 40) --save-every 0 --runs-dir $OUT/runs/$arm $GRPO $flags \
     2>&1 | tr "\r" "\n" | grep -v -E "^\s*$" > $OUT/grpo_$arm.log &

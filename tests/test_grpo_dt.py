@@ -620,3 +620,18 @@ def test_non_finite_stops_with_one_line_and_keeps_the_state(hopper_checkpoint, t
     with pytest.raises(grpo_dt.UserError, match=r"^non-finite action at iteration 2; stopped, last good state kept at"):
         grpo_dt.main(grpo_dt.Args(resume=str(tmp_path / "bad.pt"), num_iterations=3))
     assert (tmp_path / "bad.pt").read_bytes() == before
+
+
+def test_scale_cpu_scores_mujoco_sub_trajectories_undiscounted():
+    """--scale cpu sets gamma 1 on MuJoCo (results/grpo-keeps-peak); the paper's scale and Adroit keep Table 6's."""
+
+    def gamma(env_id, *flags):
+        a = tyro.cli(grpo_dt.Args, args=["--env-id", env_id, *flags])
+        grpo_dt.apply_presets(a, 3, 1000)
+        return a.gamma
+
+    assert gamma("Hopper-v4") == 0.995
+    assert gamma("Hopper-v4", "--scale", "cpu") == 1.0
+    assert gamma("Walker2d-v4", "--scale", "cpu") == 1.0
+    assert gamma("Hopper-v4", "--scale", "cpu", "--gamma", "0.995") == 0.995
+    assert gamma("AdroitHandDoor-v1", "--dataset", "human", "--scale", "cpu") == 0.99
