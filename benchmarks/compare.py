@@ -255,7 +255,10 @@ def grpo(key: str, label: str, *flags) -> Method:
 def preset_runs(preset: str, scale: str) -> tuple[list[str], list[Method]]:
     """(task names, methods) of a preset; a one-line error naming the valid presets otherwise."""
     if preset == "table1-cpu":
-        return ["hopper", "door"], TABLE1 if scale != "cpu" else [*TABLE1[:-1], GRPO_PAPER_SETTINGS, TABLE1[-1]]
+        if scale != "cpu":
+            return ["hopper", "door"], TABLE1
+        cpu_preset = replace(GRPO, label="GRPO-DT (CPU preset)")
+        return ["hopper", "door"], [*(cpu_preset if m is GRPO else m for m in TABLE1[:-1]), GRPO_PAPER_SETTINGS, TABLE1[-1]]
     if preset == "fig1-relabel":
         relabel_ppo = Method("ppo-dt-relabel", "PPO-DT --relabel", "ppo_dt.py", ("--relabel",))
         return ["hopper", "door"], [DT, PPO, relabel_ppo, GRPO, grpo("grpo-dt-relabel", "GRPO-DT --relabel", "--relabel")]

@@ -393,10 +393,10 @@ def test_end_to_end_with_fake_scripts(tmp_path, capsys):
     )
     out_dir = compare.main(args)
     md = (out_dir / "summary.md").read_text()
-    grpo = row(md, "GRPO-DT")
-    assert "| GRPO-DT | 1 | 31.50 ± 0.50 |" in grpo and "| 1.50 | 2/2 | 300 | 12 |" in grpo  # stopped by the env-step budget
+    grpo = row(md, "GRPO-DT (CPU preset)")  # at --scale cpu, beside the paper settings' row
+    assert "| GRPO-DT (CPU preset) | 1 | 31.50 ± 0.50 |" in grpo and "| 1.50 | 2/2 | 300 | 12 |" in grpo  # stopped by the env-step budget
     # Its final model (--save-model) is scored again by grpo_dt.py at the checkpoint's own RTG (no --eval-rtg).
-    assert "| 101.50 ± 0.50 | ok |" in row(md, "GRPO-DT")
+    assert "| 101.50 ± 0.50 | ok |" in row(md, "GRPO-DT (CPU preset)")
     data_rtg = (out_dir / "raw" / "logs" / "hopper" / "grpo-dt__s2-data-rtg.out").parent.glob("grpo-dt__s*-data-rtg.err")
     assert len(list(data_rtg)) == 2 and "| — | ok |" in row(md, "IQL")
     # IQL: 300 online env steps after 3000 offline updates; its iteration 0 is its score after pretraining.
@@ -436,7 +436,7 @@ def test_end_to_end_with_fake_scripts(tmp_path, capsys):
     progress = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[") and "/6]" in ln]
     assert sum("finished earlier, kept" in ln for ln in progress) == 4 and sum("FAILED" in ln for ln in progress) == 2
     again = (out_dir / "summary.md").read_text()
-    assert all(row(again, label) == row(md, label) for label in ("GRPO-DT", "IQL"))
+    assert all(row(again, label) == row(md, label) for label in ("GRPO-DT (CPU preset)", "IQL"))
     # A run that failed here and was redone elsewhere: its copied-in record beats the local failure, and stays.
     redone = json.loads((out_dir / "records" / "hopper" / "grpo-dt__s1.json").read_text())
     (out_dir / "records" / "hopper" / "ppo-dt__s1.json").write_text(json.dumps(redone) + "\n")
