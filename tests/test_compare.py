@@ -394,7 +394,8 @@ def test_end_to_end_with_fake_scripts(tmp_path, capsys):
     out_dir = compare.main(args)
     md = (out_dir / "summary.md").read_text()
     grpo = row(md, "GRPO-DT (CPU preset)")  # at --scale cpu, beside the paper settings' row
-    assert "| GRPO-DT (CPU preset) | 1 | 31.50 ± 0.50 |" in grpo and "| 1.50 | 2/2 | 300 | 12 |" in grpo  # stopped by the env-step budget
+    assert "| GRPO-DT (CPU preset) | 1 | 31.50 ± 0.50 |" in grpo
+    assert "| 1.50 | 2/2 | 300 | 12 |" in grpo  # stopped by the env-step budget
     # Its final model (--save-model) is scored again by grpo_dt.py at the checkpoint's own RTG (no --eval-rtg).
     assert "| 101.50 ± 0.50 | ok |" in row(md, "GRPO-DT (CPU preset)")
     data_rtg = (out_dir / "raw" / "logs" / "hopper" / "grpo-dt__s2-data-rtg.out").parent.glob("grpo-dt__s*-data-rtg.err")
