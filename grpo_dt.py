@@ -40,129 +40,72 @@ from tqdm import tqdm
 @dataclass
 class Args:
     # ---- shared: args-header (identical in every script; tests/test_shared_blocks.py) ----
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment (python, numpy, torch, env resets and action sampling)"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms"""
-    cuda: bool = True
-    """if toggled, cuda is used when available"""
-    track: bool = False
-    """if toggled, log to Weights and Biases (wandb is imported only then)"""
-    wandb_project_name: str = "grpo-dt"
-    """the wandb project name"""
-    wandb_entity: Optional[str] = None
-    """the wandb entity (team)"""
-    capture_video: bool = False
-    """if toggled, record the first evaluation episode of every evaluation to `videos/{run_name}`"""
-    runs_dir: str = "runs"
-    """TensorBoard root; the run logs to `{runs_dir}/{run_name}`"""
-    env_id: str = "Hopper-v4"
-    """gymnasium id: Hopper/Walker2d/Ant/HalfCheetah-v4/v5, AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4/v5"""
-    dataset: str = "medium"
-    """a paper short name (medium, medium-replay, random, expert, human, cloned, umaze, umaze-diverse) or a Minari id"""
-    dataset_path: Optional[str] = None
-    """a D4RL-format HDF5 file (observations, actions, rewards, terminals, timeouts); overrides the Minari lookup"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of the experiment (python, numpy, torch, env resets and action sampling)
+    torch_deterministic: bool = True  # if toggled, cudnn and torch use deterministic algorithms
+    cuda: bool = True  # if toggled, cuda is used when available
+    track: bool = False  # if toggled, log to Weights and Biases (wandb is imported only then)
+    wandb_project_name: str = "grpo-dt"  # the wandb project name
+    wandb_entity: Optional[str] = None  # the wandb entity (team)
+    capture_video: bool = False  # if toggled, record the first evaluation episode of every evaluation to `videos/{run_name}`
+    runs_dir: str = "runs"  # TensorBoard root; the run logs to `{runs_dir}/{run_name}`
+    env_id: str = "Hopper-v4"  # Hopper/Walker2d/Ant/HalfCheetah-v4|v5, AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4|v5
+    dataset: str = "medium"  # medium, medium-replay, random, expert, human, cloned, umaze, umaze-diverse, or a Minari id
+    dataset_path: Optional[str] = None  # a D4RL-format HDF5 file to read instead of the Minari set
     # ---- end shared: args-header ----
     # ---- shared: finetune-args (identical in every finetuning DT script; tests/test_shared_blocks.py) ----
-    checkpoint: Optional[str] = None
-    """pretrained checkpoint; default `checkpoints/{env_id}__{dataset}__s{seed}.pt`, pretrained first if missing"""
-    pretrain_extra_args: str = ""
-    """extra pretrain_dt.py flags for that automatic pretraining, e.g. "--num-updates 2000\""""
-    eval_episodes: int = 10
-    """deterministic tanh(mean) evaluation episodes, at iteration 0 and after every iteration"""
-    eval_rtg: Optional[float] = None
-    """target return that conditions evaluation (raw reward units); default the checkpoint's"""
-    eval_context_len: Optional[int] = None
-    """DT context of evaluation; default the context the script acts with (c_online, Table 6)"""
+    checkpoint: Optional[str] = None  # pretrained DT; default checkpoints/{env}__{dataset}__s{seed}.pt, pretrained if missing
+    pretrain_extra_args: str = ""  # extra pretrain_dt.py flags for that automatic pretraining, e.g. "--num-updates 2000"
+    eval_episodes: int = 10  # deterministic tanh(mean) evaluation episodes, at iteration 0 and after every iteration
+    eval_rtg: Optional[float] = None  # target return that conditions evaluation (raw reward units); default the checkpoint's
+    eval_context_len: Optional[int] = None  # DT context of evaluation; default the context the script acts with
     # ---- end shared: finetune-args ----
-    scale: Literal["paper", "cpu"] = "paper"
-    """DT pretrained if the checkpoint is missing (paper: Table 5's; cpu: small); cpu: narrow exploration, MuJoCo gamma 1"""
-    num_iterations: int = 100
-    """outer iterations of Algorithm 1 (0: only evaluate the checkpoint)"""
-    total_env_steps: int = 0
-    """stop after the iteration at which env steps (full + group rollouts, not evaluation) reach this; 0 = no budget"""
-    max_seconds: float = 0
-    """wall-clock budget in seconds from the start, loading included (0: none); stops after the iteration reaching it"""
-    save_every: int = 5
-    """write the run state every this many iterations and at the end; 0 = never"""
-    save_path: Optional[str] = None
-    """where the run state goes; default `{runs_dir}/{run_name}/state.pt`"""
-    resume: Optional[str] = None
-    """run state to continue bit-exactly, as it was; only --num-iterations, --total-env-steps, --max-seconds may change"""
-    save_model: bool = False
-    """at the end, also write the finetuned DT as a checkpoint to `{runs_dir}/{run_name}/{exp_name}.pt`"""
-    max_episode_steps: Optional[int] = None
-    """override the env's time limit (tests and quick runs)"""
+    scale: Literal["paper", "cpu"] = "paper"  # cpu: a small DT if pretrained, narrow exploration, MuJoCo gamma 1
+    num_iterations: int = 100  # outer iterations of Algorithm 1 (0: only evaluate the checkpoint)
+    total_env_steps: int = 0  # stop after the iteration where training env steps reach this (0: no budget)
+    max_seconds: float = 0  # stop after the iteration where the seconds since launch reach this (0: no budget)
+    save_every: int = 5  # write the run state every this many iterations and at the end; 0 = never
+    save_path: Optional[str] = None  # where the run state goes; default `{runs_dir}/{run_name}/state.pt`
+    resume: Optional[str] = None  # continue a run state; only --num-iterations, --total-env-steps, --max-seconds may change
+    save_model: bool = False  # at the end, write the DT as a checkpoint to {runs_dir}/{run_name}/{exp_name}.pt
+    max_episode_steps: Optional[int] = None  # override the env's time limit (tests and quick runs)
 
     # Table 6 (None: the row of the env and dataset)
-    n_batch: Optional[int] = None
-    """sub-trajectories per gradient update"""
-    c_online: Optional[int] = None
-    """DT context length in finetuning, rollouts and evaluation"""
-    g_online: Optional[float] = None
-    """initial RTG of the full-trajectory rollouts (raw reward units)"""
-    subtraj_len: Optional[int] = None
-    """L_traj: sampled steps per sub-trajectory, the part that is optimised"""
-    eval_len: Optional[int] = None
-    """L_eval: tanh(mean) steps after L_traj that only score a sub-trajectory"""
-    gamma: Optional[float] = None
-    """discount of a sub-trajectory's reward over its L_traj + L_eval steps"""
-    clip_coef: Optional[float] = None
-    """epsilon of the clipped ratio (Eq. 3)"""
-    delta_r: Optional[float] = None
-    """drop group members whose reward is within this of their group's mean"""
-    learning_rate: Optional[float] = None
-    """LAMB learning rate of the policy"""
-    kappa_initial: Optional[float] = None
-    """initial entropy dual variable kappa"""
-    narrow_exploration: tyro.conf.DisallowNone[Optional[bool]] = None
-    """MuJoCo/Adroit: sigma x 0.25, 2x Table 6's eps; default on with --scale cpu (measured to need it), off at paper scale"""
-    std_scale: Optional[float] = None
-    """the sampled policy's sigma is the DT's times this (default 1, or 0.25 with --narrow-exploration)"""
+    n_batch: Optional[int] = None  # sub-trajectories per gradient update
+    c_online: Optional[int] = None  # DT context length in finetuning, rollouts and evaluation
+    g_online: Optional[float] = None  # initial RTG of the full-trajectory rollouts (raw reward units)
+    subtraj_len: Optional[int] = None  # L_traj: sampled steps per sub-trajectory, the part that is optimised
+    eval_len: Optional[int] = None  # L_eval: tanh(mean) steps after L_traj that only score a sub-trajectory
+    gamma: Optional[float] = None  # discount of a sub-trajectory's reward over its L_traj + L_eval steps
+    clip_coef: Optional[float] = None  # epsilon of the clipped ratio (Eq. 3)
+    delta_r: Optional[float] = None  # drop group members whose reward is within this of their group's mean
+    learning_rate: Optional[float] = None  # LAMB learning rate of the policy
+    kappa_initial: Optional[float] = None  # initial entropy dual variable kappa
+    narrow_exploration: tyro.conf.DisallowNone[Optional[bool]] = None  # sigma x 0.25, 2x eps (MuJoCo, Adroit); cpu default
+    std_scale: Optional[float] = None  # sampled sigma = the DT's x this (default 1; 0.25 with --narrow-exploration)
 
     # Appendix B.1 and Table 5
-    full_trajs_per_iter: Optional[int] = None
-    """full trajectories rolled out per iteration (1; 5 on Adroit)"""
-    full_buffer_size: int = 32
-    """FIFO capacity of the full-trajectory buffer"""
-    trajs_per_iter: int = 16
-    """full trajectories drawn from that buffer per iteration, in proportion to length"""
-    reset_points: int = 4
-    """K: reset points per drawn trajectory"""
-    group_size: int = 8
-    """G: sub-trajectories per reset point"""
-    subtraj_buffer_size: int = 2048
-    """FIFO capacity of the sub-trajectory buffer"""
-    updates_per_iter: int = 8
-    """gradient updates per iteration, each on n_batch sub-trajectories drawn uniformly from that buffer"""
-    kl_coef: float = 1e-3
-    """beta of the KL(pi || pi_ref) penalty"""
-    ref_update_every: int = 4
-    """copy the policy into pi_ref every this many updates"""
-    target_entropy: Optional[float] = None
-    """entropy lower bound rho; default -dim(A)"""
-    kappa_lr: float = 1e-4
-    """Adam learning rate of log kappa"""
-    weight_decay: float = 1e-4
-    """LAMB weight decay"""
-    max_grad_norm: float = 0.5
-    """global gradient-norm clip"""
+    full_trajs_per_iter: Optional[int] = None  # full trajectories rolled out per iteration (1; 5 on Adroit)
+    full_buffer_size: int = 32  # FIFO capacity of the full-trajectory buffer
+    trajs_per_iter: int = 16  # full trajectories drawn from that buffer per iteration, in proportion to length
+    reset_points: int = 4  # K: reset points per drawn trajectory
+    group_size: int = 8  # G: sub-trajectories per reset point
+    subtraj_buffer_size: int = 2048  # FIFO capacity of the sub-trajectory buffer
+    updates_per_iter: int = 8  # gradient updates per iteration, each on n_batch uniform draws from that buffer
+    kl_coef: float = 1e-3  # beta of the KL(pi || pi_ref) penalty
+    ref_update_every: int = 4  # copy the policy into pi_ref every this many updates
+    target_entropy: Optional[float] = None  # entropy lower bound rho; default -dim(A)
+    kappa_lr: float = 1e-4  # Adam learning rate of log kappa
+    weight_decay: float = 1e-4  # LAMB weight decay
+    max_grad_norm: float = 0.5  # global gradient-norm clip
 
     # Ablations (Figs. 1, 2); the defaults are the paper's method
-    relabel: bool = False
-    """Fig. 1: hindsight relabeling (achieved returns replace the RTG tokens at training time)"""
-    full_trajectory: bool = False
-    """Fig. 2a: vanilla GRPO on whole episodes from the initial state, undiscounted, no L_eval"""
-    consistent_reset: bool = True
-    """the members of a group share their reset point (--no-consistent-reset: Fig. 2b)"""
-    ratio: Literal["sequence", "token", "geometric"] = "sequence"
-    """Eq. 3's ratio of whole sub-trajectories; per-step ratios (Fig. 2c) or exp(mean log-ratio) (GSPO, Fig. 2e)"""
-    reset_sampling: Literal["variance", "uniform"] = "variance"
-    """reset points by softmax of action variance, or uniform over steps (Fig. 2d)"""
-    train_rtg_head: bool = False
-    """Reinformer: fit its RTG prediction to the sub-trajectories' discounted returns (expectile loss); default frozen"""
+    relabel: bool = False  # Fig. 1: hindsight relabeling (achieved returns replace the RTG tokens at training time)
+    full_trajectory: bool = False  # Fig. 2a: vanilla GRPO on whole episodes from the initial state, undiscounted, no L_eval
+    consistent_reset: bool = True  # the members of a group share their reset point (--no-consistent-reset: Fig. 2b)
+    ratio: Literal["sequence", "token", "geometric"] = "sequence"  # Eq. 3's; per-step (Fig. 2c); GSPO's (Fig. 2e)
+    reset_sampling: Literal["variance", "uniform"] = "variance"  # softmax of action variance; uniform (Fig. 2d)
+    train_rtg_head: bool = False  # Reinformer: fit its RTG head to discounted returns (expectile loss); default frozen
 
 
 # Table 6 by (env, dataset); a dataset without a row takes its family's DEFAULT_ROW, medium-replay takes medium

@@ -32,16 +32,11 @@ from grpo_dt import Policy, check_args, make_env, squashed_logprob
 
 @dataclass
 class Args(grpo_dt.Args):
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    num_workers: int = 0
-    """step the envs in this many worker processes (0: in this process); the same results"""
-    pipeline_stages: int = 2
-    """with workers, the policy acts for one of this many stages of workers while the others step (0: one per worker)"""
-    cuda_graphs: bool = True
-    """with the policy on CUDA, replay each pipeline stage's policy step as a CUDA graph"""
-    update_chunk_steps: int = 16384
-    """memory: a gradient update runs in chunks of at most this many policy steps, whose gradients add up (0: one chunk)"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    num_workers: int = 0  # step the envs in this many worker processes (0: in this process); the same results
+    pipeline_stages: int = 2  # pipeline stages of the workers (0: one per worker)
+    cuda_graphs: bool = True  # with the policy on CUDA, replay each pipeline stage's policy step as a CUDA graph
+    update_chunk_steps: int = 16384  # an update's max policy steps per chunk, gradients summed (0: one)
 
 
 # ---------------------------------------------------------------- env steps

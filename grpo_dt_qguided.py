@@ -36,105 +36,59 @@ from tqdm import tqdm
 @dataclass
 class Args:
     # ---- shared: args-header (identical in every script; tests/test_shared_blocks.py) ----
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment (python, numpy, torch, env resets and action sampling)"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms"""
-    cuda: bool = True
-    """if toggled, cuda is used when available"""
-    track: bool = False
-    """if toggled, log to Weights and Biases (wandb is imported only then)"""
-    wandb_project_name: str = "grpo-dt"
-    """the wandb project name"""
-    wandb_entity: Optional[str] = None
-    """the wandb entity (team)"""
-    capture_video: bool = False
-    """if toggled, record the first evaluation episode of every evaluation to `videos/{run_name}`"""
-    runs_dir: str = "runs"
-    """TensorBoard root; the run logs to `{runs_dir}/{run_name}`"""
-    env_id: str = "Hopper-v4"
-    """gymnasium id: Hopper/Walker2d/Ant/HalfCheetah-v4/v5, AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4/v5"""
-    dataset: str = "medium"
-    """a paper short name (medium, medium-replay, random, expert, human, cloned, umaze, umaze-diverse) or a Minari id"""
-    dataset_path: Optional[str] = None
-    """a D4RL-format HDF5 file (observations, actions, rewards, terminals, timeouts); overrides the Minari lookup"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of the experiment (python, numpy, torch, env resets and action sampling)
+    torch_deterministic: bool = True  # if toggled, cudnn and torch use deterministic algorithms
+    cuda: bool = True  # if toggled, cuda is used when available
+    track: bool = False  # if toggled, log to Weights and Biases (wandb is imported only then)
+    wandb_project_name: str = "grpo-dt"  # the wandb project name
+    wandb_entity: Optional[str] = None  # the wandb entity (team)
+    capture_video: bool = False  # if toggled, record the first evaluation episode of every evaluation to `videos/{run_name}`
+    runs_dir: str = "runs"  # TensorBoard root; the run logs to `{runs_dir}/{run_name}`
+    env_id: str = "Hopper-v4"  # Hopper/Walker2d/Ant/HalfCheetah-v4|v5, AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4|v5
+    dataset: str = "medium"  # medium, medium-replay, random, expert, human, cloned, umaze, umaze-diverse, or a Minari id
+    dataset_path: Optional[str] = None  # a D4RL-format HDF5 file to read instead of the Minari set
     # ---- end shared: args-header ----
-    scale: Literal["paper", "cpu"] = "paper"
-    """DT size pretrain_dt.py makes when the checkpoint is missing (cpu: a 128x2 DT for one CPU core)"""
-    num_iterations: int = 200
-    """outer iterations of Algorithm 1; 0 only evaluates the checkpoint"""
-    total_env_steps: int = 0
-    """training env-step budget, counted across resumes (0: none); stop after the iteration that reaches it"""
-    max_seconds: float = 0
-    """wall-clock budget in seconds from the start, loading included (0: none); stops after the iteration reaching it"""
+    scale: Literal["paper", "cpu"] = "paper"  # size of the DT pretrained if the checkpoint is missing (cpu: 128x2)
+    num_iterations: int = 200  # outer iterations of Algorithm 1; 0 only evaluates the checkpoint
+    total_env_steps: int = 0  # stop after the iteration where training env steps reach this (0: no budget)
+    max_seconds: float = 0  # stop after the iteration where the seconds since launch reach this (0: no budget)
     # ---- shared: finetune-args (identical in every finetuning DT script; tests/test_shared_blocks.py) ----
-    checkpoint: Optional[str] = None
-    """pretrained checkpoint; default `checkpoints/{env_id}__{dataset}__s{seed}.pt`, pretrained first if missing"""
-    pretrain_extra_args: str = ""
-    """extra pretrain_dt.py flags for that automatic pretraining, e.g. "--num-updates 2000\""""
-    eval_episodes: int = 10
-    """deterministic tanh(mean) evaluation episodes, at iteration 0 and after every iteration"""
-    eval_rtg: Optional[float] = None
-    """target return that conditions evaluation (raw reward units); default the checkpoint's"""
-    eval_context_len: Optional[int] = None
-    """DT context of evaluation; default the context the script acts with (c_online, Table 6)"""
+    checkpoint: Optional[str] = None  # pretrained DT; default checkpoints/{env}__{dataset}__s{seed}.pt, pretrained if missing
+    pretrain_extra_args: str = ""  # extra pretrain_dt.py flags for that automatic pretraining, e.g. "--num-updates 2000"
+    eval_episodes: int = 10  # deterministic tanh(mean) evaluation episodes, at iteration 0 and after every iteration
+    eval_rtg: Optional[float] = None  # target return that conditions evaluation (raw reward units); default the checkpoint's
+    eval_context_len: Optional[int] = None  # DT context of evaluation; default the context the script acts with
     # ---- end shared: finetune-args ----
-    max_episode_steps: Optional[int] = None
-    """episode length cap (a time-limit truncation) of training and evaluation envs; default the env's own"""
-    save_every: int = 5
-    """write the run state to `{runs_dir}/{run_name}/state.pt` every this many iterations and at the end (0: never)"""
-    save_model: bool = False
-    """at the end, also write the finetuned DT as a checkpoint to `{runs_dir}/{run_name}/{exp_name}.pt`"""
-    resume: Optional[str] = None
-    """a run state to continue bit-exactly; only --num-iterations, --total-env-steps, --max-seconds may change"""
+    max_episode_steps: Optional[int] = None  # override the env's time limit (tests and quick runs)
+    save_every: int = 5  # write the run state every this many iterations and at the end (0: never)
+    save_model: bool = False  # at the end, write the DT as a checkpoint to {runs_dir}/{run_name}/{exp_name}.pt
+    resume: Optional[str] = None  # continue a run state; only --num-iterations, --total-env-steps, --max-seconds may change
 
     # Algorithm 1, App. B.1 and Table 6 (None: the env's Table 6 value)
-    full_trajs_per_iter: Optional[int] = None
-    """full trajectories collected per iteration; default 1 (MuJoCo, AntMaze) or 5 (Adroit)"""
-    trajs_per_iter: int = 16
-    """trajectories drawn per iteration, in proportion to length"""
-    reset_points: int = 4
-    """K: points (s_h, g_h) per drawn trajectory, by softmax of the action variance (scored, never reset to)"""
-    group_size: int = 8
-    """G: candidate actions sampled and scored by the critic at each point"""
-    n_batch: Optional[int] = None
-    """policy minibatch; default Table 6 (256 MuJoCo/AntMaze, 512 Adroit)"""
-    c_online: Optional[int] = None
-    """DT context length of rollouts, updates and evaluation; default Table 6 (1; 5 hammer, umaze-diverse)"""
-    g_online: Optional[float] = None
-    """RTG conditioning the training rollouts; default Table 6 (e.g. 7200 Hopper)"""
-    clip_coef: Optional[float] = None
-    """epsilon of the clipped ratio; default Table 6"""
-    delta_r: Optional[float] = None
-    """Table 6's Delta_r (raw return units); filters the Q scores only with --delta-r-q None"""
-    delta_r_q: Optional[float] = 0.0
-    """drop candidates within this many group stds of the group mean (0: only exact ties); None: the paper's --delta-r"""
-    learning_rate: float = 1e-5
-    """LAMB learning rate of the DT (App. B.1, Q-guided variant)"""
-    kappa_initial: float = 1e-2
-    """initial entropy dual variable (App. B.1, Q-guided variant)"""
-    kl_coef: float = 1e-3
-    """beta, weight of KL(pi || pi_ref) (Table 5)"""
-    updates_per_iter: int = 8
-    """policy updates per iteration (each draws n_batch from the sample buffer)"""
+    full_trajs_per_iter: Optional[int] = None  # full trajectories per iteration; default 1 (5 on Adroit)
+    trajs_per_iter: int = 16  # trajectories drawn per iteration, in proportion to length
+    reset_points: int = 4  # K: points (s_h, g_h) per drawn trajectory, by action variance (scored, not reset to)
+    group_size: int = 8  # G: candidate actions sampled and scored by the critic at each point
+    n_batch: Optional[int] = None  # policy minibatch; default Table 6 (256 MuJoCo/AntMaze, 512 Adroit)
+    c_online: Optional[int] = None  # DT context of rollouts, updates and evaluation; default Table 6's
+    g_online: Optional[float] = None  # RTG conditioning the training rollouts; default Table 6 (e.g. 7200 Hopper)
+    clip_coef: Optional[float] = None  # epsilon of the clipped ratio; default Table 6
+    delta_r: Optional[float] = None  # Table 6's Delta_r (raw return units); filters the Q scores only with --delta-r-q None
+    delta_r_q: Optional[float] = 0.0  # drop candidates within this many group stds of its mean; None: --delta-r
+    learning_rate: float = 1e-5  # LAMB learning rate of the DT (App. B.1, Q-guided variant)
+    kappa_initial: float = 1e-2  # initial entropy dual variable (App. B.1, Q-guided variant)
+    kl_coef: float = 1e-3  # beta, weight of KL(pi || pi_ref) (Table 5)
+    updates_per_iter: int = 8  # policy updates per iteration (each draws n_batch from the sample buffer)
 
     # TD3 critic (ODT+TD3, Yan et al. 2024; None: its value for the env family)
-    critic_updates: Optional[int] = None
-    """critic updates per iteration; default 600 MuJoCo, 300 otherwise"""
-    critic_pretrain_updates: Optional[int] = None
-    """critic updates on the offline replay before iteration 1; default 10000 MuJoCo, 40000 Adroit, 200000 AntMaze"""
-    replay_size: Optional[int] = None
-    """trajectories in the critic's replay (best offline ones, then online); default 1000 MuJoCo, 5000 Adroit, 2000 AntMaze"""
-    critic_warmup_updates: int = 3000
-    """critic updates, pretraining included, before any candidates are scored and the policy starts learning"""
-    critic_batch_size: int = 256
-    """transitions per critic update"""
-    critic_lr: Optional[float] = None
-    """AdamW learning rate of the critic; default 1e-3 MuJoCo, 2e-4 otherwise"""
-    gamma: Optional[float] = None
-    """critic discount; default 0.99 (0.998 AntMaze)"""
+    critic_updates: Optional[int] = None  # critic updates per iteration; default 600 MuJoCo, 300 otherwise
+    critic_pretrain_updates: Optional[int] = None  # offline critic updates (10k MuJoCo, 40k Adroit, 200k AntMaze)
+    replay_size: Optional[int] = None  # critic replay size in trajectories (1000 MuJoCo, 5000 Adroit, 2000 AntMaze)
+    critic_warmup_updates: int = 3000  # critic updates, pretraining included, before candidates are scored
+    critic_batch_size: int = 256  # transitions per critic update
+    critic_lr: Optional[float] = None  # AdamW learning rate of the critic; default 1e-3 MuJoCo, 2e-4 otherwise
+    gamma: Optional[float] = None  # critic discount; default 0.99 (0.998 AntMaze)
 
 
 # ---------------------------------------------------------------- envs and presets

@@ -31,75 +31,41 @@ from tqdm import tqdm
 @dataclass
 class Args:
     # ---- shared: args-header (identical in every script; tests/test_shared_blocks.py) ----
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment (python, numpy, torch, env resets and action sampling)"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms"""
-    cuda: bool = True
-    """if toggled, cuda is used when available"""
-    track: bool = False
-    """if toggled, log to Weights and Biases (wandb is imported only then)"""
-    wandb_project_name: str = "grpo-dt"
-    """the wandb project name"""
-    wandb_entity: Optional[str] = None
-    """the wandb entity (team)"""
-    capture_video: bool = False
-    """if toggled, record the first evaluation episode of every evaluation to `videos/{run_name}`"""
-    runs_dir: str = "runs"
-    """TensorBoard root; the run logs to `{runs_dir}/{run_name}`"""
-    env_id: str = "Hopper-v4"
-    """gymnasium id: Hopper/Walker2d/Ant/HalfCheetah-v4/v5, AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4/v5"""
-    dataset: str = "medium"
-    """a paper short name (medium, medium-replay, random, expert, human, cloned, umaze, umaze-diverse) or a Minari id"""
-    dataset_path: Optional[str] = None
-    """a D4RL-format HDF5 file (observations, actions, rewards, terminals, timeouts); overrides the Minari lookup"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of the experiment (python, numpy, torch, env resets and action sampling)
+    torch_deterministic: bool = True  # if toggled, cudnn and torch use deterministic algorithms
+    cuda: bool = True  # if toggled, cuda is used when available
+    track: bool = False  # if toggled, log to Weights and Biases (wandb is imported only then)
+    wandb_project_name: str = "grpo-dt"  # the wandb project name
+    wandb_entity: Optional[str] = None  # the wandb entity (team)
+    capture_video: bool = False  # if toggled, record the first evaluation episode of every evaluation to `videos/{run_name}`
+    runs_dir: str = "runs"  # TensorBoard root; the run logs to `{runs_dir}/{run_name}`
+    env_id: str = "Hopper-v4"  # Hopper/Walker2d/Ant/HalfCheetah-v4|v5, AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4|v5
+    dataset: str = "medium"  # medium, medium-replay, random, expert, human, cloned, umaze, umaze-diverse, or a Minari id
+    dataset_path: Optional[str] = None  # a D4RL-format HDF5 file to read instead of the Minari set
     # ---- end shared: args-header ----
-    offline_updates: int = 5000
-    """updates on the offline data before going online: the DT's pretraining budget (App. B.1; CORL pretrains 1M)"""
-    online_steps: int = 300_000
-    """env steps of online finetuning, one update each (0: offline only)"""
-    total_env_steps: int = 0
-    """online env-step budget counted across resumes (0: none); the run evaluates, saves and stops on reaching it"""
-    max_seconds: float = 0
-    """wall-clock budget in seconds of this process's online finetuning (0: none)"""
-    batch_size: int = 256
-    """transitions per update (IQL paper, CORL)"""
-    buffer_size: int = 2_000_000
-    """replay capacity: the offline transitions are always kept, online ones fill the rest first-in first-out (CORL)"""
-    hidden_dim: int = 256
-    """width of the two hidden layers of every MLP (IQL paper, CORL)"""
-    actor_lr: float = 3e-4
-    """Adam lr of the actor, cosine-annealed to 0 over the offline updates, then held online (ikostrikov)"""
-    critic_lr: float = 3e-4
-    """Adam lr of the twin Q and of V (IQL paper, CORL)"""
-    expectile: Optional[float] = None
-    """expectile of V's loss; default 0.7 MuJoCo, 0.9 AntMaze (IQL paper, CORL), 0.8 Adroit (CORL)"""
-    beta: Optional[float] = None
-    """inverse temperature of the advantage weights; default 3.0 MuJoCo and Adroit, 10.0 AntMaze (IQL paper, CORL)"""
-    actor_dropout: Optional[float] = None
-    """dropout after the actor's hidden layers while training; default 0.1 Adroit (CORL), 0 otherwise"""
-    normalize_reward: Optional[bool] = None
-    """r x 1000 / (max - min episode return) on MuJoCo, r - 1 on AntMaze (IQL paper, CORL); default on, off for Adroit"""
-    gamma: float = 0.99
-    """discount (IQL paper, CORL)"""
-    tau: float = 0.005
-    """Polyak rate of the target Q (IQL paper, CORL)"""
-    max_episode_steps: Optional[int] = None
-    """cap on the env's time limit, for training and evaluation episodes (quick runs); default the env's own"""
-    eval_every: int = 5000
-    """evaluate every this many online env steps (CORL's Adroit interval), and after pretraining and at the end"""
-    eval_episodes: int = 10
-    """deterministic (actor mean) evaluation episodes, stepped as one batch"""
-    save_every: int = 1
-    """write the run state after pretraining, every this many online evaluations and at the end (0: never)"""
-    save_path: Optional[str] = None
-    """where the run state goes; default `{runs_dir}/{run_name}/state.pt`, or the --resume file"""
-    save_model: bool = False
-    """also write the final actor and its state normalisation to `{runs_dir}/{run_name}/{exp_name}.pt`"""
-    resume: Optional[str] = None
-    """a run state to continue exactly with its own settings; --online-steps, --total-env-steps, --max-seconds may change"""
+    offline_updates: int = 5000  # offline updates before going online (App. B.1; CORL: 1M)
+    online_steps: int = 300_000  # env steps of online finetuning, one update each (0: offline only)
+    total_env_steps: int = 0  # stop when online env steps reach this (0: no budget)
+    max_seconds: float = 0  # wall-clock budget in seconds of this process's online finetuning (0: none)
+    batch_size: int = 256  # transitions per update (IQL paper, CORL)
+    buffer_size: int = 2_000_000  # replay capacity; offline data kept, online data FIFO in the rest (CORL)
+    hidden_dim: int = 256  # width of the two hidden layers of every MLP (IQL paper, CORL)
+    actor_lr: float = 3e-4  # actor Adam lr, cosine-annealed over the offline updates, then held
+    critic_lr: float = 3e-4  # Adam lr of the twin Q and of V (IQL paper, CORL)
+    expectile: Optional[float] = None  # expectile of V's loss (0.7 MuJoCo, 0.9 AntMaze, 0.8 Adroit)
+    beta: Optional[float] = None  # inverse temperature of the advantage weights (3 MuJoCo, Adroit; 10 AntMaze)
+    actor_dropout: Optional[float] = None  # actor dropout in training (0.1 Adroit, CORL; else 0)
+    normalize_reward: Optional[bool] = None  # IQL's reward scaling (MuJoCo, AntMaze); default on, off on Adroit
+    gamma: float = 0.99  # discount (IQL paper, CORL)
+    tau: float = 0.005  # Polyak rate of the target Q (IQL paper, CORL)
+    max_episode_steps: Optional[int] = None  # override the env's time limit (tests and quick runs)
+    eval_every: int = 5000  # evaluate every this many online env steps, after pretraining and at the end
+    eval_episodes: int = 10  # deterministic (actor mean) evaluation episodes, stepped as one batch
+    save_every: int = 1  # write the run state after pretraining, every this many online evaluations and at the end (0: never)
+    save_path: Optional[str] = None  # where the run state goes; default `{runs_dir}/{run_name}/state.pt`, or the --resume file
+    save_model: bool = False  # also write the final actor and its state normalisation to `{runs_dir}/{run_name}/{exp_name}.pt`
+    resume: Optional[str] = None  # continue a run state; only --online-steps, --total-env-steps, --max-seconds may change
 
 
 BUDGET = ("online_steps", "total_env_steps", "max_seconds")  # the flags a resumed run takes from its command

@@ -36,103 +36,56 @@ from tqdm import tqdm
 @dataclass
 class Args:
     # ---- shared: args-header (identical in every script; tests/test_shared_blocks.py) ----
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment (python, numpy, torch, env resets and action sampling)"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms"""
-    cuda: bool = True
-    """if toggled, cuda is used when available"""
-    track: bool = False
-    """if toggled, log to Weights and Biases (wandb is imported only then)"""
-    wandb_project_name: str = "grpo-dt"
-    """the wandb project name"""
-    wandb_entity: Optional[str] = None
-    """the wandb entity (team)"""
-    capture_video: bool = False
-    """if toggled, record the first evaluation episode of every evaluation to `videos/{run_name}`"""
-    runs_dir: str = "runs"
-    """TensorBoard root; the run logs to `{runs_dir}/{run_name}`"""
-    env_id: str = "Hopper-v4"
-    """gymnasium id: Hopper/Walker2d/Ant/HalfCheetah-v4/v5, AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4/v5"""
-    dataset: str = "medium"
-    """a paper short name (medium, medium-replay, random, expert, human, cloned, umaze, umaze-diverse) or a Minari id"""
-    dataset_path: Optional[str] = None
-    """a D4RL-format HDF5 file (observations, actions, rewards, terminals, timeouts); overrides the Minari lookup"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of the experiment (python, numpy, torch, env resets and action sampling)
+    torch_deterministic: bool = True  # if toggled, cudnn and torch use deterministic algorithms
+    cuda: bool = True  # if toggled, cuda is used when available
+    track: bool = False  # if toggled, log to Weights and Biases (wandb is imported only then)
+    wandb_project_name: str = "grpo-dt"  # the wandb project name
+    wandb_entity: Optional[str] = None  # the wandb entity (team)
+    capture_video: bool = False  # if toggled, record the first evaluation episode of every evaluation to `videos/{run_name}`
+    runs_dir: str = "runs"  # TensorBoard root; the run logs to `{runs_dir}/{run_name}`
+    env_id: str = "Hopper-v4"  # Hopper/Walker2d/Ant/HalfCheetah-v4|v5, AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4|v5
+    dataset: str = "medium"  # medium, medium-replay, random, expert, human, cloned, umaze, umaze-diverse, or a Minari id
+    dataset_path: Optional[str] = None  # a D4RL-format HDF5 file to read instead of the Minari set
     # ---- end shared: args-header ----
     # ---- shared: finetune-args (identical in every finetuning DT script; tests/test_shared_blocks.py) ----
-    checkpoint: Optional[str] = None
-    """pretrained checkpoint; default `checkpoints/{env_id}__{dataset}__s{seed}.pt`, pretrained first if missing"""
-    pretrain_extra_args: str = ""
-    """extra pretrain_dt.py flags for that automatic pretraining, e.g. "--num-updates 2000\""""
-    eval_episodes: int = 10
-    """deterministic tanh(mean) evaluation episodes, at iteration 0 and after every iteration"""
-    eval_rtg: Optional[float] = None
-    """target return that conditions evaluation (raw reward units); default the checkpoint's"""
-    eval_context_len: Optional[int] = None
-    """DT context of evaluation; default the context the script acts with (c_online, Table 6)"""
+    checkpoint: Optional[str] = None  # pretrained DT; default checkpoints/{env}__{dataset}__s{seed}.pt, pretrained if missing
+    pretrain_extra_args: str = ""  # extra pretrain_dt.py flags for that automatic pretraining, e.g. "--num-updates 2000"
+    eval_episodes: int = 10  # deterministic tanh(mean) evaluation episodes, at iteration 0 and after every iteration
+    eval_rtg: Optional[float] = None  # target return that conditions evaluation (raw reward units); default the checkpoint's
+    eval_context_len: Optional[int] = None  # DT context of evaluation; default the context the script acts with
     # ---- end shared: finetune-args ----
-    scale: Literal["paper", "cpu"] = "paper"
-    """DT that pretrain_dt.py makes when the checkpoint is missing: paper (Table 5) or cpu (a small DT for one core)"""
-    algo: Literal["odt_td3", "odt"] = "odt_td3"
-    """odt_td3 (tanh(mean) actor + TD3 critic gradients) or odt (stochastic NLL + entropy actor, no critic)"""
-    rl_coef: float = 0.1
-    """alpha, weight of mean(-Q1(s, a_pred)) in the odt_td3 actor loss (Yan et al.); --algo odt uses 0"""
-    num_iterations: int = 300
-    """outer iterations: training rollouts, the updates, an evaluation; 0 only evaluates the checkpoint"""
-    total_env_steps: int = 0
-    """training env-step budget (0: none); the run stops after the iteration that reaches it"""
-    max_seconds: float = 0
-    """wall-clock budget in seconds from the start, loading included (0: none); stops after the iteration reaching it"""
-    actor_updates: int = 300
-    """DT (actor) updates per iteration"""
-    critic_updates: Optional[int] = None
-    """critic updates per iteration; default 600 MuJoCo (the actor on every 2nd: TD3's delay), 300 otherwise"""
-    critic_pretrain_updates: Optional[int] = None
-    """critic updates on the offline data before the online phase, DT frozen; default 10k MuJoCo, 40k Adroit, 200k AntMaze"""
-    n_batch: int = 256
-    """segments per update (actor and critic)"""
-    c_online: Optional[int] = None
-    """context of the training rollouts; default ODT+TD3's: 5 MuJoCo and pen, 1 door, hammer and AntMaze"""
-    learning_rate: float = 1e-4
-    """LAMB learning rate of the DT"""
-    weight_decay: Optional[float] = None
-    """LAMB weight decay; default 5e-4 Hopper, 1e-3 Walker2d, 1e-4 otherwise"""
-    max_grad_norm: float = 0.25
-    """DT gradient-norm clip"""
-    dropout: float = 0.1
-    """DT dropout in the updates; rollouts, TD targets and evaluation run without"""
-    kappa_lr: float = 1e-4
-    """Adam lr of log(kappa), ODT's temperature dual variable (--algo odt), initialised from the checkpoint"""
-    critic_lr: Optional[float] = None
-    """AdamW lr of the critic; default 1e-3 MuJoCo, 2e-4 otherwise"""
-    gamma: Optional[float] = None
-    """discount; default 0.99, 0.998 AntMaze"""
-    tau: float = 0.005
-    """Polyak rate of the target DT and target critic"""
-    explore_noise: float = 0.1
-    """std of the Gaussian exploration noise on tanh(mean) (odt_td3 rollouts)"""
-    policy_noise: float = 0.2
-    """std of TD3's target-policy smoothing noise"""
-    noise_clip: float = 0.5
-    """clip of the target-policy smoothing noise"""
-    g_online: Optional[float] = None
-    """RTG conditioning the training rollouts; default ODT's (Hopper 7200, Walker2d 10000, Ant 12000, door 3000...)"""
-    replay_size: Optional[int] = None
-    """trajectories in the replay buffer; default 1000 MuJoCo, 5000 Adroit, 2000 AntMaze"""
-    min_steps_per_iter: Optional[int] = None
-    """roll out episodes until an iteration has this many env steps; default 1000 Adroit, AntMaze, random MuJoCo, else 0"""
-    max_episode_steps: Optional[int] = None
-    """cap on the env's time limit, for rollouts and evaluation; default the env's own"""
-    save_every: int = 5
-    """write the run state every this many iterations and at the end (0: never)"""
-    save_path: Optional[str] = None
-    """where the run state goes; default `{runs_dir}/{run_name}/state.pt`"""
-    save_model: bool = False
-    """if toggled, also write the finetuned DT as a checkpoint to `{runs_dir}/{run_name}/{exp_name}.pt`"""
-    resume: Optional[str] = None
-    """continue this run state (--save-every) exactly; only --num-iterations, --total-env-steps, --max-seconds may change"""
+    scale: Literal["paper", "cpu"] = "paper"  # size of the DT pretrained if the checkpoint is missing (cpu: 128x2)
+    algo: Literal["odt_td3", "odt"] = "odt_td3"  # odt_td3 (actor + TD3 critic gradients) or odt (NLL + entropy)
+    rl_coef: float = 0.1  # alpha, weight of mean(-Q1(s, a_pred)) in the odt_td3 actor loss (Yan et al.); --algo odt uses 0
+    num_iterations: int = 300  # iterations of rollouts, updates, evaluation (0: only evaluate the checkpoint)
+    total_env_steps: int = 0  # training env-step budget (0: none); the run stops after the iteration that reaches it
+    max_seconds: float = 0  # stop after the iteration where the seconds since launch reach this (0: no budget)
+    actor_updates: int = 300  # DT (actor) updates per iteration
+    critic_updates: Optional[int] = None  # critic updates per iteration (actor every 2nd); default 600 MuJoCo, else 300
+    critic_pretrain_updates: Optional[int] = None  # offline critic updates, DT frozen (10k MuJoCo, 40k Adroit, 200k AntMaze)
+    n_batch: int = 256  # segments per update (actor and critic)
+    c_online: Optional[int] = None  # rollout context; default 5 MuJoCo and pen, 1 door, hammer, AntMaze
+    learning_rate: float = 1e-4  # LAMB learning rate of the DT
+    weight_decay: Optional[float] = None  # LAMB weight decay; default 5e-4 Hopper, 1e-3 Walker2d, 1e-4 otherwise
+    max_grad_norm: float = 0.25  # DT gradient-norm clip
+    dropout: float = 0.1  # DT dropout in the updates; rollouts, TD targets and evaluation run without
+    kappa_lr: float = 1e-4  # Adam lr of log(kappa), ODT's temperature (--algo odt), from the checkpoint
+    critic_lr: Optional[float] = None  # AdamW lr of the critic; default 1e-3 MuJoCo, 2e-4 otherwise
+    gamma: Optional[float] = None  # discount; default 0.99, 0.998 AntMaze
+    tau: float = 0.005  # Polyak rate of the target DT and target critic
+    explore_noise: float = 0.1  # std of the Gaussian exploration noise on tanh(mean) (odt_td3 rollouts)
+    policy_noise: float = 0.2  # std of TD3's target-policy smoothing noise
+    noise_clip: float = 0.5  # clip of the target-policy smoothing noise
+    g_online: Optional[float] = None  # RTG of the training rollouts; default ODT's (Hopper 7200, door 3000, ...)
+    replay_size: Optional[int] = None  # trajectories in the replay buffer; default 1000 MuJoCo, 5000 Adroit, 2000 AntMaze
+    min_steps_per_iter: Optional[int] = None  # env steps per iteration at least (1000 Adroit, AntMaze, random; else 0)
+    max_episode_steps: Optional[int] = None  # cap on the env's time limit, for rollouts and evaluation; default the env's own
+    save_every: int = 5  # write the run state every this many iterations and at the end (0: never)
+    save_path: Optional[str] = None  # where the run state goes; default `{runs_dir}/{run_name}/state.pt`
+    save_model: bool = False  # at the end, write the DT as a checkpoint to {runs_dir}/{run_name}/{exp_name}.pt
+    resume: Optional[str] = None  # continue a run state; only --num-iterations, --total-env-steps, --max-seconds may change
 
 
 # ---------------------------------------------------------------- envs and data

@@ -34,106 +34,58 @@ from tqdm import tqdm
 @dataclass
 class Args:
     # ---- shared: args-header (identical in every script; tests/test_shared_blocks.py) ----
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment (python, numpy, torch, env resets and action sampling)"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms"""
-    cuda: bool = True
-    """if toggled, cuda is used when available"""
-    track: bool = False
-    """if toggled, log to Weights and Biases (wandb is imported only then)"""
-    wandb_project_name: str = "grpo-dt"
-    """the wandb project name"""
-    wandb_entity: Optional[str] = None
-    """the wandb entity (team)"""
-    capture_video: bool = False
-    """if toggled, record the first evaluation episode of every evaluation to `videos/{run_name}`"""
-    runs_dir: str = "runs"
-    """TensorBoard root; the run logs to `{runs_dir}/{run_name}`"""
-    env_id: str = "Hopper-v4"
-    """gymnasium id: Hopper/Walker2d/Ant/HalfCheetah-v4/v5, AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4/v5"""
-    dataset: str = "medium"
-    """a paper short name (medium, medium-replay, random, expert, human, cloned, umaze, umaze-diverse) or a Minari id"""
-    dataset_path: Optional[str] = None
-    """a D4RL-format HDF5 file (observations, actions, rewards, terminals, timeouts); overrides the Minari lookup"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of the experiment (python, numpy, torch, env resets and action sampling)
+    torch_deterministic: bool = True  # if toggled, cudnn and torch use deterministic algorithms
+    cuda: bool = True  # if toggled, cuda is used when available
+    track: bool = False  # if toggled, log to Weights and Biases (wandb is imported only then)
+    wandb_project_name: str = "grpo-dt"  # the wandb project name
+    wandb_entity: Optional[str] = None  # the wandb entity (team)
+    capture_video: bool = False  # if toggled, record the first evaluation episode of every evaluation to `videos/{run_name}`
+    runs_dir: str = "runs"  # TensorBoard root; the run logs to `{runs_dir}/{run_name}`
+    env_id: str = "Hopper-v4"  # Hopper/Walker2d/Ant/HalfCheetah-v4|v5, AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4|v5
+    dataset: str = "medium"  # medium, medium-replay, random, expert, human, cloned, umaze, umaze-diverse, or a Minari id
+    dataset_path: Optional[str] = None  # a D4RL-format HDF5 file to read instead of the Minari set
     # ---- end shared: args-header ----
     # ---- shared: finetune-args (identical in every finetuning DT script; tests/test_shared_blocks.py) ----
-    checkpoint: Optional[str] = None
-    """pretrained checkpoint; default `checkpoints/{env_id}__{dataset}__s{seed}.pt`, pretrained first if missing"""
-    pretrain_extra_args: str = ""
-    """extra pretrain_dt.py flags for that automatic pretraining, e.g. "--num-updates 2000\""""
-    eval_episodes: int = 10
-    """deterministic tanh(mean) evaluation episodes, at iteration 0 and after every iteration"""
-    eval_rtg: Optional[float] = None
-    """target return that conditions evaluation (raw reward units); default the checkpoint's"""
-    eval_context_len: Optional[int] = None
-    """DT context of evaluation; default the context the script acts with (c_online, Table 6)"""
+    checkpoint: Optional[str] = None  # pretrained DT; default checkpoints/{env}__{dataset}__s{seed}.pt, pretrained if missing
+    pretrain_extra_args: str = ""  # extra pretrain_dt.py flags for that automatic pretraining, e.g. "--num-updates 2000"
+    eval_episodes: int = 10  # deterministic tanh(mean) evaluation episodes, at iteration 0 and after every iteration
+    eval_rtg: Optional[float] = None  # target return that conditions evaluation (raw reward units); default the checkpoint's
+    eval_context_len: Optional[int] = None  # DT context of evaluation; default the context the script acts with
     # ---- end shared: finetune-args ----
-    scale: Literal["paper", "cpu"] = "paper"
-    """the automatic pretraining's preset (pretrain_dt.py --scale): paper, or cpu (a 128x2 DT, saved as `...__cpu.pt`)"""
-    num_iterations: int = 100
-    """outer iterations of Algorithm 2 (0: only evaluate the checkpoint)"""
-    total_env_steps: int = 0
-    """stop after the iteration at which training env steps reach this (0: no budget; eval steps do not count)"""
-    max_seconds: float = 0
-    """wall-clock budget in seconds from the start, loading included (0: none); stops after the iteration reaching it"""
-    save_every: int = 5
-    """write the run state every this many iterations and at the end (0: never)"""
-    save_path: Optional[str] = None
-    """where the run state goes; default `{runs_dir}/{run_name}/state.pt`"""
-    save_model: bool = False
-    """if toggled, also write the finetuned DT as a checkpoint to `{runs_dir}/{run_name}/{exp_name}.pt` at the end"""
-    resume: Optional[str] = None
-    """a run state to continue exactly, with its settings; only --num-iterations, --total-env-steps, --max-seconds change"""
-    max_episode_steps: Optional[int] = None
-    """cap on episode length (a time-limit truncation, bootstrapped); default the env's own limit"""
+    scale: Literal["paper", "cpu"] = "paper"  # size of the DT pretrained if the checkpoint is missing (cpu: 128x2)
+    num_iterations: int = 100  # outer iterations of Algorithm 2 (0: only evaluate the checkpoint)
+    total_env_steps: int = 0  # stop after the iteration where training env steps reach this (0: no budget)
+    max_seconds: float = 0  # stop after the iteration where the seconds since launch reach this (0: no budget)
+    save_every: int = 5  # write the run state every this many iterations and at the end (0: never)
+    save_path: Optional[str] = None  # where the run state goes; default `{runs_dir}/{run_name}/state.pt`
+    save_model: bool = False  # at the end, write the DT as a checkpoint to {runs_dir}/{run_name}/{exp_name}.pt
+    resume: Optional[str] = None  # continue a run state; only --num-iterations, --total-env-steps, --max-seconds may change
+    max_episode_steps: Optional[int] = None  # override the env's time limit (bootstrapped)
     # Table 7 (None: the --dataset row, see `apply_presets`)
-    n_batch: Optional[int] = None
-    """sub-trajectories per gradient update (256 MuJoCo/AntMaze, 512 Adroit)"""
-    c_online: Optional[int] = None
-    """context length at rollout and training (1; 5 for Hammer and AntMaze umaze-diverse)"""
-    c_train: Optional[int] = None
-    """sub-trajectory length CL_train in steps; default c_online"""
-    g_online: Optional[float] = None
-    """initial RTG of training rollouts, raw reward units (7200 Hopper, 3000 Door, ...)"""
-    k_ppo: Optional[int] = None
-    """trajectories rolled out per iteration (8; 16 Door/Hammer)"""
-    learning_rate: Optional[float] = None
-    """LAMB learning rate of the DT (5e-5 MuJoCo/AntMaze, 3e-5 Adroit)"""
-    lr_value: Optional[float] = None
-    """AdamW learning rate of the value MLP (1e-3 MuJoCo/AntMaze, 2e-4 Adroit)"""
-    kappa_initial: Optional[float] = None
-    """initial entropy dual variable"""
-    updates_per_iter: int = 8
-    """gradient updates per iteration, each on n_batch sub-trajectories (Sec. 4.2: "8 x 256")"""
-    clip_coef: float = 0.2
-    """PPO ratio clip epsilon (Table 7)"""
-    gamma: float = 0.99
-    """GAE discount (Table 7)"""
-    gae_lambda: float = 0.95
-    """GAE lambda (Table 7)"""
-    kl_coef: float = 1e-3
-    """coefficient beta of KL(pi || pi_ref) (Table 5)"""
-    ref_update_every: int = 4
-    """copy the policy into the reference policy every this many updates (Sec. 3.2)"""
-    buffer_factor: int = 4
-    """the FIFO trajectory buffer holds buffer_factor x K_PPO trajectories (App. B.1)"""
-    relabel: bool = False
-    """hindsight-relabel stored RTGs with achieved returns (ODT); reproduces the failure of Sec. 3.1 (Fig. 1)"""
-    max_grad_norm: float = 0.5
-    """global gradient-norm clip for the policy and the value network (Table 5)"""
-    weight_decay: float = 1e-4
-    """LAMB weight decay of the policy (Table 5)"""
-    kappa_lr: float = 1e-4
-    """Adam learning rate of log(kappa) (ODT's temperature learning rate)"""
-    target_entropy: Optional[float] = None
-    """entropy lower bound rho; default -dim(A) (Table 5)"""
-    value_hidden: Optional[int] = None
-    """value MLP width; default 256 MuJoCo, 512 otherwise (Table 5)"""
-    value_scale: Optional[float] = None
-    """V = value_scale x MLP(s); default eval_rtg / horizon x min(horizon, 1/(1-gamma)); 1 is the paper's plain MLP"""
+    n_batch: Optional[int] = None  # sub-trajectories per gradient update (256 MuJoCo/AntMaze, 512 Adroit)
+    c_online: Optional[int] = None  # context length at rollout and training (1; 5 for Hammer and AntMaze umaze-diverse)
+    c_train: Optional[int] = None  # sub-trajectory length CL_train in steps; default c_online
+    g_online: Optional[float] = None  # initial RTG of training rollouts, raw reward units (7200 Hopper, 3000 Door, ...)
+    k_ppo: Optional[int] = None  # trajectories rolled out per iteration (8; 16 Door/Hammer)
+    learning_rate: Optional[float] = None  # LAMB learning rate of the DT (5e-5 MuJoCo/AntMaze, 3e-5 Adroit)
+    lr_value: Optional[float] = None  # AdamW learning rate of the value MLP (1e-3 MuJoCo/AntMaze, 2e-4 Adroit)
+    kappa_initial: Optional[float] = None  # initial entropy dual variable
+    updates_per_iter: int = 8  # gradient updates per iteration, each on n_batch sub-trajectories (Sec. 4.2: "8 x 256")
+    clip_coef: float = 0.2  # PPO ratio clip epsilon (Table 7)
+    gamma: float = 0.99  # GAE discount (Table 7)
+    gae_lambda: float = 0.95  # GAE lambda (Table 7)
+    kl_coef: float = 1e-3  # coefficient beta of KL(pi || pi_ref) (Table 5)
+    ref_update_every: int = 4  # copy the policy into the reference policy every this many updates (Sec. 3.2)
+    buffer_factor: int = 4  # the FIFO trajectory buffer holds buffer_factor x K_PPO trajectories (App. B.1)
+    relabel: bool = False  # hindsight-relabel stored RTGs (ODT; Sec. 3.1, Fig. 1)
+    max_grad_norm: float = 0.5  # global gradient-norm clip for the policy and the value network (Table 5)
+    weight_decay: float = 1e-4  # LAMB weight decay of the policy (Table 5)
+    kappa_lr: float = 1e-4  # Adam learning rate of log(kappa) (ODT's temperature learning rate)
+    target_entropy: Optional[float] = None  # entropy lower bound rho; default -dim(A) (Table 5)
+    value_hidden: Optional[int] = None  # value MLP width; default 256 MuJoCo, 512 otherwise (Table 5)
+    value_scale: Optional[float] = None  # V = this x MLP(s); default eval_rtg/T x min(T, 1/(1-gamma)); 1: plain
 
 
 TABLE7_FIELDS = ("n_batch", "c_online", "g_online", "k_ppo", "learning_rate", "lr_value", "kappa_initial")

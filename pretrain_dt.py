@@ -35,89 +35,48 @@ from tqdm import tqdm
 @dataclass
 class Args:
     # ---- shared: args-header (identical in every script; tests/test_shared_blocks.py) ----
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
-    seed: int = 1
-    """seed of the experiment (python, numpy, torch, env resets and action sampling)"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True` and deterministic torch algorithms"""
-    cuda: bool = True
-    """if toggled, cuda is used when available"""
-    track: bool = False
-    """if toggled, log to Weights and Biases (wandb is imported only then)"""
-    wandb_project_name: str = "grpo-dt"
-    """the wandb project name"""
-    wandb_entity: Optional[str] = None
-    """the wandb entity (team)"""
-    capture_video: bool = False
-    """if toggled, record the first evaluation episode of every evaluation to `videos/{run_name}`"""
-    runs_dir: str = "runs"
-    """TensorBoard root; the run logs to `{runs_dir}/{run_name}`"""
-    env_id: str = "Hopper-v4"
-    """gymnasium id: Hopper/Walker2d/Ant/HalfCheetah-v4/v5, AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4/v5"""
-    dataset: str = "medium"
-    """a paper short name (medium, medium-replay, random, expert, human, cloned, umaze, umaze-diverse) or a Minari id"""
-    dataset_path: Optional[str] = None
-    """a D4RL-format HDF5 file (observations, actions, rewards, terminals, timeouts); overrides the Minari lookup"""
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]  # the name of this experiment
+    seed: int = 1  # seed of the experiment (python, numpy, torch, env resets and action sampling)
+    torch_deterministic: bool = True  # if toggled, cudnn and torch use deterministic algorithms
+    cuda: bool = True  # if toggled, cuda is used when available
+    track: bool = False  # if toggled, log to Weights and Biases (wandb is imported only then)
+    wandb_project_name: str = "grpo-dt"  # the wandb project name
+    wandb_entity: Optional[str] = None  # the wandb entity (team)
+    capture_video: bool = False  # if toggled, record the first evaluation episode of every evaluation to `videos/{run_name}`
+    runs_dir: str = "runs"  # TensorBoard root; the run logs to `{runs_dir}/{run_name}`
+    env_id: str = "Hopper-v4"  # Hopper/Walker2d/Ant/HalfCheetah-v4|v5, AdroitHandDoor/Hammer/Pen-v1, AntMaze_UMaze-v4|v5
+    dataset: str = "medium"  # medium, medium-replay, random, expert, human, cloned, umaze, umaze-diverse, or a Minari id
+    dataset_path: Optional[str] = None  # a D4RL-format HDF5 file to read instead of the Minari set
     # ---- end shared: args-header ----
-    arch: Literal["dt", "reinformer"] = "dt"
-    """dt: the Decision Transformer; reinformer: tokens (s, R, a), R predicted from s by an expectile loss, then acted on"""
-    expectile: float = 0.99
-    """Reinformer: tau of the expectile loss on its return-to-go prediction"""
-    scale: Literal["paper", "cpu"] = "paper"
-    """fills the size and schedule flags left unset: paper is Table 5's 4x512 DT (GPU), cpu a 128x2 DT for one core"""
-    random_steps: int = 1_000_000
-    """env steps of the uniform random policy that makes `--dataset random` when the Minari cache lacks it"""
-    checkpoint: Optional[str] = None
-    """where the finished checkpoint goes; default `checkpoints/{env_id}__{dataset}__s{seed}.pt` (`__cpu.pt` for cpu)"""
-    num_updates: Optional[int] = None
-    """gradient updates (paper: 5000, ODT's; cpu: 3000)"""
-    batch_size: Optional[int] = None
-    """trajectory segments per update (paper: 256; cpu: 32)"""
-    learning_rate: Optional[float] = None
-    """peak LAMB learning rate (paper: 1e-4; cpu: 1e-3)"""
-    warmup_updates: Optional[int] = None
-    """updates of linear learning-rate warm-up (paper: 1000; cpu: 150)"""
-    anneal_lr: bool = False
-    """after the warm-up, anneal the learning rate by a half cosine to 0 at the last update (ODT, the paper: constant)"""
-    context_len: Optional[int] = None
-    """c_offline, the training context (paper: Table 6's, 20 MuJoCo, 5 Adroit, 5 umaze, 1 umaze-diverse; cpu: 10)"""
-    embed_dim: Optional[int] = None
-    """transformer width (paper: 512; cpu: 128)"""
-    n_layers: Optional[int] = None
-    """transformer blocks (paper: 4; cpu: 2)"""
-    n_heads: Optional[int] = None
-    """attention heads (paper: 4; cpu: 1)"""
-    weight_decay: float = 1e-4
-    """LAMB weight decay"""
-    max_grad_norm: float = 0.5
-    """global gradient-norm clip"""
-    dropout: float = 0.1
-    """dropout in pretraining (the finetuning scripts switch it off)"""
-    log_std_min: float = -5.0
-    """lower bound of the pre-tanh log-std"""
-    log_std_max: float = 2.0
-    """upper bound of the pre-tanh log-std"""
-    action_margin: float = 1e-6
-    """dataset actions are clamped to +-(1 - margin) before the likelihood (ODT: 1e-6); the checkpoint records it"""
-    censor_bound: Optional[float] = 0.99
-    """score an action on +-1 as the mass P(|tanh(u)| > censor_bound); None: ODT's density at the clamp point"""
-    init_temperature: float = 0.1
-    """initial entropy temperature"""
-    temperature_lr: float = 1e-4
-    """Adam learning rate of the log-temperature"""
-    rtg_scale: Optional[float] = None
-    """multiplier on return-to-go tokens (default: 1e-3 for MuJoCo and Adroit, 1 for AntMaze)"""
-    eval_rtg: Optional[float] = None
-    """return-to-go that conditions evaluation (default: Table 6's g_online, e.g. 3600 for Hopper)"""
-    eval_context_len: Optional[int] = None
-    """evaluation context (default: Table 6's c_online, the context the finetuning scripts act with)"""
-    eval_every: int = 1000
-    """evaluate every this many updates and at the end (0: only at the end)"""
-    eval_episodes: int = 10
-    """deterministic evaluation episodes, stepped as one batch"""
-    save_every: int = 1000
-    """also save the checkpoint to `{runs_dir}/{run_name}/checkpoint.pt` every this many updates (0: never)"""
+    arch: Literal["dt", "reinformer"] = "dt"  # dt, or reinformer: tokens (s, R, a), R predicted from s by expectile loss
+    expectile: float = 0.99  # Reinformer: tau of the expectile loss on its return-to-go prediction
+    scale: Literal["paper", "cpu"] = "paper"  # unset size/schedule flags: paper (Table 5, 4x512) or cpu (128x2)
+    random_steps: int = 1_000_000  # env steps of the random policy that makes `--dataset random` if missing
+    checkpoint: Optional[str] = None  # output; default checkpoints/{env}__{dataset}__s{seed}[__cpu].pt
+    num_updates: Optional[int] = None  # gradient updates (paper: 5000, ODT's; cpu: 3000)
+    batch_size: Optional[int] = None  # trajectory segments per update (paper: 256; cpu: 32)
+    learning_rate: Optional[float] = None  # peak LAMB learning rate (paper: 1e-4; cpu: 1e-3)
+    warmup_updates: Optional[int] = None  # updates of linear learning-rate warm-up (paper: 1000; cpu: 150)
+    anneal_lr: bool = False  # after warm-up, cosine-anneal the lr to 0 (ODT and the paper: constant)
+    context_len: Optional[int] = None  # c_offline, training context (Table 6: 20 MuJoCo, 5 Adroit; cpu: 10)
+    embed_dim: Optional[int] = None  # transformer width (paper: 512; cpu: 128)
+    n_layers: Optional[int] = None  # transformer blocks (paper: 4; cpu: 2)
+    n_heads: Optional[int] = None  # attention heads (paper: 4; cpu: 1)
+    weight_decay: float = 1e-4  # LAMB weight decay
+    max_grad_norm: float = 0.5  # global gradient-norm clip
+    dropout: float = 0.1  # dropout in pretraining (the finetuning scripts switch it off)
+    log_std_min: float = -5.0  # lower bound of the pre-tanh log-std
+    log_std_max: float = 2.0  # upper bound of the pre-tanh log-std
+    action_margin: float = 1e-6  # dataset actions clamped to +-(1 - margin) for the likelihood (ODT: 1e-6)
+    censor_bound: Optional[float] = 0.99  # score actions on +-1 as P(|tanh(u)| > this); None: ODT's density
+    init_temperature: float = 0.1  # initial entropy temperature
+    temperature_lr: float = 1e-4  # Adam learning rate of the log-temperature
+    rtg_scale: Optional[float] = None  # multiplier on return-to-go tokens (default: 1e-3 for MuJoCo and Adroit, 1 for AntMaze)
+    eval_rtg: Optional[float] = None  # RTG that conditions evaluation (default ODT's, e.g. 3600 for Hopper)
+    eval_context_len: Optional[int] = None  # evaluation context (default Table 6's c_online)
+    eval_every: int = 1000  # evaluate every this many updates and at the end (0: only at the end)
+    eval_episodes: int = 10  # deterministic evaluation episodes, stepped as one batch
+    save_every: int = 1000  # save the checkpoint every this many updates (0: never)
 
 
 # ---- shared: common (identical in every script; tests/test_shared_blocks.py) ----
