@@ -47,3 +47,16 @@ def test_no_unexpected_blocks():
     for script in sorted({s for scripts in EXPECTED.values() for s in scripts}):
         names = set(blocks_of(script))
         assert names <= {n for n, scripts in EXPECTED.items() if script in scripts}, f"{script}: {sorted(names)}"
+
+
+def test_line_budget_counts_every_line_once():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from line_budget import SCRIPTS, parts_of
+
+    for script in SCRIPTS:
+        source = (ROOT / script).read_text()
+        parts = parts_of(source)
+        assert sum(parts.values()) == len(source.splitlines()), script
+        assert {"header", "Args", "own code", "main"} <= set(parts), script
