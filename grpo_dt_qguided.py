@@ -620,10 +620,10 @@ def critic_batch(flat: dict, idx, model, c: int, device) -> dict:
     return batch
 
 
-def train_critic(run, args: Args, meta: dict, n_updates: int) -> dict:
+def train_critic(run, args: Args, meta: dict, n_updates: int, desc: Optional[str] = None) -> dict:
     """TD3 on uniform minibatches of the replay: target policy smoothing, twin critics, Polyak targets."""
     flat, stats = flatten_replay(run.replay, meta["reward_scale"], meta["reward_shift"]), {}
-    for _ in range(n_updates):
+    for _ in tqdm(range(n_updates), desc=desc, disable=desc is None, leave=False, mininterval=2.0):
         idx = run.rng.integers(len(flat["r"]), size=args.critic_batch_size)
         batch = critic_batch(flat, idx, run.model, args.c_online, run.device)
         with torch.no_grad():
@@ -753,7 +753,7 @@ def main(args: Args) -> float:
             # ALGO LOGIC: the critic's replay seeded with the best offline trajectories, the critic pretrained on it
             run.replay = sorted(offline_trajectories(ckpt, meta), key=lambda t: t["rewards"].sum())[-args.replay_size :]
             run.replay_next = len(run.replay) % args.replay_size
-            stats = train_critic(run, args, meta, args.critic_pretrain_updates)
+            stats = train_critic(run, args, meta, args.critic_pretrain_updates, desc="critic pretraining")
             for k, v in stats.items():  # logged in chunks of 100 updates
                 for i in range(0, len(v), 100):
                     writer.add_scalar(k.replace("losses/", "pretrain/"), np.mean(v[i : i + 100]), i)

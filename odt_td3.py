@@ -598,10 +598,10 @@ def make_learner(args: Args, model: DecisionTransformer, ckpt: dict, device) -> 
     )
 
 
-def update(args: Args, ckpt: dict, L: dict, n_crit: int, n_act: int) -> dict:
+def update(args: Args, ckpt: dict, L: dict, n_crit: int, n_act: int, desc: Optional[str] = None) -> dict:
     """n_crit critic and n_act actor updates on the same batches (the actor on every n_crit/n_act-th batch)."""
     stats, n, device, flat = {}, max(n_crit, n_act), L["log_temperature"].device, flatten_buffer(L["buffer"], ckpt)
-    for i in range(n):
+    for i in tqdm(range(n), desc=desc, disable=desc is None, leave=False, mininterval=2.0):
         batch, logs = sample_segments(flat, ckpt["model_config"]["c_offline"], args.n_batch, L["rng"], device), {}
         if i < n_crit:  # ALGO LOGIC: TD3 critic step
             kw = dict(gamma=args.gamma, policy_noise=args.policy_noise, noise_clip=args.noise_clip)
@@ -682,7 +682,8 @@ def main(args: Args):
     if not state and args.num_iterations > 0:  # ODT's replay: the best offline trajectories, worst first
         L["buffer"] = sorted(load_offline_trajectories(ckpt), key=lambda t: float(t["rewards"].sum()))[-args.replay_size :]
         if args.algo == "odt_td3":  # ALGO LOGIC: critic pretraining on the offline data, the pretrained DT frozen
-            check_finite(0, state_path, "loss", list(update(args, ckpt, L, args.critic_pretrain_updates, 0).values()))
+            stats = update(args, ckpt, L, args.critic_pretrain_updates, 0, desc="critic pretraining")
+            check_finite(0, state_path, "loss", list(stats.values()))
 
     roll = dict(ckpt=ckpt, target_return=args.g_online, context_len=args.c_online, mode=args.algo, noise=args.explore_noise)
     start, steps_at_start = time.time(), L["env_steps"]
