@@ -263,7 +263,10 @@ def preset_runs(preset: str, scale: str) -> tuple[list[str], list[Method]]:
         relabel_ppo = Method("ppo-dt-relabel", "PPO-DT --relabel", "ppo_dt.py", ("--relabel",))
         return ["hopper", "door"], [DT, PPO, relabel_ppo, GRPO, grpo("grpo-dt-relabel", "GRPO-DT --relabel", "--relabel")]
     if preset == "fig2-ablations":
-        return ["hopper"], [DT, GRPO] + [grpo(k, f"GRPO-DT {' '.join(f)}", *f) for k, f in ABLATIONS.items()]
+        arms = [grpo(k, f"GRPO-DT {' '.join(f)}", *f) for k, f in ABLATIONS.items()]
+        # whole episodes in one update hold ~20 GB of activations: grpo_dt_fast.py runs the same update in chunks
+        arms[0] = replace(arms[0], script="grpo_dt_fast.py")
+        return ["hopper"], [DT, GRPO] + arms
     if preset == "fig4-lengths":
         lt, le, trajs, evals = LENGTHS
         return ["hopper"], [DT, Method("grpo-dt", f"GRPO-DT (L_traj={lt}, L_eval={le})", "grpo_dt.py")] + [

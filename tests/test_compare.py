@@ -154,6 +154,8 @@ def test_presets_dry_run(capsys):
     out = capsys.readouterr().out
     assert "--relabel" in out and "--full-trajectory" in out and "--subtraj-len 5" in out and "--eval-len" in out
     assert "grpo_dt_qguided.py" in out and "--algo odt" in out and "--total-env-steps 1000" in out
+    full = [ln.split()[1] for ln in out.splitlines() if ln.startswith("python ") and "--full-trajectory" in ln]
+    assert full and set(full) == {"grpo_dt_fast.py"}  # Fig. 2a's whole-episode updates run in bounded-memory chunks
     relabeled = [ln.split()[1] for ln in out.splitlines() if ln.startswith("python ") and ln.endswith("--relabel")]
     assert {"ppo_dt.py", "grpo_dt.py"} <= set(relabeled)  # Fig. 1: both pure-RL methods with and without --relabel
     ctrain = [ln for ln in out.splitlines() if "--exp-name ppo-dt-ctrain-offline " in ln]
