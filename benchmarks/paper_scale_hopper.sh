@@ -6,9 +6,9 @@
 #      settings (--narrow-exploration --gamma 1.0), each with half the cores as env workers, until the time left runs out.
 # Everything a run writes (logs, TensorBoard with every iteration's score, the DT) goes to $OUT. Prepare on the CPU machine, then one device call:
 #   mkdir -p .device/datasets/local && cp -r ../shared/datasets/local/hopper .device/datasets/local/
-#   run(command="bash benchmarks/device_paper_hopper.sh 560", carry=[".device"], timeout_s=600)
+#   run(command="bash benchmarks/paper_scale_hopper.sh 560", carry=[".device"], timeout_s=600)
 # .device/wheels/*.whl, if present, is installed first (the packages that machine lacks, for its Python).
-# Check it here first, tiny and on the CPU: SMOKE=1 OUT=/tmp/out bash benchmarks/device_paper_hopper.sh 400
+# Check it here first, tiny and on the CPU: SMOKE=1 OUT=/tmp/out bash benchmarks/paper_scale_hopper.sh 400
 set -u
 BUDGET=${1:-560}
 START=$(date +%s)
