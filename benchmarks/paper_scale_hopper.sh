@@ -1,12 +1,13 @@
 #!/bin/bash
-# GRPO-DT's paper-scale Hopper rows of Table 1, made in one call of the `device` tool on a lent GPU machine:
+# GRPO-DT's paper-scale Hopper rows of Table 1, in one command on a GPU machine:
 #   1. Table 5's 4x512 DT on local/hopper/medium-v0 (pretrain_dt.py --scale paper: 5000 updates, a checkpoint every
 #      1000, so a pretraining cut by the time limit leaves its last one, and the log says at which update);
 #   2. grpo_dt_fast.py from that DT, two runs side by side, seed 1: the paper's settings, and the CPU preset's GRPO-DT
 #      settings (--narrow-exploration --gamma 1.0), each with half the cores as env workers, until the time left runs out.
-# Everything a run writes (logs, TensorBoard with every iteration's score, the DT) goes to $OUT. Prepare on the CPU machine, then one device call:
+# Everything a run writes (logs, TensorBoard with every iteration's score, the DT) goes to $OUT. The argument is the
+# seconds the whole command may take. Copy the dataset beside the code first, then run it on the GPU machine:
 #   mkdir -p .device/datasets/local && cp -r ../shared/datasets/local/hopper .device/datasets/local/
-#   run(command="bash benchmarks/paper_scale_hopper.sh 560", carry=[".device"], timeout_s=600)
+#   OUT=/path/to/out bash benchmarks/paper_scale_hopper.sh 560
 # .device/wheels/*.whl, if present, is installed first (the packages that machine lacks, for its Python).
 # Check it here first, tiny and on the CPU: SMOKE=1 OUT=/tmp/out bash benchmarks/paper_scale_hopper.sh 400
 set -u
