@@ -804,7 +804,7 @@ def main(args: Args) -> Path:
         for r in runs:
             planned = r.cmd  # a kept record brings back the command it ran with; a rerun runs this one
             log_dir = Path(r.cmd[r.cmd.index("--runs-dir") + 1])
-            # exit code, wall time, error, script sha1, score at the data's RTG
+            # exit code, wall time, error, script sha1, score at the data's RTG, commit, command
             record = raw / "logs" / task / f"{r.method.key}__s{r.seed}.json"
             kept = out_dir / "records" / task / f"{r.method.key}__s{r.seed}.json"
             outcome = json.loads(record.read_text()) if record.is_file() else None
@@ -812,7 +812,10 @@ def main(args: Args) -> Path:
             redone = outcome and outcome[0] != 0 and kept.is_file() and json.loads(kept.read_text())["returncode"] == 0
             if outcome and not redone:
                 r.returncode, r.wall_time, r.error, *rest = outcome
-                r.script_sha, r.data_rtg_score, r.commit = (rest + ["", float("nan"), ""][len(rest) :])[:3]
+                r.script_sha, r.data_rtg_score, r.commit, ran = (rest + ["", float("nan"), "", ""][len(rest) :])[:4]
+                # the command it ran with, never this call's: a summary made with other budget flags keeps it
+                ran = ran or (kept.is_file() and json.loads(kept.read_text())["command"])
+                r.cmd = [sys.executable, *shlex.split(ran)[1:]] if ran else r.cmd
                 r.scalars = read_scalars(log_dir)
                 keep_run(r, kept)
             elif kept.is_file():  # run elsewhere: its raw logs are gone (or failed here), its kept record is not
@@ -839,7 +842,8 @@ def main(args: Args) -> Path:
             if r.ok and r.method.uses_checkpoint:
                 model = ckpt if r.method.reference else max(log_dir.rglob(f"{r.method.key}.pt"), default=None)
                 r.data_rtg_score = score_at_data_rtg(args, r, *TASKS[task], model, log_dir, raw / "logs" / task, env)
-            record.write_text(json.dumps([r.returncode, r.wall_time, r.error, r.script_sha, r.data_rtg_score, r.commit]))
+            outcome = [r.returncode, r.wall_time, r.error, r.script_sha, r.data_rtg_score, r.commit, show(r.cmd)]
+            record.write_text(json.dumps(outcome))
             keep_run(r, kept)
             done += 1
             status = (

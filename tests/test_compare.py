@@ -419,6 +419,11 @@ def test_end_to_end_with_fake_scripts(tmp_path, capsys):
     (out_dir / "summary.md").unlink()
     compare.main(compare.Args(**{**vars(args), "summarize_only": True}))  # rebuilt from the recorded runs alone
     assert (out_dir / "summary.md").read_text().split("## hopper")[1] == md.split("## hopper")[1]
+    # A summary made without the budget flags keeps each run's own command, the budget in it (a rerun would not).
+    compare.main(compare.Args(**{**vars(args), "summarize_only": True, "budget_env_steps": 0}))
+    assert (out_dir / "summary.md").read_text().split("## hopper")[1] == md.split("## hopper")[1]
+    kept_grpo = json.loads((out_dir / "records" / "hopper" / "grpo-dt__s1.json").read_text())["command"]
+    assert "--total-env-steps 300" in kept_grpo
     shutil.rmtree(out_dir / "raw")  # a fresh machine: the git-ignored logs are gone, the kept records are not
     compare.main(compare.Args(**{**vars(args), "summarize_only": True}))
     assert (out_dir / "summary.md").read_text().split("## hopper")[1] == md.split("## hopper")[1]
